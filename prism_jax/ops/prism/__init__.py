@@ -1,0 +1,114 @@
+"""The PRISM recurrence: one public function, several interchangeable forms.
+
+    S_t = exp(g_t) (I - beta_t^0 k_t^0 k_t^0T) S_{t-1} + sum_{l<L} beta_t^l k_t^l v_t^lT
+    o_t = scale * S_t^T q_t
+
+Forms (`impl=`), all with this signature and the same results:
+  "reference"  token-by-token `lax.scan` in float32: the readable definition; O(T) sequential steps.
+  "scan"       `lax.associative_scan` over per-token (A_t, B_t); K x K and K x V per token: tests, small K.
+  "chunk"      exact chunkwise-parallel form (matmuls + one triangular solve per chunk): the default;
+               `inter_chunk="scan" | "associative"` picks the pass that joins chunks.
+  "pallas"     fused Pallas kernels (GPU / TPU; interpret mode on CPU), see `pallas_kernels`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from prism_jax.ops.prism.chunk import prism_chunk
+from prism_jax.ops.prism.recurrent import prism_step
+from prism_jax.ops.prism.reference import prism_reference
+from prism_jax.ops.prism.scan import prism_scan
+
+IMPLS = ("reference", "scan", "chunk", "pallas")
+INTER_CHUNK = ("scan", "associative")
+
+__all__ = ["IMPLS", "prism_recurrence", "prism_step", "check_inputs"]
+
+
+def _shape_error(name, got, expected):
+    return ValueError(f"prism_recurrence: `{name}` has shape {tuple(got)}, expected {expected}")
+
+
+def check_inputs(q, k, v, beta, g, initial_state=None, segment_ids=None):
+    """Validate shapes at trace time. Returns (B, T, H, L, K, V)."""
+    if q.ndim != 4:
+        raise _shape_error("q", q.shape, "[B, T, H, K] (rank 4)")
+    B, T, H, K = q.shape
+    if k.ndim != 5:
+        raise _shape_error("k", k.shape, "[B, T, H, L, K] (rank 5)")
+    L = k.shape[3]
+    if L < 1:
+        raise _shape_error("k", k.shape, "L >= 1 write keys on axis 3")
+    if k.shape != (B, T, H, L, K):
+        raise _shape_error("k", k.shape, f"[B, T, H, L, K] = {(B, T, H, L, K)} (from q and k's L)")
+    if v.ndim != 5:
+        raise _shape_error("v", v.shape, "[B, T, H, L, V] (rank 5)")
+    V = v.shape[4]
+    if v.shape[:4] != (B, T, H, L):
+        raise _shape_error("v", v.shape, f"[B, T, H, L, V] = {(B, T, H, L, 'V')}")
+    if beta.shape != (B, T, H, L):
+        raise _shape_error("beta", beta.shape, f"[B, T, H, L] = {(B, T, H, L)}")
+    if g.shape != (B, T, H):
+        raise _shape_error("g", g.shape, f"[B, T, H] = {(B, T, H)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise _shape_error("initial_state", initial_state.shape, f"[B, H, K, V] = {(B, H, K, V)}")
+    if segment_ids is not None:
+        if segment_ids.shape != (B, T):
+            raise _shape_error("segment_ids", segment_ids.shape, f"[B, T] = {(B, T)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"prism_recurrence: `segment_ids` has dtype {segment_ids.dtype}, expected an integer dtype")
+    return B, T, H, L, K, V
+
+
+def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output_final_state=False,
+                     impl="chunk", chunk_size=64, inter_chunk="scan", segment_ids=None):
+    """Exact PRISM recurrence over a sequence. With L = 1 this is Gated DeltaNet; with beta = 0 it is
+    gated linear attention.
+
+    Args:
+      q:    [B, T, H, K]     queries.
+      k:    [B, T, H, L, K]  write keys (L2-normalised by the caller); k[..., 0, :] is also the erase key.
+      v:    [B, T, H, L, V]  write values (the solver's update directions).
+      beta: [B, T, H, L]     write gates in [0, 1]; beta[..., 0] is also the erase strength.
+      g:    [B, T, H]        log decay, <= 0 (alpha = exp(g)).
+      scale: output scale, default K ** -0.5.
+      initial_state: [B, H, K, V] or None (zeros).
+      output_final_state: also return the state after the last token.
+      impl: "reference" | "scan" | "chunk" | "pallas".
+      chunk_size: chunk length for "chunk" and "pallas", a positive power of two.
+      inter_chunk: "scan" (sequential over chunks) or "associative" (log-depth), for "chunk".
+      segment_ids: [B, T] int or None; where it changes between t-1 and t the state is reset to zero
+        before token t (packed documents).
+    Returns:
+      o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32, or None unless asked for.
+    """
+    B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
+    if impl not in IMPLS:
+        raise ValueError(f"prism_recurrence: `impl` is {impl!r}, expected one of {IMPLS}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(
+            f"prism_recurrence: `chunk_size` is {chunk_size!r}, expected a positive power of two")
+    if inter_chunk not in INTER_CHUNK:
+        raise ValueError(f"prism_recurrence: `inter_chunk` is {inter_chunk!r}, expected one of {INTER_CHUNK}")
+    if scale is None:
+        scale = K ** -0.5
+    out_dtype = v.dtype
+    if impl == "pallas":
+        from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
+
+        o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                chunk_size=chunk_size, segment_ids=segment_ids)
+        return o.astype(out_dtype), (final if output_final_state else None)
+    f32 = jnp.float32
+    q, k, v, beta, g = (x.astype(f32) for x in (q, k, v, beta, g))
+    s0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    kw = dict(scale=scale, initial_state=s0, segment_ids=segment_ids)
+    if impl == "reference":
+        o, final = prism_reference(q, k, v, beta, g, **kw)
+    elif impl == "scan":
+        o, final = prism_scan(q, k, v, beta, g, **kw)
+    else:
+        o, final = prism_chunk(q, k, v, beta, g, chunk_size=chunk_size, inter_chunk=inter_chunk, **kw)
+    return o.astype(out_dtype), (final if output_final_state else None)
