@@ -1,0 +1,56 @@
+"""A tiny stand-in language model for the training-stack tests (not the project's model).
+
+It has the PrismLM call signature and logically-partitioned parameters, and it honours
+`segment_ids`: each position mixes in the previous token only inside the same document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STANDIN_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandinConfig:
+    vocab_size: int = 256
+    d_model: int = 32
+    mlp_hidden_dim: int = 64
+    num_layers: int = 2
+
+
+def standin_fields(**overrides) -> dict:
+    return dataclasses.asdict(StandinConfig(**overrides))
+
+
+class StandinLM(nn.Module):
+    config: StandinConfig
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        embed = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                           (c.vocab_size, c.d_model))
+        x = embed[tokens]
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        same = (segment_ids[:, 1:] == segment_ids[:, :-1])[..., None]
+        for i in range(c.num_layers):
+            prev = jnp.pad(x[:, :-1] * same, ((0, 0), (1, 0), (0, 0)))
+            h = jnp.concatenate([x, prev], -1)
+            h = nn.LayerNorm(name=f"norm_{i}")(h)
+            h = nn.Dense(c.mlp_hidden_dim, name=f"up_{i}",
+                         kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")))(h)
+            x = x + nn.Dense(c.d_model, name=f"down_{i}",
+                             kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(nn.gelu(h))
+        x = nn.LayerNorm(name="final_norm")(x)
+        return jnp.einsum("btd,vd->btv", x, embed).astype(jnp.float32)

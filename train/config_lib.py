@@ -1,0 +1,151 @@
+"""The training config: its defaults (the schema), model-config conversion and validation.
+
+Config files under `configs/` call `base_config(preset)` and change a few fields. Every field
+is overridable from the command line (`--config.model.solver_steps=3`) or from gin
+(`train/gin_frontend.py`). `validate(config)` runs before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from train import mesh as mesh_lib
+
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def model_fields(preset: str, **overrides) -> dict:
+    """The model preset `preset` as a plain dict (every PrismLMConfig field)."""
+    from prism_jax.models import get_preset  # noqa: PLC0415
+
+    return dataclasses.asdict(get_preset(preset, **overrides))
+
+
+def base_config(preset: str = "tiny", *, model: dict | None = None, **model_overrides) -> ml_collections.ConfigDict:
+    """Every training field with its default; the model section is the full `preset`.
+
+    `model` replaces the preset lookup with the given dict of model fields (used by tests with a
+    stand-in model, and by the schema check, which needs no model).
+    """
+    c = ml_collections.ConfigDict()
+    c.model_preset = preset
+    c.model = ml_collections.ConfigDict(model if model is not None else model_fields(preset, **model_overrides))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ""  # "" = the embedded stdlib corpus, prepared into <workdir>/data
+    c.data.tokenizer = "byte"  # for the embedded corpus: "byte" or a SentencePiece .model path
+    c.data.val_permille = 50  # for the embedded corpus: share of documents held out, by content hash
+    c.data.seq_len = 128
+    c.data.document_boundaries = True  # False: no state reset / loss mask at document boundaries
+
+    c.seed = 0
+    c.batch_size = 16  # global rows per optimizer step (over all hosts and micro-batches)
+    c.grad_accum_steps = 1  # micro-batches per optimizer step
+    c.total_steps = 1000
+    c.learning_rate = 3e-3
+    c.warmup_steps = 100
+    c.min_lr_ratio = 0.1  # the cosine ends at learning_rate * min_lr_ratio
+    c.weight_decay = 0.1
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.adam_eps = 1e-8
+    c.grad_clip_norm = 1.0  # <= 0 turns clipping off
+
+    c.mesh_shape = (-1, 1, 1, 1)  # (data, fsdp, tensor, sequence); -1 = the remaining devices
+    c.distributed = "auto"  # auto: jax.distributed.initialize() when the environment names a cluster
+
+    c.log_every_steps = 10
+    c.eval_every_steps = 200
+    c.eval_batches = 8  # per evaluation, per host (padded when the split runs out); <= 0: whole split
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 2  # the latest K ...
+    c.keep_best_checkpoints = 1  # ... plus the best N by eval loss
+    c.async_checkpointing = True
+    c.stop_at_step = 0  # > 0: save and stop there (simulates a preemption); 0: run to total_steps
+
+    c.progress_bar = True
+    c.tensorboard = True
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = "def "
+    c.sample.max_new_tokens = 200  # 0: no sample at the end
+    c.sample.temperature = 0.8
+    c.sample.top_k = 40
+    return c
+
+
+def model_config(config):
+    """The PrismLMConfig described by `config.model`."""
+    from prism_jax.models import PrismLMConfig  # noqa: PLC0415
+
+    return PrismLMConfig(**config.model.to_dict())
+
+
+def _check_same_keys(config, schema, where="config"):
+    for key in config.keys():
+        if key not in schema:
+            raise ValueError(f"unknown field {where}.{key} (known: {', '.join(sorted(schema.keys()))})")
+    for key in schema.keys():
+        if key not in config:
+            raise ValueError(f"missing field {where}.{key}")
+        if isinstance(schema[key], ml_collections.ConfigDict) and key != "model":
+            _check_same_keys(config[key], schema[key], f"{where}.{key}")
+
+
+def validate(config, num_devices: int, process_count: int = 1, *, check_model: bool = True) -> None:
+    """Raises ValueError naming the field when `config` cannot run on `num_devices` devices."""
+    _check_same_keys(config, base_config(model={}))
+    if check_model:
+        model_keys = set(model_fields("tiny").keys())
+        for key in config.model.keys():
+            if key not in model_keys:
+                raise ValueError(f"unknown field config.model.{key} (known: {', '.join(sorted(model_keys))})")
+        try:
+            model_config(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.model is not a valid model config: {e}") from e
+
+    mesh_shape = mesh_lib.resolve_mesh_shape(config.mesh_shape, num_devices)
+    shards = math.prod(dict(zip(mesh_lib.MESH_AXES, mesh_shape))[a] for a in mesh_lib.BATCH_AXES)
+
+    def positive(name):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+
+    for name in ("batch_size", "grad_accum_steps", "total_steps", "log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps", "keep_checkpoints", "learning_rate"):
+        positive(name)
+    if config.batch_size % process_count:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {process_count} hosts")
+    if config.batch_size % config.grad_accum_steps or (config.batch_size // process_count) % config.grad_accum_steps:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} (per host {config.batch_size // process_count}) is not "
+            f"divisible by config.grad_accum_steps={config.grad_accum_steps}"
+        )
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % shards:
+        raise ValueError(
+            f"the micro-batch of {micro} rows (config.batch_size / grad_accum_steps) is not divisible by the "
+            f"data axes of the mesh (data x fsdp = {shards}, mesh_shape {mesh_shape})"
+        )
+    if not 0 <= config.warmup_steps <= config.total_steps:
+        raise ValueError(f"config.warmup_steps must be in [0, total_steps], got {config.warmup_steps}")
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise ValueError(f"config.min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if config.weight_decay < 0:
+        raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}")
+    if not 0 <= config.stop_at_step <= config.total_steps:
+        raise ValueError(f"config.stop_at_step must be in [0, total_steps], got {config.stop_at_step}")
+    if config.keep_best_checkpoints < 0:
+        raise ValueError(f"config.keep_best_checkpoints must be >= 0, got {config.keep_best_checkpoints}")
+    if config.distributed not in DISTRIBUTED_MODES:
+        raise ValueError(f"config.distributed must be one of {DISTRIBUTED_MODES}, got {config.distributed!r}")
+    if config.data.seq_len < 2:
+        raise ValueError(f"config.data.seq_len must be >= 2, got {config.data.seq_len}")
+    max_len = config.model.get("max_seq_len", None) if "model" in config else None
+    if max_len and config.data.seq_len > max_len:
+        raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len={max_len}")
+    if config.sample.max_new_tokens < 0:
+        raise ValueError(f"config.sample.max_new_tokens must be >= 0, got {config.sample.max_new_tokens}")

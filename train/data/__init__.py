@@ -1,0 +1,1 @@
+"""Data for training: the embedded corpus, tokenizers, ArrayRecord preparation and the grain pipeline."""

@@ -1,0 +1,197 @@
+"""Train one small model on one probing task and evaluate it on fresh held-out samples.
+
+Loss and accuracy are computed on the answer positions only (the task's mask). Training batches come
+from the seed's training stream, evaluation batches from a disjoint stream, so every evaluated
+sequence is fresh. The optimiser is optax AdamW with global-norm clipping (settings default to the
+authors' released probing script: lr 1e-3, weight decay 1e-4, clip 5.0, batch 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train.probing.tasks import chance_level, get_task, make_batch
+
+MODELS = ("transformer", "la", "gdn", "prism")
+MODEL_LABELS = {"transformer": "Transformer", "la": "Linear attn.", "gdn": "Gated DeltaNet", "prism": "PRISM"}
+EVAL_SEED_OFFSET = 1_000_003  # evaluation stream: seed + offset, never used for training
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    task: str = "mqar"
+    model: str = "prism"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128
+    vocab: int = 64
+    d_model: int = 16
+    num_layers: int = 2
+    num_heads: int = 1
+    solver_steps: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    clip_norm: float = 5.0
+    warmup_steps: int = 0
+    eval_samples: int = 2048
+    eval_batch_size: int = 256
+    log_every: int = 50
+
+    def validate(self):
+        get_task(self.task)
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for name in ("steps", "batch_size", "seq_len", "d_model", "num_layers", "num_heads", "solver_steps",
+                     "eval_samples", "eval_batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+def model_config(cfg: ProbeConfig):
+    """The prism_jax.models config for a probing model. "la" (linear attention without decay) is the
+    GLA mixer with its decay fixed to 1 (see `_no_decay_overrides`)."""
+    from prism_jax.models import get_preset
+
+    mixer = {"transformer": "attention", "la": "gla", "gdn": "gdn", "prism": "prism"}[cfg.model]
+    overrides = dict(d_model=cfg.d_model, num_layers=cfg.num_layers, vocab_size=cfg.vocab, mixer=mixer,
+                     num_heads=cfg.num_heads)
+    if cfg.model == "prism":
+        overrides["solver_steps"] = cfg.solver_steps
+    if cfg.model == "la":
+        overrides.update(_no_decay_overrides(get_preset))
+    return get_preset("tiny", **overrides)
+
+
+def _no_decay_overrides(get_preset):
+    base = get_preset("tiny", mixer="gla")
+    fields = {f.name for f in dataclasses.fields(base)}
+    for name, value in (("gla_decay", False), ("use_decay", False), ("decay", False), ("fixed_decay", True)):
+        if name in fields:
+            return {name: value}
+    raise ValueError(f"the GLA config has no switch to fix the decay to 1 (fields: {sorted(fields)})")
+
+
+def _loss_and_accuracy(logits, targets, mask):
+    """Mean cross-entropy and accuracy over the masked positions. logits [B, T, V] f32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weights = mask.astype(jnp.float32)
+    count = jnp.maximum(weights.sum(), 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (nll * weights).sum() / count, (correct * weights).sum() / count, count
+
+
+def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
+    """Train `cfg.model` on `cfg.task` and return a JSON-able result dict.
+
+    `model` (a Flax module taking tokens [B, T] int32 and returning logits [B, T, V]) overrides the
+    prism_jax.models build; tests use it. `progress(step, loss)` is called every `log_every` steps.
+    """
+    cfg.validate()
+    if model is None:
+        from prism_jax.models import PrismLM
+
+        mcfg = model_config(cfg)
+        model = PrismLM(mcfg)
+        model_cfg_dict = dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else repr(mcfg)
+    else:
+        model_cfg_dict = repr(model)
+
+    train_rng = np.random.default_rng(cfg.seed)
+    eval_rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
+    first = make_batch(cfg.task, train_rng, cfg.batch_size, cfg.seq_len, cfg.vocab)
+    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(first["tokens"]))["params"]
+    num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+    if cfg.warmup_steps:
+        lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+        lr = optax.join_schedules([lr, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+    else:
+        lr = cfg.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(lr, weight_decay=cfg.weight_decay))
+    opt_state = tx.init(params)
+
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch["tokens"])
+        loss, acc, _ = _loss_and_accuracy(logits, batch["targets"], batch["mask"])
+        return loss, acc
+
+    @jax.jit
+    def train_step(p, o, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss, acc
+
+    @jax.jit
+    def eval_step(p, batch):
+        logits = model.apply({"params": p}, batch["tokens"])
+        return _loss_and_accuracy(logits, batch["targets"], batch["mask"])
+
+    history = []
+    t0 = time.perf_counter()
+    batch = first
+    compile_s = None
+    for step in range(1, cfg.steps + 1):
+        params, opt_state, loss, acc = train_step(params, opt_state, batch)
+        if step == 1:
+            loss.block_until_ready()
+            compile_s = time.perf_counter() - t0
+            t_loop = time.perf_counter()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_f, acc_f = float(loss), float(acc)
+            if not np.isfinite(loss_f):
+                raise FloatingPointError(f"non-finite training loss {loss_f} at step {step}")
+            history.append({"step": step, "loss": loss_f, "acc": acc_f})
+            if progress is not None:
+                progress(step, loss_f)
+        if step < cfg.steps:
+            batch = make_batch(cfg.task, train_rng, cfg.batch_size, cfg.seq_len, cfg.vocab)
+    jax.block_until_ready(params)
+    train_s = time.perf_counter() - t_loop if cfg.steps > 1 else 0.0
+
+    total_loss = total_correct = total_count = 0.0
+    remaining = cfg.eval_samples
+    while remaining > 0:
+        n = min(cfg.eval_batch_size, remaining)
+        eb = make_batch(cfg.task, eval_rng, n, cfg.seq_len, cfg.vocab)
+        loss, acc, count = (float(x) for x in eval_step(params, eb))
+        total_loss += loss * count
+        total_correct += acc * count
+        total_count += count
+        remaining -= n
+
+    return {
+        "task": cfg.task,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "eval_accuracy": total_correct / total_count,
+        "eval_loss": total_loss / total_count,
+        "eval_answers": int(total_count),
+        "chance": chance_level(cfg.task, cfg.vocab),
+        "final_train_loss": history[-1]["loss"],
+        "num_params": num_params,
+        "compile_s": compile_s,
+        "train_s": train_s,
+        "steps_per_s": (cfg.steps - 1) / train_s if train_s > 0 else None,
+        "history": history,
+        "probe_config": dataclasses.asdict(cfg),
+        "model_config": model_cfg_dict,
+        "env": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
+                "argv": sys.argv},
+    }
