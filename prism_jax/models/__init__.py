@@ -1,0 +1,6 @@
+"""The PRISM language model, its config and named presets."""
+
+from prism_jax.models.config import MIXERS, PRESETS, PrismLMConfig, get_preset
+from prism_jax.models.lm import Block, PrismLM
+
+__all__ = ["Block", "MIXERS", "PRESETS", "PrismLM", "PrismLMConfig", "get_preset"]
