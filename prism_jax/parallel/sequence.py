@@ -1,0 +1,196 @@
+"""Sequence parallelism for the PRISM op: one sequence split over a mesh axis (prism-math.md section 3).
+
+Each device holds a contiguous slice of T. The chunk maps S_0 -> S_C = A S_0 + B compose
+associatively, so every device
+
+  1. runs the chunk form's state-independent terms on its slice (`_chunk_terms`),
+  2. reduces its chunks to one affine pair (A [K, K], B [K, V]) per batch row and head,
+  3. `all_gather`s the pairs over the axis (P pairs: P (K^2 + K V) floats per row and head),
+  4. folds the pairs of the devices before it onto `initial_state` to get its incoming state,
+  5. finishes its chunk start states and outputs from that state.
+
+Every device also folds all P pairs, so the final state comes out replicated over the axis.
+A document boundary (segment_ids change) between the previous device's last token and this
+device's first zeroes the incoming state; resets inside a slice are handled by the chunk masks.
+Work per device: the single-device chunk form on T / P tokens plus one K x K product per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from prism_jax.ops.prism import INTER_CHUNK, check_inputs
+from prism_jax.ops.prism.chunk import (_chunk_outputs, _chunk_terms, _transition,
+                                       chunk_start_states)
+from prism_jax.ops.prism.common import resets_from_segments
+from prism_jax.parallel.halo import left_halo
+
+__all__ = ["sequence_parallel_prism", "sequence_parallel_prism_local"]
+
+
+def _local_pair(terms):
+    """Compose a slice's chunk maps into one pair: (A [B, H, K, K], B [B, H, K, V]).
+
+    Chunk n maps S -> decay_n S - erase_keys_n^T (p_n S + q_n) + writes_n; applied to the running
+    pair (starting from chunk 0's own pair) it gives A <- decay A - ek^T (p A),
+    B <- decay B - ek^T (p B + q) + writes: C x K x K work per chunk, no K x K chunk matrix.
+    """
+
+    def body(carry, t):
+        a, b = carry
+        decay = t.decay_all[..., None, None]
+        a = decay * a - jnp.einsum("...ck,...cj->...kj", t.erase_keys, t.p @ a)
+        b = decay * b - jnp.einsum("...ck,...cv->...kv", t.erase_keys, t.p @ b + t.q) + t.writes
+        return (a, b), None
+
+    first = jax.tree.map(lambda x: x[:, :, 0], terms)
+    rest = jax.tree.map(lambda x: jnp.moveaxis(x[:, :, 1:], 2, 0), terms)
+    (a, b), _ = jax.lax.scan(body, _transition(first), rest)
+    return a, b
+
+
+def _incoming_states(a_all, b_all, initial_state):
+    """Fold gathered pairs [P, B, H, ...] left to right from `initial_state`.
+
+    Returns (incoming [P, B, H, K, V]: the state before each device's slice, final [B, H, K, V])."""
+
+    def body(s, ab):
+        a, b = ab
+        return a @ s + b, s
+
+    final, incoming = jax.lax.scan(body, initial_state, (a_all, b_all))
+    return incoming, final
+
+
+def sequence_parallel_prism_local(q, k, v, beta, g, *, axis_name="sequence", scale=None,
+                                  initial_state=None, segment_ids=None, chunk_size=64,
+                                  inter_chunk="scan"):
+    """The PRISM op on this device's slice of the sequence; call inside `jax.shard_map`.
+
+    Arguments as in `prism_recurrence`, with T replaced by the local slice length T_local (the
+    slices are contiguous and ordered by the index along `axis_name`). `initial_state`
+    [B, H, K, V] is the state before the global sequence (the same on every device of the axis);
+    `segment_ids` [B, T_local] is the local slice of the global ids.
+
+    Returns (o [B, T_local, H, V] in v's dtype, final_state [B, H, K, V] float32): the outputs for
+    the local tokens and the state after the global sequence (identical on every device).
+    """
+    B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
+    if inter_chunk not in INTER_CHUNK:
+        raise ValueError(f"sequence_parallel_prism: `inter_chunk` is {inter_chunk!r}, "
+                         f"expected one of {INTER_CHUNK}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"sequence_parallel_prism: `chunk_size` is {chunk_size!r}, expected an int > 0")
+    scale = K ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    dt = jnp.result_type(jnp.float32, *(x.dtype for x in (q, k, v, beta, g)))  # f32, f64 in x64 tests
+    q, k, v, beta, g = (x.astype(dt) for x in (q, k, v, beta, g))
+    s0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
+
+    # Local chunking, as in the single-device chunk form; a short slice is one (shorter) chunk.
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    resets = resets_from_segments(segment_ids, B, T)
+    r = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+    g = jnp.where(resets[:, :, None], 0.0, g)
+    if pad:  # identity steps: beta = 0, g = 0, v = 0, no reset
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, beta, g = map(padt, (q, k, v, beta, g))
+        r = jnp.pad(r, [(0, 0), (0, pad)], mode="edge")
+
+    def chunked(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
+        return jnp.moveaxis(x.reshape(B, N, C, H, *x.shape[3:]), 3, 1)
+
+    q, k, v, beta, g = map(chunked, (q, k, v, beta, g))
+    vw = beta[..., None] * v
+    r = jnp.broadcast_to(r.reshape(B, 1, N, C), (B, H, N, C))
+    r_prev = jnp.concatenate([jnp.zeros((B, H, 1), r.dtype), r[..., :-1, -1]], axis=-1)
+    terms = _chunk_terms(k, vw, beta[..., 0], g, r, r_prev)
+
+    # A document starting exactly at this slice's first token zeroes the incoming state.
+    if segment_ids is None:
+        keep = jnp.ones((B,), dt)
+    else:
+        prev_last = left_halo(segment_ids, 1, axis_name)[:, 0]
+        boundary = (segment_ids[:, 0] != prev_last) & (jax.lax.axis_index(axis_name) > 0)
+        keep = 1.0 - boundary.astype(dt)
+    keep = keep[:, None, None, None]
+
+    a_loc, b_loc = _local_pair(terms)
+    a_all = jax.lax.all_gather(keep * a_loc, axis_name, to="invarying")  # [P, B, H, K, K]
+    b_all = jax.lax.all_gather(b_loc, axis_name, to="invarying")  # [P, B, H, K, V]
+    incoming, final = _incoming_states(a_all, b_all, s0)
+    s_in = keep * incoming[jax.lax.axis_index(axis_name)]
+
+    starts, _ = chunk_start_states(terms, s_in, inter_chunk)
+    o = scale * _chunk_outputs(q, k, vw, g, r, r_prev, terms, starts)  # [B, H, N, C, V]
+    o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, V)[:, :T]
+    return o.astype(out_dtype), final.astype(jnp.result_type(jnp.float32, dt))
+
+
+def check_sequence_mesh(mesh, axis: str, seq_len: int, batch_axis=None, batch: int | None = None):
+    """Raise ValueError unless `mesh` (a Mesh or AbstractMesh) has `axis` and its size divides
+    `seq_len` (and the same for the batch axes and `batch`). Plain Python: runs before tracing."""
+    sizes = dict(mesh.shape)
+    if axis not in sizes:
+        raise ValueError(f"sequence_parallel_prism: `axis` {axis!r} is not a mesh axis; "
+                         f"mesh axes are {tuple(mesh.axis_names)}")
+    if seq_len % sizes[axis]:
+        raise ValueError(f"sequence_parallel_prism: sequence length T = {seq_len} is not divisible by "
+                         f"the mesh axis {axis!r} of size {sizes[axis]}; pad T to a multiple of it")
+    if batch_axis is not None:
+        names = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+        for name in names:
+            if name not in sizes:
+                raise ValueError(f"sequence_parallel_prism: `batch_axis` {name!r} is not a mesh axis; "
+                                 f"mesh axes are {tuple(mesh.axis_names)}")
+            if name == axis:
+                raise ValueError(f"sequence_parallel_prism: `batch_axis` {name!r} is the sequence axis")
+        n = 1
+        for name in names:
+            n *= sizes[name]
+        if batch % n:
+            raise ValueError(f"sequence_parallel_prism: batch size B = {batch} is not divisible by the "
+                             f"batch mesh axes {names} of total size {n}")
+
+
+def sequence_parallel_prism(q, k, v, beta, g, *, mesh: Mesh, axis: str = "sequence", batch_axis=None,
+                            scale=None, initial_state=None, output_final_state=False,
+                            segment_ids=None, chunk_size=64, inter_chunk="scan"):
+    """`prism_recurrence(impl="chunk")` on global arrays, with T split over the mesh axis `axis`.
+
+    Shapes as in `prism_recurrence` (global T). `batch_axis`: optional mesh axis name (or tuple of
+    names) that B is split over as well. Mesh axes not named stay replicated. T must be divisible by
+    the size of `axis` (checked before compiling). Works under `jax.jit`; differentiable.
+
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32 or None).
+    """
+    B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
+    check_sequence_mesh(mesh, axis, T, batch_axis, B)
+    if inter_chunk not in INTER_CHUNK:
+        raise ValueError(f"sequence_parallel_prism: `inter_chunk` is {inter_chunk!r}, "
+                         f"expected one of {INTER_CHUNK}")
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"sequence_parallel_prism: `chunk_size` is {chunk_size!r}, expected an int > 0")
+    if initial_state is None:
+        initial_state = jnp.zeros((B, H, K, V), jnp.float32)
+    seq = P(batch_axis, axis)
+    rows = P(batch_axis)
+    local = functools.partial(sequence_parallel_prism_local, axis_name=axis, scale=scale,
+                              chunk_size=chunk_size, inter_chunk=inter_chunk)
+    args = [q, k, v, beta, g, initial_state]
+    specs = [seq, seq, seq, seq, seq, rows]
+    if segment_ids is not None:
+        args.append(segment_ids)
+        specs.append(seq)
+
+    def body(q, k, v, beta, g, s0, seg=None):
+        return local(q, k, v, beta, g, initial_state=s0, segment_ids=seg)
+
+    o, final = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=(seq, rows))(*args)
+    return o, (final if output_final_state else None)
