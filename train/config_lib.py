@@ -149,3 +149,54 @@ def validate(config, num_devices: int, process_count: int = 1, *, check_model: b
         raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len={max_len}")
     if config.sample.max_new_tokens < 0:
         raise ValueError(f"config.sample.max_new_tokens must be >= 0, got {config.sample.max_new_tokens}")
+
+
+# ----------------------------------------------------------------------------- recipes used by configs/
+
+# Tokens per optimizer step ~0.5M (256 rows x 2048), as in the GDN / Mamba ladders.
+_LARGE_SCHEDULES = {
+    "130m": dict(learning_rate=3e-3, total_steps=20_000, warmup_steps=1_000, grad_accum_steps=4),
+    "370m": dict(learning_rate=1.5e-3, total_steps=30_000, warmup_steps=1_500, grad_accum_steps=8),
+    "1.3b": dict(learning_rate=8e-4, total_steps=50_000, warmup_steps=2_000, grad_accum_steps=16),
+}
+
+
+def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
+    """The tiny preset on the embedded corpus, sized for 2-4 minutes on a 2-core CPU."""
+    config = base_config("tiny", **model_overrides)
+    config.data.seq_len = 128
+    config.batch_size = 16
+    config.total_steps = 300
+    config.warmup_steps = 30
+    config.learning_rate = 3e-3
+    config.log_every_steps = 10
+    config.eval_every_steps = 100
+    config.eval_batches = 8
+    config.checkpoint_every_steps = 100
+    return config
+
+
+def large_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
+    """130m / 370m / 1.3b: bf16 compute with float32 params, seq 2048, FSDP over every device."""
+    if preset not in _LARGE_SCHEDULES:
+        raise ValueError(f"large preset must be one of {tuple(_LARGE_SCHEDULES)}, got {preset!r}")
+    config = base_config(preset, **model_overrides)
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.data.seq_len = 2048
+    config.batch_size = 256
+    for key, value in _LARGE_SCHEDULES[preset].items():
+        config[key] = value
+    config.log_every_steps = 50
+    config.eval_every_steps = 1_000
+    config.eval_batches = 16
+    config.checkpoint_every_steps = 1_000
+    config.keep_checkpoints = 3
+    config.mesh_shape = (1, -1, 1, 1)
+    config.sample.max_new_tokens = 256
+    return config
+
+
+def sized_config(size: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
+    """`tiny_config` or `large_config(size)`, with model overrides such as mixer='gdn'."""
+    return tiny_config(**model_overrides) if size == "tiny" else large_config(size, **model_overrides)

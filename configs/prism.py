@@ -1,0 +1,7 @@
+"""Mixer 'prism': `--config configs/prism.py` (tiny) or `--config configs/prism.py:130m` (any preset name)."""
+
+from train.config_lib import sized_config
+
+
+def get_config(size="tiny"):
+    return sized_config(size or "tiny", mixer="prism")

@@ -1,0 +1,5 @@
+"""`python -m train` == `prism-train`."""
+
+from train.main import run
+
+run()
