@@ -1,0 +1,102 @@
+"""Backward pass of the fused forward, in plain JAX, from the chunk-start states the kernel saved.
+
+1. Per chunk and in parallel: the chunk's state map S_n -> S_{n+1} = a_n S_n - ek_n^T (P_n S_n + ...)
+   and Y_n, the output cotangent pulled back to S_n.
+2. One reverse pass over chunks: X_{n} = Y_n + a_n X_{n+1} - P_n^T (ek_n X_{n+1}) gives the
+   cotangent of every chunk's end state (X_0 is the initial state's gradient).
+3. Per chunk and in parallel: `jax.vjp` of the same chunk function the kernel runs (`chunk_step`,
+   with the triangular solve of XLA in place of the in-kernel substitution) given its saved start
+   state, with cotangents (do_n, X_{n+1}).
+Memory stays O(T): nothing K x V is kept per token, only per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import Prepared, chunk_decays, chunk_step, matmul_dtype, mm
+
+
+def _xla_inverse(m):
+    eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+    return jax.lax.linalg.triangular_solve(eye + m, eye, left_side=True, lower=True,
+                                           unit_diagonal=True)
+
+
+def _chunked(x, chunk):
+    """[B, Tp, H, ...] -> [B, H, N, C, ...]."""
+    B, Tp, H = x.shape[:3]
+    x = x.reshape(B, Tp // chunk, chunk, H, *x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _unchunked(x):
+    """[B, H, N, C, ...] -> [B, Tp, H, ...]."""
+    B, H, N, C = x.shape[:4]
+    return jnp.moveaxis(x, 1, 3).reshape(B, N * C, H, *x.shape[4:])
+
+
+def _one_chunk(q, k, v, beta, g, r, rm1, s, *, scale, mm_dtype):
+    """One chunk, one head: q [C, K], k [C, L, K], v [C, L, V], beta [C, L], g/r/rm1 [C], s [K, V]."""
+    f32 = jnp.float32
+    L = k.shape[1]
+    beta = beta.astype(f32)
+    ks = [k[:, l] for l in range(L)]
+    vws = [beta[:, l, None] * v[:, l].astype(f32) for l in range(L)]
+    d = chunk_decays(g, r, rm1)
+    o, s_new = chunk_step(s, q, ks[0], ks, vws, beta[:, 0], d, mm_dtype=mm_dtype,
+                          inverse=_xla_inverse)
+    return scale * o, s_new
+
+
+def _state_pullback(q, k0, beta0, g, r, rm1, do, *, scale, mm_dtype):
+    """Per chunk: (P [C, K], ek [C, K], a [], Y [K, V]) with S_C = a S - ek^T (P S) + (terms not in S)
+    and Y = d<o, do>/dS."""
+    f32 = jnp.float32
+    beta0 = beta0.astype(f32)
+    dot = functools.partial(mm, dtype=mm_dtype)
+    d = chunk_decays(g, r, rm1)
+    a_inv = _xla_inverse(beta0[:, None] * dot(k0, k0, trans_b=True) * d.m1m1)
+    p = dot(a_inv, (beta0 * d.start_m1)[:, None] * k0.astype(f32))
+    ek = d.end_m1[:, None] * k0.astype(f32)
+    qk = dot(q, k0, trans_b=True) * d.t_m1
+    do = scale * do.astype(f32)
+    y = dot(d.start[:, None] * q.astype(f32), do, trans_a=True) - dot(p, dot(qk, do, trans_a=True),
+                                                                      trans_a=True)
+    return p, ek, d.all, y
+
+
+def _over_chunks(fn):
+    return jax.vmap(jax.vmap(jax.vmap(fn)))  # [B, H, N, ...]
+
+
+def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size):
+    """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V]."""
+    C = chunk_size
+    B, Tp, H, K = x.q.shape
+    mm_dtype = matmul_dtype(x.q.dtype)
+    q, k, v, beta, g, do_c = (_chunked(t, C) for t in (x.q, x.k, x.v, x.beta, x.g, do))
+    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
+    r, rm1 = rc(x.r), rc(x.rm1)
+
+    pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
+    p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
+
+    def reverse_step(xs, inputs):  # xs: cotangent of this chunk's end state
+        p_n, ek_n, a_n, y_n = inputs
+        ekx = jnp.einsum("bhck,bhkv->bhcv", ek_n, xs, precision="highest")
+        ds = y_n + a_n[..., None, None] * xs - jnp.einsum("bhck,bhcv->bhkv", p_n, ekx,
+                                                          precision="highest")
+        return ds, xs
+
+    moved = jax.tree.map(lambda t: jnp.moveaxis(t, 2, 0), (p, ek, a, y))
+    ds0, cot_end = jax.lax.scan(reverse_step, dfinal.astype(jnp.float32), moved, reverse=True)
+    cot_end = jnp.moveaxis(cot_end, 0, 2)
+
+    chunk_fn = _over_chunks(functools.partial(_one_chunk, scale=scale, mm_dtype=mm_dtype))
+    _, vjp = jax.vjp(lambda *a: chunk_fn(*a, r, rm1, starts), q, k, v, beta, g)
+    dq, dk, dv, dbeta, dg = vjp((do_c.astype(jnp.float32), cot_end))
+    return (*(_unchunked(t) for t in (dq, dk, dv, dbeta, dg)), ds0)

@@ -1,0 +1,164 @@
+"""Pieces shared by the kernels: input preparation, the in-kernel chunk math, block checks.
+
+The chunk math here is written once on plain `jnp` values so that the GPU (Triton-lowered) kernel,
+the TPU (Mosaic) kernel and the interpret-mode runs on CPU all execute the same lines. It follows
+`prism_jax/ops/prism/chunk.py` (prism-math.md section 3) term for term:
+
+    (I + M) E = D S_0 + R            E: erased rows [C, V] of one chunk
+    o   = diag(e^G) q S_0 - (q k0^T . T_m1) E + sum_l (q k_l^T . T_0) (b_l v_l)
+    S_C = e^{G_C} S_0 - (e^{G_C - G_{i-1}} k0)^T E + sum_l (e^{G_C - G_i} k_l)^T (b_l v_l)
+
+Document resets are carried by an int32 count of resets up to each token (`r`) and the count before
+it (`rm1`); a decay factor between two tokens is zero unless their counts match (masked before
+exponentiating, never a log-decay of -inf).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from prism_jax.ops.prism.common import resets_from_segments
+
+
+class Prepared(NamedTuple):
+    """Inputs padded to a whole number of chunks, in the caller's layout.
+
+    q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V], beta [B, Tp, H, L] (input dtypes);
+    g [B, Tp, H] float32 with the log-decay zeroed at resets; r, rm1 [B, Tp] int32 reset counts up to
+    and before each token; s0 [B, H, K, V] float32.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    beta: jax.Array
+    g: jax.Array
+    r: jax.Array
+    rm1: jax.Array
+    s0: jax.Array
+
+
+def prepare(q, k, v, beta, g, initial_state, segment_ids, chunk_size) -> Prepared:
+    """Pads T up to a multiple of `chunk_size` with identity steps (beta = 0, g = 0, v = 0)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    resets = resets_from_segments(segment_ids, B, T)
+    r = jnp.cumsum(resets.astype(jnp.int32), axis=1)
+    rm1 = r - resets.astype(jnp.int32)
+    g = jnp.where(resets[:, :, None], 0.0, g.astype(jnp.float32))
+    pad = -T % chunk_size
+    if pad:
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, beta, g = map(padt, (q, k, v, beta, g))
+        r = jnp.pad(r, [(0, 0), (0, pad)], mode="edge")
+        rm1 = jnp.pad(rm1, [(0, 0), (0, pad)], mode="edge")
+        rm1 = rm1.at[:, T:].set(r[:, T:])
+    s0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    return Prepared(q, k, v, beta, g, r, rm1, s0)
+
+
+def _masked_exp(diff, mask):
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+def unit_lower_inverse(m):
+    """(I + m)^{-1} for a strictly lower-triangular m [C, C], by forward substitution over rows.
+
+    Exact in the working precision (no power series); only elementwise ops and row reductions, so it
+    lowers to Triton and Mosaic alike.
+    """
+    C = m.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    eye = (rows == cols).astype(jnp.float32)
+
+    def body(i, x):
+        m_row = jnp.sum(jnp.where(rows == i, m, 0.0), axis=0)  # m[i, :], indexed by column j
+        contrib = jnp.sum(m_row[:, None] * x, axis=0)  # sum_j m[i, j] x[j, :]
+        return x - jnp.where(rows == i, contrib[None, :], 0.0)
+
+    return jax.lax.fori_loop(1, C, body, eye)
+
+
+class ChunkDecays(NamedTuple):
+    m1m1: jax.Array  # [C, C] exp(G_{t-1} - G_{i-1}), i < t
+    m1_0: jax.Array  # [C, C] exp(G_{t-1} - G_i), i < t
+    t_m1: jax.Array  # [C, C] exp(G_t - G_{i-1}), i <= t
+    t_0: jax.Array  # [C, C] exp(G_t - G_i), i <= t
+    start_m1: jax.Array  # [C] exp(G_{t-1})
+    start: jax.Array  # [C] exp(G_t)
+    end_m1: jax.Array  # [C] exp(G_C - G_{i-1})
+    end: jax.Array  # [C] exp(G_C - G_i)
+    all: jax.Array  # [] exp(G_C)
+
+
+def chunk_decays(g, r, rm1) -> ChunkDecays:
+    """Decay factors of one chunk; g [C] float32, r / rm1 [C] int32 reset counts (up to / before t)."""
+    C = g.shape[0]
+    G = jnp.cumsum(g)
+    Gm1 = G - g
+    GC = jnp.sum(g)
+    r_prev = jnp.min(rm1)  # counts are non-decreasing: the count before the chunk
+    rC = jnp.max(r)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    strict, incl = cols < rows, cols <= rows
+
+    def pair(ga, ra, gb, rb, causal):
+        return _masked_exp(ga[:, None] - gb[None, :], causal & (ra[:, None] == rb[None, :]))
+
+    f32 = lambda b: b.astype(jnp.float32)
+    return ChunkDecays(
+        m1m1=pair(Gm1, rm1, Gm1, rm1, strict),
+        m1_0=pair(Gm1, rm1, G, r, strict),
+        t_m1=pair(G, r, Gm1, rm1, incl),
+        t_0=pair(G, r, G, r, incl),
+        start_m1=jnp.exp(Gm1) * f32(rm1 == r_prev),
+        start=jnp.exp(G) * f32(r == r_prev),
+        end_m1=jnp.exp(GC - Gm1) * f32(rm1 == rC),
+        end=jnp.exp(GC - G) * f32(r == rC),
+        all=jnp.exp(GC) * f32(rC == r_prev),
+    )
+
+
+def mm(a, b, *, dtype, trans_a=False, trans_b=False):
+    """2-D matmul with operands cast to `dtype` (bf16 -> tensor cores) and float32 accumulation.
+
+    float32 operands ask for full precision (IEEE in Triton, no TF32 in XLA)."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def chunk_step(s, q, k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=unit_lower_inverse):
+    """One chunk for one head and one block of value columns.
+
+    s [K, BV] float32 start state; q, k0 [C, K]; ks: L write keys [C, K]; vws: L gated write values
+    b_l v_l [C, BV] (float32); beta0 [C]. `inverse(m)` gives (I + m)^{-1} for strictly lower m.
+    Returns (o [C, BV] unscaled, end state [K, BV]).
+    """
+    dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
+    kk = dot(k0, k0, trans_b=True)
+    a_inv = inverse(beta0[:, None] * kk * d.m1m1)
+    rhs = dot((beta0 * d.start_m1)[:, None] * k0, s)
+    qk = dot(q, k0, trans_b=True) * d.t_m1
+    o = d.start[:, None] * dot(q, s)
+    s_new = d.all * s
+    for kl, vwl in zip(ks, vws):
+        rhs = rhs + beta0[:, None] * dot(dot(k0, kl, trans_b=True) * d.m1_0, vwl)
+        o = o + dot(dot(q, kl, trans_b=True) * d.t_0, vwl)
+        s_new = s_new + dot(d.end[:, None] * kl, vwl, trans_a=True)
+    e = dot(a_inv, rhs)
+    o = o - dot(qk, e)
+    s_new = s_new - dot(d.end_m1[:, None] * k0, e, trans_a=True)
+    return o, s_new
+
+
+def matmul_dtype(dtype):
+    """bf16 / f16 inputs use their own dtype on the matrix units; everything else float32 (IEEE)."""
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32

@@ -1,0 +1,185 @@
+"""prism_pallas (interpret mode on CPU; real kernels with -m gpu) against a float64 NumPy token loop.
+
+Shapes are tiny so that the interpret-mode runs stay within the area's test budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import prism_pallas
+from prism_jax.ops import prism_recurrence
+
+
+def numpy_prism(q, k, v, beta, g, scale, s0=None, segment_ids=None):
+    """The recurrence, token by token, in float64 NumPy (prism-math.md section 1)."""
+    q, k, v, beta, g = (np.asarray(x, np.float64) for x in (q, k, v, beta, g))
+    B, T, H, L, K = k.shape
+    V = v.shape[-1]
+    S = np.zeros((B, H, K, V)) if s0 is None else np.array(s0, np.float64)
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        if segment_ids is not None and t > 0:
+            reset = np.asarray(segment_ids)[:, t] != np.asarray(segment_ids)[:, t - 1]
+            S[reset] = 0.0
+        k0 = k[:, t, :, 0]  # [B, H, K]
+        erase = np.einsum("bh,bhk,bhkv->bhv", beta[:, t, :, 0], k0, S)
+        S = np.exp(g[:, t])[..., None, None] * (S - np.einsum("bhk,bhv->bhkv", k0, erase))
+        S = S + np.einsum("bhl,bhlk,bhlv->bhkv", beta[:, t], k[:, t], v[:, t])
+        o[:, t] = scale * np.einsum("bhk,bhkv->bhv", q[:, t], S)
+    return o, S
+
+
+def make_inputs(seed, B, T, H, L, K, V, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, H, K))
+    k = jax.random.normal(ks[1], (B, T, H, L, K))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (B, T, H, L, V))
+    beta = jax.random.uniform(ks[3], (B, T, H, L))
+    g = jnp.log(jax.random.uniform(ks[4], (B, T, H), minval=0.5, maxval=1.0))
+    s0 = jax.random.normal(ks[5], (B, H, K, V))
+    return tuple(x.astype(dtype) for x in (q, k, v, beta)) + (g, s0)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# Boundaries (chunk 16): inside a chunk (5), at a chunk's last (15) and first (16) token, a segment of
+# length 1 (31), and one in the last, partial chunk.
+SEGMENTS = np.repeat(np.arange(7), np.diff([0, 5, 15, 16, 31, 32, 45, 70]))[None]
+
+
+@pytest.mark.parametrize("L,T,K,V,with_state,with_segments", [
+    (1, 37, 16, 32, False, False),
+    (2, 70, 32, 16, True, True),
+    (3, 33, 16, 16, True, False),
+])
+def test_forward_matches_float64_loop(L, T, K, V, with_state, with_segments):
+    q, k, v, beta, g, s0 = make_inputs(L, 1, T, 2, L, K, V)
+    s0 = s0 if with_state else None
+    seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32) if with_segments else None
+    o, final = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
+                            segment_ids=seg)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
+    assert o.shape == (1, T, 2, V) and final.dtype == jnp.float32
+    assert rel(o, o_ref) < 1e-5
+    assert rel(final, final_ref) < 1e-5
+
+
+def test_gradients_match_reference_and_float64_directional_derivative():
+    L, T, K, V = 2, 40, 16, 32
+    q, k, v, beta, g, s0 = make_inputs(7, 1, T, 2, L, K, V)
+    seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32)
+    wo = jax.random.normal(jax.random.PRNGKey(8), (1, T, 2, V))
+    wf = jax.random.normal(jax.random.PRNGKey(9), (1, 2, K, V))
+    args = (q, k, v, beta, g, s0)
+
+    def loss(impl):
+        def f(q, k, v, beta, g, s0):
+            o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                      impl=impl, chunk_size=16, segment_ids=seg)
+            return jnp.sum(o * wo) + jnp.sum(fin * wf)
+        return f
+
+    grads = jax.jit(jax.grad(loss("pallas"), argnums=range(6)))(*args)
+    grads_ref = jax.grad(loss("reference"), argnums=range(6))(*args)
+    for name, gp, gr in zip("q k v beta g s0".split(), grads, grads_ref):
+        assert rel(gp, gr) < 1e-5, name
+    # Independent check in float64: <grad, d> against a central difference of the NumPy loop.
+    dirs = [np.asarray(jax.random.normal(jax.random.PRNGKey(20 + i), x.shape), np.float64)
+            for i, x in enumerate(args)]
+
+    def np_loss(eps):
+        xs = [np.asarray(x, np.float64) + eps * d for x, d in zip(args, dirs)]
+        o, fin = numpy_prism(*xs[:5], K ** -0.5, xs[5], seg)
+        return np.sum(o * np.asarray(wo)) + np.sum(fin * np.asarray(wf))
+
+    eps = 1e-5
+    fd = (np_loss(eps) - np_loss(-eps)) / (2 * eps)
+    analytic = sum(np.sum(np.asarray(gp, np.float64) * d) for gp, d in zip(grads, dirs))
+    assert abs(analytic - fd) < 1e-4 * max(1.0, abs(fd))
+
+
+def test_bf16_inputs_within_tolerance():
+    L, T, K, V = 2, 48, 32, 32
+    q, k, v, beta, g, s0 = make_inputs(3, 1, T, 2, L, K, V, dtype=jnp.bfloat16)
+    o, final = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, chunk_size=16)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5)
+    assert o.dtype == jnp.bfloat16
+    assert rel(o, o_ref) < 2e-2  # bf16 operands on the matrix units, float32 accumulation
+    assert rel(final, final_ref) < 2e-2
+
+
+def test_dispatch_through_prism_recurrence_matches_chunk():
+    q, k, v, beta, g, s0 = make_inputs(11, 2, 19, 1, 1, 16, 16)
+    kw = dict(initial_state=s0, output_final_state=True, chunk_size=16)
+    o, f = prism_recurrence(q, k, v, beta, g, impl="pallas", **kw)
+    o_c, f_c = prism_recurrence(q, k, v, beta, g, impl="chunk", **kw)
+    assert rel(o, o_c) < 1e-5 and rel(f, f_c) < 1e-5
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(K=24), "`K`"),
+    (dict(V=8), "`V`"),
+    (dict(chunk_size=8), "`chunk_size`"),
+    (dict(block_v=32), "`block_v`"),
+    (dict(bad_g=True), "`g`"),
+    (dict(bad_segments=True), "`segment_ids`"),
+])
+def test_unsupported_shapes_raise_named_errors(change, match):
+    K, V = change.get("K", 16), change.get("V", 16)
+    q, k, v, beta, g, s0 = make_inputs(0, 1, 8, 1, 1, K, V)
+    if change.get("bad_g"):
+        g = g[..., None]
+    seg = jnp.zeros((1, 7), jnp.int32) if change.get("bad_segments") else None
+    with pytest.raises(ValueError, match=match):
+        prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=change.get("chunk_size", 16),
+                     block_v=change.get("block_v"), segment_ids=seg)
+
+
+# ---- on the GPU (run on the device machine: pytest -m gpu tests/kernels) ----
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("L,K,V,block_v", [(1, 64, 64, None), (2, 128, 128, 64), (3, 128, 64, None)])
+def test_gpu_kernel_float32_forward_and_gradients(L, K, V, block_v):
+    T = 200
+    q, k, v, beta, g, s0 = make_inputs(L, 2, T, 2, L, K, V)
+    seg = jnp.asarray(np.repeat(np.arange(4), [50, 64, 1, 85])[None].repeat(2, 0), jnp.int32)
+    o, final = jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
+                                               chunk_size=64, block_v=block_v))(q, k, v, beta, g)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
+    assert rel(o, o_ref) < 1e-5 and rel(final, final_ref) < 1e-5
+
+    def loss(impl):
+        def f(*a):
+            with jax.default_matmul_precision("highest"):
+                o, fin = prism_recurrence(*a, initial_state=s0, output_final_state=True, impl=impl,
+                                          segment_ids=seg)
+            return jnp.sum(o * o_ref.astype(np.float32)) + jnp.sum(fin)
+        return f
+
+    gp = jax.jit(jax.grad(loss("pallas"), argnums=range(5)))(q, k, v, beta, g)
+    gr = jax.jit(jax.grad(loss("reference"), argnums=range(5)))(q, k, v, beta, g)
+    for name, a, b in zip("q k v beta g".split(), gp, gr):
+        assert rel(a, b) < 1e-5, name
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kernel_bf16():
+    L, K, V, T = 3, 128, 128, 300
+    q, k, v, beta, g, s0 = make_inputs(5, 1, T, 4, L, K, V, dtype=jnp.bfloat16)
+    o, final = jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, chunk_size=64))(q, k, v, beta, g)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5)
+    assert rel(o, o_ref) < 1e-2 and rel(final, final_ref) < 1e-2
