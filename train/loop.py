@@ -312,8 +312,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, model=None, rules
                     f"step {step}: eval loss {last_eval['eval_loss']:.4f}  perplexity "
                     f"{last_eval['eval_perplexity']:.3f}  bits/byte {last_eval['eval_bits_per_byte']:.4f}"
                 )
-            ckpt.save(step, state, train_iter, metrics=last_eval if eval_now else None,
-                      force=step == stop)
+            if step % config.checkpoint_every_steps == 0 or step == stop:
+                ckpt.save(step, state, train_iter, metrics=last_eval if eval_now else None, force=True)
     progress.close()
     ckpt.wait()
     ckpt.close()

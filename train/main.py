@@ -5,7 +5,7 @@ Also `python -m train`. gin front end: `--gin_file F.gin`, `--gin_bindings "mode
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import gin_frontend
@@ -26,6 +26,8 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # jax/orbax INFO lines would bury the progress bar
     config = gin_frontend.apply_gin(_CONFIG.value, _GIN_FILES.value, _GIN_BINDINGS.value)
 
     from train import loop  # noqa: PLC0415  (imports jax: after flag parsing)

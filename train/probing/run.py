@@ -9,6 +9,7 @@ authors' released probing script: lr 1e-3, weight decay 1e-4, clip 5.0, batch 32
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import sys
 import time
@@ -42,6 +43,8 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     clip_norm: float = 5.0
     warmup_steps: int = 0
+    mlp_hidden_dim: int = 0  # 0: 4 * d_model
+    chunk_size: int = 64
     eval_samples: int = 2048
     eval_batch_size: int = 256
     log_every: int = 50
@@ -59,6 +62,8 @@ class ProbeConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.mlp_hidden_dim < 0:
+            raise ValueError(f"mlp_hidden_dim must be >= 0 (0: 4 * d_model), got {self.mlp_hidden_dim}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
@@ -70,21 +75,26 @@ def model_config(cfg: ProbeConfig):
 
     mixer = {"transformer": "attention", "la": "gla", "gdn": "gdn", "prism": "prism"}[cfg.model]
     overrides = dict(d_model=cfg.d_model, num_layers=cfg.num_layers, vocab_size=cfg.vocab, mixer=mixer,
-                     num_heads=cfg.num_heads)
+                     num_heads=cfg.num_heads, head_k_dim=cfg.d_model // cfg.num_heads,
+                     mlp_hidden_dim=cfg.mlp_hidden_dim or 4 * cfg.d_model, chunk_size=cfg.chunk_size,
+                     max_seq_len=max(cfg.seq_len, 256))
     if cfg.model == "prism":
         overrides["solver_steps"] = cfg.solver_steps
     if cfg.model == "la":
-        overrides.update(_no_decay_overrides(get_preset))
+        overrides.update(no_decay_overrides())
     return get_preset("tiny", **overrides)
 
 
-def _no_decay_overrides(get_preset):
-    base = get_preset("tiny", mixer="gla")
-    fields = {f.name for f in dataclasses.fields(base)}
+def no_decay_overrides() -> dict:
+    """Config overrides that fix the GLA decay to 1, if PrismLMConfig has such a switch; {} otherwise
+    (then "la" is GLA with its learned data-dependent decay, and the results say so)."""
+    from prism_jax.models import PrismLMConfig
+
+    fields = {f.name for f in dataclasses.fields(PrismLMConfig)}
     for name, value in (("gla_decay", False), ("use_decay", False), ("decay", False), ("fixed_decay", True)):
         if name in fields:
             return {name: value}
-    raise ValueError(f"the GLA config has no switch to fix the decay to 1 (fields: {sorted(fields)})")
+    return {}
 
 
 def _loss_and_accuracy(logits, targets, mask):
@@ -95,6 +105,37 @@ def _loss_and_accuracy(logits, targets, mask):
     count = jnp.maximum(weights.sum(), 1.0)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return (nll * weights).sum() / count, (correct * weights).sum() / count, count
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps):
+    """(optax transform, jitted train step, jitted eval step) for a hashable Flax `model`; cached so
+    runs that share a model and optimiser (e.g. the tasks of one smoke test) compile once."""
+    if warmup_steps:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+            [warmup_steps])
+    else:
+        lr = learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(lr, weight_decay=weight_decay))
+
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch["tokens"])
+        loss, acc, _ = _loss_and_accuracy(logits, batch["targets"], batch["mask"])
+        return loss, acc
+
+    @jax.jit
+    def train_step(p, o, batch):
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss, acc
+
+    @jax.jit
+    def eval_step(p, batch):
+        logits = model.apply({"params": p}, batch["tokens"])
+        return _loss_and_accuracy(logits, batch["targets"], batch["mask"])
+
+    return tx, train_step, eval_step
 
 
 def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
@@ -119,29 +160,9 @@ def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
     params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(first["tokens"]))["params"]
     num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
-    if cfg.warmup_steps:
-        lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-        lr = optax.join_schedules([lr, optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-    else:
-        lr = cfg.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(lr, weight_decay=cfg.weight_decay))
+    tx, train_step, eval_step = _compiled_steps(model, cfg.learning_rate, cfg.weight_decay, cfg.clip_norm,
+                                                cfg.warmup_steps)
     opt_state = tx.init(params)
-
-    def loss_fn(p, batch):
-        logits = model.apply({"params": p}, batch["tokens"])
-        loss, acc, _ = _loss_and_accuracy(logits, batch["targets"], batch["mask"])
-        return loss, acc
-
-    @jax.jit
-    def train_step(p, o, batch):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss, acc
-
-    @jax.jit
-    def eval_step(p, batch):
-        logits = model.apply({"params": p}, batch["tokens"])
-        return _loss_and_accuracy(logits, batch["targets"], batch["mask"])
 
     history = []
     t0 = time.perf_counter()
@@ -153,7 +174,7 @@ def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
             loss.block_until_ready()
             compile_s = time.perf_counter() - t0
             t_loop = time.perf_counter()
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
             loss_f, acc_f = float(loss), float(acc)
             if not np.isfinite(loss_f):
                 raise FloatingPointError(f"non-finite training loss {loss_f} at step {step}")
@@ -165,16 +186,15 @@ def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_loop if cfg.steps > 1 else 0.0
 
+    # Equal-size evaluation batches (one compile): eval_samples is rounded up to a whole number of them.
+    eval_bs = min(cfg.eval_batch_size, cfg.eval_samples)
     total_loss = total_correct = total_count = 0.0
-    remaining = cfg.eval_samples
-    while remaining > 0:
-        n = min(cfg.eval_batch_size, remaining)
-        eb = make_batch(cfg.task, eval_rng, n, cfg.seq_len, cfg.vocab)
+    for _ in range(-(-cfg.eval_samples // eval_bs)):
+        eb = make_batch(cfg.task, eval_rng, eval_bs, cfg.seq_len, cfg.vocab)
         loss, acc, count = (float(x) for x in eval_step(params, eb))
         total_loss += loss * count
         total_correct += acc * count
         total_count += count
-        remaining -= n
 
     return {
         "task": cfg.task,
