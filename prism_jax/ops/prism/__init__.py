@@ -82,7 +82,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
       segment_ids: [B, T] int or None; where it changes between t-1 and t the state is reset to zero
         before token t (packed documents).
     Returns:
-      o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32, or None unless asked for.
+      o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
+        inputs), or None unless asked for.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
     if impl not in IMPLS:
@@ -101,9 +102,10 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
         o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                 chunk_size=chunk_size, segment_ids=segment_ids)
         return o.astype(out_dtype), (final if output_final_state else None)
-    f32 = jnp.float32
-    q, k, v, beta, g = (x.astype(f32) for x in (q, k, v, beta, g))
-    s0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    # float32 at least (bf16 inputs accumulate in fp32); float64 inputs stay float64 (tests).
+    cdt = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
+    q, k, v, beta, g = (x.astype(cdt) for x in (q, k, v, beta, g))
+    s0 = jnp.zeros((B, H, K, V), cdt) if initial_state is None else initial_state.astype(cdt)
     kw = dict(scale=scale, initial_state=s0, segment_ids=segment_ids)
     if impl == "reference":
         o, final = prism_reference(q, k, v, beta, g, **kw)

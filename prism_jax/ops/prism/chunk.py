@@ -125,7 +125,7 @@ def chunk_start_states(terms: ChunkTerms, initial_state, inter_chunk: str):
 
 def prism_chunk(q, k, v, beta, g, *, scale, initial_state, segment_ids=None, chunk_size=64,
                 inter_chunk="scan"):
-    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V] float32, final state float32)."""
+    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V], final state) in the compute dtype."""
     B, T, H, K = q.shape
     L, V = v.shape[-2], v.shape[-1]
     C = chunk_size

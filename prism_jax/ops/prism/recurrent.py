@@ -16,15 +16,15 @@ def prism_step(q, k, v, beta, g, state, *, scale, reset=None):
 
     Args:
       q: [B, H, K]; k: [B, H, L, K]; v: [B, H, L, V]; beta: [B, H, L]; g: [B, H].
-      state: [B, H, K, V] float32.
+      state: [B, H, K, V] float32 (or float64).
       scale: output scale.
       reset: optional [B] bool; where True the state is zeroed before this token (document start).
     Returns:
-      (o [B, H, V] float32, new state [B, H, K, V] float32).
+      (o [B, H, V], new state [B, H, K, V]), float32 (float64 for a float64 state).
     """
-    f32 = jnp.float32
-    q, k, v, beta, g = (x.astype(f32) for x in (q, k, v, beta, g))
-    state = state.astype(f32)
+    dt = jnp.result_type(jnp.float32, state.dtype)  # float32, or float64 under x64 tests
+    q, k, v, beta, g = (x.astype(dt) for x in (q, k, v, beta, g))
+    state = state.astype(dt)
     if reset is not None:
         state = jnp.where(reset[:, None, None, None], 0.0, state)
     k0, b0 = k[:, :, 0], beta[:, :, 0]

@@ -10,7 +10,7 @@ from prism_jax.ops.prism.recurrent import prism_step
 
 
 def prism_reference(q, k, v, beta, g, *, scale, initial_state, segment_ids=None):
-    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V] float32, final state float32)."""
+    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V], final state) in the compute dtype."""
     B, T, H, _ = q.shape
     resets = resets_from_segments(segment_ids, B, T)  # [B, T] bool
 

@@ -22,11 +22,11 @@ def compose(earlier, later):
 
 
 def prism_scan(q, k, v, beta, g, *, scale, initial_state, segment_ids=None):
-    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V] float32, final state float32)."""
+    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V], final state) in the compute dtype."""
     B, T, H, K = q.shape
-    keep = 1.0 - resets_from_segments(segment_ids, B, T).astype(jnp.float32)  # [B, T]
+    keep = 1.0 - resets_from_segments(segment_ids, B, T).astype(q.dtype)  # [B, T]
     k0, b0 = k[..., 0, :], beta[..., 0]
-    eye = jnp.eye(K, dtype=jnp.float32)
+    eye = jnp.eye(K, dtype=q.dtype)
     a = eye - b0[..., None, None] * k0[..., :, None] * k0[..., None, :]
     a = (jnp.exp(g) * keep[:, :, None])[..., None, None] * a  # [B, T, H, K, K]
     b = jnp.einsum("bthlk,bthlv->bthkv", k * beta[..., None], v)
