@@ -163,6 +163,9 @@ _LARGE_SCHEDULES = {
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
     """The tiny preset on the embedded corpus, sized for 2-4 minutes on a 2-core CPU."""
+    # On CPU the token-loop form of the op is ~3x faster than the chunk form at these sizes
+    # (d_model 64, T 128) and compiles ~3x faster; GPU/TPU configs keep "chunk" / "pallas".
+    model_overrides.setdefault("op_impl", "reference")
     config = base_config("tiny", **model_overrides)
     config.data.seq_len = 128
     config.batch_size = 16

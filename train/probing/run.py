@@ -109,8 +109,13 @@ def _loss_and_accuracy(logits, targets, mask):
 
 @functools.lru_cache(maxsize=16)
 def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps):
-    """(optax transform, jitted train step, jitted eval step) for a hashable Flax `model`; cached so
-    runs that share a model and optimiser (e.g. the tasks of one smoke test) compile once."""
+    """(optax transform, jitted train step, jitted eval step) for a hashable Flax `model`.
+
+    Both steps are vmapped over a leading "run" axis of params, optimiser state and batch, so several
+    independent runs (the tasks of one model) train in one call: on a small CPU the per-op overhead,
+    not the arithmetic, dominates these tiny models. Each run's clipping and AdamW update see only its
+    own gradients, so the math is that of separate runs. Cached so repeated calls compile once.
+    """
     if warmup_steps:
         lr = optax.join_schedules(
             [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
@@ -124,27 +129,48 @@ def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps)
         loss, acc, _ = _loss_and_accuracy(logits, batch["targets"], batch["mask"])
         return loss, acc
 
-    @jax.jit
-    def train_step(p, o, batch):
+    def one_train_step(p, o, batch):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss, acc
 
-    @jax.jit
-    def eval_step(p, batch):
+    def one_eval_step(p, batch):
         logits = model.apply({"params": p}, batch["tokens"])
         return _loss_and_accuracy(logits, batch["targets"], batch["mask"])
 
-    return tx, train_step, eval_step
+    return tx, jax.jit(jax.vmap(one_train_step)), jax.jit(jax.vmap(one_eval_step))
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _run_batches(cfgs, rngs, batch_size):
+    batches = [make_batch(c.task, r, batch_size, c.seq_len, c.vocab) for c, r in zip(cfgs, rngs)]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
-    """Train `cfg.model` on `cfg.task` and return a JSON-able result dict.
+    """Train `cfg.model` on `cfg.task` and return a JSON-able result dict (see `train_and_evaluate_many`)."""
+    return train_and_evaluate_many([cfg], model=model, progress=progress)[0]
+
+
+def train_and_evaluate_many(cfgs, *, model=None, progress=None) -> list[dict]:
+    """Train independent runs that share a model and optimiser settings (they may differ in task and
+    seed) side by side, and return one JSON-able result dict per run.
 
     `model` (a Flax module taking tokens [B, T] int32 and returning logits [B, T, V]) overrides the
-    prism_jax.models build; tests use it. `progress(step, loss)` is called every `log_every` steps.
+    prism_jax.models build; tests use it. `progress(step, losses)` is called every `log_every` steps.
     """
-    cfg.validate()
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("cfgs must hold at least one ProbeConfig")
+    for c in cfgs:
+        c.validate()
+    shared = [dataclasses.replace(c, task="mqar", seed=0) for c in cfgs]
+    if any(s != shared[0] for s in shared):
+        raise ValueError("runs trained together must differ only in task and seed")
+    cfg = cfgs[0]
     if model is None:
         from prism_jax.models import PrismLM
 
@@ -154,20 +180,20 @@ def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
     else:
         model_cfg_dict = repr(model)
 
-    train_rng = np.random.default_rng(cfg.seed)
-    eval_rng = np.random.default_rng(cfg.seed + EVAL_SEED_OFFSET)
-    first = make_batch(cfg.task, train_rng, cfg.batch_size, cfg.seq_len, cfg.vocab)
-    params = model.init(jax.random.PRNGKey(cfg.seed), jnp.asarray(first["tokens"]))["params"]
-    num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+    train_rngs = [np.random.default_rng(c.seed) for c in cfgs]
+    eval_rngs = [np.random.default_rng(c.seed + EVAL_SEED_OFFSET) for c in cfgs]
+    batch = _run_batches(cfgs, train_rngs, cfg.batch_size)
+    params = _stack([model.init(jax.random.PRNGKey(c.seed), jnp.asarray(batch["tokens"][i]))["params"]
+                     for i, c in enumerate(cfgs)])
+    num_params = int(sum(np.prod(p.shape[1:]) for p in jax.tree_util.tree_leaves(params)))
 
     tx, train_step, eval_step = _compiled_steps(model, cfg.learning_rate, cfg.weight_decay, cfg.clip_norm,
                                                 cfg.warmup_steps)
-    opt_state = tx.init(params)
+    opt_state = jax.vmap(tx.init)(params)
 
-    history = []
+    histories = [[] for _ in cfgs]
     t0 = time.perf_counter()
-    batch = first
-    compile_s = None
+    compile_s, t_loop = None, None
     for step in range(1, cfg.steps + 1):
         params, opt_state, loss, acc = train_step(params, opt_state, batch)
         if step == 1:
@@ -175,43 +201,46 @@ def train_and_evaluate(cfg: ProbeConfig, *, model=None, progress=None) -> dict:
             compile_s = time.perf_counter() - t0
             t_loop = time.perf_counter()
         if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
-            loss_f, acc_f = float(loss), float(acc)
-            if not np.isfinite(loss_f):
-                raise FloatingPointError(f"non-finite training loss {loss_f} at step {step}")
-            history.append({"step": step, "loss": loss_f, "acc": acc_f})
+            losses, accs = np.asarray(loss).tolist(), np.asarray(acc).tolist()
+            if not np.all(np.isfinite(losses)):
+                raise FloatingPointError(f"non-finite training loss {losses} at step {step}")
+            for h, l, a in zip(histories, losses, accs):
+                h.append({"step": step, "loss": l, "acc": a})
             if progress is not None:
-                progress(step, loss_f)
+                progress(step, losses)
         if step < cfg.steps:
-            batch = make_batch(cfg.task, train_rng, cfg.batch_size, cfg.seq_len, cfg.vocab)
+            batch = _run_batches(cfgs, train_rngs, cfg.batch_size)
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_loop if cfg.steps > 1 else 0.0
 
     # Equal-size evaluation batches (one compile): eval_samples is rounded up to a whole number of them.
     eval_bs = min(cfg.eval_batch_size, cfg.eval_samples)
-    total_loss = total_correct = total_count = 0.0
+    totals = np.zeros((3, len(cfgs)))
     for _ in range(-(-cfg.eval_samples // eval_bs)):
-        eb = make_batch(cfg.task, eval_rng, eval_bs, cfg.seq_len, cfg.vocab)
-        loss, acc, count = (float(x) for x in eval_step(params, eb))
-        total_loss += loss * count
-        total_correct += acc * count
-        total_count += count
+        loss, acc, count = (np.asarray(x, np.float64) for x in
+                            eval_step(params, _run_batches(cfgs, eval_rngs, eval_bs)))
+        totals += np.stack([loss * count, acc * count, count])
 
-    return {
-        "task": cfg.task,
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "eval_accuracy": total_correct / total_count,
-        "eval_loss": total_loss / total_count,
-        "eval_answers": int(total_count),
-        "chance": chance_level(cfg.task, cfg.vocab),
-        "final_train_loss": history[-1]["loss"],
-        "num_params": num_params,
-        "compile_s": compile_s,
-        "train_s": train_s,
-        "steps_per_s": (cfg.steps - 1) / train_s if train_s > 0 else None,
-        "history": history,
-        "probe_config": dataclasses.asdict(cfg),
-        "model_config": model_cfg_dict,
-        "env": {"jax": jax.__version__, "backend": jax.default_backend(), "python": platform.python_version(),
-                "argv": sys.argv},
-    }
+    results = []
+    for i, c in enumerate(cfgs):
+        results.append({
+            "task": c.task,
+            "model": c.model,
+            "seed": c.seed,
+            "eval_accuracy": totals[1, i] / totals[2, i],
+            "eval_loss": totals[0, i] / totals[2, i],
+            "eval_answers": int(totals[2, i]),
+            "chance": chance_level(c.task, c.vocab),
+            "final_train_loss": histories[i][-1]["loss"],
+            "num_params": num_params,
+            "runs_trained_together": len(cfgs),
+            "compile_s": compile_s,
+            "train_s": train_s,
+            "steps_per_s": (c.steps - 1) / train_s if train_s > 0 else None,
+            "history": histories[i],
+            "probe_config": dataclasses.asdict(c),
+            "model_config": model_cfg_dict,
+            "env": {"jax": jax.__version__, "backend": jax.default_backend(),
+                    "python": platform.python_version(), "argv": sys.argv},
+        })
+    return results
