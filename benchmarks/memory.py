@@ -152,34 +152,39 @@ def main():
 
     micro = args.global_batch // args.grad_accum
     print(f"Per device, FSDP only (micro-batch {micro} rows = {args.global_batch} rows / {args.grad_accum} "
-          f"accumulation steps, split over the fsdp devices, at least 1 row each; 'fits' = total <= "
+          f"accumulation steps, split over the fsdp devices, at least 1 row each; 'max rows' = most rows of T "
+          f"tokens per device within "
           f"{USABLE:.0%} of the memory; 'remat' = per-block rematerialisation):\n")
     head = ["fsdp", "state GB", "gathered GB", "rows/device", "acts GB", "total GB", "acts GB remat",
-            "total GB remat"] + [f"fits {name} (plain / remat)" for name in DEVICES]
+            "total GB remat"] + [f"max rows/device {name} (plain / remat)" for name in DEVICES]
     print("| " + " | ".join(head) + " |\n|" + "---:|" * len(head))
-    first_fit = {}
+    first_fit, first_row = {}, {}
     for fsdp in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         state = state_b * (sharded / fsdp + replicated)
         gathered = 2 * largest if fsdp > 1 else 0  # the largest all-gathered unit, in bf16
         rows = max(micro / fsdp, 1)
         plain, remat = state + gathered + rows * per_row, state + gathered + rows * per_row_remat
-        fits = []
+        cells = []
         for name, cap in DEVICES.items():
-            ok = [tot <= USABLE * cap for tot in (plain, remat)]
-            fits.append(" / ".join("yes" if o else "no" for o in ok))
-            for kind, o in zip(("plain", "remat"), ok):
-                if o and (name, kind) not in first_fit:
+            free = USABLE * cap - state - gathered
+            most = [max(int(free // r), 0) for r in (per_row, per_row_remat)]
+            cells.append(" / ".join(str(m) for m in most))
+            for kind, tot, m in (("plain", plain, most[0]), ("remat", remat, most[1])):
+                if tot <= USABLE * cap and (name, kind) not in first_fit:
                     first_fit[(name, kind)] = (fsdp, rows)
+                if m >= 1 and (name, kind) not in first_row:
+                    first_row[(name, kind)] = fsdp
         print(f"| {fsdp} | {state / GB:.1f} | {gathered / GB:.2f} | {rows:g} | {rows * per_row / GB:.1f} | "
-              f"{plain / GB:.1f} | {rows * per_row_remat / GB:.1f} | {remat / GB:.1f} | " + " | ".join(fits) + " |")
+              f"{plain / GB:.1f} | {rows * per_row_remat / GB:.1f} | {remat / GB:.1f} | " + " | ".join(cells) + " |")
     print()
     for name in DEVICES:
         for kind in ("plain", "remat"):
-            if (name, kind) in first_fit:
-                f, r = first_fit[(name, kind)]
-                print(f"{name}, {kind}: smallest fsdp {f} ({r:g} rows of {T} tokens per device)")
-            else:
-                print(f"{name}, {kind}: does not fit even at 1 row per device; split the sequence axis too")
+            at_batch = (f"smallest fsdp {first_fit[(name, kind)][0]} at this micro-batch "
+                        f"({first_fit[(name, kind)][1]:g} rows/device)" if (name, kind) in first_fit
+                        else "no fsdp size fits this micro-batch")
+            one = (f"smallest fsdp {first_row[(name, kind)]} for one row of {T} tokens (raise grad_accum)"
+                   if (name, kind) in first_row else "not even one row per device: shard the sequence axis")
+            print(f"{name}, {kind}: {at_batch}; {one}")
 
 
 if __name__ == "__main__":
