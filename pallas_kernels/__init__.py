@@ -1,7 +1,7 @@
 """Pallas kernels for the PRISM recurrence: `prism_pallas`, the `impl="pallas"` form of `prism_recurrence`.
 
-    GPU  -> `gpu/forward.py`, Pallas with the Triton lowering
-    TPU  -> `tpu/forward.py`, Pallas Mosaic TPU (sequential chunk grid axis, state in VMEM scratch)
+    GPU  -> `gpu/split.py` (default) or `gpu/forward.py` (fused), Pallas with the Triton lowering
+    TPU  -> not written yet: a clear ValueError (use impl="chunk" there)
     CPU  -> the GPU kernel in interpret mode (so CI runs the kernel code)
 
 Gradients come from `jax.custom_vjp`: the forward kernel saves each chunk's start state, and the
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import backward as _backward
 from prism_jax.ops.prism import check_inputs
-from pallas_kernels.common import Prepared, prepare
+from pallas_kernels.common import Prepared, matmul_dtype, prepare
 
 __all__ = ["prism_pallas", "check_blocks"]
 
@@ -28,7 +28,13 @@ def _platform(platform):
     return jax.default_backend() if platform is None else platform
 
 
-def check_blocks(K, V, chunk_size, block_v, platform):
+# Largest chunk tile (chunk_size x max(K, V) elements times the matmul operand's bytes) that the
+# Triton kernels fit in an H200's shared memory: bf16 64 x 128 compiled and ran; float32 64 x 128
+# asked for 256 KiB of the 227 KiB there is.
+_GPU_TILE_BYTES = 64 * 128 * 2
+
+
+def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
     """Raises ValueError for shapes the kernels do not support (before anything compiles)."""
     if K not in _SIZES:
         raise ValueError(f"prism_pallas: key dim `K` = {K} (last axis of `q` and `k`), expected one of {_SIZES}")
@@ -38,21 +44,21 @@ def check_blocks(K, V, chunk_size, block_v, platform):
         raise ValueError(f"prism_pallas: `chunk_size` = {chunk_size}, expected one of (16, 32, 64, 128)")
     if block_v is not None and (block_v not in _SIZES or V % block_v):
         raise ValueError(f"prism_pallas: `block_v` = {block_v}, expected a power of two >= 16 dividing V = {V}")
-    if platform not in ("gpu", "cuda", "rocm", "tpu", "cpu"):
-        raise ValueError(f"prism_pallas: platform {platform!r} has no PRISM kernel (gpu, tpu, cpu)")
+    if platform not in ("gpu", "cuda", "rocm", "cpu"):
+        raise ValueError(f"prism_pallas: platform {platform!r} has no PRISM kernel yet (gpu; cpu runs "
+                         "the GPU kernels in interpret mode); use impl='chunk' there")
+    if platform in ("gpu", "cuda", "rocm") and chunk_size * max(K, V) * itemsize > _GPU_TILE_BYTES:
+        raise ValueError(
+            f"prism_pallas: `chunk_size` = {chunk_size} with K = {K}, V = {V} and {itemsize}-byte matmul "
+            f"operands needs chunk tiles over the GPU's shared memory; use chunk_size <= "
+            f"{_GPU_TILE_BYTES // (max(K, V) * itemsize)}")
 
 
-def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages):
-    if platform == "tpu":
-        from pallas_kernels.tpu.forward import forward as tpu_forward
-
-        return tpu_forward(x, scale=scale, chunk_size=chunk_size, block_v=block_v)
-    if platform == "tpu-interpret":
-        from pallas_kernels.tpu.forward import forward as tpu_forward
-
-        return tpu_forward(x, scale=scale, chunk_size=chunk_size, block_v=block_v, interpret=True)
-    from pallas_kernels.gpu.forward import forward as gpu_forward
-
+def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel):
+    if kernel == "fused":
+        from pallas_kernels.gpu.forward import forward as gpu_forward
+    else:
+        from pallas_kernels.gpu.split import forward as gpu_forward
     return gpu_forward(x, scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
                        num_stages=num_stages, interpret=platform == "cpu")
 
@@ -72,8 +78,9 @@ def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
 def _core_bwd(opts, res, cot):
     x, starts = res
     do, dfinal = cot
+    reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
     dq, dk, dv, dbeta, dg, ds0 = _backward.backward(x, starts, do, dfinal, scale=opts["scale"],
-                                          chunk_size=opts["chunk_size"])
+                                                    chunk_size=opts["chunk_size"], reverse=reverse)
     cast = lambda d, ref: d.astype(ref.dtype)
     return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g),
             None, None, ds0)
@@ -83,24 +90,27 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=64, segment_ids=None,
-                 block_v=None, num_warps=None, num_stages=None, platform=None):
+                 block_v=None, num_warps=None, num_stages=None, kernel="split", platform=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
     initial_state [B, H, K, V] or None, segment_ids [B, T] int or None.
-    Block kwargs: block_v (value columns per program, default V), num_warps / num_stages (Triton);
-    platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (GPU kernel, interpret mode) or
-    "tpu-interpret" (TPU kernel, interpret mode; tests).
+    Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
+    num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
+    parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
+    platform: None (jax.default_backend()), "gpu", or "cpu" (the GPU kernels in interpret mode).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
     platform = _platform(platform)
-    check_blocks(K, V, chunk_size, block_v, "tpu" if platform == "tpu-interpret" else platform)
+    check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
+    if kernel not in ("split", "fused"):
+        raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
     if platform in ("cuda", "rocm"):
         platform = "gpu"
     x = prepare(q, k, v, beta, g, initial_state, segment_ids, chunk_size)
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, kernel=kernel)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

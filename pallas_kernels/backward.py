@@ -73,8 +73,25 @@ def _over_chunks(fn):
     return jax.vmap(jax.vmap(jax.vmap(fn)))  # [B, H, N, ...]
 
 
-def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size):
-    """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V]."""
+def reverse_scan(p, ek, a, y, dfinal):
+    """Plain-JAX reverse state-gradient pass (reference of `gpu/state_bwd.py`); shapes as there."""
+
+    def step(xs, inputs):  # xs: cotangent of this chunk's end state
+        p_n, ek_n, a_n, y_n = inputs
+        ekx = jnp.einsum("bhck,bhkv->bhcv", ek_n, xs, precision="highest")
+        ds = y_n + a_n[..., None, None] * xs - jnp.einsum("bhck,bhcv->bhkv", p_n, ekx,
+                                                          precision="highest")
+        return ds, xs
+
+    moved = jax.tree.map(lambda t: jnp.moveaxis(t, 2, 0), (p, ek, a, y))
+    ds0, cot_end = jax.lax.scan(step, dfinal, moved, reverse=True)
+    return jnp.moveaxis(cot_end, 0, 2), ds0
+
+
+def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="scan"):
+    """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V].
+
+    reverse: "scan" (lax.scan), "gpu" (the Triton kernel) or "interpret" (that kernel on CPU)."""
     C = chunk_size
     B, Tp, H, K = x.q.shape
     mm_dtype = matmul_dtype(x.q.dtype)
@@ -85,16 +102,13 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size):
     pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
     p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
 
-    def reverse_step(xs, inputs):  # xs: cotangent of this chunk's end state
-        p_n, ek_n, a_n, y_n = inputs
-        ekx = jnp.einsum("bhck,bhkv->bhcv", ek_n, xs, precision="highest")
-        ds = y_n + a_n[..., None, None] * xs - jnp.einsum("bhck,bhcv->bhkv", p_n, ekx,
-                                                          precision="highest")
-        return ds, xs
+    if reverse == "scan":
+        cot_end, ds0 = reverse_scan(p, ek, a, y, dfinal.astype(jnp.float32))
+    else:
+        from pallas_kernels.gpu.state_bwd import reverse_pass
 
-    moved = jax.tree.map(lambda t: jnp.moveaxis(t, 2, 0), (p, ek, a, y))
-    ds0, cot_end = jax.lax.scan(reverse_step, dfinal.astype(jnp.float32), moved, reverse=True)
-    cot_end = jnp.moveaxis(cot_end, 0, 2)
+        cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal.astype(jnp.float32),
+                                    interpret=reverse == "interpret")
 
     chunk_fn = _over_chunks(functools.partial(_one_chunk, scale=scale, mm_dtype=mm_dtype))
     _, vjp = jax.vjp(lambda *a: chunk_fn(*a, r, rm1, starts), q, k, v, beta, g)

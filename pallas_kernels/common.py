@@ -162,3 +162,54 @@ def chunk_step(s, q, k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=un
 def matmul_dtype(dtype):
     """bf16 / f16 inputs use their own dtype on the matrix units; everything else float32 (IEEE)."""
     return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
+class EndDecays(NamedTuple):
+    end_m1: jax.Array  # [C] exp(G_C - G_{i-1})
+    end: jax.Array  # [C] exp(G_C - G_i)
+    all: jax.Array  # [] exp(G_C)
+
+
+def chunk_end_decays(g, r, rm1) -> EndDecays:
+    """The decay factors the state pass needs (no C x C work)."""
+    G = jnp.cumsum(g)
+    GC = jnp.sum(g)
+    rC = jnp.max(r)
+    f32 = lambda b: b.astype(jnp.float32)
+    return EndDecays(
+        end_m1=jnp.exp(GC - (G - g)) * f32(rm1 == rC),
+        end=jnp.exp(GC - G) * f32(r == rC),
+        all=jnp.exp(GC) * f32(rC == jnp.min(rm1)),
+    )
+
+
+def chunk_solve(k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=unit_lower_inverse):
+    """The start-state-free part of one chunk: E = P S_0 + Qe with P [C, K] and Qe [C, V].
+
+    k0 [C, K]; ks: L write keys [C, K]; vws: L gated write values [C, V] float32; beta0 [C].
+    """
+    dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
+    a_inv = inverse(beta0[:, None] * dot(k0, k0, trans_b=True) * d.m1m1)
+    p = dot(a_inv, (beta0 * d.start_m1)[:, None] * k0.astype(jnp.float32))
+    rhs = sum(dot(dot(k0, kl, trans_b=True) * d.m1_0, vwl) for kl, vwl in zip(ks, vws))
+    return p, dot(a_inv, beta0[:, None] * rhs)
+
+
+def chunk_state_update(s, p, qe, k0, ks, vws, d: EndDecays, *, mm_dtype):
+    """End state [K, BV] of one chunk from its start state s [K, BV] and (P [C, K], Qe [C, BV])."""
+    dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
+    e = dot(p, s) + qe
+    s_new = d.all * s - dot(d.end_m1[:, None] * k0.astype(jnp.float32), e, trans_a=True)
+    for kl, vwl in zip(ks, vws):
+        s_new = s_new + dot(d.end[:, None] * kl.astype(jnp.float32), vwl, trans_a=True)
+    return s_new
+
+
+def chunk_output(s, p, qe, q, k0, ks, vws, d: ChunkDecays, *, mm_dtype):
+    """Unscaled outputs [C, BV] of one chunk from its start state s [K, BV] and (P, Qe)."""
+    dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
+    e = dot(p, s) + qe
+    o = d.start[:, None] * dot(q, s) - dot(dot(q, k0, trans_b=True) * d.t_m1, e)
+    for kl, vwl in zip(ks, vws):
+        o = o + dot(dot(q, kl, trans_b=True) * d.t_0, vwl)
+    return o

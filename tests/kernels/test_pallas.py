@@ -56,21 +56,41 @@ def rel(a, b):
 SEGMENTS = np.repeat(np.arange(7), np.diff([0, 5, 15, 16, 31, 32, 45, 70]))[None]
 
 
-@pytest.mark.parametrize("L,T,K,V,with_state,with_segments", [
-    (1, 37, 16, 32, False, False),
-    (2, 70, 32, 16, True, True),
-    (3, 33, 16, 16, True, False),
+@pytest.mark.parametrize("L,T,K,V,with_state,with_segments,kernel", [
+    (1, 37, 16, 32, False, False, "split"),
+    (2, 70, 32, 16, True, True, "split"),
+    (3, 33, 16, 16, True, False, "split"),
+    (2, 70, 16, 32, True, True, "fused"),
 ])
-def test_forward_matches_float64_loop(L, T, K, V, with_state, with_segments):
+def test_forward_matches_float64_loop(L, T, K, V, with_state, with_segments, kernel):
     q, k, v, beta, g, s0 = make_inputs(L, 1, T, 2, L, K, V)
     s0 = s0 if with_state else None
     seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32) if with_segments else None
-    o, final = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
-                            segment_ids=seg)
+    if L == 1:  # also covers the dispatch of prism_recurrence(impl="pallas")
+        o, final = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                    impl="pallas", chunk_size=16, segment_ids=seg)
+    else:
+        o, final = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
+                                segment_ids=seg, kernel=kernel, block_v=16 if L == 3 else None)
     o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
     assert o.shape == (1, T, 2, V) and final.dtype == jnp.float32
     assert rel(o, o_ref) < 1e-5
     assert rel(final, final_ref) < 1e-5
+
+
+def test_reverse_state_kernel_matches_scan():
+    from pallas_kernels.backward import reverse_scan
+    from pallas_kernels.gpu.state_bwd import reverse_pass
+
+    B, H, N, C, K, V = 1, 2, 5, 16, 16, 32
+    ks = jax.random.split(jax.random.PRNGKey(4), 5)
+    p, ek = (jax.random.normal(kk, (B, H, N, C, K)) / 4 for kk in ks[:2])
+    a = jax.random.uniform(ks[2], (B, H, N))
+    y = jax.random.normal(ks[3], (B, H, N, K, V))
+    dfinal = jax.random.normal(ks[4], (B, H, K, V))
+    cot, ds0 = reverse_pass(p, ek, a, y, dfinal, block_v=16, interpret=True)
+    cot_ref, ds0_ref = reverse_scan(p, ek, a, y, dfinal)
+    assert rel(cot, cot_ref) < 1e-6 and rel(ds0, ds0_ref) < 1e-6
 
 
 def test_gradients_match_reference_and_float64_directional_derivative():
@@ -117,14 +137,6 @@ def test_bf16_inputs_within_tolerance():
     assert rel(final, final_ref) < 2e-2
 
 
-def test_dispatch_through_prism_recurrence_matches_chunk():
-    q, k, v, beta, g, s0 = make_inputs(11, 2, 19, 1, 1, 16, 16)
-    kw = dict(initial_state=s0, output_final_state=True, chunk_size=16)
-    o, f = prism_recurrence(q, k, v, beta, g, impl="pallas", **kw)
-    o_c, f_c = prism_recurrence(q, k, v, beta, g, impl="chunk", **kw)
-    assert rel(o, o_c) < 1e-5 and rel(f, f_c) < 1e-5
-
-
 @pytest.mark.parametrize("change,match", [
     (dict(K=24), "`K`"),
     (dict(V=8), "`V`"),
@@ -132,6 +144,9 @@ def test_dispatch_through_prism_recurrence_matches_chunk():
     (dict(block_v=32), "`block_v`"),
     (dict(bad_g=True), "`g`"),
     (dict(bad_segments=True), "`segment_ids`"),
+    (dict(kernel="triton"), "`kernel`"),
+    (dict(K=128, V=128, chunk_size=64, platform="gpu"), "`chunk_size`"),  # f32 tiles over smem
+    (dict(platform="tpu"), "impl='chunk'"),
 ])
 def test_unsupported_shapes_raise_named_errors(change, match):
     K, V = change.get("K", 16), change.get("V", 16)
@@ -141,7 +156,8 @@ def test_unsupported_shapes_raise_named_errors(change, match):
     seg = jnp.zeros((1, 7), jnp.int32) if change.get("bad_segments") else None
     with pytest.raises(ValueError, match=match):
         prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=change.get("chunk_size", 16),
-                     block_v=change.get("block_v"), segment_ids=seg)
+                     block_v=change.get("block_v"), segment_ids=seg,
+                     kernel=change.get("kernel", "split"), platform=change.get("platform"))
 
 
 # ---- on the GPU (run on the device machine: pytest -m gpu tests/kernels) ----
@@ -151,13 +167,13 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("L,K,V,block_v", [(1, 64, 64, None), (2, 128, 128, 64), (3, 128, 64, None)])
+@pytest.mark.parametrize("L,K,V,block_v", [(2, 128, 128, 64)])
 def test_gpu_kernel_float32_forward_and_gradients(L, K, V, block_v):
     T = 200
     q, k, v, beta, g, s0 = make_inputs(L, 2, T, 2, L, K, V)
     seg = jnp.asarray(np.repeat(np.arange(4), [50, 64, 1, 85])[None].repeat(2, 0), jnp.int32)
     o, final = jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
-                                               chunk_size=64, block_v=block_v))(q, k, v, beta, g)
+                                               chunk_size=32, block_v=block_v))(q, k, v, beta, g)
     o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
     assert rel(o, o_ref) < 1e-5 and rel(final, final_ref) < 1e-5
 
@@ -165,7 +181,7 @@ def test_gpu_kernel_float32_forward_and_gradients(L, K, V, block_v):
         def f(*a):
             with jax.default_matmul_precision("highest"):
                 o, fin = prism_recurrence(*a, initial_state=s0, output_final_state=True, impl=impl,
-                                          segment_ids=seg)
+                                          segment_ids=seg, chunk_size=32)
             return jnp.sum(o * o_ref.astype(np.float32)) + jnp.sum(fin)
         return f
 

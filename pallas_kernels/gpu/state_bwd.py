@@ -1,0 +1,55 @@
+"""Reverse state-gradient pass of the backward as one Pallas (Triton-lowered) kernel.
+
+For chunks n = N-1 .. 0, with X the cotangent of chunk n's end state (X = dfinal for the last):
+
+    cot_end[n] = X;    X <- Y_n + a_n X - P_n^T (ek_n X)
+
+Grid (B*H, V/block_v); X [K, block_v] stays in float32 registers. Plain-JAX reference beside it:
+the `lax.scan` in `pallas_kernels.backward.reverse_scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import mm
+
+
+def _kernel(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, *, heads, block_v, n_chunks):
+    bh, vb = pl.program_id(0), pl.program_id(1)
+    b, h = bh // heads, bh % heads
+    vs = pl.ds(vb * block_v, block_v)
+    dot = functools.partial(mm, dtype=jnp.float32)
+
+    def body(i, xs):
+        n = n_chunks - 1 - i
+        cot_ref[b, h, n, :, vs] = xs
+        a = a_ref[b, h, pl.ds(n, 1)]  # [1]
+        ekx = dot(ek_ref[b, h, n], xs)
+        return y_ref[b, h, n, :, vs] + a[:, None] * xs - dot(p_ref[b, h, n], ekx, trans_a=True)
+
+    ds0_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[b, h, :, vs])
+
+
+def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, interpret=False):
+    """p, ek [B, H, N, C, K]; a [B, H, N]; y [B, H, N, K, V]; dfinal [B, H, K, V] (all float32).
+
+    Returns (cot_end [B, H, N, K, V], ds0 [B, H, K, V])."""
+    B, H, N, K, V = y.shape
+    block_v = min(V, 64) if block_v is None else block_v
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+    return pl.pallas_call(
+        functools.partial(_kernel, heads=H, block_v=block_v, n_chunks=N),
+        grid=(B * H, V // block_v), compiler_params=params, interpret=interpret,
+        name="prism_state_bwd",
+        out_shape=(jax.ShapeDtypeStruct(y.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(dfinal.shape, jnp.float32)),
+    )(p, ek, a, y, dfinal)
