@@ -89,7 +89,7 @@ def make_train_step(model, optimizer):
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads), "target_tokens": count}
+        metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step

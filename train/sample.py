@@ -11,17 +11,6 @@ import pathlib
 import ml_collections
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A prism-train workdir (holds config.json and checkpoints/).",
-                               required=True)
-_PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 = all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_NUM = flags.DEFINE_integer("num_samples", 1, "How many continuations.")
-
-
 def load_run(workdir: str | pathlib.Path, step: int | None = None):
     """(config, model, params, tokenizer, step) of the run in `workdir`."""
     import flax.linen as nn  # noqa: F401,PLC0415
@@ -74,5 +63,20 @@ def main(argv):
         print(text)
 
 
+def _define_flags():
+    """The CLI's flags, defined only when the module runs as a program."""
+    global _WORKDIR, _PROMPT, _MAX_NEW, _TEMPERATURE, _TOP_K, _SEED, _STEP, _NUM
+    _WORKDIR = flags.DEFINE_string("workdir", None, "A prism-train workdir (holds config.json and checkpoints/).",
+                                   required=True)
+    _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
+    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+    _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
+    _TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 = all.")
+    _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    _NUM = flags.DEFINE_integer("num_samples", 1, "How many continuations.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

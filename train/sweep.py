@@ -20,12 +20,6 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file (as for prism-train).", required=True)
-_ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.", required=True)
-_GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... : one axis of the grid (repeatable).")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE applied to every run (repeatable).")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only print the runs.")
-
 METRICS = ("step", "train_loss", "eval_loss", "eval_perplexity", "eval_bits_per_byte", "seconds")
 
 
@@ -113,5 +107,16 @@ def main(argv):
         sys.exit(1)
 
 
+def _define_flags():
+    """The CLI's flags, defined only when the module runs as a program."""
+    global _CONFIG, _ROOT, _GRID, _SET, _DRY_RUN
+    _CONFIG = flags.DEFINE_string("config", None, "Config file (as for prism-train).", required=True)
+    _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.", required=True)
+    _GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,... : one axis of the grid (repeatable).")
+    _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE applied to every run (repeatable).")
+    _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only print the runs.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

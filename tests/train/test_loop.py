@@ -107,9 +107,10 @@ def test_loss_falls_and_run_writes_metrics_and_checkpoints(small_corpus, tmp_pat
 
 def test_kill_and_resume_is_bit_identical(small_corpus, tmp_path):
     data_dir, _, _ = small_corpus
-    straight = run(standin_config(data_dir), tmp_path / "straight")
-    run(standin_config(data_dir, stop_at_step=3), tmp_path / "resumed")  # "killed" after step 3
-    resumed = run(standin_config(data_dir), tmp_path / "resumed")
+    # async_checkpointing on: the saved state must not alias buffers the next (donating) step reuses
+    straight = run(standin_config(data_dir, async_checkpointing=True), tmp_path / "straight")
+    run(standin_config(data_dir, stop_at_step=3, async_checkpointing=True), tmp_path / "resumed")  # "killed"
+    resumed = run(standin_config(data_dir, async_checkpointing=True), tmp_path / "resumed")
     assert int(resumed["state"].step) == 8
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["state"].params),
                  jax.device_get(resumed["state"].params))
@@ -179,3 +180,27 @@ def test_missing_data_dir_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         run(standin_config(tmp_path / "nope"), tmp_path / "w")
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_checkpointer_keeps_latest_and_best_and_restores_iterator(small_corpus, tmp_path):
+    from train import checkpoint as checkpoint_lib
+    from train.data import pipeline
+
+    data_dir, _, _ = small_corpus
+    spec = pipeline.PipelineSpec(str(data_dir), "train", seq_len=16, batch_size=2, seed=0)
+    it = iter(pipeline.make_dataset(spec))
+    ckpt = checkpoint_lib.Checkpointer(tmp_path, save_every=1, keep_last=2, keep_best=1, async_save=True)
+    eval_losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.2}
+    for step, eval_loss in eval_losses.items():
+        next(it)
+        ckpt.save(step, {"w": jnp.full((3,), float(step))}, it, metrics={"eval_loss": eval_loss}, force=True)
+    expected_next = next(it)
+    ckpt.wait()
+    assert sorted(ckpt.all_steps()) == [2, 4, 5]  # best (2) + latest two
+    fresh = iter(pipeline.make_dataset(spec))
+    state = ckpt.restore(5, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, fresh)
+    np.testing.assert_array_equal(state["w"], np.full(3, 5.0))
+    got = next(fresh)
+    for key in expected_next:
+        np.testing.assert_array_equal(got[key], expected_next[key])
+    ckpt.close()

@@ -127,27 +127,33 @@ def load_meta(data_dir: str | pathlib.Path) -> dict:
     return meta
 
 
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Directory for the shards and meta.json.", required=True)
-_INPUT = flags.DEFINE_multi_string("input", [], "Files or directories; default: the embedded stdlib corpus.")
-_PATTERN = flags.DEFINE_string("pattern", "*.txt", "Glob for files inside --input directories.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "'byte' or a SentencePiece .model file.")
-_VAL_PERMILLE = flags.DEFINE_integer("val_permille", 50, "Documents per 1000 that go to validation.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split.")
+def _define_flags():
+    """The CLI's flags, defined only when the module runs as a program (importers get none)."""
+    return dict(
+        output_dir=flags.DEFINE_string("output_dir", None, "Directory for the shards and meta.json.",
+                                       required=True),
+        input=flags.DEFINE_multi_string("input", [], "Files or directories; default: the embedded stdlib corpus."),
+        pattern=flags.DEFINE_string("pattern", "*.txt", "Glob for files inside --input directories."),
+        tokenizer=flags.DEFINE_string("tokenizer", "byte", "'byte' or a SentencePiece .model file."),
+        val_permille=flags.DEFINE_integer("val_permille", 50, "Documents per 1000 that go to validation."),
+        num_shards=flags.DEFINE_integer("num_shards", 4, "ArrayRecord shards per split."),
+    )
 
 
-def main(argv):
+def main(argv, f):
     del argv
-    files = collect_input_files(_INPUT.value, _PATTERN.value) if _INPUT.value else None
+    files = collect_input_files(f["input"].value, f["pattern"].value) if f["input"].value else None
     meta = prepare(
-        _OUTPUT.value,
+        f["output_dir"].value,
         files=files,
-        tokenizer=_TOKENIZER.value,
-        val_permille=_VAL_PERMILLE.value,
-        num_shards=_NUM_SHARDS.value,
+        tokenizer=f["tokenizer"].value,
+        val_permille=f["val_permille"].value,
+        num_shards=f["num_shards"].value,
     )
     for split, info in meta["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _flags = _define_flags()
+    app.run(lambda argv: main(argv, _flags))
