@@ -144,3 +144,17 @@ class OutputHead(nn.Module):
         """o: [..., H, V] mixer output; x: [..., D] block input -> [..., D]."""
         o = self.norm(o).reshape(*o.shape[:-2], -1)
         return self.proj(o * nn.silu(self.gate(x)))
+
+
+def run_recurrence(module, config, q, k, v, beta, g, segment_ids, want_state):
+    """prism_recurrence with the config's impl and chunk size. During `init` the recurrence is skipped
+    (zeros of the right shape): parameter values never depend on it and init then compiles fast."""
+    from prism_jax.ops import prism_recurrence
+
+    if module.is_initializing():
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        state = jnp.zeros((B, H, K, V), jnp.float32) if want_state else None
+        return jnp.zeros((B, T, H, V), v.dtype), state
+    return prism_recurrence(q, k, v, beta, g, impl=config.op_impl, chunk_size=config.chunk_size,
+                            segment_ids=segment_ids, output_final_state=want_state)

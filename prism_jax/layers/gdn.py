@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from prism_jax.layers.common import DTYPES, OutputHead, ShortConv, check_segment_ids, dense, l2_normalize
-from prism_jax.ops import prism_recurrence, prism_step
+from prism_jax.layers.common import DTYPES, OutputHead, ShortConv, check_segment_ids, dense, run_recurrence, l2_normalize
+from prism_jax.ops import prism_step
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -86,8 +86,7 @@ class DeltaMixer(nn.Module):
         qkv = self._project(x)
         pre = self.conv(qkv, segment_ids) if c.use_short_conv else qkv
         q, k, v, beta, g = self.op_terms(pre, x)
-        o, state = prism_recurrence(q, k, v, beta, g, impl=c.op_impl, chunk_size=c.chunk_size,
-                                    segment_ids=segment_ids, output_final_state=want_state)
+        o, state = run_recurrence(self, c, q, k, v, beta, g, segment_ids, want_state)
         return self.head(o, x), state, qkv
 
     def __call__(self, x, segment_ids=None, positions=None):

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from prism_jax.layers.common import (DTYPES, OutputHead, ShortConv, check_segment_ids, constant_init,
-                                     dense, l2_normalize)
-from prism_jax.ops import prism_recurrence, prism_step
+                                     dense, l2_normalize, run_recurrence)
+from prism_jax.ops import prism_step
 
 
 def _alpha_bias_init(key, shape, dtype=jnp.float32):
@@ -99,8 +99,7 @@ class PrismMixer(nn.Module):
         c = self.config
         check_segment_ids(segment_ids, x.shape[:2], "PrismMixer")
         q, k, v, beta, g = self.solver_terms(self.anchor(x, segment_ids))
-        o, state = prism_recurrence(q, k, v, beta, g, impl=c.op_impl, chunk_size=c.chunk_size,
-                                    segment_ids=segment_ids, output_final_state=want_state)
+        o, state = run_recurrence(self, c, q, k, v, beta, g, segment_ids, want_state)
         return self.head(o, x), state
 
     def __call__(self, x, segment_ids=None, positions=None):

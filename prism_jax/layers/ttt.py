@@ -185,7 +185,9 @@ class TTTLinearMixer(nn.Module):
         qkv = self._project(x)
         pre = self.conv(qkv, segment_ids) if c.use_short_conv else qkv
         q, k, v, eta = self._terms(pre, x)
-        if segment_ids is None:
+        if self.is_initializing():  # parameter values do not depend on the inner loop: skip it
+            o, state = q, None
+        elif segment_ids is None:
             o, state = self._dual(q, k, v, eta)
         else:
             o, state = self._sequential(q, k, v, eta, segment_ids), None

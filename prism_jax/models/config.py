@@ -95,7 +95,7 @@ _PRESETS = {
     "370m": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=8, head_k_dim=128,
                  mlp_hidden_dim=2816, solver_steps=3, solver_rank=64, max_seq_len=2048),
     "1.3b": dict(vocab_size=32000, d_model=2048, num_layers=24, num_heads=16, head_k_dim=128,
-                 mlp_hidden_dim=5632, solver_steps=3, solver_rank=128, tie_embeddings=False,
+                 mlp_hidden_dim=5632, solver_steps=3, solver_rank=128,
                  max_seq_len=2048),
 }
 PRESETS = tuple(_PRESETS)
