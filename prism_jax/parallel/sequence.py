@@ -133,45 +133,61 @@ def sequence_parallel_prism_local(q, k, v, beta, g, *, axis_name="sequence", sca
     return o.astype(out_dtype), final.astype(jnp.result_type(jnp.float32, dt))
 
 
-def check_sequence_mesh(mesh, axis: str, seq_len: int, batch_axis=None, batch: int | None = None):
+def _axis_names(value):
+    return () if value is None else ((value,) if isinstance(value, str) else tuple(value))
+
+
+def check_sequence_mesh(mesh, axis: str, seq_len: int, batch_axis=None, batch: int | None = None,
+                        head_axis=None, heads: int | None = None):
     """Raise ValueError unless `mesh` (a Mesh or AbstractMesh) has `axis` and its size divides
-    `seq_len` (and the same for the batch axes and `batch`). Plain Python: runs before tracing."""
+    `seq_len`, and the same for the batch axes / `batch` and the head axes / `heads`.
+    Plain Python: runs before anything is traced or compiled."""
     sizes = dict(mesh.shape)
+    if not sizes:
+        raise ValueError("sequence_parallel_prism: no mesh; pass `mesh=` or call under `jax.set_mesh(mesh)`")
     if axis not in sizes:
         raise ValueError(f"sequence_parallel_prism: `axis` {axis!r} is not a mesh axis; "
                          f"mesh axes are {tuple(mesh.axis_names)}")
     if seq_len % sizes[axis]:
         raise ValueError(f"sequence_parallel_prism: sequence length T = {seq_len} is not divisible by "
                          f"the mesh axis {axis!r} of size {sizes[axis]}; pad T to a multiple of it")
-    if batch_axis is not None:
-        names = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+    used = {axis}
+    for what, value, dim, dim_name in (("batch_axis", batch_axis, batch, "batch size B"),
+                                       ("head_axis", head_axis, heads, "head count H")):
+        names = _axis_names(value)
         for name in names:
             if name not in sizes:
-                raise ValueError(f"sequence_parallel_prism: `batch_axis` {name!r} is not a mesh axis; "
+                raise ValueError(f"sequence_parallel_prism: `{what}` {name!r} is not a mesh axis; "
                                  f"mesh axes are {tuple(mesh.axis_names)}")
-            if name == axis:
-                raise ValueError(f"sequence_parallel_prism: `batch_axis` {name!r} is the sequence axis")
+            if name in used:
+                raise ValueError(f"sequence_parallel_prism: `{what}` {name!r} is already used "
+                                 f"(sequence / batch / head axes must differ)")
+            used.add(name)
         n = 1
         for name in names:
             n *= sizes[name]
-        if batch % n:
-            raise ValueError(f"sequence_parallel_prism: batch size B = {batch} is not divisible by the "
-                             f"batch mesh axes {names} of total size {n}")
+        if names and dim % n:
+            raise ValueError(f"sequence_parallel_prism: {dim_name} = {dim} is not divisible by the "
+                             f"mesh axes {names} of total size {n}")
 
 
-def sequence_parallel_prism(q, k, v, beta, g, *, mesh: Mesh, axis: str = "sequence", batch_axis=None,
-                            scale=None, initial_state=None, output_final_state=False,
+def sequence_parallel_prism(q, k, v, beta, g, *, mesh=None, axis: str = "sequence", batch_axis=None,
+                            head_axis=None, scale=None, initial_state=None, output_final_state=False,
                             segment_ids=None, chunk_size=64, inter_chunk="scan"):
     """`prism_recurrence(impl="chunk")` on global arrays, with T split over the mesh axis `axis`.
 
-    Shapes as in `prism_recurrence` (global T). `batch_axis`: optional mesh axis name (or tuple of
-    names) that B is split over as well. Mesh axes not named stay replicated. T must be divisible by
-    the size of `axis` (checked before compiling). Works under `jax.jit`; differentiable.
+    Shapes as in `prism_recurrence` (global T). `mesh`: a Mesh, or None for the mesh set with
+    `jax.set_mesh` (so a layer can call this inside the jitted model). `batch_axis` / `head_axis`:
+    optional mesh axis name (or tuple of names) that B / H are split over as well (heads are
+    independent, so a `tensor` axis over heads needs no communication). Other mesh axes see the op
+    replicated. T, B, H must be divisible by their axes (checked before compiling). Differentiable.
 
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32 or None).
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
-    check_sequence_mesh(mesh, axis, T, batch_axis, B)
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    check_sequence_mesh(mesh, axis, T, batch_axis, B, head_axis, H)
     if inter_chunk not in INTER_CHUNK:
         raise ValueError(f"sequence_parallel_prism: `inter_chunk` is {inter_chunk!r}, "
                          f"expected one of {INTER_CHUNK}")
@@ -179,15 +195,16 @@ def sequence_parallel_prism(q, k, v, beta, g, *, mesh: Mesh, axis: str = "sequen
         raise ValueError(f"sequence_parallel_prism: `chunk_size` is {chunk_size!r}, expected an int > 0")
     if initial_state is None:
         initial_state = jnp.zeros((B, H, K, V), jnp.float32)
-    seq = P(batch_axis, axis)
-    rows = P(batch_axis)
+    seq = P(batch_axis, axis, head_axis)  # [B, T, H, ...]
+    rows = P(batch_axis, head_axis)  # [B, H, K, V]
+    ids = P(batch_axis, axis)  # [B, T]
     local = functools.partial(sequence_parallel_prism_local, axis_name=axis, scale=scale,
                               chunk_size=chunk_size, inter_chunk=inter_chunk)
     args = [q, k, v, beta, g, initial_state]
     specs = [seq, seq, seq, seq, seq, rows]
     if segment_ids is not None:
         args.append(segment_ids)
-        specs.append(seq)
+        specs.append(ids)
 
     def body(q, k, v, beta, g, s0, seg=None):
         return local(q, k, v, beta, g, initial_state=s0, segment_ids=seg)

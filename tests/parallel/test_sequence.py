@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,10 @@ def test_halo_conv_matches_global_conv():
 
 @pytest.mark.slow
 def test_batch_and_sequence_mesh_and_bf16():
-    assert "2x4 mesh" in run_check("batch_axis")
+    assert "2x2x2 mesh" in run_check("batch_axis")
 
 
-def _args(T=36, B=2, H=1, L=1, K=4, V=4):
+def _args(T=36, B=2, H=2, L=1, K=4, V=4):
     z = lambda *s: jnp.zeros(s, jnp.float32)
     return z(B, T, H, K), z(B, T, H, L, K), z(B, T, H, L, V), z(B, T, H, L), z(B, T, H)
 
@@ -59,16 +60,22 @@ def _args(T=36, B=2, H=1, L=1, K=4, V=4):
      "batch size B = 2 is not divisible"),
     (dict(mesh=AbstractMesh((2, 2), ("data", "sequence")), batch_axis="model"),
      "`batch_axis` 'model' is not a mesh axis"),
+    (dict(mesh=AbstractMesh((2, 2), ("data", "sequence")), batch_axis="sequence"),
+     "`batch_axis` 'sequence' is already used"),
+    (dict(mesh=AbstractMesh((4, 2), ("tensor", "sequence")), head_axis="tensor"),
+     "head count H = 2 is not divisible by the mesh axes ('tensor',) of total size 4"),
+    (dict(), "no mesh; pass `mesh=`"),
 ])
 @pytest.mark.parametrize("jit", [False, True])
 def test_bad_mesh_raises_before_compiling(kw, message, jit):
     f = lambda *a: sequence_parallel_prism(*a, **kw)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         (jax.jit(f) if jit else f)(*_args())
 
 
 def test_check_sequence_mesh_accepts_divisible():
-    check_sequence_mesh(AbstractMesh((2, 4), ("data", "sequence")), "sequence", 40, "data", 2)
+    check_sequence_mesh(AbstractMesh((2, 2, 4), ("data", "tensor", "sequence")), "sequence", 40, "data", 2,
+                        "tensor", 4)
 
 
 def test_halo_wider_than_slice_raises():
