@@ -1,7 +1,8 @@
 """Pallas kernels for the PRISM recurrence: `prism_pallas`, the `impl="pallas"` form of `prism_recurrence`.
 
     GPU  -> `gpu/split.py` (default) or `gpu/forward.py` (fused), Pallas with the Triton lowering
-    TPU  -> not written yet: a clear ValueError (use impl="chunk" there)
+    TPU  -> `tpu/forward.py`, Pallas Mosaic TPU (sequential chunk grid axis, state in VMEM scratch);
+            checked on CPU in TPU interpret mode and by lowering for TPU, not yet run on a TPU
     CPU  -> the GPU kernel in interpret mode (so CI runs the kernel code)
 
 Gradients come from `jax.custom_vjp`: the forward kernel saves each chunk's start state, and the
@@ -44,8 +45,8 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
         raise ValueError(f"prism_pallas: `chunk_size` = {chunk_size}, expected one of (16, 32, 64, 128)")
     if block_v is not None and (block_v not in _SIZES or V % block_v):
         raise ValueError(f"prism_pallas: `block_v` = {block_v}, expected a power of two >= 16 dividing V = {V}")
-    if platform not in ("gpu", "cuda", "rocm", "cpu"):
-        raise ValueError(f"prism_pallas: platform {platform!r} has no PRISM kernel yet (gpu; cpu runs "
+    if platform not in ("gpu", "cuda", "rocm", "cpu", "tpu", "tpu-interpret"):
+        raise ValueError(f"prism_pallas: platform {platform!r} has no PRISM kernel (gpu, tpu; cpu runs "
                          "the GPU kernels in interpret mode); use impl='chunk' there")
     if platform in ("gpu", "cuda", "rocm") and chunk_size * max(K, V) * itemsize > _GPU_TILE_BYTES:
         raise ValueError(
@@ -55,6 +56,10 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel):
+    if platform in ("tpu", "tpu-interpret"):
+        from pallas_kernels.tpu.forward import forward as tpu_forward
+
+        return tpu_forward(x, scale=scale, chunk_size=chunk_size, interpret=platform == "tpu-interpret")
     if kernel == "fused":
         from pallas_kernels.gpu.forward import forward as gpu_forward
     else:
@@ -98,7 +103,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=64, 
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
     num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
-    platform: None (jax.default_backend()), "gpu", or "cpu" (the GPU kernels in interpret mode).
+    platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
+    mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
