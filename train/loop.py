@@ -120,19 +120,32 @@ def sharding_context(mesh, rules):
     return stack
 
 
-def create_train_state(model, optimizer, mesh, rules, rng, seq_len: int):
-    """Initialises params and optimizer state directly in their shardings. Returns (state, shardings)."""
-
+def _init_fn(model, optimizer, seq_len: int):
     def init_boxed(rng):
         dummy = jnp.zeros((1, seq_len), jnp.int32)
         variables = model.init(rng, dummy, segment_ids=jnp.ones_like(dummy), positions=dummy)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
+    return init_boxed
+
+
+def train_state_shardings(model, optimizer, mesh, rules, seq_len: int):
+    """(abstract TrainState with shardings attached, the NamedSharding tree), without allocating."""
+    init_boxed = _init_fn(model, optimizer, seq_len)
     with sharding_context(mesh, rules):
-        abstract = jax.eval_shape(init_boxed, rng)
-        specs = nn.get_partition_spec(abstract)
-        shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+        abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(abstract), shardings)
+    return abstract, shardings
+
+
+def create_train_state(model, optimizer, mesh, rules, rng, seq_len: int):
+    """Initialises params and optimizer state directly in their shardings. Returns (state, shardings)."""
+    _, shardings = train_state_shardings(model, optimizer, mesh, rules, seq_len)
+    init_boxed = _init_fn(model, optimizer, seq_len)
+    with sharding_context(mesh, rules):
         state = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=shardings)(rng)
     return state, shardings
 
@@ -248,9 +261,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, model=None, rules
     rules = mesh_lib.logical_axis_rules() if rules is None else rules
     model = build_model(config) if model is None else model
     optimizer = optim.make_optimizer(config)
-    state, state_shardings = create_train_state(
-        model, optimizer, mesh, rules, jax.random.key(config.seed), config.data.seq_len
-    )
     train_iter = iter(pipeline.make_dataset(train_spec))
 
     ckpt = checkpoint_lib.Checkpointer(
@@ -261,13 +271,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, model=None, rules
         async_save=config.async_checkpointing,
     )
     start_step = ckpt.latest_step() or 0
-    if start_step:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
-        )
+    if start_step:  # restore straight into the shardings, never materialising a fresh init
+        abstract, state_shardings = train_state_shardings(model, optimizer, mesh, rules, config.data.seq_len)
         state = ckpt.restore(start_step, abstract, train_iter)
         if is_main:
             print(f"resumed from step {start_step} in {ckpt.directory}", flush=True)
+    else:
+        state, state_shardings = create_train_state(
+            model, optimizer, mesh, rules, jax.random.key(config.seed), config.data.seq_len
+        )
 
     accum = config.grad_accum_steps
     train_sharding = mesh_lib.batch_sharding(mesh, leading_dims=1)

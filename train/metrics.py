@@ -70,8 +70,11 @@ class Progress:
         self._last_time = time.perf_counter()
         self._last_step = start
         if enabled:
-            from tqdm import tqdm  # noqa: PLC0415
-
+            try:
+                from tqdm import tqdm  # noqa: PLC0415
+            except ImportError:  # plain log lines instead of a bar
+                print("tqdm is not installed: progress as log lines (pip install tqdm)", file=sys.stderr)
+                return
             self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
                              mininterval=0.5)
 

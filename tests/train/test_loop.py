@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,14 +55,17 @@ def test_packed_loss_equals_documents_alone():
     tokens = np.concatenate(docs + [np.zeros(3, int)])[None]
     seg = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(3, int)])[None]
     pos = np.concatenate([np.arange(len(d)) for d in docs] + [np.zeros(3, int)])[None]
-    params = model.init(jax.random.key(0), jnp.asarray(tokens))["params"]
-    params = jax.tree.map(lambda p: p.value if hasattr(p, "value") else p, params,
-                          is_leaf=lambda p: hasattr(p, "value"))
+    params = jax.jit(lambda r: nn.unbox(model.init(r, jnp.asarray(tokens))["params"]))(jax.random.key(0))
 
-    def summed(batch):
+    @jax.jit
+    def summed_jit(batch):
         logits = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"])
         nll, mask, _ = loop.nll_terms(logits, batch)
-        return float(nll.sum()), int(mask.sum())
+        return nll.sum(), mask.sum()
+
+    def summed(batch):
+        nll, count = summed_jit(batch)
+        return float(nll), int(count)
 
     packed = summed({"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)})
     alone = [summed({"tokens": jnp.asarray(d[None]), "segment_ids": jnp.ones((1, len(d)), jnp.int32),

@@ -44,7 +44,7 @@ class ProbeConfig:
     clip_norm: float = 5.0
     warmup_steps: int = 0
     mlp_hidden_dim: int = 0  # 0: 4 * d_model
-    chunk_size: int = 64
+    chunk_size: int = 16
     eval_samples: int = 2048
     eval_batch_size: int = 256
     log_every: int = 50
