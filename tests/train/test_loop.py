@@ -208,3 +208,18 @@ def test_checkpointer_keeps_latest_and_best_and_restores_iterator(small_corpus, 
     for key in expected_next:
         np.testing.assert_array_equal(got[key], expected_next[key])
     ckpt.close()
+
+
+def test_distributed_init_only_when_asked_or_detected(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
+    for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    assert not loop.maybe_initialize_distributed("auto") and not loop.maybe_initialize_distributed("off")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert not loop.maybe_initialize_distributed("auto")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+    assert loop.maybe_initialize_distributed("auto")
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    assert loop.maybe_initialize_distributed("on")
+    assert len(calls) == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,8 +36,13 @@ def tiny_prism_config(data_dir, **overrides):
 
 
 def test_tiny_prism_loss_falls_and_samples(small_corpus, tmp_path):
+    """bf16 compute with float32 parameters and optimizer state (the large presets' recipe)."""
     data_dir, _, _ = small_corpus
-    summary = loop.train_and_evaluate(tiny_prism_config(data_dir), tmp_path)
+    config = tiny_prism_config(data_dir)
+    config.model.dtype = "bfloat16"
+    summary = loop.train_and_evaluate(config, tmp_path)
+    leaves = jax.tree.leaves((summary["state"].params, summary["state"].opt_state))
+    assert {x.dtype for x in leaves if x.ndim > 0} == {jnp.dtype("float32")}
     losses = [r["loss"] for r in metrics_lib.read_metrics(tmp_path) if "loss" in r]
     assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
     assert np.isfinite(summary["eval_bits_per_byte"]) and summary["eval_perplexity"] < 256
