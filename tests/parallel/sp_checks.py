@@ -14,8 +14,6 @@ os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_c
 
 import jax  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)  # float64 reference; float32 inputs stay float32
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
@@ -110,6 +108,7 @@ def check_matches_single_device(rng):
 
 def check_float64_reference(rng):
     """float64: sharded over 8 devices == the token-by-token reference (definition), tight tolerance."""
+    jax.config.update("jax_enable_x64", True)  # this check only: the training code assumes 32-bit ints
     x = inputs(rng, np.float64)
     cot = cotangents(rng, jnp.float64)
     mesh = seq_mesh(8)
@@ -169,11 +168,54 @@ def check_halo_conv(rng):
     print("halo conv == global causal conv for k in (1, 2, 4, 5), n in (2, 4, 8)")
 
 
+def check_train_meshes(rng):
+    """Three training steps (tiny PRISM model, the training stack's step) on meshes (8,1,1,1), (2,2,2,1),
+    (1,2,1,4) give the loss, gradient norm and parameters of one device on the same batch. (Adam turns
+    float32 rounding in near-zero gradients into steps of up to the learning rate, hence the params
+    tolerance.)"""
+    from train import config_lib, loop, optim  # noqa: PLC0415
+    from train import mesh as mesh_lib  # noqa: PLC0415
+
+    config = config_lib.tiny_config()
+    config.model.num_layers, config.model.chunk_size = 1, 8
+    config.data.seq_len, config.batch_size, config.grad_accum_steps = 32, 8, 1
+    T, rows = config.data.seq_len, config.batch_size
+    seg = np.sort(rng.integers(1, 4, (1, rows, T)), axis=-1).astype(np.int32)
+    host = {"tokens": rng.integers(1, config.model.vocab_size, (1, rows, T)).astype(np.int32),
+            "segment_ids": seg,
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, rows, T)).copy()}
+    results = {}
+    for shape in ((1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)):
+        devices = jax.devices()[:int(np.prod(shape))]
+        mesh = mesh_lib.make_mesh(shape, devices)
+        rules = mesh_lib.logical_axis_rules()
+        model = loop.build_model(config)
+        optimizer = optim.make_optimizer(config)
+        state, shardings = loop.create_train_state(model, optimizer, mesh, rules, jax.random.key(0), T)
+        sharding = mesh_lib.batch_sharding(mesh, leading_dims=1)
+        batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
+        with loop.sharding_context(mesh, rules):
+            step = jax.jit(loop.make_train_step(model, optimizer), in_shardings=(shardings, sharding),
+                           out_shardings=(shardings, None))
+            for _ in range(3):  # the warm-up's first learning rate is 0: step 3 sees two updates
+                state, metrics = step(state, batch)
+        results[shape] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                          jax.tree.map(np.asarray, state.params))
+    loss0, norm0, params0 = results[(1, 1, 1, 1)]
+    for shape, (loss, norm, params) in results.items():
+        assert abs(loss - loss0) < 1e-5 * max(1.0, abs(loss0)), (shape, loss, loss0)
+        assert abs(norm - norm0) < 1e-4 * max(1.0, norm0), (shape, norm, norm0)
+        err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, params0)))
+        assert err < 1e-3, (shape, err)  # the two updates move params by up to 3e-4
+        print(f"train step on mesh {shape}: loss {loss:.6f} (one device {loss0:.6f}), params max diff {err:.1e}")
+
+
 CHECKS = {
     "single_device": check_matches_single_device,
     "float64": check_float64_reference,
     "batch_axis": check_batch_axis,
     "halo": check_halo_conv,
+    "train_meshes": check_train_meshes,
 }
 
 if __name__ == "__main__":

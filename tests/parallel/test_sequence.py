@@ -47,6 +47,13 @@ def test_batch_and_sequence_mesh_and_bf16():
     assert "2x2x2 mesh" in run_check("batch_axis")
 
 
+@pytest.mark.slow
+def test_train_step_same_loss_on_meshes():
+    out = run_check("train_meshes")
+    for shape in ("(8, 1, 1, 1)", "(2, 2, 2, 1)", "(1, 2, 1, 4)"):
+        assert f"mesh {shape}" in out, out
+
+
 def _args(T=36, B=2, H=2, L=1, K=4, V=4):
     z = lambda *s: jnp.zeros(s, jnp.float32)
     return z(B, T, H, K), z(B, T, H, L, K), z(B, T, H, L, V), z(B, T, H, L), z(B, T, H)
