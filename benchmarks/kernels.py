@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/kernels.py [--out DIR] [--lengths 2048,8192,32768] [--sweep]
     PYTHONPATH=. python benchmarks/kernels.py --fla      # flash-linear-attention GDN forward (torch)
+    --check_grads adds the largest relative gradient error of `pallas` against the float32 chunk form.
 
 Shapes: B * T = 32768 tokens, H = 16, K = V = 128, bf16 inputs. Rows: our `pallas` at L = 1, 2, 3,
 our XLA `chunk` form (L = 2), jax-linear-attention 0.1.0's Gated DeltaNet (Mosaic GPU) when it is
@@ -112,6 +113,21 @@ def reference_fwd():
     return ref
 
 
+def reference_fwd_bwd():
+    from prism_jax.ops import prism_recurrence
+
+    @jax.jit
+    def ref(args, do):
+        def fwd(q, k, v, beta, g):
+            with jax.default_matmul_precision("highest"):
+                return prism_recurrence(q, k, v, beta, g, impl="chunk")[0]
+
+        up = [x.astype(jnp.float32) for x in args]
+        return jax.vjp(fwd, *up)[1](do.astype(jnp.float32))
+
+    return ref
+
+
 def matmul_tflops(reps):
     a = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(2), (8192, 8192), jnp.bfloat16)
@@ -152,6 +168,8 @@ def main():
     ap.add_argument("--no_bwd", action="store_true")
     ap.add_argument("--skip", default="", help="rows to leave out, e.g. chunk@2048,jla_gdn@2048")
     ap.add_argument("--fla", action="store_true")
+    ap.add_argument("--check_grads", action="store_true",
+                    help="also compare pallas gradients with the float32 chunk form at each shape")
     args = ap.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
     if args.fla:
@@ -219,6 +237,9 @@ def main():
                     row["vs_jla_gdn"] = rel(f(*xs), gdn_fns()[0](*xs))
                 if not args.no_bwd:
                     fb_ms = timed(fb, xs, do, reps=args.reps)
+                    if name == "pallas" and args.check_grads:
+                        grads, grads_ref = fb(xs, do), reference_fwd_bwd()(xs, do)
+                        row["grad_rel_err"] = max(rel(a, b) for a, b in zip(grads, grads_ref))
                     row.update(fwd_bwd_ms=fb_ms, fwd_bwd_tflops=3 * fwd_flops(T, B, L) / (fb_ms * 1e-3) / 1e12,
                                fwd_bwd_mem_gib=footprint_gib(fb, xs, do))
                 record(**row)

@@ -94,12 +94,13 @@ def _core_bwd(opts, res, cot):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=64, segment_ids=None,
+def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", platform=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
     initial_state [B, H, K, V] or None, segment_ids [B, T] int or None.
+    chunk_size: 32 was fastest on an H200 for bf16, K = V = 128 (docs/benchmarks.md).
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
     num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);

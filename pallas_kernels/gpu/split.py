@@ -90,7 +90,9 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 1)
+        if num_warps is None:  # H200 sweep (docs/benchmarks.md): 8 warps at chunk 32, 4 at chunk 64
+            num_warps = 8 if chunk_size <= 32 else 4
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
     p, qe = call(
