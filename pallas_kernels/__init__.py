@@ -23,6 +23,7 @@ from pallas_kernels.common import Prepared, matmul_dtype, prepare
 __all__ = ["prism_pallas", "check_blocks"]
 
 _SIZES = (16, 32, 64, 128, 256)
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def _platform(platform):
@@ -113,6 +114,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
+    for name, arr in dict(q=q, k=k, v=v, beta=beta, g=g).items():
+        if arr.dtype not in _DTYPES:
+            raise ValueError(f"prism_pallas: `{name}` has dtype {arr.dtype}, expected one of "
+                             "bfloat16, float16, float32 (float64: use impl='reference' or 'chunk')")
     if platform in ("cuda", "rocm"):
         platform = "gpu"
     x = prepare(q, k, v, beta, g, initial_state, segment_ids, chunk_size)

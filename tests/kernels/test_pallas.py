@@ -160,6 +160,7 @@ def test_bf16_inputs_forward_and_gradients_within_tolerance():
     (dict(kernel="triton"), "`kernel`"),
     (dict(K=128, V=128, chunk_size=64, platform="gpu"), "`chunk_size`"),  # f32 tiles over smem
     (dict(platform="metal"), "impl='chunk'"),
+    (dict(float64=True), "`q` has dtype float64"),
 ])
 def test_unsupported_shapes_raise_named_errors(change, match):
     K, V = change.get("K", 16), change.get("V", 16)
@@ -167,6 +168,8 @@ def test_unsupported_shapes_raise_named_errors(change, match):
     if change.get("bad_g"):
         g = g[..., None]
     seg = jnp.zeros((1, 7), jnp.int32) if change.get("bad_segments") else None
+    if change.get("float64"):
+        q = np.asarray(q, np.float64)  # a NumPy array keeps float64 without enabling x64
     with pytest.raises(ValueError, match=match):
         prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=change.get("chunk_size", 16),
                      block_v=change.get("block_v"), segment_ids=seg,
