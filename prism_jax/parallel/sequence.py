@@ -211,3 +211,34 @@ def sequence_parallel_prism(q, k, v, beta, g, *, mesh=None, axis: str = "sequenc
 
     o, final = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=(seq, rows))(*args)
     return o, (final if output_final_state else None)
+
+
+def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("data", "fsdp"),
+                             head_axes=("tensor",), impl="chunk", **kwargs):
+    """Drop-in for `prism_recurrence` inside a model jitted under `jax.set_mesh(mesh)`.
+
+    When the ambient mesh has `axis` of size > 1, runs `sequence_parallel_prism` with B split over
+    those of `batch_axes` present in the mesh (size > 1) and H over `head_axes` when they divide H;
+    otherwise (no mesh, or sequence size 1) calls `prism_recurrence(..., impl=impl)` unchanged.
+    The rest of a block (projections, norms, the causal ShortConv) needs no change: under `jit` the
+    auto-partitioner exchanges the conv's halo itself; only the recurrence needs this explicit form.
+    """
+    from prism_jax.ops import prism_recurrence  # noqa: PLC0415
+
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    if sizes.get(axis, 1) == 1:
+        return prism_recurrence(q, k, v, beta, g, impl=impl, **kwargs)
+    B, H = q.shape[0], q.shape[2]
+    used = [a for a in batch_axes if sizes.get(a, 1) > 1]
+    n = 1
+    for a in used:
+        n *= sizes[a]
+    batch = tuple(used) if used and B % n == 0 else None
+    heads = tuple(a for a in head_axes if sizes.get(a, 1) > 1)
+    m = 1
+    for a in heads:
+        m *= sizes[a]
+    heads = heads if heads and H % m == 0 else None
+    return sequence_parallel_prism(q, k, v, beta, g, mesh=mesh, axis=axis, batch_axis=batch,
+                                   head_axis=heads, **kwargs)

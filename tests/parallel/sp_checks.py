@@ -20,7 +20,8 @@ from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 from prism_jax.ops import prism_recurrence  # noqa: E402
 from prism_jax.ops.prism.reference import prism_reference  # noqa: E402
-from prism_jax.parallel import sequence_parallel_prism, short_conv_halo  # noqa: E402
+from prism_jax.parallel import (prism_recurrence_sharded, sequence_parallel_prism,  # noqa: E402
+                                short_conv_halo)
 
 B, T, H, L, K, V = 2, 40, 2, 2, 8, 6  # T = 8 * 5: odd slice length on 8 devices
 CHUNK = 4  # several chunks per slice, and a padded last chunk
@@ -140,6 +141,21 @@ def check_batch_axis(rng):
     assert ob.dtype == jnp.bfloat16 and fb.dtype == jnp.float32, (ob.dtype, fb.dtype)
     assert_close("2x2x2 mesh bf16 o", ob, ro, 5e-2)
     print("2x2x2 mesh (data, tensor, sequence) from jax.set_mesh: matches the reference; bf16 in, bf16 o")
+
+    # The layer-facing drop-in: the training mesh (data, fsdp, tensor, sequence) = (1, 2, 1, 4).
+    cot = cotangents(rng, jnp.float32)
+    single = lambda *a, **kw: prism_recurrence(*a, output_final_state=True, chunk_size=CHUNK, **kw)
+    want = outputs_and_grads(single, x, cot)
+    train_mesh = jax.make_mesh((1, 2, 1, 4), ("data", "fsdp", "tensor", "sequence"),
+                               axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    drop_in = lambda *a, **kw: prism_recurrence_sharded(*a, output_final_state=True, chunk_size=CHUNK, **kw)
+    with jax.set_mesh(train_mesh):
+        got = outputs_and_grads(drop_in, x, cot)
+    compare("prism_recurrence_sharded on mesh (1, 2, 1, 4) vs single device", got, want, 2e-5)
+    with jax.set_mesh(train_mesh):
+        jaxpr = str(jax.make_jaxpr(lambda *a: drop_in(*a, initial_state=x["initial_state"],
+                                                      segment_ids=x["segment_ids"]))(*args))
+    assert "shard_map" in jaxpr and "all_gather" in jaxpr, "the sequence-parallel path was not taken"
 
 
 def causal_depthwise_conv(x, w):

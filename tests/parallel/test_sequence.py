@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from prism_jax.parallel import check_sequence_mesh, sequence_parallel_prism, short_conv_halo
+from prism_jax.ops import prism_recurrence
+from prism_jax.parallel import (check_sequence_mesh, prism_recurrence_sharded, sequence_parallel_prism,
+                                short_conv_halo)
 
 CHECKS = Path(__file__).with_name("sp_checks.py")
 
@@ -98,3 +100,17 @@ def test_halo_single_device_is_causal_padding():
     f = jax.shard_map(lambda x: short_conv_halo(x, 3, "sequence"), mesh=mesh,
                       in_specs=P(None, "sequence"), out_specs=P(None, "sequence"))
     np.testing.assert_array_equal(f(x), jnp.pad(x, ((0, 0), (2, 0), (0, 0))))
+
+
+def test_sharded_drop_in_without_sequence_axis_is_prism_recurrence():
+    """No mesh, or a mesh whose sequence axis has size 1: exactly the single-device op."""
+    rng = np.random.default_rng()
+    q, k, v, beta, g = (jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in _args(T=12))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta, g = jax.nn.sigmoid(beta), -jnp.abs(g)
+    want, _ = prism_recurrence(q, k, v, beta, g, chunk_size=4)
+    got, _ = prism_recurrence_sharded(q, k, v, beta, g, chunk_size=4)
+    np.testing.assert_array_equal(got, want)
+    with jax.set_mesh(jax.make_mesh((1,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))):
+        got, _ = prism_recurrence_sharded(q, k, v, beta, g, chunk_size=4)
+    np.testing.assert_array_equal(got, want)
