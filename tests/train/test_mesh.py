@@ -18,8 +18,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def run_check(kind, tmp_path):
     out = tmp_path / f"{kind}.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(HERE / "mesh_check.py"), kind, str(out)], env=env,
+    # The subprocess appends the 8-device flag to the suite's XLA_FLAGS (tests/conftest.py).
+    proc = subprocess.run([sys.executable, str(HERE / "mesh_check.py"), kind, str(out)], env=dict(os.environ),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
