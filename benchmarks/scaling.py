@@ -185,7 +185,7 @@ def gb(x):
 
 
 def op_table(args, ndev):
-    lengths = [256, 512] if args.smoke else [65536, 98304, 131072]
+    lengths = [256, 512] if args.smoke else [int(t) for t in args.lengths.split(",")]
     shape = dict(B=1, H=2, L=2, K=16, V=16, chunk=16) if args.smoke else \
         dict(B=1, H=args.heads, L=args.solver_steps, K=128, V=128, chunk=64)
     print(f"\n### (a) PRISM op, forward + backward, B={shape['B']} H={shape['H']} L={shape['L']} "
@@ -232,6 +232,7 @@ def main():
     ap.add_argument("--part", choices=("op", "train", "all"), default="all")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on 8 fake CPU devices")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lengths", default="65536,98304,131072", help="op sequence lengths, comma-separated")
     ap.add_argument("--dtype", default="bfloat16", help="op input dtype (compute is float32)")
     ap.add_argument("--heads", type=int, default=6, help="op heads (130m preset: 6)")
     ap.add_argument("--solver_steps", type=int, default=3)
