@@ -26,8 +26,9 @@ def _prefill_fn(model):
 
 @functools.lru_cache(maxsize=None)
 def _decode_fn(model):
+    donate = () if jax.default_backend() == "cpu" else (2,)  # CPU cannot reuse donated buffers
     return jax.jit(lambda params, token, cache: model.apply(params, token, cache, method=model.decode),
-                   donate_argnums=(2,))
+                   donate_argnums=donate)
 
 
 def prefill(model, params, tokens):
@@ -35,16 +36,16 @@ def prefill(model, params, tokens):
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 1:
         raise ValueError(f"prefill: `tokens` has shape {tokens.shape}, expected [B, T0] with T0 >= 1")
-    if tokens.shape[1] > model.config.max_seq_len:
+    if model.config.mixer == "attention" and tokens.shape[1] > model.config.max_seq_len:
         raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds config.max_seq_len = "
-                         f"{model.config.max_seq_len}")
+                         f"{model.config.max_seq_len} (the attention KV cache length)")
     return _prefill_fn(model)(params, tokens)
 
 
 def decode_step(model, params, token, cache):
     """token [B] int (the next input token) -> (logits [B, vocab] float32, cache advanced by one).
 
-    The input cache is donated (its buffers are reused): keep using the returned one."""
+    On accelerators the input cache is donated (its buffers are reused): keep using the returned one."""
     token = jnp.asarray(token)
     if token.ndim != 1:
         raise ValueError(f"decode_step: `token` has shape {token.shape}, expected [B]")

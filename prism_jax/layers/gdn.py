@@ -9,7 +9,7 @@ Standard Gated DeltaNet parameterisation (Yang et al. 2024):
     y       = OutProj(RMSNorm_head(S^T q) * SiLU(W_gate x))
 
 Gated linear attention ("gla") is the same block without the delta erase: S_t = exp(g_t) S_{t-1} + k_t v_t^T,
-a scalar (per-head) data-dependent decay. The op ties the erase strength to the first write gate, so GLA
+a scalar (per-head) data-dependent decay (`gla_decay=False`: decay fixed to 1, plain linear attention). The op ties the erase strength to the first write gate, so GLA
 passes L = 2 write slots: slot 0 has gate 0 (no erase, no write), slot 1 writes k v^T with gate 1.
 """
 
@@ -52,11 +52,16 @@ class DeltaMixer(nn.Module):
             self.conv = ShortConv(2 * H * K + D, c.conv_kernel_size, "qkv", **kw)
         if self.erase:
             self.b_proj = dense(H, ("embed", "heads"), use_bias=True, **kw)
-        self.a_proj = dense(H, ("embed", "heads"), **kw)
-        pd = DTYPES[c.param_dtype]
-        self.a_log = self.param("a_log", nn.with_logical_partitioning(_a_log_init, ("heads",)), (H,), pd)
-        self.dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init, ("heads",)), (H,), pd)
+        if self._decays:
+            self.a_proj = dense(H, ("embed", "heads"), **kw)
+            pd = DTYPES[c.param_dtype]
+            self.a_log = self.param("a_log", nn.with_logical_partitioning(_a_log_init, ("heads",)), (H,), pd)
+            self.dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init, ("heads",)), (H,), pd)
         self.head = OutputHead(H, D // H, D, c.norm_eps, **kw)
+
+    @property
+    def _decays(self):
+        return self.erase or self.config.gla_decay
 
     def _project(self, x):
         return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
@@ -70,8 +75,11 @@ class DeltaMixer(nn.Module):
         q = l2_normalize(qkv[..., : H * K].reshape(*lead, H, K))
         k = l2_normalize(qkv[..., H * K: 2 * H * K].reshape(*lead, H, K))
         v = qkv[..., 2 * H * K:].reshape(*lead, H, -1)
-        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias.astype(jnp.float32)
-        g = -jnp.exp(self.a_log.astype(jnp.float32)) * jax.nn.softplus(a)
+        if self._decays:
+            a = self.a_proj(x).astype(jnp.float32) + self.dt_bias.astype(jnp.float32)
+            g = -jnp.exp(self.a_log.astype(jnp.float32)) * jax.nn.softplus(a)
+        else:  # plain linear attention: no forgetting
+            g = jnp.zeros((*lead, H), jnp.float32)
         if self.erase:
             beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))[..., None].astype(v.dtype)
             return q, k[..., None, :], v[..., None, :], beta, g

@@ -14,10 +14,10 @@ The next mini-batch starts from (W_t, b_t) of the last token. With mini-batch si
 per-token explicit solver (one online GD step per token). The output goes through the same per-head
 norm, SiLU gate and output projection as the other mixers; q, k, v pass a causal ShortConv.
 
-Forms: the dual form (matmuls inside each mini-batch, `lax.scan` over mini-batches) when no
-segment_ids are given; with segment_ids a token-by-token scan whose mini-batches restart at every
-document start and whose inner weights reset there (so a packed row equals each document alone).
-Decoding uses the same token step; all three agree exactly.
+Forms: the dual form (matmuls inside each mini-batch, `lax.scan` over chunks of one mini-batch) for
+training and prefill; a token-by-token step for decoding (and `_sequential`, the readable reference).
+With segment_ids the mini-batches restart at every document start and the inner weights reset there
+(so a packed row equals each document alone). All forms agree exactly.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class TTTLinearMixer(nn.Module):
         return o, new
 
     def _sequential(self, q, k, v, eta, segment_ids):
-        """Token-by-token form with document resets. Inputs [B, T, H, ...] -> o [B, T, H, Dh]."""
+        """Token-by-token form with document resets (the reference for the dual form).
+        Inputs [B, T, H, ...] -> (o [B, T, H, Dh], inner state after the last token)."""
         B = q.shape[0]
         starts = document_starts(segment_ids)
         pos = positions_in_document(segment_ids)
@@ -131,52 +132,92 @@ class TTTLinearMixer(nn.Module):
             return self._token_step(state, qt, kt, vt, et, pt)[::-1]
 
         xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, eta, starts, pos))
-        _, o = jax.lax.scan(step, init, xs)
-        return jnp.moveaxis(o, 0, 1)
+        final, o = jax.lax.scan(step, init, xs)
+        return jnp.moveaxis(o, 0, 1), final
 
-    def _dual(self, q, k, v, eta):
-        """Mini-batch dual form (no documents). Inputs [B, T, H, ...] -> (o [B, T, H, Dh], state after T)."""
+    def _dual(self, q, k, v, eta, segment_ids=None):
+        """Mini-batch dual form. Inputs [B, T, H, ...]; segment_ids [B, T] or None.
+        Returns (o [B, T, H, Dh], inner state after the last token, in the decode-cache format).
+
+        `lax.scan` over fixed chunks of `ttt_mini_batch` tokens. Mini-batches start at each document's
+        start, so a chunk can hold (a) the tail of the mini-batch open at the chunk start (anchor: the
+        carried weights), (b) first mini-batches of documents that start in the chunk (anchor: the
+        initial weights) and (c) the mini-batch that follows (a) in the same document (anchor: the
+        weights at the end of (a), computed from (a)'s gradients first). Every gradient is taken at its
+        mini-batch's anchor, so the result equals the token-by-token form exactly.
+        """
         B, T, H, Dh = q.shape
         bs = self.config.ttt_mini_batch
-        _, _, ln_scale, ln_bias = self._inner_params()
+        w_init, b_init, ln_scale, ln_bias = self._inner_params()
         n = -(-T // bs)
         pad = n * bs - T
-        # padded tokens get eta = 0: they change no weights and their outputs are dropped
-        to_batches = lambda a: jnp.moveaxis(
+        if segment_ids is None:
+            pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        else:
+            pos = positions_in_document(segment_ids)
+        # padded tokens continue the last document with eta = 0: they change no weights, and the state
+        # is read at the last real token
+        pos = jnp.concatenate([pos, pos[:, -1:] + jnp.arange(1, pad + 1, dtype=jnp.int32)], axis=1)
+        to_chunks = lambda a: jnp.moveaxis(
             jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(B, n, bs, *a.shape[2:]), 1, 0)
-        qb, kb, vb, eb = (to_batches(a) for a in (q, k, v, eta))  # [n, B, bs, H, ...]
-        tau = 1.0 / jnp.arange(1, bs + 1, dtype=jnp.float32)
+        qc, kc, vc, ec = (to_chunks(a) for a in (q, k, v, eta))  # [n, B, bs, H, ...]
+        pc = jnp.moveaxis(pos.reshape(B, n, bs), 1, 0)  # [n, B, bs]
+        starts = jnp.arange(n, dtype=jnp.int32) * bs
+        last = jnp.full((n,), bs - 1, jnp.int32).at[-1].set((T - 1) % bs)
         causal = jnp.tril(jnp.ones((bs, bs), bool))
+        idx = jnp.arange(bs, dtype=jnp.int32)
+
+        def grad_at(z, kk, vv):
+            y, xhat, rstd = _layer_norm(z, ln_scale, ln_bias)
+            dxhat = (y + kk - vv) * ln_scale
+            return rstd * (dxhat - jnp.mean(dxhat, -1, keepdims=True)
+                           - xhat * jnp.mean(dxhat * xhat, -1, keepdims=True))
 
         def step(carry, xs):
-            w, b = carry["w"], carry["b"]  # [B, H, Dh, Dh], [B, H, Dh]
-            qc, kc, vc, ec = xs  # [B, bs, H, Dh] / [B, bs, H]
-            z = jnp.einsum("bshk,bhkv->bshv", kc, w) + b[:, None]
-            y, xhat, rstd = _layer_norm(z, ln_scale, ln_bias)
-            dxhat = (y + kc - vc) * ln_scale
-            grad = rstd * (dxhat - jnp.mean(dxhat, -1, keepdims=True)
-                           - xhat * jnp.mean(dxhat * xhat, -1, keepdims=True))  # [B, bs, H, Dh]
-            eg = ec[..., None] * grad
-            attn = jnp.einsum("bthk,bshk->bhts", qc, kc) + 1.0
-            attn = jnp.where(causal, attn, 0.0) * tau[:, None]
-            zq = jnp.einsum("bthk,bhkv->bthv", qc, w) + b[:, None] - jnp.einsum("bhts,bshv->bthv", attn, eg)
-            o = qc + _layer_norm(zq, ln_scale, ln_bias)[0]
-            gw = jnp.einsum("bshk,bshv->bhkv", kc, eg)
-            gb = jnp.sum(eg, axis=1)
-            new = {"w": w - gw / bs, "b": b - gb / bs, "last_w": w, "last_b": b, "gw": gw, "gb": gb}
+            qq, kk, vv, ee, pp, c0, lst = xs  # [B, bs, H, Dh] x3, [B, bs, H], [B, bs], [], []
+            w0, b0, gw, gb = carry["w"], carry["b"], carry["gw"], carry["gb"]
+            i = pp % bs
+            gstart = c0 + idx - i  # absolute start of each token's mini-batch
+            case_b = (pp < bs) & (gstart >= c0)
+            case_a = ~case_b & (gstart <= c0)
+            case_c = ~case_b & (gstart > c0)
+            sel = lambda m, x, y: jnp.where(m[..., None, None], x, y)
+            z_carry = jnp.einsum("bshk,bhkv->bshv", kk, w0) + b0[:, None]
+            z_init = jnp.einsum("bshk,hkv->bshv", kk, w_init) + b_init
+            eg = ee[..., None] * grad_at(sel(case_b, z_init, z_carry), kk, vv)
+            a_mask = case_a[..., None, None].astype(eg.dtype)
+            w_c = w0 - (gw + jnp.einsum("bshk,bshv->bhkv", kk * a_mask, eg)) / bs
+            b_c = b0 - (gb + jnp.sum(eg * a_mask, axis=1)) / bs
+            z_c = jnp.einsum("bshk,bhkv->bshv", kk, w_c) + b_c[:, None]
+            eg = jnp.where(case_c[..., None, None], ee[..., None] * grad_at(z_c, kk, vv), eg)
+            # outputs: anchor - tau * (open partial sums (case a) + in-chunk same-mini-batch sums)
+            anchor_q = sel(case_b, jnp.einsum("bthk,hkv->bthv", qq, w_init) + b_init,
+                           sel(case_c, jnp.einsum("bthk,bhkv->bthv", qq, w_c) + b_c[:, None],
+                               jnp.einsum("bthk,bhkv->bthv", qq, w0) + b0[:, None]))
+            partial_q = jnp.einsum("bthk,bhkv->bthv", qq, gw) + gb[:, None]
+            same = (gstart[:, :, None] == gstart[:, None, :]) & causal  # [B, t, s]
+            attn = jnp.where(same[:, None], jnp.einsum("bthk,bshk->bhts", qq, kk) + 1.0, 0.0)
+            sums_q = jnp.einsum("bhts,bshv->bthv", attn, eg) + sel(case_a, partial_q, 0.0)
+            tau = 1.0 / (i + 1).astype(jnp.float32)
+            o = qq + _layer_norm(anchor_q - tau[..., None, None] * sums_q, ln_scale, ln_bias)[0]
+            # state after token `lst` (the chunk's last real token)
+            take = lambda a: jnp.take_along_axis(a, jnp.broadcast_to(lst, (B, 1)), axis=1)[:, 0]
+            l_a, l_c, l_i, l_start = take(case_a), take(case_c), take(i), take(gstart)
+            in_group = ((gstart == l_start[:, None]) & (idx <= lst))[..., None, None].astype(eg.dtype)
+            sum_w = jnp.einsum("bshk,bshv->bhkv", kk * in_group, eg) + jnp.where(l_a[:, None, None, None], gw, 0.0)
+            sum_b = jnp.sum(eg * in_group, axis=1) + jnp.where(l_a[:, None, None], gb, 0.0)
+            anchor_w = jnp.where(l_a[:, None, None, None], w0,
+                                 jnp.where(l_c[:, None, None, None], w_c, w_init))
+            anchor_b = jnp.where(l_a[:, None, None], b0, jnp.where(l_c[:, None, None], b_c, b_init))
+            closes = (l_i == bs - 1)
+            new = {"w": jnp.where(closes[:, None, None, None], anchor_w - sum_w / bs, anchor_w),
+                   "b": jnp.where(closes[:, None, None], anchor_b - sum_b / bs, anchor_b),
+                   "gw": jnp.where(closes[:, None, None, None], 0.0, sum_w),
+                   "gb": jnp.where(closes[:, None, None], 0.0, sum_b)}
             return new, o
 
-        init = self.initial_state(B)
-        init = {"w": init["w"], "b": init["b"], "last_w": init["w"], "last_b": init["b"],
-                "gw": init["gw"], "gb": init["gb"]}
-        final, o = jax.lax.scan(step, init, (qb, kb, vb, eb))
-        o = jnp.moveaxis(o, 0, 1).reshape(B, n * bs, H, Dh)[:, :T]
-        if T % bs:  # the last mini-batch is open: keep its start weights and partial sums
-            state = {"w": final["last_w"], "b": final["last_b"], "gw": final["gw"], "gb": final["gb"]}
-        else:
-            state = {"w": final["w"], "b": final["b"], "gw": jnp.zeros_like(final["gw"]),
-                     "gb": jnp.zeros_like(final["gb"])}
-        return o, state
+        final, o = jax.lax.scan(step, self.initial_state(B), (qc, kc, vc, ec, pc, starts, last))
+        return jnp.moveaxis(o, 0, 1).reshape(B, n * bs, H, Dh)[:, :T], final
 
     # -- forward, prefill, decode -------------------------------------------------------------------
     def _sequence(self, x, segment_ids):
@@ -187,10 +228,8 @@ class TTTLinearMixer(nn.Module):
         q, k, v, eta = self._terms(pre, x)
         if self.is_initializing():  # parameter values do not depend on the inner loop: skip it
             o, state = q, None
-        elif segment_ids is None:
-            o, state = self._dual(q, k, v, eta)
         else:
-            o, state = self._sequential(q, k, v, eta, segment_ids), None
+            o, state = self._dual(q, k, v, eta, segment_ids)
         return self.head(o.astype(DTYPES[c.dtype]), x), state, qkv
 
     def __call__(self, x, segment_ids=None, positions=None):

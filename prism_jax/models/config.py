@@ -36,6 +36,7 @@ class PrismLMConfig:
     param_dtype: str = "float32"
     op_impl: str = "chunk"
     chunk_size: int = 64
+    gla_decay: bool = True           # mixer "gla": False fixes the decay to 1 (plain linear attention)
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
     max_seq_len: int = 2048          # attention KV cache length for generation
@@ -57,7 +58,7 @@ class PrismLMConfig:
             fail("mixer", f"one of {MIXERS}")
         if self.solver_nonlinearity not in NONLINEARITIES:
             fail("solver_nonlinearity", f"one of {NONLINEARITIES}")
-        for name in ("use_short_conv", "use_gain", "tie_embeddings"):
+        for name in ("use_short_conv", "use_gain", "tie_embeddings", "gla_decay"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
         if self.solver_rank is not None and (isinstance(self.solver_rank, bool)

@@ -192,6 +192,10 @@ def test_delta_mixer_terms(erase):
         assert k.shape[-2] == 2 and "b_proj" not in params["params"]
         np.testing.assert_array_equal(np.asarray(beta[..., 0]), 0.0)
         np.testing.assert_array_equal(np.asarray(beta[..., 1]), 1.0)
+        plain = DeltaMixer(dataclasses.replace(BASE, gla_decay=False), erase=False)
+        plain_params = _params(plain, x)
+        assert "a_log" not in plain_params["params"] and "a_proj" not in plain_params["params"]
+        np.testing.assert_array_equal(np.asarray(plain.apply(plain_params, qkv, x, method=plain.op_terms)[4]), 0.0)
 
 
 # -- TTT-Linear -----------------------------------------------------------------------------------------
@@ -237,9 +241,9 @@ def test_ttt_dual_and_sequential_forms_match_float64_reference():
     ks = jax.random.split(jax.random.key(12), 4)
     q, k, v = (jax.random.normal(kk, (B, T, H, Dh)) for kk in ks[:3])
     eta = jax.random.uniform(ks[3], (B, T, H), minval=0.0, maxval=0.2)
-    dual, _ = mixer.apply(params, q, k, v, eta, method=mixer._dual)
     seg = np.array([[0] * T, [0, 0, 0, 0, 1, 2, 2, 2]], np.int32)
-    seq = mixer.apply(params, q, k, v, eta, jnp.asarray(seg), method=mixer._sequential)
+    dual, _ = mixer.apply(params, q, k, v, eta, jnp.asarray(seg), method=mixer._dual)
+    seq, _ = mixer.apply(params, q, k, v, eta, jnp.asarray(seg), method=mixer._sequential)
     with jax.enable_x64(True):
         f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
         args = [f64(p[n]) for n in ("w0", "b0", "ln_scale", "ln_bias")]
@@ -249,5 +253,27 @@ def test_ttt_dual_and_sequential_forms_match_float64_reference():
                 idx = np.where(seg[b] == s)[0]
                 ref[idx] = _ttt_reference(*(f64(a[b, idx]) for a in (q, k, v, eta)), *args, config.ttt_mini_batch)
             np.testing.assert_allclose(np.asarray(seq[b]), ref, rtol=1e-4, atol=1e-4)
-            if b == 0:
-                np.testing.assert_allclose(np.asarray(dual[b]), ref, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.asarray(dual[b]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ttt_dual_form_with_random_packings_matches_token_steps():
+    """Chunk-parallel dual form == token-by-token form (outputs and the final inner state) for random
+    packings, mini-batch sizes that do and do not divide the documents, and length-1 documents."""
+    rng = np.random.default_rng(5)
+    B, T, H, Dh = 3, 13, BASE.num_heads, BASE.d_model // BASE.num_heads
+    for mini_batch in (1, 4):
+        config = dataclasses.replace(BASE, ttt_mini_batch=mini_batch)
+        mixer = TTTLinearMixer(config)
+        params = _params(mixer, jnp.zeros((1, 2, config.d_model)))
+        ks = jax.random.split(jax.random.key(mini_batch), 4)
+        q, k, v = (jax.random.normal(kk, (B, T, H, Dh)) for kk in ks[:3])
+        eta = jax.random.uniform(ks[3], (B, T, H), minval=0.0, maxval=0.3)
+        seg = _random_segments(rng, B, T)
+        seg[2] = 0  # one row, one document
+        seg[1, -1] = 99  # a length-1 document at the last position
+        dual, final = mixer.apply(params, q, k, v, eta, jnp.asarray(seg), method=mixer._dual)
+        seq, seq_final = mixer.apply(params, q, k, v, eta, jnp.asarray(seg), method=mixer._sequential)
+        np.testing.assert_allclose(np.asarray(dual), np.asarray(seq), rtol=1e-4, atol=1e-5)
+        # the final state (decode cache: open mini-batch anchor and sums) equals the token steps' state
+        for name in ("w", "b", "gw", "gb"):
+            np.testing.assert_allclose(np.asarray(final[name]), np.asarray(seq_final[name]), rtol=1e-4, atol=1e-5)
