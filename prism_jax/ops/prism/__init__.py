@@ -63,7 +63,7 @@ def check_inputs(q, k, v, beta, g, initial_state=None, segment_ids=None):
 
 
 def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output_final_state=False,
-                     impl="chunk", chunk_size=64, inter_chunk="scan", segment_ids=None):
+                     impl="chunk", chunk_size=None, inter_chunk="scan", segment_ids=None):
     """Exact PRISM recurrence over a sequence. With L = 1 this is Gated DeltaNet; with beta = 0 it is
     gated linear attention.
 
@@ -77,7 +77,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
       initial_state: [B, H, K, V] or None (zeros).
       output_final_state: also return the state after the last token.
       impl: "reference" | "scan" | "chunk" | "pallas".
-      chunk_size: chunk length for "chunk" and "pallas", a positive power of two.
+      chunk_size: chunk length for "chunk" and "pallas", a positive power of two; None picks the form's
+        default (64 for "chunk"; the kernels' tuned default for "pallas").
       inter_chunk: "scan" (sequential over chunks) or "associative" (log-depth), for "chunk".
       segment_ids: [B, T] int or None; where it changes between t-1 and t the state is reset to zero
         before token t (packed documents).
@@ -88,7 +89,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
     if impl not in IMPLS:
         raise ValueError(f"prism_recurrence: `impl` is {impl!r}, expected one of {IMPLS}")
-    if not (isinstance(chunk_size, int) and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0):
+    power_of_two = isinstance(chunk_size, int) and chunk_size > 0 and chunk_size & (chunk_size - 1) == 0
+    if chunk_size is not None and not power_of_two:
         raise ValueError(
             f"prism_recurrence: `chunk_size` is {chunk_size!r}, expected a positive power of two")
     if inter_chunk not in INTER_CHUNK:
@@ -99,8 +101,9 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     if impl == "pallas":
         from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
 
+        sizes = {} if chunk_size is None else {"chunk_size": chunk_size}
         o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                chunk_size=chunk_size, segment_ids=segment_ids)
+                                segment_ids=segment_ids, **sizes)
         return o.astype(out_dtype), (final if output_final_state else None)
     # float32 at least (bf16 inputs accumulate in fp32); float64 inputs stay float64 (tests).
     cdt = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
@@ -112,5 +115,5 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     elif impl == "scan":
         o, final = prism_scan(q, k, v, beta, g, **kw)
     else:
-        o, final = prism_chunk(q, k, v, beta, g, chunk_size=chunk_size, inter_chunk=inter_chunk, **kw)
+        o, final = prism_chunk(q, k, v, beta, g, chunk_size=chunk_size or 64, inter_chunk=inter_chunk, **kw)
     return o.astype(out_dtype), (final if output_final_state else None)
