@@ -200,8 +200,13 @@ def check_train_meshes(rng):
     host = {"tokens": rng.integers(1, config.model.vocab_size, (1, rows, T)).astype(np.int32),
             "segment_ids": seg,
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, rows, T)).copy()}
+    import prism_jax.layers.prism as prism_layer  # noqa: PLC0415
+
     results = {}
-    for shape in ((1, 1, 1, 1), (8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4)):
+    runs = [((1, 1, 1, 1), False), ((8, 1, 1, 1), False), ((2, 2, 2, 1), False), ((1, 2, 1, 4), False),
+            ((1, 2, 1, 4), True)]  # last: the layer calls prism_recurrence_sharded (explicit form)
+    for shape, explicit in runs:
+        prism_layer.prism_recurrence = prism_recurrence_sharded if explicit else prism_recurrence
         devices = jax.devices()[:int(np.prod(shape))]
         mesh = mesh_lib.make_mesh(shape, devices)
         rules = mesh_lib.logical_axis_rules()
@@ -215,15 +220,17 @@ def check_train_meshes(rng):
                            out_shardings=(shardings, None))
             for _ in range(3):  # the warm-up's first learning rate is 0: step 3 sees two updates
                 state, metrics = step(state, batch)
-        results[shape] = (float(metrics["loss"]), float(metrics["grad_norm"]),
-                          jax.tree.map(np.asarray, state.params))
-    loss0, norm0, params0 = results[(1, 1, 1, 1)]
-    for shape, (loss, norm, params) in results.items():
+        results[(shape, explicit)] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                                      jax.tree.map(np.asarray, state.params))
+    prism_layer.prism_recurrence = prism_recurrence
+    loss0, norm0, params0 = results[((1, 1, 1, 1), False)]
+    for (shape, explicit), (loss, norm, params) in results.items():
         assert abs(loss - loss0) < 1e-5 * max(1.0, abs(loss0)), (shape, loss, loss0)
         assert abs(norm - norm0) < 1e-4 * max(1.0, norm0), (shape, norm, norm0)
         err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, params0)))
         assert err < 1e-3, (shape, err)  # the two updates move params by up to 3e-4
-        print(f"train step on mesh {shape}: loss {loss:.6f} (one device {loss0:.6f}), params max diff {err:.1e}")
+        how = ", sequence-parallel op in the layer" if explicit else ""
+        print(f"train step on mesh {shape}{how}: loss {loss:.6f} (one device {loss0:.6f}), params max diff {err:.1e}")
 
 
 CHECKS = {

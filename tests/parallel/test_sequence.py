@@ -52,7 +52,7 @@ def test_batch_and_sequence_mesh_and_bf16():
 @pytest.mark.slow
 def test_train_step_same_loss_on_meshes():
     out = run_check("train_meshes")
-    for shape in ("(8, 1, 1, 1)", "(2, 2, 2, 1)", "(1, 2, 1, 4)"):
+    for shape in ("(8, 1, 1, 1)", "(2, 2, 2, 1)", "(1, 2, 1, 4)", "(1, 2, 1, 4), sequence-parallel op"):
         assert f"mesh {shape}" in out, out
 
 
