@@ -37,8 +37,9 @@ def main(argv=None) -> dict:
     cfg, out = parse_args(argv)
     cfg.validate()
 
-    def progress(step, loss):
-        print(f"[{cfg.task}/{cfg.model}/s{cfg.seed}] step {step:6d}  loss {loss:.4f}", file=sys.stderr, flush=True)
+    def progress(step, losses):
+        print(f"[{cfg.task}/{cfg.model}/s{cfg.seed}] step {step:6d}  loss {losses[0]:.4f}", file=sys.stderr,
+              flush=True)
 
     result = train_and_evaluate(cfg, progress=progress)
     print(f"{cfg.task} {cfg.model} seed={cfg.seed} steps={cfg.steps}: eval accuracy "

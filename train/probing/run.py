@@ -141,8 +141,11 @@ def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps)
     return tx, jax.jit(jax.vmap(one_train_step)), jax.jit(jax.vmap(one_eval_step))
 
 
-def _stack(trees):
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model):
+    """jit(vmap(init)): keys [R, 2], tokens [R, B, T] -> params with a leading run axis. Jitted because
+    an eager init of the chunked recurrence dispatches hundreds of small ops."""
+    return jax.jit(jax.vmap(lambda key, tokens: model.init(key, tokens)["params"]))
 
 
 def _run_batches(cfgs, rngs, batch_size):
@@ -183,8 +186,8 @@ def train_and_evaluate_many(cfgs, *, model=None, progress=None) -> list[dict]:
     train_rngs = [np.random.default_rng(c.seed) for c in cfgs]
     eval_rngs = [np.random.default_rng(c.seed + EVAL_SEED_OFFSET) for c in cfgs]
     batch = _run_batches(cfgs, train_rngs, cfg.batch_size)
-    params = _stack([model.init(jax.random.PRNGKey(c.seed), jnp.asarray(batch["tokens"][i]))["params"]
-                     for i, c in enumerate(cfgs)])
+    keys = jnp.stack([jax.random.PRNGKey(c.seed) for c in cfgs])
+    params = _compiled_init(model)(keys, jnp.asarray(batch["tokens"]))
     num_params = int(sum(np.prod(p.shape[1:]) for p in jax.tree_util.tree_leaves(params)))
 
     tx, train_step, eval_step = _compiled_steps(model, cfg.learning_rate, cfg.weight_decay, cfg.clip_norm,
