@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from prism_jax.layers import MIXER_CLASSES, RMSNorm, SwiGLU, positions_in_document
-from prism_jax.layers.common import DTYPES, dense
+from prism_jax.layers.common import DTYPES, check_segment_ids, dense
 from prism_jax.models.config import PrismLMConfig
 
 
@@ -84,9 +83,7 @@ class PrismLM(nn.Module):
     def __call__(self, tokens, segment_ids=None, positions=None):
         self._check_tokens(tokens, 2)
         B, T = tokens.shape
-        if segment_ids is not None:
-            from prism_jax.layers.common import check_segment_ids
-            check_segment_ids(segment_ids, (B, T), "PrismLM")
+        check_segment_ids(segment_ids, (B, T), "PrismLM")
         if positions is None:
             positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if segment_ids is None
                          else positions_in_document(segment_ids))

@@ -26,7 +26,7 @@ def _xent(logits, targets):
 
 
 @functools.lru_cache(maxsize=None)
-def _overfit_losses(mixer, steps=80):
+def _overfit_losses(mixer, steps=40):
     """Adam on one fixed batch [2, 16]; returns the loss curve. The reference op compiles fastest."""
     config = dataclasses.replace(TINY, mixer=mixer, op_impl="reference")
     model = PrismLM(config)
@@ -97,7 +97,7 @@ def _packed_vs_alone(mixer):
         ref = PrismLM(dataclasses.replace(config, op_impl="reference"))
         g_packed = jax.grad(lambda p: jnp.sum(ref.apply(p, tokens, seg)[b, s:s + n] ** 2))(params)
         g_alone = jax.grad(lambda p: jnp.sum(ref.apply(p, alone_tokens)[i, :n] ** 2))(params)
-        return packed, alone, g_packed, g_alone, model.apply(params, tokens)
+        return packed, alone, g_packed, g_alone, ref.apply(params, tokens)
 
     out = jax.device_get(run(model.init(jax.random.key(3), tokens[:, :1])))
     return docs, out
