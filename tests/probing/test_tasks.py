@@ -54,7 +54,7 @@ def test_oracle_catches_a_wrong_answer():
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_chance_level_matches_best_constant_answer(task):
-    batch = make_batch(task, 11, 4000)
+    batch = make_batch(task, 11, 2500)
     answers = batch["targets"][batch["mask"]]
     best_constant = collections.Counter(answers.tolist()).most_common(1)[0][1] / answers.size
     chance = chance_level(task)

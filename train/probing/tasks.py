@@ -363,7 +363,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("local_xor", "logic", gen_local_xor, oracle_local_xor, lambda lay: 0.5, 8),
     Task("modulo_add", "structure", gen_modulo_add, oracle_modulo_add, lambda lay: 1 / MODULUS, 8),
     Task("palindrome", "structure", gen_palindrome, oracle_palindrome, lambda lay: 0.5, 8),
-    Task("mux", "structure", gen_mux, oracle_mux, lambda lay: 1 / lay.num_values, 8),
+    Task("mux", "control", gen_mux, oracle_mux, lambda lay: 1 / lay.num_values, 8),
     Task("silence_gate", "control", gen_silence_gate, oracle_silence_gate, lambda lay: 0.5, 8),
 )}
 TASK_NAMES = tuple(TASKS)
