@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -32,6 +33,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out-dir", default="docs/results/probing")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-start-after", default=None, metavar="HH:MM",
+                        help="do not start another (model, seed) after this UTC wall-clock time")
     defaults = ProbeConfig()
     skip = {"task", "model", "seed"}
     for field in dataclasses.fields(ProbeConfig):
@@ -42,11 +45,16 @@ def main(argv=None):
     models, tasks = args.pop("models").split(","), args.pop("tasks").split(",")
     seeds = [int(s) for s in args.pop("seeds").split(",")]
     out_dir, overwrite = args.pop("out_dir"), args.pop("overwrite")
+    no_start_after = args.pop("no_start_after")
     os.makedirs(out_dir, exist_ok=True)
     for model in models:
         for seed in seeds:
             todo = [t for t in tasks if overwrite or not os.path.exists(result_path(out_dir, t, model, seed))]
             if not todo:
+                continue
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
+            if no_start_after and now >= no_start_after:
+                print(f"== {model} seed {seed}: not started ({now} UTC is past --no-start-after)", flush=True)
                 continue
             cfgs = [ProbeConfig(task=t, model=model, seed=seed, **args) for t in todo]
             t0 = time.time()

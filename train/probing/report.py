@@ -86,7 +86,10 @@ def plot(results, path, models=MODELS):
     ax.set_xticks(x, [PAPER_LABELS[t] for t in TASK_NAMES], rotation=20)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("held-out accuracy (answer positions)")
-    ax.set_title("Mechanistic probing (D=16, V=64, T=128, 2 layers); dotted: chance")
+    cfg = next(iter(results.values()))[0].get("probe_config", {})
+    ax.set_title(f"Mechanistic probing (D={cfg.get('d_model', '?')}, V={cfg.get('vocab', '?')}, "
+                 f"T={cfg.get('seq_len', '?')}, {cfg.get('num_layers', '?')} layers, {cfg.get('steps', '?')} steps); "
+                 "dotted: chance")
     ax.legend(ncol=len(models), fontsize=8, loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
