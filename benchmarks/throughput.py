@@ -210,11 +210,20 @@ def main(argv=None):
                 with cudnn_causal_attention(args.attention == "cudnn" and name == "attention"):
                     r = measure(name, seq_len, args)
             except Exception as e:  # noqa: BLE001 - one failing point (OOM, kernel) must not end the run
+                retry = None
                 if args.op_impl == "pallas" and MODELS[name].get("mixer") in ("prism", "gdn"):
-                    print(f"{name} T={seq_len}: pallas failed ({type(e).__name__}), retrying with chunk",
+                    retry = "op_impl=chunk"
+                elif args.attention == "cudnn" and name == "attention":
+                    retry = "attention=layer"
+                if retry:
+                    print(f"{name} T={seq_len}: failed ({type(e).__name__}: {str(e)[:200]}), retrying with {retry}",
                           flush=True)
                     try:
-                        r = measure(name, seq_len, argparse.Namespace(**{**vars(args), "op_impl": "chunk"}))
+                        if retry == "op_impl=chunk":
+                            r = measure(name, seq_len, argparse.Namespace(**{**vars(args), "op_impl": "chunk"}))
+                        else:
+                            r = measure(name, seq_len, args)
+                        r["fallback"] = retry
                     except Exception as e2:  # noqa: BLE001
                         r = dict(model=name, seq_len=seq_len, error=f"{type(e2).__name__}: {e2}"[:300])
                 else:
@@ -226,7 +235,8 @@ def main(argv=None):
             else:
                 print(f"{name:10s} T={seq_len:6d}  B={r['batch']:4d}  {fmt_rate(r['tokens_per_s']):>9s} tok/s  "
                       f"step {r['step_s'] * 1e3:8.1f} ms  compile {r['compile_s']:6.1f} s  "
-                      f"{r['num_params'] / 1e6:.1f}M params  ({r['op_impl']})", flush=True)
+                      f"{r['num_params'] / 1e6:.1f}M params  ({r['op_impl']}{', ' + r['fallback'] if 'fallback' in r else ''})",
+                      flush=True)
             if args.out:
                 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
                 with open(args.out, "w") as f:
