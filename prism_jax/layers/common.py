@@ -148,13 +148,15 @@ class OutputHead(nn.Module):
 
 def run_recurrence(module, config, q, k, v, beta, g, segment_ids, want_state):
     """prism_recurrence with the config's impl and chunk size. During `init` the recurrence is skipped
-    (zeros of the right shape): parameter values never depend on it and init then compiles fast."""
-    from prism_jax.ops import prism_recurrence
+    (zeros of the right shape): parameter values never depend on it and init then compiles fast.
+    Under an ambient mesh (`jax.set_mesh`) whose `sequence` axis is > 1 the sequence-parallel form runs
+    (`prism_jax.parallel.prism_recurrence_sharded`); otherwise this is plain `prism_recurrence`."""
+    from prism_jax.parallel import prism_recurrence_sharded
 
     if module.is_initializing():
         B, T, H, K = q.shape
         V = v.shape[-1]
         state = jnp.zeros((B, H, K, V), jnp.float32) if want_state else None
         return jnp.zeros((B, T, H, V), v.dtype), state
-    return prism_recurrence(q, k, v, beta, g, impl=config.op_impl, chunk_size=config.chunk_size,
-                            segment_ids=segment_ids, output_final_state=want_state)
+    return prism_recurrence_sharded(q, k, v, beta, g, impl=config.op_impl, chunk_size=config.chunk_size,
+                                    segment_ids=segment_ids, output_final_state=want_state)
