@@ -88,10 +88,9 @@ def _packed_vs_alone(mixer):
     def run(params):
         packed = model.apply(params, tokens, seg)
         alone = model.apply(params, alone_tokens)
-        if mixer != "prism":
-            return packed, alone, None, None, None
-        # gradients: a loss on one packed document vs the same loss on the document alone (through the
-        # reference op, which compiles fastest; the op's own segment gradients are tested in tests/ops)
+        # gradients: a loss on one packed document vs the same loss on the document alone (recurrent
+        # mixers through the reference op, which compiles fastest; the op's own segment gradients are
+        # tested in tests/ops)
         i = 1
         b, s, n = docs[i]
         ref = PrismLM(dataclasses.replace(config, op_impl="reference"))
@@ -109,13 +108,12 @@ def test_packed_row_equals_each_document_alone(mixer):
     for (b, s, n), logits in zip(docs, alone):
         np.testing.assert_allclose(packed[b, s:s + n], logits[:n], rtol=1e-4, atol=1e-5,
                                    err_msg=f"{mixer}: document at row {b}, start {s}, length {n}")
-    if g_packed is not None:
-        for gp, ga in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_alone)):
-            np.testing.assert_allclose(gp, ga, rtol=1e-4, atol=1e-5)
-        assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_packed)) > 0
-        # the test can fail: without segment_ids a later document sees the earlier ones
-        b, s, n = docs[2]
-        assert np.abs(plain[b, s:s + n] - alone[2][:n]).max() > 1e-3
+    for gp, ga in zip(jax.tree.leaves(g_packed), jax.tree.leaves(g_alone)):
+        np.testing.assert_allclose(gp, ga, rtol=1e-4, atol=1e-5, err_msg=f"{mixer}: gradients")
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g_packed)) > 0
+    # the test can fail: without segment_ids a later document sees the earlier ones
+    b, s, n = docs[2]
+    assert np.abs(plain[b, s:s + n] - alone[2][:n]).max() > 1e-3
 
 
 def test_bad_segment_ids_and_tokens_raise_named_errors():
