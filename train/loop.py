@@ -166,7 +166,8 @@ def maybe_initialize_distributed(mode: str) -> bool:
     """jax.distributed.initialize() when asked ('on') or when a multi-process cluster is detected ('auto').
 
     Must run before anything touches the devices. 'auto' looks for an explicit coordinator
-    (JAX_COORDINATOR_ADDRESS), a multi-task SLURM or Open MPI job, or a multi-host TPU slice.
+    (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and JAX_PROCESS_ID), a multi-task SLURM or Open MPI
+    job, or a multi-host TPU slice.
     """
     import os  # noqa: PLC0415
 
@@ -182,7 +183,13 @@ def maybe_initialize_distributed(mode: str) -> bool:
         )
         if not cluster:
             return False
-    jax.distributed.initialize()
+    # A plain launch (no SLURM/MPI/TPU auto-detection) names the job's size and this process's rank
+    # with JAX_NUM_PROCESSES and JAX_PROCESS_ID beside JAX_COORDINATOR_ADDRESS; jax reads only the latter.
+    env = os.environ
+    kwargs = {}
+    if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+        kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
     return True
 
 

@@ -212,8 +212,9 @@ def test_checkpointer_keeps_latest_and_best_and_restores_iterator(small_corpus, 
 
 def test_distributed_init_only_when_asked_or_detected(monkeypatch):
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-    for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(k))
+    for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(key, raising=False)
     assert not loop.maybe_initialize_distributed("auto") and not loop.maybe_initialize_distributed("off")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
@@ -222,4 +223,10 @@ def test_distributed_init_only_when_asked_or_detected(monkeypatch):
     assert loop.maybe_initialize_distributed("auto")
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
     assert loop.maybe_initialize_distributed("on")
-    assert len(calls) == 2
+    assert calls == [{}, {}]
+    # a plain launch: coordinator, job size and rank from the environment
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert loop.maybe_initialize_distributed("auto")
+    assert calls[-1] == {"num_processes": 2, "process_id": 1}
