@@ -13,28 +13,14 @@ from train import config_lib, loop, optim
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 
-from train_standin import STANDIN_RULES, StandinConfig, StandinLM, standin_fields
+from train_standin import STANDIN_RULES, StandinConfig, StandinLM, small_run, standin_fields
 
 
 def standin_config(data_dir, **overrides):
-    c = config_lib.base_config(model=standin_fields())
-    c.data.data_dir = str(data_dir)
-    c.data.seq_len = 32
-    c.batch_size = 4
-    c.total_steps = 8
-    c.warmup_steps = 2
-    c.learning_rate = 1e-2
-    c.log_every_steps = 1
-    c.eval_every_steps = 4
-    c.eval_batches = 1
-    c.checkpoint_every_steps = 4
-    c.progress_bar = False
-    c.tensorboard = False
-    c.async_checkpointing = False
-    c.sample.max_new_tokens = 0
-    for key, value in overrides.items():
-        c[key] = value
-    return c
+    config = config_lib.base_config(model=standin_fields())
+    config.sample.max_new_tokens = 0
+    return small_run(config, data_dir, overrides, total_steps=8, eval_every_steps=4,
+                     checkpoint_every_steps=4, async_checkpointing=False)
 
 
 def run(config, workdir):

@@ -13,26 +13,14 @@ import pytest
 from train import config_lib, loop
 from train import metrics as metrics_lib
 from train import sample as sample_lib
+from train_standin import small_run
 
 
 def tiny_prism_config(data_dir, **overrides):
     config = config_lib.tiny_config(d_model=32, head_k_dim=16, mlp_hidden_dim=64)
-    config.data.data_dir = str(data_dir)
-    config.data.seq_len = 32
-    config.batch_size = 4
-    config.total_steps = 10
-    config.warmup_steps = 2
-    config.learning_rate = 1e-2
-    config.log_every_steps = 1
-    config.eval_every_steps = 10
-    config.eval_batches = 1
-    config.checkpoint_every_steps = 10
-    config.progress_bar = False
-    config.tensorboard = False
     config.sample.max_new_tokens = 6
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return small_run(config, data_dir, overrides, total_steps=10, eval_every_steps=10,
+                     checkpoint_every_steps=10)
 
 
 def test_tiny_prism_loss_falls_and_samples(small_corpus, tmp_path):

@@ -54,3 +54,20 @@ class StandinLM(nn.Module):
                              kernel_init=nn.with_logical_partitioning(init, ("mlp", "embed")))(nn.gelu(h))
         x = nn.LayerNorm(name="final_norm")(x)
         return jnp.einsum("btd,vd->btv", x, embed).astype(jnp.float32)
+
+
+def small_run(config, data_dir, overrides, **settings):
+    """`config` set up for a few quick steps on `data_dir` (T = 32, 4 rows, no bar, no TensorBoard), then
+    `settings` and the test's own `overrides` on top."""
+    config.data.data_dir = str(data_dir)
+    config.data.seq_len = 32
+    config.batch_size = 4
+    config.warmup_steps = 2
+    config.learning_rate = 1e-2
+    config.log_every_steps = 1
+    config.eval_batches = 1
+    config.progress_bar = False
+    config.tensorboard = False
+    for key, value in {**settings, **overrides}.items():
+        config[key] = value
+    return config
