@@ -20,6 +20,7 @@ LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("conv", None),
-    ("rank", None),
+    ("rank", "fsdp"),  # the low-rank solver up-projections [rank, heads, ...]; in the down-projection
+                       # [embed, rank] fsdp is already taken by embed, so rank stays replicated there
     ("norm", None),
 )

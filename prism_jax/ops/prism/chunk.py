@@ -123,33 +123,57 @@ def chunk_start_states(terms: ChunkTerms, initial_state, inter_chunk: str):
     return starts, ends[:, :, -1]
 
 
-def prism_chunk(q, k, v, beta, g, *, scale, initial_state, segment_ids=None, chunk_size=64,
-                inter_chunk="scan"):
-    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V], final state) in the compute dtype."""
-    B, T, H, K = q.shape
-    L, V = v.shape[-2], v.shape[-1]
+class ChunkedInputs(NamedTuple):
+    """One row's inputs split into chunks of C tokens, [B, H, N, C, ...], padded with identity steps.
+
+    q [.., K], k [.., L, K], vw = beta * v [.., L, V], beta [.., L], g [..] (log-decay, zeroed at
+    resets), r [..] int32 resets up to each token, r_prev [B, H, N] the count before each chunk.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    vw: jax.Array
+    beta: jax.Array
+    g: jax.Array
+    r: jax.Array
+    r_prev: jax.Array
+
+
+def chunk_inputs(q, k, v, beta, g, segment_ids, chunk_size) -> ChunkedInputs:
+    """Pads [B, T, H, ...] inputs to N = ceil(T / C) chunks (beta = 0, g = 0, v = 0: identity steps, no
+    reset) and moves them to [B, H, N, C, ...]."""
+    B, T, H = q.shape[:3]
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
     resets = resets_from_segments(segment_ids, B, T)
     r = jnp.cumsum(resets.astype(jnp.int32), axis=1)  # number of resets up to and including t
     g = jnp.where(resets[:, :, None], 0.0, g)  # the reset itself is carried by the masks
-    if pad:  # identity steps: beta = 0, g = 0, v = 0, no reset
+    if pad:
         padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         q, k, v, beta, g = map(padt, (q, k, v, beta, g))
         r = jnp.pad(r, [(0, 0), (0, pad)], mode="edge")
 
     def chunked(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
-        x = x.reshape(B, N, C, H, *x.shape[3:])
-        return jnp.moveaxis(x, 3, 1)
+        return jnp.moveaxis(x.reshape(B, N, C, H, *x.shape[3:]), 3, 1)
 
     q, k, v, beta, g = map(chunked, (q, k, v, beta, g))
-    vw = beta[..., None] * v
     r = jnp.broadcast_to(r.reshape(B, 1, N, C), (B, H, N, C))
     r_prev = jnp.concatenate([jnp.zeros((B, H, 1), r.dtype), r[..., :-1, -1]], axis=-1)
+    return ChunkedInputs(q, k, beta[..., None] * v, beta, g, r, r_prev)
 
-    terms = _chunk_terms(k, vw, beta[..., 0], g, r, r_prev)
+
+def unchunk_outputs(o, T):
+    """[B, H, N, C, V] -> [B, T, H, V] (drops the padding)."""
+    B, H, N, C, V = o.shape
+    return jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, V)[:, :T]
+
+
+def prism_chunk(q, k, v, beta, g, *, scale, initial_state, segment_ids=None, chunk_size=64,
+                inter_chunk="scan"):
+    """Shapes as in `prism_recurrence`; returns (o [B, T, H, V], final state) in the compute dtype."""
+    x = chunk_inputs(q, k, v, beta, g, segment_ids, chunk_size)
+    terms = _chunk_terms(x.k, x.vw, x.beta[..., 0], x.g, x.r, x.r_prev)
     starts, final = chunk_start_states(terms, initial_state, inter_chunk)
-    o = scale * _chunk_outputs(q, k, vw, g, r, r_prev, terms, starts)  # [B, H, N, C, V]
-    o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, V)[:, :T]
-    return o, final
+    o = _chunk_outputs(x.q, x.k, x.vw, x.g, x.r, x.r_prev, terms, starts)  # [B, H, N, C, V]
+    return scale * unchunk_outputs(o, q.shape[1]), final
