@@ -56,7 +56,8 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
             f"{_GPU_TILE_BYTES // (max(K, V) * itemsize)}")
 
 
-def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel):
+def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel,
+             **_bwd_opts):
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
@@ -85,8 +86,10 @@ def _core_bwd(opts, res, cot):
     x, starts = res
     do, dfinal = cot
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
-    dq, dk, dv, dbeta, dg, ds0 = _backward.backward(x, starts, do, dfinal, scale=opts["scale"],
-                                                    chunk_size=opts["chunk_size"], reverse=reverse)
+    chunk = reverse if opts["bwd"] == "fused" and reverse != "scan" else "xla"
+    dq, dk, dv, dbeta, dg, ds0 = _backward.backward(
+        x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"], reverse=reverse,
+        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"])
     cast = lambda d, ref: d.astype(ref.dtype)
     return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g),
             None, None, ds0)
@@ -96,7 +99,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
-                 block_v=None, num_warps=None, num_stages=None, kernel="split", platform=None):
+                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="fused",
+                 bwd_block_v=None, bwd_num_warps=None, platform=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -105,6 +109,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
     num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
+    bwd: "fused" (default: the per-chunk pull-back as one Triton kernel, `gpu/chunk_bwd.py`, with
+    its own bwd_block_v / bwd_num_warps) or "xla" (vmapped `jax.vjp` of the chunk math); the TPU
+    path always uses "xla";
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
@@ -114,6 +121,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
+    if bwd not in ("fused", "xla"):
+        raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'fused' or 'xla'")
+    if bwd_block_v is not None and (bwd_block_v not in _SIZES or V % bwd_block_v):
+        raise ValueError(f"prism_pallas: `bwd_block_v` = {bwd_block_v}, expected a power of two >= 16 "
+                         f"dividing V = {V}")
     for name, arr in dict(q=q, k=k, v=v, beta=beta, g=g).items():
         if arr.dtype not in _DTYPES:
             raise ValueError(f"prism_pallas: `{name}` has dtype {arr.dtype}, expected one of "
@@ -122,7 +134,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
         platform = "gpu"
     x = prepare(q, k, v, beta, g, initial_state, segment_ids, chunk_size)
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
-                num_warps=num_warps, num_stages=num_stages, kernel=kernel)
+                num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
+                bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

@@ -1,4 +1,5 @@
-"""Backward pass of the fused forward, in plain JAX, from the chunk-start states the kernel saved.
+"""Backward pass from the chunk-start states the forward kernels saved (plain-JAX path, bwd="xla";
+with bwd="fused" steps 1 and 3 are the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`).
 
 1. Per chunk and in parallel: the chunk's state map S_n -> S_{n+1} = a_n S_n - ek_n^T (P_n S_n + ...)
    and Y_n, the output cotangent pulled back to S_n.
@@ -88,10 +89,14 @@ def reverse_scan(p, ek, a, y, dfinal):
     return jnp.moveaxis(cot_end, 0, 2), ds0
 
 
-def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="scan"):
+def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="scan", chunk="xla",
+             block_v=None, num_warps=None, num_stages=None):
     """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V].
 
-    reverse: "scan" (lax.scan), "gpu" (the Triton kernel) or "interpret" (that kernel on CPU)."""
+    reverse: "scan" (lax.scan), "gpu" (the Triton kernel) or "interpret" (that kernel on CPU).
+    chunk: the per-chunk work, "xla" (vmapped XLA: `_state_pullback` and `jax.vjp` of `_one_chunk`),
+    "gpu" (the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`; block kwargs go to the
+    latter) or "interpret" (those kernels on CPU)."""
     C = chunk_size
     B, Tp, H, K = x.q.shape
     mm_dtype = matmul_dtype(x.q.dtype)
@@ -99,8 +104,14 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
     rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
     r, rm1 = rc(x.r), rc(x.rm1)
 
-    pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
-    p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
+    if chunk == "xla":
+        pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
+        p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
+    else:
+        from pallas_kernels.gpu.pullback import state_pullback
+
+        p, ek, a, y = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=scale, chunk_size=C,
+                                     interpret=chunk == "interpret")
 
     if reverse == "scan":
         cot_end, ds0 = reverse_scan(p, ek, a, y, dfinal.astype(jnp.float32))
@@ -110,6 +121,13 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
         cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal.astype(jnp.float32),
                                     interpret=reverse == "interpret")
 
+    if chunk != "xla":
+        from pallas_kernels.gpu.chunk_bwd import chunk_backward
+
+        grads = chunk_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end,
+                               scale=scale, chunk_size=C, block_v=block_v, num_warps=num_warps,
+                               num_stages=num_stages, interpret=chunk == "interpret")
+        return (*grads, ds0)
     chunk_fn = _over_chunks(functools.partial(_one_chunk, scale=scale, mm_dtype=mm_dtype))
     _, vjp = jax.vjp(lambda *a: chunk_fn(*a, r, rm1, starts), q, k, v, beta, g)
     dq, dk, dv, dbeta, dg = vjp((do_c.astype(jnp.float32), cot_end))

@@ -15,6 +15,7 @@ exponentiating, never a log-decay of -inf).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -96,10 +97,19 @@ class ChunkDecays(NamedTuple):
     all: jax.Array  # [] exp(G_C)
 
 
-def chunk_decays(g, r, rm1) -> ChunkDecays:
+def masked_cumsum(g):
+    """Inclusive cumulative sum of g [C] as a masked row reduction: its transpose is a reduction
+    too (a reverse cumsum need not lower to Triton)."""
+    C = g.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    return jnp.sum(jnp.where(cols <= rows, g[None, :], 0.0), axis=1)
+
+
+def chunk_decays(g, r, rm1, *, cumsum=jnp.cumsum) -> ChunkDecays:
     """Decay factors of one chunk; g [C] float32, r / rm1 [C] int32 reset counts (up to / before t)."""
     C = g.shape[0]
-    G = jnp.cumsum(g)
+    G = cumsum(g)
     Gm1 = G - g
     GC = jnp.sum(g)
     r_prev = jnp.min(rm1)  # counts are non-decreasing: the count before the chunk
@@ -135,14 +145,17 @@ def mm(a, b, *, dtype, trans_a=False, trans_b=False):
                                preferred_element_type=jnp.float32)
 
 
-def chunk_step(s, q, k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=unit_lower_inverse):
+def chunk_step(s, q, k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=unit_lower_inverse,
+               matmul=None):
     """One chunk for one head and one block of value columns.
 
     s [K, BV] float32 start state; q, k0 [C, K]; ks: L write keys [C, K]; vws: L gated write values
-    b_l v_l [C, BV] (float32); beta0 [C]. `inverse(m)` gives (I + m)^{-1} for strictly lower m.
+    b_l v_l [C, BV] (float32); beta0 [C]. `inverse(m)` gives (I + m)^{-1} for strictly lower m;
+    `matmul` (default `mm`) the 2-D products.
     Returns (o [C, BV] unscaled, end state [K, BV]).
     """
-    dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
+    matmul = mm if matmul is None else matmul
+    dot = lambda a, b, **kw: matmul(a, b, dtype=mm_dtype, **kw)
     kk = dot(k0, k0, trans_b=True)
     a_inv = inverse(beta0[:, None] * kk * d.m1m1)
     rhs = dot((beta0 * d.start_m1)[:, None] * k0, s)
@@ -157,6 +170,56 @@ def chunk_step(s, q, k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=un
     o = o - dot(qk, e)
     s_new = s_new - dot(d.end_m1[:, None] * k0, e, trans_a=True)
     return o, s_new
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mm_diff(a, b, dtype, trans_a, trans_b):
+    return mm(a, b, dtype=dtype, trans_a=trans_a, trans_b=trans_b)
+
+
+def _mm_diff_fwd(a, b, dtype, trans_a, trans_b):
+    return _mm_diff(a, b, dtype, trans_a, trans_b), (a, b)
+
+
+def _mm_diff_bwd(dtype, trans_a, trans_b, res, ct):
+    a, b = res
+    dot = functools.partial(mm, dtype=dtype)
+    # out = op(a) op(b); d op(a) = ct op(b)^T, d op(b) = op(a)^T ct, each transposed back if op is.
+    da = dot(b, ct, trans_a=trans_b, trans_b=True) if trans_a else dot(ct, b, trans_b=not trans_b)
+    db = dot(ct, a, trans_a=True, trans_b=trans_a) if trans_b else dot(a, ct, trans_a=not trans_a)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_mm_diff.defvjp(_mm_diff_fwd, _mm_diff_bwd)
+
+
+def mm_diff(a, b, *, dtype, trans_a=False, trans_b=False):
+    """`mm` whose pull-back is two more `mm`s with the cotangent cast to `dtype` (bf16 operands, f32
+    accumulation: what a kernel's backward does), never a mixed-dtype dot."""
+    return _mm_diff(a, b, dtype, trans_a, trans_b)
+
+
+def differentiable_inverse(mm_dtype):
+    """`unit_lower_inverse` with a matmul-only pull-back (the substitution loop is not differentiated):
+    X = (I + m)^{-1}  =>  dm = -(X^T dX X^T) restricted to the strictly lower part."""
+
+    @jax.custom_vjp
+    def inverse(m):
+        return unit_lower_inverse(m)
+
+    def fwd(m):
+        x = unit_lower_inverse(m)
+        return x, x
+
+    def bwd(x, dx):
+        C = x.shape[0]
+        strict = (jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+                  < jax.lax.broadcasted_iota(jnp.int32, (C, C), 0))
+        xt_dx = mm(x, dx, dtype=mm_dtype, trans_a=True)
+        return (jnp.where(strict, -mm(xt_dx, x, dtype=mm_dtype, trans_b=True), 0.0),)
+
+    inverse.defvjp(fwd, bwd)
+    return inverse
 
 
 def matmul_dtype(dtype):

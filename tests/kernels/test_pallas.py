@@ -5,6 +5,8 @@ Shapes are tiny so that the interpret-mode runs stay within the area's test budg
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -92,9 +94,14 @@ def test_reverse_state_kernel_matches_scan():
     assert rel(cot, cot_ref) < 1e-6 and rel(ds0, ds0_ref) < 1e-6
 
 
-def test_gradients_match_reference_and_float64_directional_derivative():
-    L, T, K, V = 2, 40, 16, 32
-    q, k, v, beta, g, s0 = make_inputs(7, 1, T, 2, L, K, V)
+@pytest.mark.parametrize("L,T,K,V,bwd,bwd_block_v", [
+    (1, 37, 32, 16, "fused", None),
+    (2, 40, 16, 32, "fused", 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
+    (3, 21, 16, 16, "fused", None),
+    (2, 40, 16, 32, "xla", None),
+])
+def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, bwd, bwd_block_v):
+    q, k, v, beta, g, s0 = make_inputs(7 + L, 1, T, 2, L, K, V)
     seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32)
     wo = jax.random.normal(jax.random.PRNGKey(8), (1, T, 2, V))
     wf = jax.random.normal(jax.random.PRNGKey(9), (1, 2, K, V))
@@ -102,8 +109,12 @@ def test_gradients_match_reference_and_float64_directional_derivative():
 
     def loss(impl):
         def f(q, k, v, beta, g, s0):
-            o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                                      impl=impl, chunk_size=16, segment_ids=seg)
+            if impl == "pallas":
+                o, fin = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
+                                      segment_ids=seg, bwd=bwd, bwd_block_v=bwd_block_v)
+            else:
+                o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                          impl=impl, segment_ids=seg)
             return jnp.sum(o * wo) + jnp.sum(fin * wf)
         return f
 
@@ -124,6 +135,25 @@ def test_gradients_match_reference_and_float64_directional_derivative():
     fd = (np_loss(eps) - np_loss(-eps)) / (2 * eps)
     analytic = sum(np.sum(np.asarray(gp, np.float64) * d) for gp, d in zip(grads, dirs))
     assert abs(analytic - fd) < 1e-4 * max(1.0, abs(fd))
+
+
+def test_state_pullback_kernel_matches_xla():
+    from pallas_kernels.backward import _chunked, _over_chunks, _state_pullback
+    from pallas_kernels.common import prepare
+    from pallas_kernels.gpu.pullback import state_pullback
+
+    B, T, H, L, K, V, C = 1, 48, 2, 2, 16, 32, 16
+    q, k, v, beta, g, _ = make_inputs(11, B, T, H, L, K, V)
+    do = jax.random.normal(jax.random.PRNGKey(12), (B, T, H, V))
+    seg = jnp.asarray(np.repeat([0, 1], [20, T - 20])[None], jnp.int32)  # chunk 1 has a reset
+    x = prepare(q, k, v, beta, g, None, seg, C)
+    got = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=0.3, chunk_size=C, interpret=True)
+    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, T // C, C), (B, H, T // C, C))
+    want = _over_chunks(functools.partial(_state_pullback, scale=0.3, mm_dtype=jnp.float32))(
+        _chunked(x.q, C), _chunked(x.k, C)[..., 0, :], _chunked(x.beta, C)[..., 0], _chunked(x.g, C),
+        rc(x.r), rc(x.rm1), _chunked(do, C))
+    for name, a, b in zip(("p", "ek", "a", "y"), got, want):
+        assert a.shape == b.shape and rel(a, b) < 1e-5, name
 
 
 def test_bf16_inputs_forward_and_gradients_within_tolerance():
@@ -201,27 +231,62 @@ def test_tpu_kernel_lowers_to_mosaic_with_gradients():
     assert "tpu_custom_call" in lowered.as_text()
 
 
-@pytest.mark.parametrize("kernel", ["split", "fused"])
-def test_gpu_kernels_lower_to_triton_with_gradients(kernel, monkeypatch):
-    """Pallas -> Triton IR lowering for an H200, without a GPU (Triton's own compile is not covered).
-
-    The lowering asks the runtime for the GPU's compute capability; an H200's is supplied instead
-    (private JAX module: if it moves, update this test)."""
+def lower_for_h200(fn, args, monkeypatch):
+    """jit(fn) lowered for CUDA without a GPU: the Pallas -> Triton IR lowering runs in Python here
+    (Triton's own compile to PTX is not covered). The lowering asks the runtime for the GPU's compute
+    capability; an H200's is supplied instead (private JAX module: if it moves, update this)."""
     from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
                         lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    B, T, H, L, K, V = 1, 128, 2, 2, 128, 128
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("kernel,bwd,dtype,L,n_kernels", [
+    ("split", "fused", jnp.bfloat16, 2, 6),  # intra, state, output; pullback, reverse, chunk_bwd
+    ("split", "fused", jnp.float32, 3, 6),
+    ("fused", "xla", jnp.bfloat16, 1, 2),  # fused forward; reverse (the rest is XLA)
+])
+def test_gpu_kernels_lower_to_triton_with_gradients(kernel, bwd, dtype, L, n_kernels, monkeypatch):
+    B, T, H, K, V = 1, 128, 2, 128, 128
     S = jax.ShapeDtypeStruct
-    args = (S((B, T, H, K), jnp.bfloat16), S((B, T, H, L, K), jnp.bfloat16),
-            S((B, T, H, L, V), jnp.bfloat16), S((B, T, H, L), jnp.bfloat16), S((B, T, H), jnp.float32))
+    args = (S((B, T, H, K), dtype), S((B, T, H, L, K), dtype), S((B, T, H, L, V), dtype),
+            S((B, T, H, L), dtype), S((B, T, H), jnp.float32))
 
     def loss(*a):
-        o = prism_pallas(*a, scale=0.1, chunk_size=32, platform="gpu", kernel=kernel)[0]
+        o = prism_pallas(*a, scale=0.1, chunk_size=32, platform="gpu", kernel=kernel, bwd=bwd)[0]
         return o.astype(jnp.float32).sum()
 
-    lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == (4 if kernel == "split" else 2)
+    text = lower_for_h200(jax.grad(loss, argnums=range(5)), args, monkeypatch)
+    assert text.count("xla.gpu.triton") == n_kernels
+
+
+def test_gpu_lowering_check_catches_a_primitive_triton_lacks(monkeypatch):
+    """The check above can fail: the fused backward's trace with `jnp.cumsum` in place of
+    `masked_cumsum` transposes to a reverse cumsum, which the Triton lowering refuses."""
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.common import masked_cumsum
+    from pallas_kernels.gpu.chunk_bwd import chunk_vjp
+
+    C, K, V = 16, 16, 16
+
+    def kernel(g_ref, o_ref, cumsum):
+        z = jnp.zeros((C, K), jnp.float32)
+        zv = jnp.zeros((C, V), jnp.float32)
+        r = jnp.zeros((C,), jnp.int32)
+        *_, dg = chunk_vjp(z, [z], [zv], [g_ref[...]], g_ref[...], r, r, jnp.zeros((K, V)), zv,
+                           jnp.zeros((K, V)), scale=1.0, mm_dtype=jnp.float32, cumsum=cumsum)
+        o_ref[...] = dg
+
+    def call(cumsum):
+        return pl.pallas_call(functools.partial(kernel, cumsum=cumsum),
+                              out_shape=jax.ShapeDtypeStruct((C,), jnp.float32))
+
+    args = (jax.ShapeDtypeStruct((C,), jnp.float32),)
+    assert "xla.gpu.triton" in lower_for_h200(call(masked_cumsum), args, monkeypatch)
+    with pytest.raises(NotImplementedError, match="[Rr]everse cumsum"):
+        lower_for_h200(call(jnp.cumsum), args, monkeypatch)
 
 
 # ---- on the GPU (run on the device machine: pytest -m gpu tests/kernels) ----
