@@ -2,6 +2,11 @@
 
     python -m train.probing.report --in-dir docs/results/probing \
         --table docs/results/probing_table.md --plot docs/results/probing_accuracy.png
+    python -m train.probing.report --in-dir docs/results/probing_gpu/probing_all.json --table ...
+
+--in-dir takes a folder of per-run JSON files or a merged JSON file (`grid --merged-json`); repeat it
+to combine several (a point present twice counts once, the later path wins). Cells: mean ± sample std
+over the seeds present (n = number of seeds).
 
 The plot needs matplotlib (optional: without it the table is still written and a note is printed).
 """
@@ -9,8 +14,6 @@ The plot needs matplotlib (optional: without it the table is still written and a
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 
@@ -30,11 +33,17 @@ PAPER_TABLE4 = {
 }
 
 
-def load_results(in_dir):
+def load_results(*paths):
+    """{(task, model): [result per seed]} from folders of per-run JSON files and/or merged JSON files."""
+    from train.probing.grid import load_points, point_key
+
+    points = {}
+    for path in paths:
+        for r in load_points(path):
+            points[point_key(r)] = r
     results = {}
-    for path in sorted(glob.glob(os.path.join(in_dir, "*.json"))):
-        with open(path) as f:
-            r = json.load(f)
+    for key in sorted(points):
+        r = points[key]
         results.setdefault((r["task"], r["model"]), []).append(r)
     return results
 
@@ -100,11 +109,14 @@ def plot(results, path, models=MODELS):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m train.probing.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in-dir", default="docs/results/probing")
+    parser.add_argument("--in-dir", action="append", default=None,
+                        help="folder of per-run JSON files or a merged JSON file; repeatable "
+                             "(default docs/results/probing)")
     parser.add_argument("--table", default=None, help="write the Markdown table here (also printed)")
     parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
     args = parser.parse_args(argv)
-    results = load_results(args.in_dir)
+    in_dirs = args.in_dir or ["docs/results/probing"]
+    results = load_results(*in_dirs)
     if not results:
         raise ValueError(f"--in-dir {args.in_dir!r} holds no result JSON files")
     table = markdown_table(results)

@@ -45,6 +45,7 @@ class ProbeConfig:
     warmup_steps: int = 0
     mlp_hidden_dim: int = 0  # 0: 4 * d_model
     chunk_size: int = 16
+    op_impl: str = "chunk"  # the recurrence form of the recurrent mixers: reference, scan, chunk, pallas
     eval_samples: int = 2048
     eval_batch_size: int = 256
     log_every: int = 50
@@ -64,6 +65,10 @@ class ProbeConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.mlp_hidden_dim < 0:
             raise ValueError(f"mlp_hidden_dim must be >= 0 (0: 4 * d_model), got {self.mlp_hidden_dim}")
+        from prism_jax.models.config import OP_IMPLS
+
+        if self.op_impl not in OP_IMPLS:
+            raise ValueError(f"op_impl must be one of {OP_IMPLS}, got {self.op_impl!r}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
@@ -77,6 +82,7 @@ def model_config(cfg: ProbeConfig):
     overrides = dict(d_model=cfg.d_model, num_layers=cfg.num_layers, vocab_size=cfg.vocab, mixer=mixer,
                      num_heads=cfg.num_heads, head_k_dim=cfg.d_model // cfg.num_heads,
                      mlp_hidden_dim=cfg.mlp_hidden_dim or 4 * cfg.d_model, chunk_size=cfg.chunk_size,
+                     op_impl=cfg.op_impl,
                      max_seq_len=max(cfg.seq_len, 256))
     if cfg.model == "prism":
         overrides["solver_steps"] = cfg.solver_steps
@@ -107,14 +113,11 @@ def _loss_and_accuracy(logits, targets, mask):
     return (nll * weights).sum() / count, (correct * weights).sum() / count, count
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps):
-    """(optax transform, jitted train step, jitted eval step) for a hashable Flax `model`.
+def step_functions(model, learning_rate, weight_decay, clip_norm, warmup_steps):
+    """(optax transform, train step, eval step) of one run, not vmapped or jitted.
 
-    Both steps are vmapped over a leading "run" axis of params, optimiser state and batch, so several
-    independent runs (the tasks of one model) train in one call: on a small CPU the per-op overhead,
-    not the arithmetic, dominates these tiny models. Each run's clipping and AdamW update see only its
-    own gradients, so the math is that of separate runs. Cached so repeated calls compile once.
+    train step: (params, opt_state, batch) -> (params, opt_state, loss, acc);
+    eval step: (params, batch) -> (loss, acc, answer count). batch: tokens/targets [B, T], mask [B, T].
     """
     if warmup_steps:
         lr = optax.join_schedules(
@@ -138,6 +141,19 @@ def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps)
         logits = model.apply({"params": p}, batch["tokens"])
         return _loss_and_accuracy(logits, batch["targets"], batch["mask"])
 
+    return tx, one_train_step, one_eval_step
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(model, learning_rate, weight_decay, clip_norm, warmup_steps):
+    """(optax transform, jitted train step, jitted eval step) for a hashable Flax `model`.
+
+    Both steps are vmapped over a leading "run" axis of params, optimiser state and batch, so several
+    independent runs (the tasks of one model) train in one call: on a small CPU the per-op overhead,
+    not the arithmetic, dominates these tiny models. Each run's clipping and AdamW update see only its
+    own gradients, so the math is that of separate runs. Cached so repeated calls compile once.
+    """
+    tx, one_train_step, one_eval_step = step_functions(model, learning_rate, weight_decay, clip_norm, warmup_steps)
     return tx, jax.jit(jax.vmap(one_train_step)), jax.jit(jax.vmap(one_eval_step))
 
 
