@@ -1,0 +1,120 @@
+"""Pieces of benchmarks/throughput.py and benchmarks/lm_compare.py that decide what gets measured.
+
+The scripts themselves run on the GPU; here: the optimizer of the LM comparison equals the training
+stack's, the per-model token counts, argument forwarding to the compile workers, and the tables.
+"""
+
+import importlib.util
+import io
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _load("throughput")
+lm_compare = _load("lm_compare")
+
+
+def test_injected_learning_rate_matches_training_optimizer():
+    """lm_compare's AdamW with the schedule set from the host gives train.optim's updates."""
+    from train import config_lib, optim
+
+    config = config_lib.base_config(model={})
+    config.total_steps, config.warmup_steps, config.learning_rate = 6, 2, 1e-2
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+              "norm": {"scale": jnp.ones((3,), jnp.float32)}}
+    reference, injected = optim.make_optimizer(config), lm_compare.make_optimizer(config)
+    schedule = optim.learning_rate_schedule(config)
+    ref_p, inj_p = params, params
+    ref_s, inj_s = reference.init(params), injected.init(params)
+    for step in range(config.total_steps):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32) * 3.0, params)
+        upd, ref_s = reference.update(grads, ref_s, ref_p)
+        ref_p = optax.apply_updates(ref_p, upd)
+        lr = np.float32(schedule(step))
+        inj_s = optax.tree_utils.tree_set(inj_s, learning_rate=jnp.asarray(lr))
+        upd, inj_s = injected.update(grads, inj_s, inj_p)
+        inj_p = optax.apply_updates(inj_p, upd)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ref_p, params)
+    assert min(jax.tree.leaves(moved)) > 1e-4  # the test can fail: parameters really moved
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ref_p, inj_p)
+
+
+def test_lm_compare_configs_share_shape_and_differ_in_mixer():
+    from train import config_lib
+
+    path = ROOT / "configs" / "lm_compare.py"
+    spec = importlib.util.spec_from_file_location("lm_compare_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs = {name: module.get_config(name) for name in lm_compare.MODEL_NAMES}
+    for name, config in configs.items():
+        config_lib.validate(config, num_devices=1)
+        assert config.model.mixer == module.MIXERS[name]["mixer"]
+        for key in ("d_model", "num_layers", "num_heads", "mlp_hidden_dim", "vocab_size"):
+            assert config.model[key] == configs["prism"].model[key]
+    assert configs["prism"].model.solver_steps == 2
+    with pytest.raises(ValueError, match="not one of"):
+        module.get_config("mamba")
+
+
+def test_strip_flags_both_forms():
+    argv = ["--smoke", "--out", "x.json", "--models=a,b", "--compile-workers=3", "--lengths", "32"]
+    expected = ["--smoke", "--models=a,b", "--lengths", "32"]
+    assert throughput.strip_flag_values(argv, ("--out", "--compile-workers")) == expected
+    assert lm_compare.strip_flags(argv, ("--out", "--compile-workers")) == expected
+
+
+def test_tokens_per_step_overrides():
+    args = throughput.parse_args(["--tokens-per-step", "32768"])
+    args.tokens_per_step = 32768
+    assert throughput.tokens_per_step_for("attention", args) == 32768
+    assert throughput.tokens_per_step_for("ttt_token", args) == throughput.DEFAULT_MODEL_TOKENS["ttt_token"]
+    args = throughput.parse_args(["--model-tokens-per-step", "ttt_token=2048,gdn=16384"])
+    args.tokens_per_step = 32768
+    assert throughput.tokens_per_step_for("ttt_token", args) == 2048
+    assert throughput.tokens_per_step_for("gdn", args) == 16384
+
+
+def test_throughput_table_ratio_and_merge(tmp_path):
+    def point(model, t, rate, tokens=32768):
+        return dict(model=model, seq_len=t, tokens_per_s=rate, tokens_per_step=tokens)
+
+    a = [point("prism_l2", 2048, 74000.0), point("ttt_token", 2048, 500.0, 4096),
+         dict(model="prism_l2", seq_len=4096, error="skipped (budget)")]
+    b = [point("prism_l2", 4096, 70000.0)]
+    for name, results in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps({"results": results}))
+    merged = throughput.merge_results([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    by = {(r["model"], r["seq_len"]): r for r in merged}
+    assert by[("prism_l2", 4096)]["tokens_per_s"] == 70000.0  # the later file wins
+    out = io.StringIO()
+    throughput.print_table(merged, ["prism_l2", "ttt_token"], [2048, 4096], file=out)
+    text = out.getvalue()
+    assert "| prism_l2 / ttt_token | 148.0x | - |" in text
+    assert "500.0 (4K/step)" in text
+
+
+def test_lm_compare_table_lists_every_model():
+    rows = [dict(model="prism", num_params=29e6, steps=10, tokens_seen=655360, eval_bits_per_byte=2.5,
+                 eval_loss=1.7, train_loss=1.8, tokens_per_s=3e5, step_s=0.2, compile_s=3.0),
+            dict(model="ttt", num_params=28e6, error="OOM")]
+    table = lm_compare.fmt_table(rows)
+    assert "| prism | 29.00M | 10 | 0.66M | 2.5000 |" in table
+    assert "| ttt |" in table and "OOM" in table
