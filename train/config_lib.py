@@ -144,6 +144,12 @@ def validate(config, num_devices: int, process_count: int = 1, *, check_model: b
         raise ValueError(f"config.distributed must be one of {DISTRIBUTED_MODES}, got {config.distributed!r}")
     if config.data.seq_len < 2:
         raise ValueError(f"config.data.seq_len must be >= 2, got {config.data.seq_len}")
+    sequence = dict(zip(mesh_lib.MESH_AXES, mesh_shape))["sequence"]
+    if config.data.seq_len % sequence:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} is not divisible by the sequence axis of the mesh "
+            f"(sequence = {sequence}, mesh_shape {mesh_shape}); each device holds seq_len / sequence tokens"
+        )
     max_len = config.model.get("max_seq_len", None) if "model" in config else None
     if max_len and config.data.seq_len > max_len:
         raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len={max_len}")
