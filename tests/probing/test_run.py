@@ -47,7 +47,7 @@ def test_loop_is_deterministic_and_learns_a_local_task():
 
 def test_runs_trained_together_match_separate_runs():
     cfgs = [ProbeConfig(task=t, model="prism", seed=s, steps=4, batch_size=4, eval_samples=8, log_every=2)
-            for t, s in (("palindrome", 0), ("mqar", 3))]
+            for t, s in (("palindrome", 0), ("mqar", 3), ("palindrome", 3))]  # tasks and seeds
     together = train_and_evaluate_many(cfgs, model=_LocalModel())
     for cfg, joint in zip(cfgs, together):
         alone = train_and_evaluate(cfg, model=_LocalModel())
@@ -55,6 +55,7 @@ def test_runs_trained_together_match_separate_runs():
         for h_joint, h_alone in zip(joint["history"], alone["history"]):
             assert h_joint["loss"] == pytest.approx(h_alone["loss"], rel=1e-4)
         assert joint["eval_accuracy"] == pytest.approx(alone["eval_accuracy"])
+    assert together[0]["history"][0]["loss"] != pytest.approx(together[2]["history"][0]["loss"], rel=1e-4)
     with pytest.raises(ValueError, match="differ only in task and seed"):
         train_and_evaluate_many([cfgs[0], ProbeConfig(task="mqar", steps=5)], model=_LocalModel())
 

@@ -15,8 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from train.probing.tasks import (ASSIGN, CTX_A, CTX_B, MODADD, MODULUS, MUX, NULL, NUM_CONTROL, OFF, ON, PALIN, PARITY, QUERY,
-                                 XOR, _layout, get_task)
+from train.probing.tasks import (ASSIGN, CTX_A, CTX_B, MODADD, MODULUS, MUX, NULL, NUM_CONTROL, OFF, ON, PALIN,
+                                 PARITY, QUERY, XOR, _layout, get_task)
 
 
 def _noise(key, lay, seq_len):
