@@ -58,38 +58,44 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel,
              **_bwd_opts):
+    """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} where the kernel
+    keeps them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
-        return tpu_forward(x, scale=scale, chunk_size=chunk_size, interpret=platform == "tpu-interpret")
+        return (*tpu_forward(x, scale=scale, chunk_size=chunk_size,
+                             interpret=platform == "tpu-interpret"), None)
+    kw = dict(scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
+              num_stages=num_stages, interpret=platform == "cpu")
     if kernel == "fused":
         from pallas_kernels.gpu.forward import forward as gpu_forward
-    else:
-        from pallas_kernels.gpu.split import forward as gpu_forward
-    return gpu_forward(x, scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
-                       num_stages=num_stages, interpret=platform == "cpu")
+
+        return (*gpu_forward(x, **kw), None)
+    from pallas_kernels.gpu.split import forward as split_forward
+
+    return split_forward(x, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(opts, q, k, v, beta, g, r, rm1, s0):
-    o, final, _ = _forward(Prepared(q, k, v, beta, g, r, rm1, s0), **opts)
+    o, final, _, _ = _forward(Prepared(q, k, v, beta, g, r, rm1, s0), **opts)
     return o, final
 
 
 def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
     x = Prepared(q, k, v, beta, g, r, rm1, s0)
-    o, final, starts = _forward(x, **opts)
-    return (o, final), (x, starts)
+    o, final, starts, ainv = _forward(x, **opts)
+    return (o, final), (x, starts, ainv if opts["bwd"] == "fused" else None)
 
 
 def _core_bwd(opts, res, cot):
-    x, starts = res
+    x, starts, ainv = res
     do, dfinal = cot
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
     chunk = reverse if opts["bwd"] == "fused" and reverse != "scan" else "xla"
     dq, dk, dv, dbeta, dg, ds0 = _backward.backward(
         x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"], reverse=reverse,
-        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"])
+        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"], ainv=ainv)
     cast = lambda d, ref: d.astype(ref.dtype)
     return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g),
             None, None, ds0)

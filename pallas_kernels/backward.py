@@ -90,13 +90,14 @@ def reverse_scan(p, ek, a, y, dfinal):
 
 
 def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="scan", chunk="xla",
-             block_v=None, num_warps=None, num_stages=None):
+             block_v=None, num_warps=None, num_stages=None, ainv=None):
     """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V].
 
     reverse: "scan" (lax.scan), "gpu" (the Triton kernel) or "interpret" (that kernel on CPU).
     chunk: the per-chunk work, "xla" (vmapped XLA: `_state_pullback` and `jax.vjp` of `_one_chunk`),
     "gpu" (the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`; block kwargs go to the
-    latter) or "interpret" (those kernels on CPU)."""
+    latter) or "interpret" (those kernels on CPU); ainv [B, H, N, C, C]: the chunks' (I + m)^{-1}
+    from the forward, or None (the kernels recompute them)."""
     C = chunk_size
     B, Tp, H, K = x.q.shape
     mm_dtype = matmul_dtype(x.q.dtype)
@@ -111,14 +112,16 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
         from pallas_kernels.gpu.pullback import state_pullback
 
         p, ek, a, y = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=scale, chunk_size=C,
-                                     interpret=chunk == "interpret")
+                                     ainv=ainv, interpret=chunk == "interpret")
 
     if reverse == "scan":
         cot_end, ds0 = reverse_scan(p, ek, a, y, dfinal.astype(jnp.float32))
     else:
         from pallas_kernels.gpu.state_bwd import reverse_pass
 
+        # The fused path runs the reverse products in the matmul dtype, as the forward's state pass.
         cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal.astype(jnp.float32),
+                                    mm_dtype=jnp.float32 if chunk == "xla" else mm_dtype,
                                     interpret=reverse == "interpret")
 
     if chunk != "xla":
@@ -126,7 +129,7 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
 
         grads = chunk_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end,
                                scale=scale, chunk_size=C, block_v=block_v, num_warps=num_warps,
-                               num_stages=num_stages, interpret=chunk == "interpret")
+                               num_stages=num_stages, ainv=ainv, interpret=chunk == "interpret")
         return (*grads, ds0)
     chunk_fn = _over_chunks(functools.partial(_one_chunk, scale=scale, mm_dtype=mm_dtype))
     _, vjp = jax.vjp(lambda *a: chunk_fn(*a, r, rm1, starts), q, k, v, beta, g)

@@ -199,9 +199,17 @@ def mm_diff(a, b, *, dtype, trans_a=False, trans_b=False):
     return _mm_diff(a, b, dtype, trans_a, trans_b)
 
 
+def _inverse_pullback(x, dx, mm_dtype):
+    """X = (I + m)^{-1} for strictly lower m  =>  dm = -(X^T dX X^T) on the strictly lower part."""
+    C = x.shape[0]
+    strict = (jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+              < jax.lax.broadcasted_iota(jnp.int32, (C, C), 0))
+    xt_dx = mm(x, dx, dtype=mm_dtype, trans_a=True)
+    return jnp.where(strict, -mm(xt_dx, x, dtype=mm_dtype, trans_b=True), 0.0)
+
+
 def differentiable_inverse(mm_dtype):
-    """`unit_lower_inverse` with a matmul-only pull-back (the substitution loop is not differentiated):
-    X = (I + m)^{-1}  =>  dm = -(X^T dX X^T) restricted to the strictly lower part."""
+    """`unit_lower_inverse` with a matmul-only pull-back (the substitution loop is not differentiated)."""
 
     @jax.custom_vjp
     def inverse(m):
@@ -211,15 +219,23 @@ def differentiable_inverse(mm_dtype):
         x = unit_lower_inverse(m)
         return x, x
 
-    def bwd(x, dx):
-        C = x.shape[0]
-        strict = (jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-                  < jax.lax.broadcasted_iota(jnp.int32, (C, C), 0))
-        xt_dx = mm(x, dx, dtype=mm_dtype, trans_a=True)
-        return (jnp.where(strict, -mm(xt_dx, x, dtype=mm_dtype, trans_b=True), 0.0),)
-
-    inverse.defvjp(fwd, bwd)
+    inverse.defvjp(fwd, lambda x, dx: (_inverse_pullback(x, dx, mm_dtype),))
     return inverse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _saved_inverse(m, saved, mm_dtype):
+    return saved
+
+
+_saved_inverse.defvjp(lambda m, saved, mm_dtype: (saved, saved),
+                      lambda mm_dtype, x, dx: (_inverse_pullback(x, dx, mm_dtype), jnp.zeros_like(x)))
+
+
+def saved_inverse(saved, mm_dtype):
+    """An `inverse(m)` that returns `saved` = (I + m)^{-1} (computed by the forward kernel from the
+    same inputs) with the matmul-only pull-back: no substitution loop in the backward."""
+    return lambda m: _saved_inverse(m, saved, mm_dtype)
 
 
 def matmul_dtype(dtype):
@@ -250,12 +266,13 @@ def chunk_solve(k0, ks, vws, beta0, d: ChunkDecays, *, mm_dtype, inverse=unit_lo
     """The start-state-free part of one chunk: E = P S_0 + Qe with P [C, K] and Qe [C, V].
 
     k0 [C, K]; ks: L write keys [C, K]; vws: L gated write values [C, V] float32; beta0 [C].
+    Returns (P, Qe, A^{-1} [C, C]); the backward reuses A^{-1}.
     """
     dot = lambda a, b, **kw: mm(a, b, dtype=mm_dtype, **kw)
     a_inv = inverse(beta0[:, None] * dot(k0, k0, trans_b=True) * d.m1m1)
     p = dot(a_inv, (beta0 * d.start_m1)[:, None] * k0.astype(jnp.float32))
     rhs = sum(dot(dot(k0, kl, trans_b=True) * d.m1_0, vwl) for kl, vwl in zip(ks, vws))
-    return p, dot(a_inv, beta0[:, None] * rhs)
+    return p, dot(a_inv, beta0[:, None] * rhs), a_inv
 
 
 def chunk_state_update(s, p, qe, k0, ks, vws, d: EndDecays, *, mm_dtype):

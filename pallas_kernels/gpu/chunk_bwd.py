@@ -8,7 +8,9 @@ math the forward runs (`common.chunk_step`), traced inside the kernel body. For 
 to Triton, the pieces whose transposes would not are given matmul-only rules:
 
     products      `common.mm_diff`: pull-back = two bf16 / f32 dots, never a mixed-dtype dot;
-    (I + m)^{-1}  `common.differentiable_inverse`: dm = -(X^T dX X^T) on the strict lower part;
+    (I + m)^{-1}  the forward's saved inverse (`common.saved_inverse`; recomputed by
+                  `common.differentiable_inverse` where the forward kept none), pull-back
+                  dm = -(X^T dX X^T) on the strict lower part;
     cumsum of g   `common.masked_cumsum` (a masked row sum, its transpose a column sum);
     reset counts  closed over (integers carry no gradient).
 
@@ -26,7 +28,8 @@ import jax.numpy as jnp
 import jax.extend.core as jcore
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import chunk_decays, chunk_step, differentiable_inverse, masked_cumsum, mm_diff
+from pallas_kernels.common import (chunk_decays, chunk_step, differentiable_inverse, masked_cumsum, mm_diff,
+                                   saved_inverse)
 
 f32 = jnp.float32
 
@@ -55,35 +58,38 @@ def _eval_inlined(jaxpr, consts, *args):
 _INLINED = ("custom_vjp_call", "custom_jvp_call", "pjit", "jit", "closed_call")
 
 
-def chunk_vjp(q, ks, vls, betas, g, r, rm1, s, do, x, *, scale, mm_dtype, cumsum=masked_cumsum):
+def chunk_vjp(q, ks, vls, betas, g, r, rm1, s, do, x, a_inv=None, *, scale, mm_dtype, cumsum=masked_cumsum):
     """Cotangents of one chunk's inputs (plain `jnp` on values; the kernel body runs it).
 
     q [C, K]; ks: L keys [C, K]; vls: L values [C, BV]; betas: L gates [C]; g [C] (all float32);
-    r, rm1 [C] int32; s [K, BV] start state; do [C, BV]; x [K, BV] end-state cotangent.
+    r, rm1 [C] int32; s [K, BV] start state; do [C, BV]; x [K, BV] end-state cotangent; a_inv
+    [C, C] the chunk's (I + m)^{-1} saved by the forward, or None (solved again here).
     `cumsum` of g: `masked_cumsum` (its transpose lowers to Triton; tests pass `jnp.cumsum`).
     Returns (dq [C, K], dks L x [C, K], dvs L x [C, BV], dbetas L x [C], dg [C]), float32.
     """
-    inverse = differentiable_inverse(mm_dtype)
-
-    def chunk(q, ks, vls, betas, g, *, r, rm1, s):
+    def chunk(q, ks, vls, betas, g, *, r, rm1, s, a_inv):
+        inverse = (differentiable_inverse(mm_dtype) if a_inv is None
+                   else saved_inverse(a_inv, mm_dtype))
         d = chunk_decays(g, r, rm1, cumsum=cumsum)
         vws = [b[:, None] * v for b, v in zip(betas, vls)]
         o, s_new = chunk_step(s, q, ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype, inverse=inverse,
                               matmul=mm_diff)
         return scale * o, s_new
 
-    def pullback(q, ks, vls, betas, g, r, rm1, s, do, x):
-        return jax.vjp(functools.partial(chunk, r=r, rm1=rm1, s=s), q, ks, vls, betas, g)[1]((do, x))
+    def pullback(q, ks, vls, betas, g, r, rm1, s, do, x, a_inv):
+        f = functools.partial(chunk, r=r, rm1=rm1, s=s, a_inv=a_inv)
+        return jax.vjp(f, q, ks, vls, betas, g)[1]((do, x))
 
-    args = (q, ks, vls, betas, g, r, rm1, s, do, x)
+    args = (q, ks, vls, betas, g, r, rm1, s, do, x, a_inv)
     closed, out_tree = jax.make_jaxpr(pullback, return_shape=True)(*args)
     flat = _eval_inlined(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_tree), flat)
 
 
-def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, starts_ref, do_ref, cot_ref,
-            dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, heads, n_writes, chunk, block_v, scale,
-            mm_dtype):
+def _kernel(*refs, heads, n_writes, chunk, block_v, scale, mm_dtype, has_ainv):
+    (q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, starts_ref, do_ref, cot_ref), refs = refs[:10], refs[10:]
+    ainv_ref, refs = (refs[0], refs[1:]) if has_ainv else (None, refs)
+    dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref = refs
     bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // heads, bh % heads
     ts, vs = pl.ds(n * chunk, chunk), pl.ds(vb * block_v, block_v)
@@ -95,7 +101,7 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, starts_ref, do
         [beta_ref[b, ts, h, l].astype(f32) for l in L],
         g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts],
         starts_ref[b, h, n, :, vs], do_ref[b, ts, h, vs].astype(f32), cot_ref[b, h, n, :, vs],
-        scale=scale, mm_dtype=mm_dtype)
+        None if ainv_ref is None else ainv_ref[b, h, n], scale=scale, mm_dtype=mm_dtype)
     dq_ref[vb, b, ts, h, :] = dq
     dg_ref[vb, b, ts, h] = dg
     for l in L:
@@ -104,13 +110,14 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, starts_ref, do
         dv_ref[b, ts, h, l, vs] = dvs[l].astype(dv_ref.dtype)
 
 
-def chunk_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chunk_size, block_v=None,
-                   num_warps=None, num_stages=None, interpret=False):
+def chunk_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chunk_size, ainv=None,
+                   block_v=None, num_warps=None, num_stages=None, interpret=False):
     """Input cotangents of every chunk, all chunks in parallel.
 
     q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V], beta [B, Tp, H, L] (input dtypes);
     g [B, Tp, H] f32; r, rm1 [B, Tp] int32; starts, cot_end [B, H, N, K, V] f32 (start states and
-    end-state cotangents per chunk); do [B, Tp, H, V].
+    end-state cotangents per chunk); do [B, Tp, H, V]; ainv [B, H, N, C, C] f32 the chunks'
+    (I + m)^{-1} saved by the forward, or None (the kernel solves again).
     Returns (dq, dk, dbeta, dg) float32 and dv in v's dtype, shaped like the inputs.
     """
     from pallas_kernels.common import matmul_dtype
@@ -125,12 +132,12 @@ def chunk_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chun
 
         params = pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=num_stages or 1)
     kernel = functools.partial(_kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v,
-                               scale=scale, mm_dtype=matmul_dtype(q.dtype))
+                               scale=scale, mm_dtype=matmul_dtype(q.dtype), has_ainv=ainv is not None)
     part = lambda *shape: jax.ShapeDtypeStruct((nv, *shape), f32)
     dq, dk, dv, dbeta, dg = pl.pallas_call(
         kernel, grid=(B * H, N, nv), compiler_params=params, interpret=interpret,
         name="prism_chunk_bwd",
         out_shape=(part(B, Tp, H, K), part(B, Tp, H, L, K), jax.ShapeDtypeStruct(v.shape, v.dtype),
                    part(B, Tp, H, L), part(B, Tp, H)),
-    )(q, k, v, beta, g, r, rm1, starts, do, cot_end)
+    )(q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv]))
     return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)

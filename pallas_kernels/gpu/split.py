@@ -5,7 +5,8 @@ sequential path of every program; with few programs (long T, small batch) that l
 Here only cheap matmuls stay sequential:
 
   1. intra  grid (B*H, N)        per chunk, all in parallel: the solve, P [C, K] and Qe [C, V]
-                                 (E = P S_0 + Qe), written in the matmul dtype.
+                                 (E = P S_0 + Qe), written in the matmul dtype; the inverse
+                                 (I + m)^{-1} [C, C] f32 is kept for the backward.
   2. state  grid (B*H, V/bv)     sequential over chunks: S <- a S - ek^T (P S + Qe) + writes;
                                  writes every chunk's start state (also kept for the backward).
   3. output grid (B*H, N)        per chunk, all in parallel: o from q, the chunk inputs, P, Qe and
@@ -35,14 +36,15 @@ def _load_writes(k_ref, v_ref, beta_ref, b, ts, h, vs, n_writes):
     return ks, betas, vws
 
 
-def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, *, heads, n_writes,
-                  chunk, mm_dtype):
+def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, ainv_ref, *, heads,
+                  n_writes, chunk, mm_dtype):
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = bh // heads, bh % heads
     ts = pl.ds(n * chunk, chunk)
     ks, betas, vws = _load_writes(k_ref, v_ref, beta_ref, b, ts, h, slice(None), n_writes)
     d = chunk_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
-    p, qe = chunk_solve(ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype)
+    p, qe, a_inv = chunk_solve(ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype)
+    ainv_ref[b, h, n] = a_inv
     p_ref[b, ts, h, :] = p.astype(p_ref.dtype)
     qe_ref[b, ts, h, :] = qe.astype(qe_ref.dtype)
 
@@ -79,7 +81,8 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, 
 
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
             interpret=False):
-    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32)."""
+    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
+    ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward)."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     block_v = min(V, 64) if block_v is None else block_v
@@ -95,10 +98,11 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
-    p, qe = call(
+    p, qe, ainv = call(
         functools.partial(_intra_kernel, **common), grid=(B * H, N), name="prism_intra",
         out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), mm_dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype)),
+                   jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype),
+                   jax.ShapeDtypeStruct((B, H, N, chunk_size, chunk_size), f32)),
     )(*writes)
     starts, final = call(
         functools.partial(_state_kernel, block_v=block_v, n_chunks=N, **common),
@@ -109,4 +113,4 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
         functools.partial(_output_kernel, scale=scale, **common), grid=(B * H, N), name="prism_output",
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
     )(x.q, *writes, p, qe, starts)
-    return o, final, starts
+    return o, final, starts, ainv

@@ -19,11 +19,12 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import mm
 
 
-def _kernel(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, *, heads, block_v, n_chunks):
+def _kernel(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, *, heads, block_v, n_chunks,
+            mm_dtype):
     bh, vb = pl.program_id(0), pl.program_id(1)
     b, h = bh // heads, bh % heads
     vs = pl.ds(vb * block_v, block_v)
-    dot = functools.partial(mm, dtype=jnp.float32)
+    dot = functools.partial(mm, dtype=mm_dtype)
 
     def body(i, xs):
         n = n_chunks - 1 - i
@@ -35,8 +36,11 @@ def _kernel(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, *, heads,
     ds0_ref[b, h, :, vs] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[b, h, :, vs])
 
 
-def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, interpret=False):
+def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, mm_dtype=jnp.float32,
+                 interpret=False):
     """p, ek [B, H, N, C, K]; a [B, H, N]; y [B, H, N, K, V]; dfinal [B, H, K, V] (all float32).
+    mm_dtype: operand dtype of the two products per step (float32: IEEE; bf16 as the forward's state
+    pass, X stays float32 between steps).
 
     Returns (cot_end [B, H, N, K, V], ds0 [B, H, K, V])."""
     B, H, N, K, V = y.shape
@@ -47,7 +51,7 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, interpret
 
         params = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
     return pl.pallas_call(
-        functools.partial(_kernel, heads=H, block_v=block_v, n_chunks=N),
+        functools.partial(_kernel, heads=H, block_v=block_v, n_chunks=N, mm_dtype=mm_dtype),
         grid=(B * H, V // block_v), compiler_params=params, interpret=interpret,
         name="prism_state_bwd",
         out_shape=(jax.ShapeDtypeStruct(y.shape, jnp.float32),

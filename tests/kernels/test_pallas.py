@@ -94,13 +94,13 @@ def test_reverse_state_kernel_matches_scan():
     assert rel(cot, cot_ref) < 1e-6 and rel(ds0, ds0_ref) < 1e-6
 
 
-@pytest.mark.parametrize("L,T,K,V,bwd,bwd_block_v", [
-    (1, 37, 32, 16, "fused", None),
-    (2, 40, 16, 32, "fused", 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
-    (3, 21, 16, 16, "fused", None),
-    pytest.param(2, 40, 16, 32, "xla", None, marks=pytest.mark.slow),  # the TPU path's backward
+@pytest.mark.parametrize("L,T,K,V,kernel,bwd,bwd_block_v", [
+    (1, 37, 32, 16, "split", "fused", None),
+    (2, 40, 16, 32, "split", "fused", 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
+    (3, 21, 16, 16, "fused", "fused", None),  # no saved inverses: the backward kernels solve again
+    pytest.param(2, 40, 16, 32, "split", "xla", None, marks=pytest.mark.slow),  # the TPU path's
 ])
-def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, bwd, bwd_block_v):
+def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, kernel, bwd, bwd_block_v):
     q, k, v, beta, g, s0 = make_inputs(7 + L, 1, T, 2, L, K, V)
     seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32)
     wo = jax.random.normal(jax.random.PRNGKey(8), (1, T, 2, V))
@@ -111,7 +111,7 @@ def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V
         def f(q, k, v, beta, g, s0):
             if impl == "pallas":
                 o, fin = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
-                                      segment_ids=seg, bwd=bwd, bwd_block_v=bwd_block_v)
+                                      segment_ids=seg, kernel=kernel, bwd=bwd, bwd_block_v=bwd_block_v)
             else:
                 o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                                           impl=impl, segment_ids=seg)
@@ -137,6 +137,7 @@ def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V
     assert abs(analytic - fd) < 1e-4 * max(1.0, abs(fd))
 
 
+@pytest.mark.slow  # the default gradient tests run this kernel too (~20 s in interpret mode)
 def test_state_pullback_kernel_matches_xla():
     from pallas_kernels.backward import _chunked, _over_chunks, _state_pullback
     from pallas_kernels.common import prepare
@@ -245,6 +246,7 @@ def lower_for_h200(fn, args, monkeypatch):
 @pytest.mark.parametrize("kernel,bwd,dtype,L,n_kernels", [
     ("split", "fused", jnp.bfloat16, 2, 6),  # intra, state, output; pullback, reverse, chunk_bwd
     ("split", "fused", jnp.float32, 3, 6),
+    ("fused", "fused", jnp.bfloat16, 1, 4),  # fused forward (no saved inverses); the three bwd kernels
     ("fused", "xla", jnp.bfloat16, 1, 2),  # fused forward; reverse (the rest is XLA)
 ])
 def test_gpu_kernels_lower_to_triton_with_gradients(kernel, bwd, dtype, L, n_kernels, monkeypatch):
