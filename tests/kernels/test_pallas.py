@@ -316,8 +316,8 @@ def _grads(impl, args, seg, w, chunk_size=32, **kw):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("L,K,V,block_v,bwd", [(2, 128, 128, 64, "fused"), (2, 128, 128, 64, "xla"),
-                                               (3, 64, 128, 32, "fused"), (1, 128, 64, 64, "fused")])
+@pytest.mark.parametrize("L,K,V,block_v,bwd", [(2, 128, 128, 64, "fused"), (3, 64, 128, 32, "fused"),
+                                               (1, 128, 64, 64, "fused")])  # bwd="xla": benchmark rows
 def test_gpu_kernel_float32_forward_and_gradients(L, K, V, block_v, bwd):
     T = 200
     q, k, v, beta, g, s0 = make_inputs(L, 2, T, 2, L, K, V)
