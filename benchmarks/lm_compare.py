@@ -315,10 +315,11 @@ def main(argv=None):
         args.corpus = "stdlib"
 
     data_dir, prep_s, meta = prepare_data(args.workdir, args.corpus)
-    data = dict(data_dir=str(data_dir), corpus=args.corpus, prepare_s=prep_s, source=meta["source"],
+    data = dict(data_dir=str(data_dir), corpus=args.corpus, prepare_s=prep_s, reused=not prep_s, source=meta["source"],
                 splits={k: dict(documents=v["documents"], tokens=v["tokens"]) for k, v in meta["splits"].items()})
     print(f"data: {args.corpus}: train {data['splits']['train']['tokens'] / 1e6:.1f}M bytes, val "
-          f"{data['splits']['val']['tokens'] / 1e6:.2f}M bytes, prepared in {prep_s:.1f} s", flush=True)
+          f"{data['splits']['val']['tokens'] / 1e6:.2f}M bytes, "
+          + (f"prepared in {prep_s:.1f} s" if prep_s else f"reused from {data_dir}"), flush=True)
 
     worker_argv = strip_flags(argv, ("--out", "--compile-workers")) + [f"--cache-dir={args.cache_dir}"]
     statuses = precompile(names, worker_argv, args) if args.compile_workers > 0 else {}
@@ -395,9 +396,11 @@ def main(argv=None):
         # One device computation up front: calling the schedule per step would dispatch (and wait on) its ops.
         lrs = np.asarray(jax.vmap(optim.learning_rate_schedule(config))(np.arange(steps)), np.float32)
         runner.fresh_state()
-        deadline = start + args.budget_s - 10.0 * (len(runners) - list(runners).index(n))
         losses, done, stopped = [], 0, False
         t0 = time.perf_counter()
+        # Stop (and say so) if this model runs far over its calibrated time or would starve the ones after it.
+        after = len(runners) - 1 - list(runners).index(n)
+        deadline = min(t0 + 1.5 * steps * step_s[n] + 10.0, start + args.budget_s - 15.0 * (after + 1))
         for i, batch in enumerate(batches):
             metrics = runner.step(batch, lrs[i])
             done = i + 1

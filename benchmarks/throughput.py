@@ -156,12 +156,16 @@ def build_prism_point(name, seq_len, batch, args, op_impl):
     return jax.jit(step).lower, (lambda compiled: compiled), (params, opt_state), info
 
 
-def jla_config(name, args):
-    """The jla preset, with its remat policy set by --jla-remat (smoke: shrunk to a tiny model)."""
+def jla_config(name, args, impl="auto"):
+    """The jla preset, with its remat policy set by --jla-remat (smoke: shrunk to a tiny model).
+    impl "auto": jla's Mosaic GPU kernels on Hopper; "chunked": its plain-JAX ops (the fallback)."""
     from jla.models.presets import get_preset as jla_preset
 
     cfg = jla_preset(JLA_MODELS[name])
-    cfg = dataclasses.replace(cfg, remat=args.jla_remat, compute_dtype=args.dtype)
+    la = cfg.linear_attention
+    if impl != "auto":
+        la = dataclasses.replace(la, implementation=impl, conv_impl="xla")
+    cfg = dataclasses.replace(cfg, remat=args.jla_remat, compute_dtype=args.dtype, linear_attention=la)
     if args.smoke:
         la = dataclasses.replace(cfg.linear_attention, num_k_heads=2, num_v_heads=2, head_k_dim=16,
                                  head_v_dim=16, chunk_size=16)
@@ -170,7 +174,7 @@ def jla_config(name, args):
     return cfg
 
 
-def build_jla_point(name, seq_len, batch, args):
+def build_jla_point(name, seq_len, batch, args, impl):
     """(lower, adapt, state, info) for a jax-linear-attention preset through its public training API."""
     import equinox as eqx
     import jax
@@ -179,7 +183,7 @@ def build_jla_point(name, seq_len, batch, args):
     from jla.models.lm import build_model
     from jla.training.step import LossConfig, build_train_step, lm_loss
 
-    cfg = jla_config(name, args)
+    cfg = jla_config(name, args, impl)
     model = build_model(cfg, key=jax.random.PRNGKey(0))
     tx = optax.adamw(3e-4, weight_decay=0.1)
     params = eqx.filter(model, eqx.is_inexact_array)
@@ -209,7 +213,7 @@ def build_jla_point(name, seq_len, batch, args):
 def build_point(name, seq_len, args, op_impl):
     batch = max(1, tokens_per_step_for(name, args) // seq_len)
     if name in JLA_MODELS:
-        lower, adapt, state, info = build_jla_point(name, seq_len, batch, args)
+        lower, adapt, state, info = build_jla_point(name, seq_len, batch, args, op_impl)
     else:
         lower, adapt, state, info = build_prism_point(name, seq_len, batch, args, op_impl)
     return lower, adapt, state, dict(info, batch=batch, tokens_per_step=batch * seq_len)
@@ -236,7 +240,10 @@ def memory_estimate(compiled):
 
 
 def fallback_impls(name, args):
-    """Forms to try in order: the requested one, then the plain chunk form for the Pallas op."""
+    """Forms to try in order: the requested one, then the plain chunk form for the Pallas op (jla: its
+    kernels, then its plain-JAX chunked ops)."""
+    if name in JLA_MODELS:
+        return ["auto", "chunked"] if args.op_impl == "pallas" else ["auto"]
     if name in MODELS and MODELS[name]["mixer"] in ("prism", "gdn") and args.op_impl == "pallas":
         return ["pallas", "chunk"]
     return [args.op_impl]
@@ -300,8 +307,8 @@ def precompile(points, argv, args):
             except (OSError, json.JSONDecodeError):
                 with open(log.name) as f:
                     tail = f.read()[-300:]
-                statuses[key] = dict(ok=False, errors=[f"worker exit {proc.returncode}"
-                                                        f"{' (killed: --compile-timeout-s)' if out_of_time else ''}: {tail}"])
+                statuses[key] = dict(ok=False, killed=True, errors=[
+                    f"worker exit {proc.returncode}{' (killed: --compile-timeout-s)' if out_of_time else ''}: {tail}"])
             s = statuses[key]
             note = (f"ok ({s['impl']}) in {s['worker_s']:.1f} s" if s.get("ok")
                     else f"FAILED: {' | '.join(s.get('errors', []))[:200]}")
@@ -316,8 +323,10 @@ def time_point(name, seq_len, args, status):
     import jax
     import numpy as np
 
-    impls = [status["impl"]] if status and status.get("ok") else fallback_impls(name, args)
     errors = list(status.get("errors", [])) if status else []
+    if status and not status.get("ok") and not status.get("killed"):  # every form failed in the worker
+        return dict(model=name, seq_len=seq_len, error=" | ".join(errors)[:300] or "compile failed")
+    impls = [status["impl"]] if status and status.get("ok") else fallback_impls(name, args)
     for i, impl in enumerate(impls):
         try:
             compiled, state, info = compile_point(name, seq_len, args, impl)
@@ -350,8 +359,8 @@ def time_point(name, seq_len, args, status):
     step_s = float(np.median(times))
     r = dict(model=name, seq_len=seq_len, **info, tokens_per_s=info["tokens_per_step"] / step_s, step_s=step_s,
              timed_steps=len(times), warmup_s=warmup_s, precompiled=bool(status and status.get("ok")))
-    if info["op_impl"] != args.op_impl and name in MODELS and MODELS[name]["mixer"] in ("prism", "gdn"):
-        r["fallback"] = f"op_impl={info['op_impl']}"
+    if impl != fallback_impls(name, args)[0]:
+        r["fallback"] = f"impl={impl}"
     if status and status.get("ok"):
         r["worker_compile_s"] = status.get("compile_s")
     if errors:
@@ -403,7 +412,7 @@ def print_table(results, models, lengths, file=sys.stdout):
             for t in lengths:
                 a, b = by.get((prism, t)), by.get((ttt, t))
                 ok = a and b and "tokens_per_s" in a and "tokens_per_s" in b
-                cells.append(f"{a['tokens_per_s'] / b['tokens_per_s']:.1f}x" if ok else "-")
+                cells.append(f"{a['tokens_per_s'] / b['tokens_per_s']:.3g}x" if ok else "-")
             print(f"| {prism} / {ttt} | " + " | ".join(cells) + " |", file=file)
 
 

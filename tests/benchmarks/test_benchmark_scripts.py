@@ -107,7 +107,7 @@ def test_throughput_table_ratio_and_merge(tmp_path):
     out = io.StringIO()
     throughput.print_table(merged, ["prism_l2", "ttt_token"], [2048, 4096], file=out)
     text = out.getvalue()
-    assert "| prism_l2 / ttt_token | 148.0x | - |" in text
+    assert "| prism_l2 / ttt_token | 148x | - |" in text
     assert "500.0 (4K/step)" in text
 
 
