@@ -3,14 +3,21 @@
     python benchmarks/ablations.py --steps 300 --seeds 0,1,2 \
         --json docs/results/ablations.json --md docs/results/ablations.md
 
-Each (variant, seed) is one `python -m train --config configs/tiny.py` run (the tiny preset: d_model 64,
-2 layers, seq 128, batch 16, byte-level embedded corpus) in its own workdir under --root, with the
-variant's model override and `--config.seed=SEED` (the seed sets both the initialisation and the data
-order). Every run sees the same number of tokens (steps x batch x seq_len) and is evaluated on the same
-validation batches (the validation split is read in order). A finished run is skipped, so rerunning the
-command resumes. The JSON and markdown table are rewritten after every run, so a cut-off sweep still
-leaves its results. Runs go seed-major (all variants of seed 0 first), so a cut-off sweep still compares
-every variant.
+Every run is the training stack's recipe for `configs/tiny.py` (the tiny preset: d_model 64, 2 layers,
+seq 128, batch 16, byte-level embedded corpus; `train.loop`'s train / eval steps, `train.optim`'s AdamW
+with warmup + cosine, `train.data.pipeline`'s grain input) with the variant's model override and
+`config.seed = SEED` (the seed sets both the initialisation and the data order). Every run sees the same
+number of tokens (steps x batch x seq_len) and is evaluated on the same validation batches (the
+validation split is read in order).
+
+--mode vmap (default): the seeds of one variant train side by side in one process, `jax.vmap` over the
+seed axis of the train state and of the batches (each seed its own grain iterator), so a variant
+compiles once and the small, latency-bound steps of the three seeds share their dispatches. The math
+per seed is that of a separate run. --mode cli: one `python -m train` process per (variant, seed), in
+its own workdir under --root (a finished run is skipped, so rerunning resumes).
+
+The JSON and markdown table are rewritten after every variant (vmap) or run (cli), so a cut-off sweep
+still leaves its results.
 """
 
 from __future__ import annotations
@@ -62,6 +69,69 @@ def run_overrides(variant: str, seed: int, args) -> dict:
 def run_command(workdir: pathlib.Path, overrides: dict) -> list[str]:
     return [sys.executable, "-m", "train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
             *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+def variant_config(variant: str, seed: int, args):
+    """The tiny training config of one (variant, seed) with the shared budget (as `run_overrides`)."""
+    from train.config_lib import tiny_config  # noqa: PLC0415
+
+    config = tiny_config()
+    for key, value in run_overrides(variant, seed, args).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def train_seeds_vmapped(variant: str, seeds: list[int], args) -> dict:
+    """Train every seed of `variant` in one vmapped step; returns {seed: summary} (the CLI's summary
+    fields: step, train_loss, eval_loss, eval_perplexity, eval_bits_per_byte, eval_tokens, seconds)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from flax import linen as nn  # noqa: PLC0415
+
+    from train import loop, optim  # noqa: PLC0415
+    from train import metrics as metrics_lib  # noqa: PLC0415
+    from train.data import pipeline  # noqa: PLC0415
+    from train.data import prepare as prepare_lib  # noqa: PLC0415
+    from train.data import tokenizers  # noqa: PLC0415
+
+    t0 = time.time()
+    configs = [variant_config(variant, s, args) for s in seeds]
+    config = configs[0]
+    data_dir = pathlib.Path(config.data.data_dir)
+    tokenizer = tokenizers.tokenizer_from_spec(prepare_lib.load_meta(data_dir)["tokenizer"])
+    vocab = int(config.model.vocab_size)
+    model, optimizer = loop.build_model(config), optim.make_optimizer(config)
+    init_boxed = loop._init_fn(model, optimizer, config.data.seq_len)
+    keys = jax.numpy.stack([jax.random.key(c.seed) for c in configs])  # the CLI's init key per seed
+    states = jax.jit(jax.vmap(lambda r: nn.unbox(init_boxed(r))))(keys)
+    train_step = jax.jit(jax.vmap(loop.make_train_step(model, optimizer)), donate_argnums=0)
+    eval_step = jax.jit(jax.vmap(loop.make_eval_step(model, tokenizer.token_byte_lengths()), in_axes=(0, None)))
+    iters = [iter(pipeline.make_dataset(loop._pipeline_spec(c, data_dir, "train", vocab))) for c in configs]
+    losses = []
+    for step in range(1, config.total_steps + 1):
+        host = [next(it) for it in iters]
+        batch = {k: np.stack([h[k] for h in host])[:, None] for k in ("tokens", "segment_ids", "positions")}
+        states, metrics = train_step(states, batch)
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+            losses = np.asarray(metrics["loss"]).tolist()
+            if not all(math.isfinite(x) for x in losses):
+                raise FloatingPointError(f"{variant}: training loss {losses} at step {step}")
+            print(f"  {variant} step {step:5d}  {time.time() - t0:6.0f}s  loss " +
+                  " ".join(f"{x:.4f}" for x in losses), flush=True)
+    totals = np.zeros((3, len(seeds)))
+    for host_batch in pipeline.eval_batches(loop._pipeline_spec(config, data_dir, "val", vocab), config.eval_batches):
+        out = eval_step(states.params, host_batch)
+        totals += np.stack([np.asarray(out[k], np.float64) for k in ("nll_sum", "tokens", "bytes")])
+    seconds = time.time() - t0
+    result = {}
+    for i, s in enumerate(seeds):
+        result[s] = {"step": config.total_steps, "train_loss": losses[i], "seconds": seconds,
+                     **metrics_lib.eval_summary(totals[0, i], totals[1, i], totals[2, i])}
+    return result
 
 
 def read_summary(workdir: pathlib.Path, steps: int) -> dict | None:
@@ -157,9 +227,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--root", default=str(REPO / "workdirs" / "ablations"), help="workdirs and prepared data")
     parser.add_argument("--json", default=str(REPO / "docs" / "results" / "ablations.json"))
     parser.add_argument("--md", default=str(REPO / "docs" / "results" / "ablations.md"))
+    parser.add_argument("--also-json", action="append", default=[], metavar="PATH",
+                        help="runs from other sweeps' JSON (same budget) to include; e.g. to merge two "
+                             "sweeps run in parallel over different --variants")
     parser.add_argument("--no-start-after", default=None, metavar="HH:MM",
                         help="start no run after this UTC wall-clock time")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--mode", choices=("vmap", "cli"), default="vmap",
+                        help="vmap: the seeds of a variant in one vmapped process; cli: one process per run")
+    parser.add_argument("--dry-run", action="store_true", help="print the cli commands, run nothing")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -183,39 +258,51 @@ def main(argv=None) -> dict:
         subprocess.run([sys.executable, "-m", "train.data.prepare", "--output_dir", str(data_dir)], check=True)
     args.param_counts = {v: count_params(v) for v in variants}
 
-    # The seeds of a variant compile the same programs: share them through JAX's persistent cache.
-    env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(root.absolute() / "jax_cache"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     runs = {}
-    for v, s in todo:
-        workdir = root / f"{v}-s{s}"
-        summary = read_summary(workdir, args.steps)
-        if summary is None:
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
-            if args.no_start_after and now >= args.no_start_after:
-                print(f"== {v} seed {s}: not started ({now} UTC is past --no-start-after)", flush=True)
-                continue
-            print(f"== {v} seed {s}: {now} UTC, {args.steps} steps", flush=True)
-            t0 = time.time()
-            proc = subprocess.run(run_command(workdir, run_overrides(v, s, args)), cwd=REPO, env=env)
-            if proc.returncode != 0:
-                print(f"== {v} seed {s}: failed with exit code {proc.returncode}", flush=True)
-                continue
-            summary = read_summary(workdir, args.steps)
-            if summary is None:
-                print(f"== {v} seed {s}: no finished summary in {workdir}", flush=True)
-                continue
-            print(f"== {v} seed {s}: bits/byte {summary['eval_bits_per_byte']:.4f} "
-                  f"({time.time() - t0:.0f} s wall)", flush=True)
-        runs[(v, s)] = {k: summary[k] for k in ("step", "train_loss", "eval_loss", "eval_bits_per_byte", "seconds")
-                        if k in summary}
-        if not all(math.isfinite(runs[(v, s)][k]) for k in ("train_loss", "eval_bits_per_byte")):
-            print(f"== {v} seed {s}: non-finite metrics {runs[(v, s)]}", flush=True)
+    for path in [args.json, *args.also_json]:  # resume / merge: finished runs of the same budget
+        if not os.path.exists(path):
+            continue
+        old = json.loads(pathlib.Path(path).read_text())
+        if old.get("steps") == args.steps and old.get("eval_batches") == args.eval_batches:
+            runs.update({(r["variant"], r["seed"]): {k: v for k, v in r.items() if k not in ("variant", "seed")}
+                         for r in old["runs"] if r["variant"] in variants and r["seed"] in seeds})
+
+    def save():
         doc = aggregate(runs, variants, seeds, args)
         for path, text in ((args.json, json.dumps(doc, indent=1)), (args.md, markdown(doc))):
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(path).write_text(text)
+
+    # The seeds of a variant compile the same programs: share them through JAX's persistent cache (cli).
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(root.absolute() / "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    units = [[(v, s) for s in seeds] for v in variants] if args.mode == "vmap" else [[u] for u in todo]
+    for unit in units:
+        unit = [(v, s) for v, s in unit if (v, s) not in runs]
+        if not unit:
+            continue
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
+        if args.no_start_after and now >= args.no_start_after:
+            print(f"== {unit}: not started ({now} UTC is past --no-start-after)", flush=True)
+            continue
+        v = unit[0][0]
+        print(f"== {v} seeds {[s for _, s in unit]}: {now} UTC, {args.steps} steps ({args.mode})", flush=True)
+        if args.mode == "vmap":
+            done = train_seeds_vmapped(v, [s for _, s in unit], args)
+        else:
+            s = unit[0][1]
+            workdir = root / f"{v}-s{s}"
+            summary = read_summary(workdir, args.steps)
+            if summary is None:
+                subprocess.run(run_command(workdir, run_overrides(v, s, args)), cwd=REPO, env=env)
+                summary = read_summary(workdir, args.steps)
+            done = {s: summary} if summary is not None else {}
+        for s, summary in done.items():
+            runs[(v, s)] = {k: summary[k] for k in ("step", "train_loss", "eval_loss", "eval_bits_per_byte",
+                                                    "seconds") if k in summary}
+            print(f"== {v} seed {s}: bits/byte {summary['eval_bits_per_byte']:.4f}", flush=True)
+        save()
     doc = aggregate(runs, variants, seeds, args)
     print(markdown(doc))
     return doc
