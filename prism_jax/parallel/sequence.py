@@ -24,9 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from prism_jax.ops.prism import INTER_CHUNK, check_inputs
-from prism_jax.ops.prism.chunk import (_chunk_outputs, _chunk_terms, _transition,
-                                       chunk_start_states)
-from prism_jax.ops.prism.common import resets_from_segments
+from prism_jax.ops.prism.chunk import (_chunk_outputs, _chunk_terms, _transition, chunk_inputs,
+                                       chunk_start_states, unchunk_outputs)
 from prism_jax.parallel.halo import left_halo
 
 __all__ = ["sequence_parallel_prism", "sequence_parallel_prism_local"]
@@ -92,25 +91,8 @@ def sequence_parallel_prism_local(q, k, v, beta, g, *, axis_name="sequence", sca
     s0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
 
     # Local chunking, as in the single-device chunk form; a short slice is one (shorter) chunk.
-    C = min(chunk_size, T)
-    N = -(-T // C)
-    pad = N * C - T
-    resets = resets_from_segments(segment_ids, B, T)
-    r = jnp.cumsum(resets.astype(jnp.int32), axis=1)
-    g = jnp.where(resets[:, :, None], 0.0, g)
-    if pad:  # identity steps: beta = 0, g = 0, v = 0, no reset
-        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, beta, g = map(padt, (q, k, v, beta, g))
-        r = jnp.pad(r, [(0, 0), (0, pad)], mode="edge")
-
-    def chunked(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
-        return jnp.moveaxis(x.reshape(B, N, C, H, *x.shape[3:]), 3, 1)
-
-    q, k, v, beta, g = map(chunked, (q, k, v, beta, g))
-    vw = beta[..., None] * v
-    r = jnp.broadcast_to(r.reshape(B, 1, N, C), (B, H, N, C))
-    r_prev = jnp.concatenate([jnp.zeros((B, H, 1), r.dtype), r[..., :-1, -1]], axis=-1)
-    terms = _chunk_terms(k, vw, beta[..., 0], g, r, r_prev)
+    x = chunk_inputs(q, k, v, beta, g, segment_ids, min(chunk_size, T))
+    terms = _chunk_terms(x.k, x.vw, x.beta[..., 0], x.g, x.r, x.r_prev)
 
     # A document starting exactly at this slice's first token zeroes the incoming state.
     if segment_ids is None:
@@ -128,8 +110,8 @@ def sequence_parallel_prism_local(q, k, v, beta, g, *, axis_name="sequence", sca
     s_in = keep * incoming[jax.lax.axis_index(axis_name)]
 
     starts, _ = chunk_start_states(terms, s_in, inter_chunk)
-    o = scale * _chunk_outputs(q, k, vw, g, r, r_prev, terms, starts)  # [B, H, N, C, V]
-    o = jnp.moveaxis(o, 1, 3).reshape(B, N * C, H, V)[:, :T]
+    o = _chunk_outputs(x.q, x.k, x.vw, x.g, x.r, x.r_prev, terms, starts)  # [B, H, N, C, V]
+    o = scale * unchunk_outputs(o, T)
     return o.astype(out_dtype), final.astype(jnp.result_type(jnp.float32, dt))
 
 
