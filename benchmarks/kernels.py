@@ -9,6 +9,8 @@ order (the run stops itself at --budget_s and skips what would not fit):
   1. at the first length: `pallas` (ours) at L = 1, 2, 3 with bwd="fused" and bwd="xla",
      jax-linear-attention 0.1.0's Gated DeltaNet (Mosaic GPU; skipped with a note when not
      importable), our XLA `chunk` form at L = 2;
+  then the time of each pallas kernel (split forward, state pull-back, reverse pass, chunk backward)
+  at the first length, L = 2;
   2. at the other lengths: pallas fused L = 1, 2, 3 and the GDN; 3. then pallas xla L = 2 and chunk.
 --sweep first times fwd+bwd of the fused backward's block sizes / warps (T = first length, L = 2) and
 uses the fastest for the table. Times are medians of `--reps` runs after 2 warm-ups (host clock
@@ -220,6 +222,33 @@ def measure_row(spec, shape, reps, refs, pallas_kw, gdn=None):
     return row
 
 
+def breakdown(shape, T, L, reps, pallas_kw):
+    """Milliseconds of each kernel of pallas fwd+bwd (bf16, chunk 32, defaults / the sweep's pick)."""
+    from pallas_kernels.common import prepare
+    from pallas_kernels.gpu import chunk_bwd, pullback, split, state_bwd
+
+    H, K, V, C = shape["heads"], shape["dk"], shape["dv"], 32
+    B = shape["tokens"] // T
+    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(1), B, T, L, H, K, V)
+    x = prepare(q, k, v, beta, g, None, None, C)
+    scale, interp = K ** -0.5, jax.default_backend() == "cpu"  # CPU: --smoke, interpret mode
+    fwd = jax.jit(lambda x: split.forward(x, scale=scale, chunk_size=C, interpret=interp))
+    _, final, starts, ainv = fwd(x)
+    pull = jax.jit(lambda x, do, ainv: pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do,
+                                                               scale=scale, chunk_size=C, ainv=ainv,
+                                                               interpret=interp))
+    p, ek, a, y = pull(x, do, ainv)
+    rev = jax.jit(lambda p, ek, a, y, df: state_bwd.reverse_pass(p, ek, a, y, df, mm_dtype=q.dtype,
+                                                                 interpret=interp))
+    cot, _ = rev(p, ek, a, y, final)
+    cb = jax.jit(lambda x, starts, do, cot, ainv: chunk_bwd.chunk_backward(
+        x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot, scale=scale, chunk_size=C, ainv=ainv,
+        block_v=pallas_kw.get("bwd_block_v"), num_warps=pallas_kw.get("bwd_num_warps"), interpret=interp))
+    return dict(T=T, L=L, forward_ms=timed(fwd, x, reps=reps), pullback_ms=timed(pull, x, do, ainv, reps=reps),
+                reverse_ms=timed(rev, p, ek, a, y, final, reps=reps),
+                chunk_bwd_ms=timed(cb, x, starts, do, cot, ainv, reps=reps))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -231,6 +260,7 @@ def main():
     ap.add_argument("--sweep_budget_s", type=float, default=120)
     ap.add_argument("--skip", default="", help="rows to leave out, e.g. chunk@2048,jla_gdn@2048,xla@8192")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: interpret mode)")
+    ap.add_argument("--no_breakdown", action="store_true", help="skip the per-kernel times (first length, L = 2)")
     ap.add_argument("--fla", action="store_true")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else SHAPE
@@ -279,7 +309,7 @@ def main():
     first, rest = lengths[0], lengths[1:]
     specs = [("pallas", 2, first, "fused"), ("pallas", 2, first, "xla"), ("pallas", 1, first, "fused"),
              ("jla_gdn", 1, first, None), ("pallas", 3, first, "fused"), ("pallas", 1, first, "xla"),
-             ("pallas", 3, first, "xla"), ("chunk", 2, first, None)]
+             ("pallas", 3, first, "xla"), ("chunk", 2, first, None), ("breakdown", 2, first, None)]
     for T in rest:
         specs += [("pallas", 1, T, "fused"), ("jla_gdn", 1, T, None), ("pallas", 2, T, "fused"),
                   ("pallas", 3, T, "fused")]
@@ -301,6 +331,15 @@ def main():
             run.add("skipped", dict(impl=impl, bwd=bwd, L=L, T=T, reason="time budget"))
             continue
         t0 = time.time()
+        if impl == "breakdown":
+            try:
+                if not args.no_breakdown:
+                    run.doc["breakdown"] = breakdown(shape, T, L, args.reps, pallas_kw)
+                    print(json.dumps(run.doc["breakdown"]), flush=True)
+                    run.save()
+            except Exception as e:
+                run.doc["notes"].append(f"breakdown failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         try:
             row = measure_row(spec, shape, args.reps, refs, pallas_kw, gdn)
             row["seconds"] = round(time.time() - t0, 1)
@@ -315,6 +354,10 @@ def print_tables(doc, peak, shape):
     f = lambda x, p=".2f": "-" if x is None else format(x, p)
     print(f"\nbf16 matmul peak measured: {peak:.0f} TFLOP/s; B*T = {shape['tokens']}, H = {shape['heads']}, "
           f"K = {shape['dk']}, V = {shape['dv']}, bf16 inputs; elapsed {doc['meta']['elapsed_s']} s")
+    if doc.get("breakdown"):
+        bd = doc["breakdown"]
+        print(f"\nper kernel, pallas bf16 L = {bd['L']}, T = {bd['T']}: " + ", ".join(
+            f"{k[:-3]} {v:.2f} ms" for k, v in bd.items() if k.endswith("_ms")))
     if doc["sweep"]:
         print("\n| bwd_block_v | bwd_num_warps | fwd+bwd ms |\n|---|---|---|")
         for s in doc["sweep"]:
