@@ -48,6 +48,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+# Tests force a failure of one op impl at one stage, e.g. PRISM_SCALING_FAIL="compile:scan", to check the
+# fallback to the chunk form without a broken kernel.
+FORCED_FAILURE = os.environ.get("PRISM_SCALING_FAIL", "")
+
+
+def _maybe_fail(stage: str, impl: str) -> None:
+    if FORCED_FAILURE == f"{stage}:{impl}":
+        raise RuntimeError(f"forced failure of impl {impl!r} at {stage} (PRISM_SCALING_FAIL)")
 
 
 # ----------------------------------------------------------------------------- the plan (pure Python)
@@ -135,6 +143,7 @@ class TrainPoint:
         from train import mesh as mesh_lib  # noqa: PLC0415
 
         self.spec, self.impl = spec, impl
+        _maybe_fail("lower", impl)
         n, T, rows = spec["devices"], spec["T"], spec["rows"]
         overrides = {} if spec["layers"] is None else {"num_layers": spec["layers"]}
         config = (config_lib.tiny_config(**overrides) if smoke
@@ -168,6 +177,7 @@ class TrainPoint:
         self.lower_s = time.perf_counter() - t0
 
     def compile(self):
+        _maybe_fail("compile", self.impl)
         t0 = time.perf_counter()
         compiled = self.lowered.compile()
         return compiled, time.perf_counter() - t0
@@ -241,12 +251,17 @@ def points_worker(cfg):
         return states[key]
 
     t_start = time.time()
+    lowering_failed = False
     for spec in specs:  # lower in the main thread (tracing holds the GIL), compile in the pool
         if spec["devices"] > ndev:
             record(spec, status="skipped", note=f"needs {spec['devices']} devices, {ndev} present")
             continue
         try:
-            point, note = prepare(spec, spec["impl"])
+            point, note = prepare(spec, "chunk" if lowering_failed and spec["part"] == "train" else spec["impl"])
+            if note:
+                lowering_failed = True
+            elif lowering_failed and spec["part"] == "train" and spec["impl"] != "chunk":
+                note = f"{spec['impl']} failed at lowering on an earlier point; chunk form"
         except Exception as e:  # noqa: BLE001
             record(spec, status="error", note=f"lowering: {short_error(e)}")
             continue
@@ -259,6 +274,7 @@ def points_worker(cfg):
 
     def run(point, compiled, steps):
         """(first step s, median-free mean step s over `steps`, loss, runtime peaks)."""
+        _maybe_fail("run", point.impl)
         state = jax.device_put(state_for(point), point.state_shardings)
         batch = {k: jax.device_put(v, point.batch_sharding) for k, v in point.host_batch(np).items()}
         t0 = time.perf_counter()
@@ -289,9 +305,23 @@ def points_worker(cfg):
             future.result(timeout=max(1.0, deadline - time.time()))
         except Exception:  # noqa: BLE001  (reported at the point)
             pass
-    ordered = sorted(prepared.items(), key=lambda item: item[1][0].spec["part"] != "train")
+    def fall_back_rest(failed: str, reason: str):
+        """The Pallas op failed on `failed`: re-lower the train points not yet measured with the chunk
+        form and compile them together now (one failing kernel fails them all; sequential re-compiles
+        would not fit the window)."""
+        for other, (p, _) in list(prepared.items()):
+            if other == failed or other in doc["points"] or p.spec["part"] != "train" or p.impl == "chunk":
+                continue
+            if other in futures:
+                futures[other].cancel()
+            chunk = TrainPoint(jax, p.spec, cfg["smoke"], "chunk")
+            prepared[other] = (chunk, f"{p.impl} failed on {failed} ({reason}); chunk form")
+            futures[other] = pool.submit(chunk.compile)
+
+    order = sorted(prepared, key=lambda name: prepared[name][0].spec["part"] != "train")
     long_started = False
-    for name, (point, note) in ordered:
+    for name in order:
+        point, note = prepared[name]
         spec = point.spec
         if spec["part"] == "long" and not long_started:
             long_started = True  # every sequence-parallel candidate, and one GPU with the first model
@@ -318,6 +348,13 @@ def points_worker(cfg):
             continue
         if name not in futures:  # a long candidate not compiled up front
             futures[name] = pool.submit(point.compile)
+        if spec["part"] == "train":  # fallback compiles too: none in flight while a train point is timed
+            for other, future in list(futures.items()):
+                if prepared[other][0].spec["part"] == "train" and other not in doc["points"]:
+                    try:
+                        future.result(timeout=max(1.0, deadline - time.time()))
+                    except Exception:  # noqa: BLE001  (reported at its point)
+                        pass
         try:
             compiled, compile_s = futures[name].result(timeout=max(1.0, deadline - time.time()))
         except FutureTimeout:
@@ -329,6 +366,7 @@ def points_worker(cfg):
                        impl=point.impl)
                 continue
             note = f"{point.impl} failed to compile ({short_error(e)})"
+            fall_back_rest(name, "compile")
             point = TrainPoint(jax, spec, cfg["smoke"], "chunk")
             compiled, compile_s = point.compile()
         need = xla_peak_bytes(compiled)
@@ -336,8 +374,8 @@ def points_worker(cfg):
                     xla_peak_bytes=need, params=int(sum(x.size for x in jax.tree.leaves(state_for(point).params))),
                     layers=point.config.model.num_layers)
         if limit and need == need and need > limit:
-            record(spec, status="oom", **{**base, "note": f"XLA needs {need / 1e9:.1f} GB per device "
-                                                          f"> {limit / 1e9:.1f} GB (not run)"})
+            record(spec, status="oom", **{**base, "note": f"XLA needs {need / 1e9:.3g} GB per device "
+                                                          f"> {limit / 1e9:.3g} GB (not run)"})
             continue
         try:
             first, step_s, steps, loss, peaks = run(point, compiled, spec["steps"])
@@ -346,6 +384,7 @@ def points_worker(cfg):
                 record(spec, status="oom" if is_oom(str(e)) else "error", **{**base, "note": short_error(e)})
                 continue
             base["note"] = f"{point.impl} failed at run ({short_error(e)})"
+            fall_back_rest(name, "run")
             point = TrainPoint(jax, spec, cfg["smoke"], "chunk")
             compiled, compile_s = point.compile()
             base.update(impl="chunk", compile_s=round(compile_s, 2), xla_peak_bytes=xla_peak_bytes(compiled))
