@@ -84,6 +84,9 @@ def parse_args(argv=None):
                              "a lax.scan of --steps-per-call steps (train.probing.device)")
     parser.add_argument("--steps-per-call", type=int, default=200, help="with --data device")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole grid")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="JAX persistent compilation cache: a later grid on the same machine (e.g. a "
+                             "second window for a model abandoned in the first) skips its compiles")
     parser.add_argument("--no-start-after", default=None, metavar="HH:MM",
                         help="do not start another model after this UTC wall-clock time")
     defaults = ProbeConfig()
@@ -104,6 +107,12 @@ def main(argv=None, *, model_override=None) -> dict:
     out_dir, merged_path, overwrite = args.pop("out_dir"), args.pop("merged_json"), args.pop("overwrite")
     resume, data, steps_per_call = args.pop("resume"), args.pop("data"), args.pop("steps_per_call")
     budget_s, no_start_after = args.pop("budget_s"), args.pop("no_start_after")
+    cache_dir = args.pop("compilation_cache")
+    if cache_dir:
+        import jax  # noqa: PLC0415
+
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     deadline = t_start + budget_s if budget_s else None
     for c in [ProbeConfig(task=t, model=m, **args) for m in models for t in tasks]:
         c.validate()  # bad settings fail before anything compiles
