@@ -118,3 +118,22 @@ def test_lm_compare_table_lists_every_model():
     table = lm_compare.fmt_table(rows)
     assert "| prism | 29.00M | 10 | 0.66M | 2.5000 |" in table
     assert "| ttt |" in table and "OOM" in table
+
+
+@pytest.mark.slow
+def test_throughput_timing_process_hits_the_workers_cache(tmp_path):
+    """The pre-compile worker fills the persistent cache; the timing process adds no train-step entry."""
+    import subprocess
+    import sys
+
+    cache, out = tmp_path / "cache", tmp_path / "tp.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--models", "attention",
+           "--lengths", "32", "--compile-workers", "1", "--cache-dir", str(cache), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=900)
+    steps = sorted(cache.glob("jit_step-*"))
+    assert len(steps) == 1, [p.name for p in steps]
+    worker_done = max(p.stat().st_mtime for p in cache.glob("status_*/*.json"))
+    assert steps[0].stat().st_mtime <= worker_done  # written by the worker, not by the timing process
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["precompiled"] and result["tokens_per_s"] > 0
+    assert result["compile_s"] < result["worker_compile_s"]
