@@ -314,6 +314,12 @@ def main(argv=None):
     if args.smoke and args.corpus == "stdlib+site" and "--corpus" not in " ".join(argv):
         args.corpus = "stdlib"
 
+    from train import config_lib
+
+    for n in names:  # bad settings fail here, before any data preparation or compile
+        probe = argparse.Namespace(**{**vars(args), "op_impl": args.op_impl or "chunk"})
+        config_lib.validate(load_config(args.config, n, probe), num_devices=1)
+
     data_dir, prep_s, meta = prepare_data(args.workdir, args.corpus)
     data = dict(data_dir=str(data_dir), corpus=args.corpus, prepare_s=prep_s, reused=not prep_s, source=meta["source"],
                 splits={k: dict(documents=v["documents"], tokens=v["tokens"]) for k, v in meta["splits"].items()})
