@@ -202,7 +202,7 @@ def precompile(names, argv, args):
             tail = pathlib.Path(log.name).read_text()[-300:]
             statuses[name] = dict(ok=False, error=f"worker exit {proc.returncode}: {tail}")
         s = statuses[name]
-        print(f"  {name:10s} " + (f"compiled in {s['compile_s']:.1f} s" if s.get("ok") else f"FAILED {s['error'][:200]}")
+        print(f"  {name:10s} " + (f"compiled ({s['op_impl']}) in {s['compile_s']:.1f} s" if s.get("ok") else f"FAILED {s['error'][:200]}")
               + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
     return statuses
 
@@ -226,14 +226,24 @@ def run_worker(args):
 
     enable_compilation_cache(args.cache_dir)
     resolve_defaults(args, jax.default_backend())
-    status = {}
-    try:
-        config = load_config(args.config, args.worker, args)
-        runner = Runner(args.worker, config, tokenizers.make_tokenizer("byte").token_byte_lengths())
-        status = dict(ok=True, compile_s=runner.compile_s, num_params=runner.num_params)
-    except Exception as e:  # noqa: BLE001 - reported; the timing process compiles it itself
-        status = dict(ok=False, error=f"{type(e).__name__}: {e}"[:400])
+    status = dict(ok=False, errors=[])
+    for impl in op_impls(args.worker, args):
+        try:
+            config = load_config(args.config, args.worker, argparse.Namespace(**{**vars(args), "op_impl": impl}))
+            runner = Runner(args.worker, config, tokenizers.make_tokenizer("byte").token_byte_lengths())
+            status.update(ok=True, op_impl=impl, compile_s=runner.compile_s, num_params=runner.num_params)
+            break
+        except Exception as e:  # noqa: BLE001 - reported; try the next form
+            status["errors"].append(f"{impl}: {type(e).__name__}: {e}"[:400])
+    status["error"] = " | ".join(status["errors"])
     pathlib.Path(args.status_file).write_text(json.dumps(status))
+
+
+def op_impls(name, args):
+    """Op forms to try for model `name`: the Pallas kernels, then the plain chunk form (PRISM / GDN)."""
+    if args.op_impl == "pallas" and name in ("prism", "gdn"):
+        return ["pallas", "chunk"]
+    return [args.op_impl]
 
 
 def training_batches(config, data_dir, vocab_size, steps):
@@ -360,7 +370,18 @@ def main(argv=None):
     first = training_batches(configs[names[0]], data_dir, vocab_size, 1)[0]
     for n in names:
         try:
-            runner = Runner(n, configs[n], tokenizer.token_byte_lengths())
+            status = statuses.get(n, {})
+            impls = [status["op_impl"]] if status.get("ok") else op_impls(n, args)
+            for i, impl in enumerate(impls):
+                try:
+                    configs[n].model.op_impl = impl
+                    runner = Runner(n, configs[n], tokenizer.token_byte_lengths())
+                    break
+                except Exception as e:  # noqa: BLE001 - try the next form
+                    print(f"{n}: op_impl {impl} failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                    if i == len(impls) - 1:
+                        raise
+            results[n]["op_impl"] = impl
             runner.step(first, 0.0)["loss"].block_until_ready()  # warm-up
             times = []
             for _ in range(args.calibration_steps):
@@ -371,7 +392,7 @@ def main(argv=None):
             runners[n] = runner
             results[n].update(num_params=runner.num_params, compile_s=runner.compile_s, step_s=step_s[n],
                               worker_compile_s=statuses.get(n, {}).get("compile_s"))
-            print(f"calibrated {n:10s} {runner.num_params / 1e6:.2f}M params  step {step_s[n] * 1e3:.1f} ms  "
+            print(f"calibrated {n:10s} ({impl}) {runner.num_params / 1e6:.2f}M params  step {step_s[n] * 1e3:.1f} ms  "
                   f"load {runner.compile_s:.1f} s  [{time.perf_counter() - start:.0f} s]", flush=True)
         except Exception as e:  # noqa: BLE001 - one model failing must not end the comparison
             results[n]["error"] = f"{type(e).__name__}: {e}"[:300]
