@@ -36,6 +36,10 @@ import tempfile
 import time
 import traceback
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `python benchmarks/throughput.py` (and its workers) from a checkout without an install
+    sys.path.insert(0, _ROOT)
+
 # name -> PrismLMConfig overrides on top of the preset
 MODELS = {
     "attention": dict(mixer="attention"),
