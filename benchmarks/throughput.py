@@ -504,6 +504,7 @@ def main(argv=None):
         return results
 
     start = time.perf_counter()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # let one step use most of the device
     lengths = [int(t) for t in (args.lengths or ("32,64" if args.smoke else "2048,4096,8192,16384")).split(",")]
     models = args.models.split(",")
     unknown = sorted(set(models) - set(ALL_MODELS))
@@ -537,9 +538,7 @@ def main(argv=None):
         **{**vars(args), "compile_workers": workers})) if workers > 0 else {}
     precompile_s = time.perf_counter() - start
 
-    # The accelerator is touched only now, after the compile workers are done; let one step use most of it.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    import jax
+    import jax  # the accelerator is touched only now, after the compile workers are done
 
     enable_compilation_cache(args.cache_dir)
     backend = jax.default_backend()
