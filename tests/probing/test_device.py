@@ -91,6 +91,7 @@ def test_grid_abandons_a_model_over_budget_and_goes_on(tmp_path, monkeypatch):
     assert known == {}
 
 
+@pytest.mark.slow
 def test_deadline_raises_budget_exceeded():
     cfg = ProbeConfig(task="mux", **(SMALL | {"steps": 4}))
     with pytest.raises(BudgetExceeded):
