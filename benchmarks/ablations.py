@@ -181,9 +181,14 @@ def aggregate(runs: dict, variants: list[str], seeds: list[int], args) -> dict:
                      "seconds_mean": mean_std([runs[(variant, s)]["seconds"] for s in seeds
                                                if (variant, s) in runs])[0],
                      "num_params": args.param_counts.get(variant)})
+    full = {s: runs[("full", s)]["eval_bits_per_byte"] for s in seeds if ("full", s) in runs}
     for row in rows:
         row["delta_vs_full"] = (row["bpb_mean"] - full_mean
                                 if row["bpb_mean"] is not None and full_mean is not None else None)
+        # Paired by seed: a seed fixes the data order, shared by every variant, so
+        # per-seed differences remove the seed-to-seed spread of the data order.
+        diffs = [b - full[s] for s, b in zip(row["seeds_done"], row["bits_per_byte"]) if s in full]
+        row["paired_delta_mean"], row["paired_delta_std"] = mean_std(diffs)
     return {
         "what": "validation bits per byte after equal token budgets (paper Table 3 analogue)",
         "command": " ".join(["python", "benchmarks/ablations.py", *sys.argv[1:]]),
@@ -203,14 +208,17 @@ def _fmt(x, digits=4):
 def markdown(doc: dict) -> str:
     lines = [f"Validation bits per byte (lower is better), tiny preset, {doc['steps']} steps x 16 x 128 tokens "
              f"= {doc['tokens_per_run'] / 1e6:.2f}M training tokens per run, seeds {doc['seeds']}, "
-             f"mean +- sample std over the seeds done.", "",
-             "| variant | val bits/byte | vs full | per seed | params | s per run |",
+             f"mean +- sample std over the seeds done. Paired column: mean +- std over seeds of (variant - full) "
+             f"for the same seed (same data order). wall s: per process (vmap mode: all seeds of a variant "
+             f"together, several variants in parallel processes on a shared 2-core CPU).", "",
+             "| variant | val bits/byte | minus full, paired by seed | per seed | params | wall s |",
              "|---|---|---|---|---|---|"]
     for row in doc["rows"]:
         pm = "-" if row["bpb_mean"] is None else (
             f"{row['bpb_mean']:.4f} +- {_fmt(row['bpb_std'])}" if row["bpb_std"] is not None
             else f"{row['bpb_mean']:.4f}")
-        delta = "-" if row["delta_vs_full"] is None else f"{row['delta_vs_full']:+.4f}"
+        delta = "-" if row["paired_delta_mean"] is None else f"{row['paired_delta_mean']:+.4f}" + (
+            f" +- {row['paired_delta_std']:.4f}" if row["paired_delta_std"] is not None else "")
         seeds = ", ".join(f"s{s}: {b:.4f}" for s, b in zip(row["seeds_done"], row["bits_per_byte"])) or "not run"
         params = "-" if row["num_params"] is None else f"{row['num_params'] / 1e3:.1f}K"
         secs = "-" if row["seconds_mean"] is None else f"{row['seconds_mean']:.0f}"
@@ -303,6 +311,7 @@ def main(argv=None) -> dict:
                                                     "seconds") if k in summary}
             print(f"== {v} seed {s}: bits/byte {summary['eval_bits_per_byte']:.4f}", flush=True)
         save()
+    save()
     doc = aggregate(runs, variants, seeds, args)
     print(markdown(doc))
     return doc
