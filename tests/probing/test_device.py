@@ -96,3 +96,23 @@ def test_deadline_raises_budget_exceeded():
     cfg = ProbeConfig(task="mux", **(SMALL | {"steps": 4}))
     with pytest.raises(BudgetExceeded):
         train_and_evaluate_on_device([cfg], model=_LocalModel(), steps_per_call=2, deadline=0.0)
+
+
+def test_each_run_gets_its_own_tasks_batches():
+    """Runs of several tasks in one group: run i's batch comes from run i's task and seed."""
+    import jax
+    import numpy as np
+
+    from train.probing.device import _batches_fn, _stream_keys
+    from train.probing.tasks import PARITY, oracle_answers
+
+    cfgs = [ProbeConfig(task=t, seed=s, **SMALL) for t, s in (("mux", 0), ("parity", 0), ("mux", 1))]
+    batch = jax.jit(lambda keys: _batches_fn(cfgs, 4)(keys, 3))(_stream_keys(cfgs, 0))
+    tokens, targets, mask = (np.asarray(batch[k]) for k in ("tokens", "targets", "mask"))
+    assert tokens.shape == (3, 4, 128)
+    for run, cfg in enumerate(cfgs):
+        assert ((tokens[run] == PARITY).sum(axis=1) == (1 if cfg.task == "parity" else 0)).all()
+        for row in range(4):
+            got = {int(p): int(targets[run, row, p]) for p in np.nonzero(mask[run, row])[0]}
+            assert got == oracle_answers(cfg.task, tokens[run, row])
+    assert (tokens[0] != tokens[2]).any()  # same task, other seed: other samples
