@@ -105,7 +105,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
-                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="fused",
+                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="xla",
                  bwd_block_v=None, bwd_num_warps=None, platform=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
@@ -115,8 +115,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
     num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
-    bwd: "fused" (default: the per-chunk pull-back as one Triton kernel, `gpu/chunk_bwd.py`, with
-    its own bwd_block_v / bwd_num_warps) or "xla" (vmapped `jax.vjp` of the chunk math); the TPU
+    bwd: "xla" (default: vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
+    pull-back and reverse-pass kernels) or "fused" (the per-chunk pull-back as one Triton kernel,
+    `gpu/chunk_bwd.py`, with its own bwd_block_v / bwd_num_warps: exact, but on an H200 it measured
+    1.8x slower than "xla" at L = 2 and 6-7x at L = 1 / 3 (register pressure of the in-kernel vjp,
+    docs/benchmarks.md), and in float32 with K = V = 128 its tiles exceed shared memory); the TPU
     path always uses "xla";
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
@@ -129,6 +132,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
     if bwd not in ("fused", "xla"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'fused' or 'xla'")
+    if (bwd == "fused" and platform in ("gpu", "cuda", "rocm") and matmul_dtype(q.dtype) == jnp.float32
+            and max(K, V) >= 128):
+        raise ValueError(f"prism_pallas: bwd='fused' in float32 with K = {K}, V = {V} needs more GPU shared "
+                         "memory than an H200 has (measured); use bwd='xla' or bf16 inputs")
     if bwd_block_v is not None and (bwd_block_v not in _SIZES or V % bwd_block_v):
         raise ValueError(f"prism_pallas: `bwd_block_v` = {bwd_block_v}, expected a power of two >= 16 "
                          f"dividing V = {V}")

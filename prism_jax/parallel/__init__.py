@@ -2,7 +2,8 @@
 
 from prism_jax.parallel.halo import left_halo, short_conv_halo
 from prism_jax.parallel.sequence import (check_sequence_mesh, prism_recurrence_sharded,
+                                         rows_parallel_prism,
                                          sequence_parallel_prism, sequence_parallel_prism_local)
 
-__all__ = ["check_sequence_mesh", "left_halo", "prism_recurrence_sharded", "sequence_parallel_prism",
+__all__ = ["check_sequence_mesh", "left_halo", "prism_recurrence_sharded", "rows_parallel_prism", "sequence_parallel_prism",
            "sequence_parallel_prism_local", "short_conv_halo"]

@@ -209,9 +209,13 @@ def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("
 
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape) if mesh is not None else {}
-    if sizes.get(axis, 1) == 1:
-        return prism_recurrence(q, k, v, beta, g, impl=impl, **kwargs)
     B, H = q.shape[0], q.shape[2]
+    if sizes.get(axis, 1) == 1:
+        batch, heads = _split_axes(sizes, batch_axes, B), _split_axes(sizes, head_axes, H)
+        if batch is None and heads is None:
+            return prism_recurrence(q, k, v, beta, g, impl=impl, **kwargs)
+        return rows_parallel_prism(q, k, v, beta, g, mesh=mesh, batch_axis=batch, head_axis=heads,
+                                   impl=impl, **kwargs)
     used = [a for a in batch_axes if sizes.get(a, 1) > 1]
     n = 1
     for a in used:
@@ -224,3 +228,60 @@ def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("
     heads = heads if heads and H % m == 0 else None
     return sequence_parallel_prism(q, k, v, beta, g, mesh=mesh, axis=axis, batch_axis=batch,
                                    head_axis=heads, **kwargs)
+
+
+def _split_axes(sizes, names, dim):
+    """Those of `names` in the mesh with size > 1, if their product divides `dim`; else None."""
+    used = tuple(a for a in names if sizes.get(a, 1) > 1)
+    n = 1
+    for a in used:
+        n *= sizes[a]
+    return used if used and dim % n == 0 else None
+
+
+def rows_parallel_prism(q, k, v, beta, g, *, mesh, batch_axis=None, head_axis=None, impl="chunk",
+                        initial_state=None, output_final_state=False, segment_ids=None, **kwargs):
+    """`prism_recurrence` with B split over `batch_axis` and H over `head_axis` by `shard_map`.
+
+    Batch rows and heads are independent, so each device runs the op on its own rows and heads with no
+    communication. Under plain `jit` XLA would do the same for the `chunk` form, but a `pallas_call` is
+    opaque to its partitioner, which then gathers the whole batch onto every device and runs it there
+    (measured: 2 GPUs at 58% of the 1-GPU rate per device for the 130m preset). Shapes and result as
+    in `prism_recurrence`; B and H must be divisible by their axes.
+    """
+    from prism_jax.ops import prism_recurrence  # noqa: PLC0415
+
+    B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
+    sizes = dict(mesh.shape)
+    for what, names, dim in (("batch_axis", _axis_names(batch_axis), B), ("head_axis", _axis_names(head_axis), H)):
+        n = 1
+        for name in names:
+            if name not in sizes:
+                raise ValueError(f"rows_parallel_prism: `{what}` {name!r} is not a mesh axis; mesh axes "
+                                 f"are {tuple(mesh.axis_names)}")
+            n *= sizes[name]
+        if dim % n:
+            raise ValueError(f"rows_parallel_prism: `{what}` {names} of total size {n} does not divide {dim}")
+    seq = P(batch_axis, None, head_axis)  # [B, T, H, ...]
+    rows = P(batch_axis, head_axis)  # [B, H, K, V]
+    args, specs = [q, k, v, beta, g], [seq] * 5
+    if initial_state is not None:
+        args.append(initial_state)
+        specs.append(rows)
+    if segment_ids is not None:
+        args.append(segment_ids)
+        specs.append(P(batch_axis, None))
+    has_s0, has_seg = initial_state is not None, segment_ids is not None
+
+    def body(q, k, v, beta, g, *rest):
+        rest = list(rest)
+        s0 = rest.pop(0) if has_s0 else None
+        seg = rest.pop(0) if has_seg else None
+        o, final = prism_recurrence(q, k, v, beta, g, impl=impl, initial_state=s0, segment_ids=seg,
+                                    output_final_state=output_final_state, **kwargs)
+        return (o, final) if output_final_state else o
+
+    out_specs = (seq, rows) if output_final_state else seq
+    # check_vma=False: the op builds fresh (device-invariant) scan carries; every value here is local
+    out = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
+    return out if output_final_state else (out, None)

@@ -229,12 +229,38 @@ def check_train_meshes(rng):
         print(f"train step on mesh {shape}{how}: loss {loss:.6f} (one device {loss0:.6f}), params max diff {err:.1e}")
 
 
+def check_rows_parallel(rng):
+    """A mesh without a sequence axis, (data=2, tensor=2) set with jax.set_mesh: the layer's drop-in
+    splits B over "data" and H over "tensor" with shard_map (no XLA auto-partitioning of the op), for
+    the chunk form and the Pallas kernels (interpret mode), and equals one device, gradients included."""
+    global K, V
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    for impl, (k_dim, v_dim) in (("chunk", (K, V)), ("pallas", (16, 16))):
+        K, V = k_dim, v_dim
+        x = inputs(rng)
+        cot = cotangents(rng, jnp.float32)
+        kw = dict(output_final_state=True, chunk_size=16 if impl == "pallas" else CHUNK, impl=impl)
+        want = outputs_and_grads(lambda *a, **k: prism_recurrence(*a, **kw, **k), x, cot)
+
+        def sharded(*a, **k):
+            return prism_recurrence_sharded(*a, **kw, **k)
+
+        with jax.set_mesh(mesh):
+            jaxpr = str(jax.make_jaxpr(lambda *a: sharded(*a, segment_ids=x["segment_ids"]))(
+                x["q"], x["k"], x["v"], x["beta"], x["g"]))
+            assert "shard_map" in jaxpr, "no shard_map in the (data, tensor) mesh path"
+            got = outputs_and_grads(sharded, x, cot)
+        compare(f"rows-parallel {impl} on (data=2, tensor=2) vs one device", got, want, 2e-5)
+    K, V = 8, 6
+
+
 CHECKS = {
     "single_device": check_matches_single_device,
     "float64": check_float64_reference,
     "batch_axis": check_batch_axis,
     "halo": check_halo_conv,
     "train_meshes": check_train_meshes,
+    "rows": check_rows_parallel,
 }
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ def test_matches_float64_reference_on_8_devices():
     assert "float64 reference" in run_check("float64")
 
 
+def test_rows_parallel_on_data_tensor_mesh():
+    out = run_check("rows")
+    for impl in ("chunk", "pallas"):
+        assert f"rows-parallel {impl}" in out, out
+
+
 def test_halo_conv_matches_global_conv():
     assert "halo conv" in run_check("halo")
 
