@@ -105,7 +105,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
-                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="xla",
+                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
@@ -115,11 +115,13 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
     num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
-    bwd: "xla" (default: vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
-    pull-back and reverse-pass kernels) or "fused" (the per-chunk pull-back as one Triton kernel,
-    `gpu/chunk_bwd.py`, with its own bwd_block_v / bwd_num_warps: exact, but on an H200 it measured
-    1.8x slower than "xla" at L = 2 and 6-7x at L = 1 / 3 (register pressure of the in-kernel vjp,
-    docs/benchmarks.md), and in float32 with K = V = 128 its tiles exceed shared memory); the TPU
+    bwd: "xla" (vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
+    pull-back and reverse-pass kernels), "fused" (the per-chunk pull-back as one Triton kernel,
+    `gpu/chunk_bwd.py`, with its own bwd_block_v / bwd_num_warps; float32 with K or V >= 128 exceeds
+    an H200's shared memory and raises) or "auto" (default): "fused" at chunk_size >= 64 in bf16/f16,
+    else "xla". Measured on an H200 (docs/benchmarks.md): at chunk 32, K = V = 128 the fused backward
+    was 1.8x slower than "xla" (L = 2) in the kernel benchmark; at chunk 64 (the presets' chunk) the
+    130m training step (L = 3, K = V = 128) ran 185 ms with "fused" vs 310 ms with "xla". The TPU
     path always uses "xla";
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
@@ -130,8 +132,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
-    if bwd not in ("fused", "xla"):
-        raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'fused' or 'xla'")
+    if bwd not in ("auto", "fused", "xla"):
+        raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused' or 'xla'")
+    if bwd == "auto":
+        bwd = "fused" if chunk_size >= 64 and matmul_dtype(q.dtype) != jnp.float32 else "xla"
     if (bwd == "fused" and platform in ("gpu", "cuda", "rocm") and matmul_dtype(q.dtype) == jnp.float32
             and max(K, V) >= 128):
         raise ValueError(f"prism_pallas: bwd='fused' in float32 with K = {K}, V = {V} needs more GPU shared "

@@ -94,13 +94,15 @@ def test_reverse_state_kernel_matches_scan():
     assert rel(cot, cot_ref) < 1e-6 and rel(ds0, ds0_ref) < 1e-6
 
 
-@pytest.mark.parametrize("L,T,K,V,kernel,bwd,bwd_block_v", [
-    (1, 37, 32, 16, "split", "fused", None),
-    (2, 40, 16, 32, "split", "fused", 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
-    (3, 21, 16, 16, "fused", "fused", None),  # no saved inverses: the backward kernels solve again
-    pytest.param(2, 40, 16, 32, "split", "xla", None, marks=pytest.mark.slow),  # the TPU path's
+@pytest.mark.parametrize("L,T,K,V,kernel,bwd,bwd_block_v,chunk", [
+    (1, 37, 32, 16, "split", "fused", None, 16),
+    (2, 40, 16, 32, "split", "fused", 16, 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
+    (3, 21, 16, 16, "fused", "fused", None, 16),  # no saved inverses: the backward kernels solve again
+    (2, 70, 16, 16, "split", "fused", None, 64),  # chunk 64: what bwd="auto" picks for the presets (bf16)
+    pytest.param(2, 40, 16, 32, "split", "xla", None, 16, marks=pytest.mark.slow),  # the TPU path's
 ])
-def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, kernel, bwd, bwd_block_v):
+def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, kernel, bwd, bwd_block_v,
+                                                                      chunk):
     q, k, v, beta, g, s0 = make_inputs(7 + L, 1, T, 2, L, K, V)
     seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32)
     wo = jax.random.normal(jax.random.PRNGKey(8), (1, T, 2, V))
@@ -110,7 +112,7 @@ def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V
     def loss(impl):
         def f(q, k, v, beta, g, s0):
             if impl == "pallas":
-                o, fin = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
+                o, fin = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=chunk,
                                       segment_ids=seg, kernel=kernel, bwd=bwd, bwd_block_v=bwd_block_v)
             else:
                 o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
