@@ -98,8 +98,8 @@ def plot(results, path, models=MODELS):
     cfg = next(iter(results.values()))[0].get("probe_config", {})
     ax.set_title(f"Mechanistic probing (D={cfg.get('d_model', '?')}, V={cfg.get('vocab', '?')}, "
                  f"T={cfg.get('seq_len', '?')}, {cfg.get('num_layers', '?')} layers, {cfg.get('steps', '?')} steps); "
-                 "dotted: chance")
-    ax.legend(ncol=len(models), fontsize=8, loc="upper right")
+                 f"bars: mean over up to {max(len(rs) for rs in results.values())} seeds; dotted: chance")
+    ax.legend(ncol=len(models), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
