@@ -14,8 +14,6 @@ batch i = fold_in(fold_in(key(seed + EVAL_SEED_OFFSET), task id), i), never used
 from __future__ import annotations
 
 import dataclasses
-import platform
-import sys
 import time
 
 import jax
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.probing.jax_tasks import make_batch_jax
-from train.probing.run import EVAL_SEED_OFFSET, model_config, step_functions
+from train.probing.run import EVAL_SEED_OFFSET, model_config, result_record, step_functions
 from train.probing.tasks import TASK_NAMES, chance_level
 
 
@@ -167,26 +165,8 @@ def train_and_evaluate_on_device(cfgs, *, model=None, steps_per_call: int = 200,
     totals = np.asarray(compiled_eval(params), np.float64)
     eval_s = time.perf_counter() - t
 
-    results = []
-    for i, c in enumerate(cfgs):
-        results.append({
-            "task": c.task, "model": c.model, "seed": c.seed,
-            "eval_accuracy": totals[1, i] / totals[2, i],
-            "eval_loss": totals[0, i] / totals[2, i],
-            "eval_answers": int(totals[2, i]),
-            "chance": chance_level(c.task, c.vocab),
-            "final_train_loss": histories[i][-1]["loss"],
-            "num_params": num_params,
-            "runs_trained_together": len(cfgs),
-            "data": "device",
-            "steps_per_call": steps_per_call,
-            "compile_s": compile_s, "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
-            "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
-            "history": histories[i],
-            "probe_config": dataclasses.asdict(c),
-            "model_config": model_cfg_dict,
-            "env": {"jax": jax.__version__, "backend": jax.default_backend(),
-                    "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
-                    "argv": sys.argv},
-        })
-    return results
+    return [result_record(c, totals[:, i], histories[i], num_params, len(cfgs), model_cfg_dict,
+                          data="device", steps_per_call=steps_per_call, compile_s=compile_s,
+                          setup_s=setup_s, train_s=train_s, eval_s=eval_s,
+                          steps_per_s=cfg.steps / train_s if train_s > 0 else None)
+            for i, c in enumerate(cfgs)]

@@ -240,26 +240,28 @@ def train_and_evaluate_many(cfgs, *, model=None, progress=None) -> list[dict]:
                             eval_step(params, _run_batches(cfgs, eval_rngs, eval_bs)))
         totals += np.stack([loss * count, acc * count, count])
 
-    results = []
-    for i, c in enumerate(cfgs):
-        results.append({
-            "task": c.task,
-            "model": c.model,
-            "seed": c.seed,
-            "eval_accuracy": totals[1, i] / totals[2, i],
-            "eval_loss": totals[0, i] / totals[2, i],
-            "eval_answers": int(totals[2, i]),
-            "chance": chance_level(c.task, c.vocab),
-            "final_train_loss": histories[i][-1]["loss"],
-            "num_params": num_params,
-            "runs_trained_together": len(cfgs),
-            "compile_s": compile_s,
-            "train_s": train_s,
-            "steps_per_s": (c.steps - 1) / train_s if train_s > 0 else None,
-            "history": histories[i],
-            "probe_config": dataclasses.asdict(c),
-            "model_config": model_cfg_dict,
-            "env": {"jax": jax.__version__, "backend": jax.default_backend(),
-                    "python": platform.python_version(), "argv": sys.argv},
-        })
-    return results
+    return [result_record(c, totals[:, i], histories[i], num_params, len(cfgs), model_cfg_dict,
+                          compile_s=compile_s, train_s=train_s,
+                          steps_per_s=(c.steps - 1) / train_s if train_s > 0 else None)
+            for i, c in enumerate(cfgs)]
+
+
+def result_record(c, totals, history, num_params, runs_together, model_cfg_dict, **timing) -> dict:
+    """The JSON record of one (task, model, seed) run; totals = (loss sum, correct sum, answer count)."""
+    return {
+        "task": c.task, "model": c.model, "seed": c.seed,
+        "eval_accuracy": totals[1] / totals[2],
+        "eval_loss": totals[0] / totals[2],
+        "eval_answers": int(totals[2]),
+        "chance": chance_level(c.task, c.vocab),
+        "final_train_loss": history[-1]["loss"],
+        "num_params": num_params,
+        "runs_trained_together": runs_together,
+        **timing,
+        "history": history,
+        "probe_config": dataclasses.asdict(c),
+        "model_config": model_cfg_dict,
+        "env": {"jax": jax.__version__, "backend": jax.default_backend(),
+                "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
+                "argv": sys.argv},
+    }
