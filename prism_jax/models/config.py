@@ -8,6 +8,7 @@ MIXERS = ("prism", "gdn", "gla", "attention", "ttt")
 NONLINEARITIES = ("gelu", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OP_IMPLS = ("reference", "scan", "chunk", "pallas")
+REMAT_POLICIES = ("none", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,15 @@ class PrismLMConfig:
 
     Shapes: d_model = num_heads * head_v_dim (head_v_dim = d_model // num_heads); q/k heads are
     head_k_dim wide (PRISM, GDN, GLA); attention and TTT use head width d_model // num_heads.
+
+    scan_layers: False (default) builds num_layers separate blocks (params "blocks_0", "blocks_1", ...).
+    True runs one block under `flax.linen.scan` over the layer axis: the params are stacked under
+    "blocks" with a leading axis of size num_layers (logical axis name "layers"), so the block is traced
+    and compiled once whatever num_layers is. Same function given the same weights; convert with
+    `prism_jax.models.stack_layer_params` / `unstack_layer_params`. Generation caches are then stacked on
+    the layer axis too.
+    remat_policy: "none" keeps every block's activations for the backward pass; "full" recomputes
+    each block in the backward pass (jax.checkpoint of the block; less memory, about one more forward).
     """
 
     vocab_size: int = 256
@@ -42,6 +52,8 @@ class PrismLMConfig:
     max_seq_len: int = 2048          # attention KV cache length for generation
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    scan_layers: bool = False        # one block scanned over the layer axis (compile once)
+    remat_policy: str = "none"       # "full": recompute each block in the backward pass
 
     def __post_init__(self):
         def fail(field, expected):
@@ -58,7 +70,7 @@ class PrismLMConfig:
             fail("mixer", f"one of {MIXERS}")
         if self.solver_nonlinearity not in NONLINEARITIES:
             fail("solver_nonlinearity", f"one of {NONLINEARITIES}")
-        for name in ("use_short_conv", "use_gain", "tie_embeddings", "gla_decay"):
+        for name in ("use_short_conv", "use_gain", "tie_embeddings", "gla_decay", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
         if self.solver_rank is not None and (isinstance(self.solver_rank, bool)
@@ -68,6 +80,8 @@ class PrismLMConfig:
             fail("dtype", f"one of {COMPUTE_DTYPES}")
         if self.param_dtype not in COMPUTE_DTYPES:
             fail("param_dtype", f"one of {COMPUTE_DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            fail("remat_policy", f"one of {REMAT_POLICIES}")
         if self.op_impl not in OP_IMPLS:
             fail("op_impl", f"one of {OP_IMPLS}")
         if self.chunk_size & (self.chunk_size - 1):

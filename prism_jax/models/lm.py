@@ -1,4 +1,9 @@
-"""PrismLM: embedding, N pre-norm blocks of [mixer, SwiGLU MLP], final norm, tied or untied head."""
+"""PrismLM: embedding, N pre-norm blocks of [mixer, SwiGLU MLP], final norm, tied or untied head.
+
+The N blocks are either N separate modules ("blocks_0" ... "blocks_{N-1}") or, with
+config.scan_layers, one block under `flax.linen.scan` ("blocks", params stacked on a leading axis of
+size N with logical axis name "layers"; see prism_jax.models.layer_params for converting between them).
+"""
 
 from __future__ import annotations
 
@@ -45,13 +50,42 @@ class Block(nn.Module):
         return self._mlp(x_t + y), cache
 
 
+class ScannedBlock(Block):
+    """Block with the loop-body signature of nn.scan: x is the carry.
+
+    __call__(x, segment_ids, positions) -> (x, None); prefill(x, max_len) -> (x, cache of this layer);
+    decode(x_t, cache of this layer, index) -> (x_t, cache of this layer)."""
+
+    def __call__(self, x, segment_ids=None, positions=None):
+        return Block.__call__(self, x, segment_ids, positions), None
+
+
+def block_stack(config: PrismLMConfig, **module_kwargs):
+    """The config.num_layers blocks as one scanned module: params and generation caches carry a
+    leading layer axis; segment_ids, positions, max_len and the decode index are the same for every
+    layer (broadcast)."""
+    cls = ScannedBlock
+    if config.remat_policy == "full":
+        # prevent_cse=False is safe (and faster) inside a scan body
+        cls = nn.remat(cls, prevent_cse=False)
+    common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
+                  metadata_params={nn.PARTITION_NAME: "layers"})
+    methods = {
+        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast)),
+        "prefill": dict(common, in_axes=(nn.broadcast,)),
+        "decode": dict(common, in_axes=(0, nn.broadcast)),
+    }
+    return nn.scan(cls, methods=methods)(config, **module_kwargs)
+
+
 class PrismLM(nn.Module):
     """Language model. `apply(params, tokens [B, T] int32, segment_ids=None, positions=None)`
     -> logits [B, T, vocab_size] float32. segment_ids [B, T] int marks packed documents (no mixer looks
     across a change); positions [B, T] default to the position inside each document.
 
     Generation entry points (see prism_jax.generation): `prefill(tokens, max_len)` -> (logits, cache),
-    `decode(token [B], cache)` -> (logits [B, vocab], cache).
+    `decode(token [B], cache)` -> (logits [B, vocab], cache). cache["layers"] is a list of one cache
+    per block, or (config.scan_layers) one cache whose leaves carry a leading layer axis.
     """
 
     config: PrismLMConfig
@@ -62,7 +96,11 @@ class PrismLM(nn.Module):
         self.embed = nn.Embed(
             c.vocab_size, c.d_model, dtype=dtype, param_dtype=pdtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-        self.blocks = [Block(c) for _ in range(c.num_layers)]
+        if c.scan_layers:
+            self.blocks = block_stack(c)
+        else:
+            cls = nn.remat(Block) if c.remat_policy == "full" else Block
+            self.blocks = [cls(c) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=pdtype)
         if not c.tie_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=pdtype)
@@ -90,18 +128,24 @@ class PrismLM(nn.Module):
         elif tuple(positions.shape) != (B, T):
             raise ValueError(f"PrismLM: `positions` has shape {tuple(positions.shape)}, expected [B, T] = {(B, T)}")
         x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
-        for block in self.blocks:
-            x = block(x, segment_ids, positions)
+        if self.config.scan_layers:
+            x, _ = self.blocks(x, segment_ids, positions)
+        else:
+            for block in self.blocks:
+                x = block(x, segment_ids, positions)
         return self._logits(x)
 
     def prefill(self, tokens, max_len):
         """tokens [B, T] (one document per row) -> (logits [B, T, vocab], cache)."""
         self._check_tokens(tokens, 2)
         x = self.embed(tokens)
-        layers = []
-        for block in self.blocks:
-            x, cache = block.prefill(x, max_len)
-            layers.append(cache)
+        if self.config.scan_layers:
+            x, layers = self.blocks.prefill(x, max_len)
+        else:
+            layers = []
+            for block in self.blocks:
+                x, cache = block.prefill(x, max_len)
+                layers.append(cache)
         return self._logits(x), {"index": jnp.asarray(tokens.shape[1], jnp.int32), "layers": layers}
 
     def decode(self, token, cache):
@@ -109,8 +153,11 @@ class PrismLM(nn.Module):
         self._check_tokens(token, 1)
         x = self.embed(token)
         index = cache["index"]
-        layers = []
-        for block, layer_cache in zip(self.blocks, cache["layers"]):
-            x, layer_cache = block.decode(x, layer_cache, index)
-            layers.append(layer_cache)
+        if self.config.scan_layers:
+            x, layers = self.blocks.decode(x, cache["layers"], index)
+        else:
+            layers = []
+            for block, layer_cache in zip(self.blocks, cache["layers"]):
+                x, layer_cache = block.decode(x, layer_cache, index)
+                layers.append(layer_cache)
         return self._logits(x), {"index": index + 1, "layers": layers}
