@@ -30,6 +30,7 @@ def run_check(name):
     return proc.stdout
 
 
+@pytest.mark.slow  # CI runs it in its second step (`pytest -m slow tests/parallel`)
 def test_matches_single_device_on_2_4_8_devices():
     out = run_check("single_device")
     for n in (2, 4, 8):
@@ -40,6 +41,7 @@ def test_matches_float64_reference_on_8_devices():
     assert "float64 reference" in run_check("float64")
 
 
+@pytest.mark.slow  # CI runs it in its second step (`pytest -m slow tests/parallel`)
 def test_rows_parallel_on_data_tensor_mesh():
     out = run_check("rows")
     for impl in ("chunk", "pallas"):
