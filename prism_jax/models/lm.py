@@ -69,7 +69,9 @@ def block_stack(config: PrismLMConfig, **module_kwargs):
         # prevent_cse=False is safe (and faster) inside a scan body
         cls = nn.remat(cls, prevent_cse=False)
     common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
-                  metadata_params={nn.PARTITION_NAME: "layers"})
+                  metadata_params={nn.PARTITION_NAME: "layers"},
+                  # no broadcast variables or outputs here: skip flax's extra invariance trace
+                  check_constancy_invariants=False)
     methods = {
         "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast)),
         "prefill": dict(common, in_axes=(nn.broadcast,)),
