@@ -29,6 +29,17 @@ SCRIPT = textwrap.dedent("""
         spec = params["params"]["blocks_0"]["mlp"]["gate"]["kernel"].value.sharding.spec
         assert tuple(spec) == ("fsdp", "tensor"), spec
         np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-4, atol=1e-5)
+    # scan_layers: the stacked "layers" axis stays replicated, the rest shards as in the unrolled model
+    model = PrismLM(get_preset("tiny", num_layers=2, vocab_size=64, tie_embeddings=False, scan_layers=True))
+    reference = jax.jit(model.apply)(model.init(jax.random.key(1), tokens), tokens)
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        abstract = jax.eval_shape(model.init, jax.random.key(1), tokens)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_AXIS_RULES)
+        params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), tokens)
+        logits = jax.jit(model.apply)(params, tokens)
+    spec = params["params"]["blocks"]["mlp"]["gate"]["kernel"].value.sharding.spec
+    assert tuple(spec) == (None, "fsdp", "tensor"), spec
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-4, atol=1e-5)
     # bfloat16 compute: finite float32 logits close to the float32 model
     model16 = PrismLM(get_preset("tiny", num_layers=1, vocab_size=64, dtype="bfloat16"))
     model32 = PrismLM(get_preset("tiny", num_layers=1, vocab_size=64))
