@@ -30,13 +30,17 @@ def _path_names(path) -> list[str]:
 
 
 def weight_decay_mask(params):
-    """True for matrices (ndim >= 2) outside norms; False for norms, gains and biases."""
+    """True for matrices (ndim >= 2) outside norms; False for norms, gains and biases.
+
+    Under `scan_layers` the blocks' params carry a leading layer axis (module `SCANNED_NAME`), which
+    does not count: a per-layer vector stays undecayed, as in the unrolled layout."""
+    from prism_jax.models.layer_params import SCANNED_NAME  # noqa: PLC0415
 
     def decays(path, leaf):
         names = _path_names(path)
         if any(bad in name for name in names for bad in _NO_DECAY_NAMES):
             return False
-        return getattr(leaf, "ndim", 0) >= 2
+        return getattr(leaf, "ndim", 0) - (1 if SCANNED_NAME in names else 0) >= 2
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -68,6 +68,24 @@ def test_weight_decay_mask_spares_norms_and_biases():
                     "up_0": {"kernel": True, "bias": False}}
 
 
+@pytest.mark.parametrize("mixer", ["prism", "gdn", "gla", "attention", "ttt"])
+def test_weight_decay_mask_same_for_scanned_and_unrolled_layers(mixer):
+    """The scanned layout's leading layer axis does not turn per-layer vectors (e.g. GDN's a_log)
+    into decayed matrices: the mask, unstacked, equals the unrolled model's mask."""
+    from prism_jax.models import PrismLM, get_preset, stack_layer_params  # noqa: PLC0415
+
+    config = get_preset("tiny", mixer=mixer, num_layers=2, d_model=32, num_heads=2, head_k_dim=16,
+                        mlp_hidden_dim=64, vocab_size=64)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(PrismLM(config).init(jax.random.key(0),
+                                                                        jnp.zeros((1, 8), jnp.int32))))
+    unrolled = optim.weight_decay_mask(shapes["params"])
+    stacked_shapes = stack_layer_params(shapes["params"])
+    scanned = optim.weight_decay_mask(stacked_shapes)
+    want = jax.tree.map(lambda *leaves: leaves[0], *[unrolled[f"blocks_{i}"] for i in range(2)])
+    assert scanned["blocks"] == want
+    assert any(not m for m in jax.tree.leaves(want)) and any(jax.tree.leaves(want))
+
+
 def test_schedule_warms_up_then_decays():
     c = config_lib.base_config(model={})
     c.learning_rate, c.warmup_steps, c.total_steps, c.min_lr_ratio = 1.0, 10, 100, 0.1
