@@ -17,29 +17,23 @@ SCRIPT = textwrap.dedent("""
     from prism_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2, 1), MESH_AXES)
-    for mixer in ("prism", "attention"):
-        model = PrismLM(get_preset("tiny", mixer=mixer, num_layers=1, vocab_size=64, tie_embeddings=False))
-        tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 64)
+    tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 64)
+    # (mixer, scan_layers, gate kernel path, expected spec): under scan_layers the stacked "layers"
+    # axis stays replicated and the rest shards as in the unrolled model
+    cases = [("prism", False, "blocks_0", ("fsdp", "tensor")), ("attention", False, "blocks_0", ("fsdp", "tensor")),
+             ("prism", True, "blocks", (None, "fsdp", "tensor"))]
+    for mixer, scan, block, want in cases:
+        model = PrismLM(get_preset("tiny", mixer=mixer, num_layers=2 if scan else 1, vocab_size=64,
+                                   tie_embeddings=False, scan_layers=scan))
         reference = jax.jit(model.apply)(model.init(jax.random.key(1), tokens), tokens)
         with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             abstract = jax.eval_shape(model.init, jax.random.key(1), tokens)
             shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_AXIS_RULES)
             params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), tokens)
             logits = jax.jit(model.apply)(params, tokens)
-        spec = params["params"]["blocks_0"]["mlp"]["gate"]["kernel"].value.sharding.spec
-        assert tuple(spec) == ("fsdp", "tensor"), spec
+        spec = params["params"][block]["mlp"]["gate"]["kernel"].value.sharding.spec
+        assert tuple(spec) == want, (mixer, scan, spec)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-4, atol=1e-5)
-    # scan_layers: the stacked "layers" axis stays replicated, the rest shards as in the unrolled model
-    model = PrismLM(get_preset("tiny", num_layers=2, vocab_size=64, tie_embeddings=False, scan_layers=True))
-    reference = jax.jit(model.apply)(model.init(jax.random.key(1), tokens), tokens)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        abstract = jax.eval_shape(model.init, jax.random.key(1), tokens)
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, LOGICAL_AXIS_RULES)
-        params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), tokens)
-        logits = jax.jit(model.apply)(params, tokens)
-    spec = params["params"]["blocks"]["mlp"]["gate"]["kernel"].value.sharding.spec
-    assert tuple(spec) == (None, "fsdp", "tensor"), spec
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-4, atol=1e-5)
     # bfloat16 compute: finite float32 logits close to the float32 model
     model16 = PrismLM(get_preset("tiny", num_layers=1, vocab_size=64, dtype="bfloat16"))
     model32 = PrismLM(get_preset("tiny", num_layers=1, vocab_size=64))
