@@ -119,37 +119,40 @@ def _axis_names(value):
     return () if value is None else ((value,) if isinstance(value, str) else tuple(value))
 
 
-def check_sequence_mesh(mesh, axis: str, seq_len: int, batch_axis=None, batch: int | None = None,
-                        head_axis=None, heads: int | None = None):
+def check_sequence_mesh(mesh, axis: str | None, seq_len: int, batch_axis=None, batch: int | None = None,
+                        head_axis=None, heads: int | None = None, caller: str = "sequence_parallel_prism"):
     """Raise ValueError unless `mesh` (a Mesh or AbstractMesh) has `axis` and its size divides
-    `seq_len`, and the same for the batch axes / `batch` and the head axes / `heads`.
-    Plain Python: runs before anything is traced or compiled."""
+    `seq_len`, and the same for the batch axes / `batch` and the head axes / `heads` (`axis=None`: no
+    sequence axis, only the batch and head checks). Plain Python: runs before anything is traced or
+    compiled; `caller` names the function in the messages."""
     sizes = dict(mesh.shape)
     if not sizes:
-        raise ValueError("sequence_parallel_prism: no mesh; pass `mesh=` or call under `jax.set_mesh(mesh)`")
-    if axis not in sizes:
-        raise ValueError(f"sequence_parallel_prism: `axis` {axis!r} is not a mesh axis; "
-                         f"mesh axes are {tuple(mesh.axis_names)}")
-    if seq_len % sizes[axis]:
-        raise ValueError(f"sequence_parallel_prism: sequence length T = {seq_len} is not divisible by "
-                         f"the mesh axis {axis!r} of size {sizes[axis]}; pad T to a multiple of it")
-    used = {axis}
+        raise ValueError(f"{caller}: no mesh; pass `mesh=` or call under `jax.set_mesh(mesh)`")
+    used = set()
+    if axis is not None:
+        if axis not in sizes:
+            raise ValueError(f"{caller}: `axis` {axis!r} is not a mesh axis; "
+                             f"mesh axes are {tuple(mesh.axis_names)}")
+        if seq_len % sizes[axis]:
+            raise ValueError(f"{caller}: sequence length T = {seq_len} is not divisible by "
+                             f"the mesh axis {axis!r} of size {sizes[axis]}; pad T to a multiple of it")
+        used.add(axis)
     for what, value, dim, dim_name in (("batch_axis", batch_axis, batch, "batch size B"),
                                        ("head_axis", head_axis, heads, "head count H")):
         names = _axis_names(value)
         for name in names:
             if name not in sizes:
-                raise ValueError(f"sequence_parallel_prism: `{what}` {name!r} is not a mesh axis; "
+                raise ValueError(f"{caller}: `{what}` {name!r} is not a mesh axis; "
                                  f"mesh axes are {tuple(mesh.axis_names)}")
             if name in used:
-                raise ValueError(f"sequence_parallel_prism: `{what}` {name!r} is already used "
+                raise ValueError(f"{caller}: `{what}` {name!r} is already used "
                                  f"(sequence / batch / head axes must differ)")
             used.add(name)
         n = 1
         for name in names:
             n *= sizes[name]
         if names and dim % n:
-            raise ValueError(f"sequence_parallel_prism: {dim_name} = {dim} is not divisible by the "
+            raise ValueError(f"{caller}: {dim_name} = {dim} is not divisible by the "
                              f"mesh axes {names} of total size {n}")
 
 
@@ -200,8 +203,9 @@ def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("
     """Drop-in for `prism_recurrence` inside a model jitted under `jax.set_mesh(mesh)`.
 
     When the ambient mesh has `axis` of size > 1, runs `sequence_parallel_prism` with B split over
-    those of `batch_axes` present in the mesh (size > 1) and H over `head_axes` when they divide H;
-    otherwise (no mesh, or sequence size 1) calls `prism_recurrence(..., impl=impl)` unchanged.
+    those of `batch_axes` present in the mesh (size > 1) and H over `head_axes` when they divide H.
+    Without a sequence axis but with such batch / head axes it runs `rows_parallel_prism` (the op
+    under `shard_map`, impl kept); with none (or no mesh) it is `prism_recurrence(..., impl=impl)`.
     The rest of a block (projections, norms, the causal ShortConv) needs no change: under `jit` the
     auto-partitioner exchanges the conv's halo itself; only the recurrence needs this explicit form.
     """
@@ -210,24 +214,14 @@ def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape) if mesh is not None else {}
     B, H = q.shape[0], q.shape[2]
-    if sizes.get(axis, 1) == 1:
-        batch, heads = _split_axes(sizes, batch_axes, B), _split_axes(sizes, head_axes, H)
-        if batch is None and heads is None:
-            return prism_recurrence(q, k, v, beta, g, impl=impl, **kwargs)
-        return rows_parallel_prism(q, k, v, beta, g, mesh=mesh, batch_axis=batch, head_axis=heads,
-                                   impl=impl, **kwargs)
-    used = [a for a in batch_axes if sizes.get(a, 1) > 1]
-    n = 1
-    for a in used:
-        n *= sizes[a]
-    batch = tuple(used) if used and B % n == 0 else None
-    heads = tuple(a for a in head_axes if sizes.get(a, 1) > 1)
-    m = 1
-    for a in heads:
-        m *= sizes[a]
-    heads = heads if heads and H % m == 0 else None
-    return sequence_parallel_prism(q, k, v, beta, g, mesh=mesh, axis=axis, batch_axis=batch,
-                                   head_axis=heads, **kwargs)
+    batch, heads = _split_axes(sizes, batch_axes, B), _split_axes(sizes, head_axes, H)
+    if sizes.get(axis, 1) > 1:
+        return sequence_parallel_prism(q, k, v, beta, g, mesh=mesh, axis=axis, batch_axis=batch,
+                                       head_axis=heads, **kwargs)
+    if batch is None and heads is None:
+        return prism_recurrence(q, k, v, beta, g, impl=impl, **kwargs)
+    return rows_parallel_prism(q, k, v, beta, g, mesh=mesh, batch_axis=batch, head_axis=heads, impl=impl,
+                               **kwargs)
 
 
 def _split_axes(sizes, names, dim):
@@ -252,16 +246,7 @@ def rows_parallel_prism(q, k, v, beta, g, *, mesh, batch_axis=None, head_axis=No
     from prism_jax.ops import prism_recurrence  # noqa: PLC0415
 
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
-    sizes = dict(mesh.shape)
-    for what, names, dim in (("batch_axis", _axis_names(batch_axis), B), ("head_axis", _axis_names(head_axis), H)):
-        n = 1
-        for name in names:
-            if name not in sizes:
-                raise ValueError(f"rows_parallel_prism: `{what}` {name!r} is not a mesh axis; mesh axes "
-                                 f"are {tuple(mesh.axis_names)}")
-            n *= sizes[name]
-        if dim % n:
-            raise ValueError(f"rows_parallel_prism: `{what}` {names} of total size {n} does not divide {dim}")
+    check_sequence_mesh(mesh, None, T, batch_axis, B, head_axis, H, caller="rows_parallel_prism")
     seq = P(batch_axis, None, head_axis)  # [B, T, H, ...]
     rows = P(batch_axis, head_axis)  # [B, H, K, V]
     args, specs = [q, k, v, beta, g], [seq] * 5
