@@ -56,10 +56,10 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
             f"{_GPU_TILE_BYTES // (max(K, V) * itemsize)}")
 
 
-def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel,
-             **_bwd_opts):
-    """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} where the kernel
-    keeps them (the split GPU kernels), else None (the backward recomputes them)."""
+def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
+             save_inverse=False, **_bwd_block_opts):
+    """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
+    and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
@@ -73,7 +73,7 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
         return (*gpu_forward(x, **kw), None)
     from pallas_kernels.gpu.split import forward as split_forward
 
-    return split_forward(x, **kw)
+    return split_forward(x, save_inverse=save_inverse, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -84,8 +84,8 @@ def _core(opts, q, k, v, beta, g, r, rm1, s0):
 
 def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
     x = Prepared(q, k, v, beta, g, r, rm1, s0)
-    o, final, starts, ainv = _forward(x, **opts)
-    return (o, final), (x, starts, ainv if opts["bwd"] == "fused" else None)
+    o, final, starts, ainv = _forward(x, save_inverse=opts["bwd"] == "fused", **opts)
+    return (o, final), (x, starts, ainv)
 
 
 def _core_bwd(opts, res, cot):

@@ -36,7 +36,7 @@ def _load_writes(k_ref, v_ref, beta_ref, b, ts, h, vs, n_writes):
     return ks, betas, vws
 
 
-def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, ainv_ref, *, heads,
+def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, *ainv_ref, heads,
                   n_writes, chunk, mm_dtype):
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = bh // heads, bh % heads
@@ -44,7 +44,8 @@ def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, 
     ks, betas, vws = _load_writes(k_ref, v_ref, beta_ref, b, ts, h, slice(None), n_writes)
     d = chunk_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
     p, qe, a_inv = chunk_solve(ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype)
-    ainv_ref[b, h, n] = a_inv
+    if ainv_ref:  # only when the backward will use it (bwd="fused" under differentiation)
+        ainv_ref[0][b, h, n] = a_inv
     p_ref[b, ts, h, :] = p.astype(p_ref.dtype)
     qe_ref[b, ts, h, :] = qe.astype(qe_ref.dtype)
 
@@ -80,9 +81,10 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, 
 
 
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
-            interpret=False):
+            interpret=False, save_inverse=True):
     """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
-    ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward)."""
+    ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward; None unless
+    `save_inverse`)."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     block_v = min(V, 64) if block_v is None else block_v
@@ -98,12 +100,11 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
     writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
-    p, qe, ainv = call(
-        functools.partial(_intra_kernel, **common), grid=(B * H, N), name="prism_intra",
-        out_shape=(jax.ShapeDtypeStruct((B, Tp, H, K), mm_dtype),
-                   jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype),
-                   jax.ShapeDtypeStruct((B, H, N, chunk_size, chunk_size), f32)),
-    )(*writes)
+    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), mm_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype)]
+    if save_inverse:
+        out_shape.append(jax.ShapeDtypeStruct((B, H, N, chunk_size, chunk_size), f32))
+    p, qe, *ainv = call(functools.partial(_intra_kernel, **common), grid=(B * H, N), name="prism_intra",
+                        out_shape=tuple(out_shape))(*writes)
     starts, final = call(
         functools.partial(_state_kernel, block_v=block_v, n_chunks=N, **common),
         grid=(B * H, V // block_v), name="prism_state",
@@ -113,4 +114,4 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
         functools.partial(_output_kernel, scale=scale, **common), grid=(B * H, N), name="prism_output",
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
     )(x.q, *writes, p, qe, starts)
-    return o, final, starts, ainv
+    return o, final, starts, (ainv[0] if save_inverse else None)
