@@ -41,6 +41,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/lm_compare.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
+from train.compilation_cache import enable_compilation_cache  # noqa: E402
+
 MODEL_NAMES = ("prism", "gdn", "attention", "ttt")
 SMOKE_MODEL = dict(d_model=32, num_layers=2, num_heads=2, head_k_dim=16, mlp_hidden_dim=64, chunk_size=16,
                    max_seq_len=64, dtype="float32")
@@ -209,14 +211,6 @@ def precompile(names, argv, args):
 
 def resolve_defaults(args, backend):
     args.op_impl = args.op_impl or ("pallas" if backend == "gpu" else "chunk")
-
-
-def enable_compilation_cache(cache_dir):
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run_worker(args):

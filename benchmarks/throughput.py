@@ -40,6 +40,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `python benchmarks/throughput.py` (and its workers) from a checkout without an install
     sys.path.insert(0, _ROOT)
 
+from train.compilation_cache import enable_compilation_cache  # noqa: E402
+
 # name -> PrismLMConfig overrides on top of the preset
 MODELS = {
     "attention": dict(mixer="attention"),
@@ -65,14 +67,6 @@ PAPER_TOKENS_PER_S = {  # read off section 5.3's text (K tokens/s, one H20); the
     "prism": {2048: 61.0, 16384: 57.0},
     "ttt": {"all": 0.34},
 }
-
-
-def enable_compilation_cache(cache_dir):
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @contextlib.contextmanager

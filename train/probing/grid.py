@@ -109,10 +109,9 @@ def main(argv=None, *, model_override=None) -> dict:
     budget_s, no_start_after = args.pop("budget_s"), args.pop("no_start_after")
     cache_dir = args.pop("compilation_cache")
     if cache_dir:
-        import jax  # noqa: PLC0415
+        from train.compilation_cache import enable_compilation_cache  # noqa: PLC0415
 
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compilation_cache(cache_dir)
     deadline = t_start + budget_s if budget_s else None
     for c in [ProbeConfig(task=t, model=m, **args) for m in models for t in tasks]:
         c.validate()  # bad settings fail before anything compiles
