@@ -119,6 +119,8 @@ def model_config(name, args, seq_len, op_impl):
         return get_preset("tiny", **overrides)
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
+    if args.scan_layers:
+        overrides["scan_layers"] = True
     return get_preset(args.preset, **overrides)
 
 
@@ -150,7 +152,8 @@ def build_prism_point(name, seq_len, batch, args, op_impl):
         return optax.apply_updates(p, updates), o, loss
 
     num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-    info = dict(num_params=num_params, op_impl=cfg.op_impl, dtype=cfg.dtype, vocab_size=cfg.vocab_size)
+    info = dict(num_params=num_params, op_impl=cfg.op_impl, dtype=cfg.dtype, vocab_size=cfg.vocab_size,
+                scan_layers=cfg.scan_layers, chunk_size=cfg.chunk_size)
     return jax.jit(step).lower, (lambda compiled: compiled), (params, opt_state), info
 
 
@@ -453,6 +456,8 @@ def parse_args(argv):
     parser.add_argument("--chunk-size", type=int, default=0, help="0: the preset's")
     parser.add_argument("--attention", default=None, choices=("layer", "cudnn"),
                         help="cudnn: causal cuDNN flash attention (default on GPU); layer: the layer as written")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="our models' blocks under nn.scan (compiles one layer body; same model and step)")
     parser.add_argument("--jla-remat", default="none",
                         help="remat policy of the jla presets (default none, like our models; the presets' own is full)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point (median)")
