@@ -57,7 +57,7 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
-             save_inverse=False, **_bwd_block_opts):
+             save_inverse=False, forward_inverse="rows", state_pieces=1, **_bwd_block_opts):
     """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
     and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
@@ -70,10 +70,11 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
     if kernel == "fused":
         from pallas_kernels.gpu.forward import forward as gpu_forward
 
-        return (*gpu_forward(x, **kw), None)
+        return (*gpu_forward(x, inverse=forward_inverse, **kw), None)
     from pallas_kernels.gpu.split import forward as split_forward
 
-    return split_forward(x, save_inverse=save_inverse, **kw)
+    return split_forward(x, save_inverse=save_inverse, inverse=forward_inverse, state_pieces=state_pieces,
+                         **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -106,7 +107,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
-                 bwd_block_v=None, bwd_num_warps=None, platform=None):
+                 bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="rows",
+                 state_pieces=1):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -125,6 +127,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     path always uses "xla";
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
+    GPU forward options (`gpu/split.py`): forward_inverse "rows" (C - 1 substitution steps),
+    "blocked" / "blocked8" (16- / 8-row diagonal blocks, merged by matmuls; also in the fused
+    kernel); state_pieces: 1 (one sequential state pass over all chunks) or P > 1 (P pieces' affine
+    maps in parallel, composed in order, then each piece's chunks from its start; split kernel only).
+    block_v=None lets the split state pass use fewer value columns when it has few programs.
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
@@ -132,6 +139,12 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
+    if forward_inverse not in ("rows", "blocked", "blocked8"):
+        raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
+                         "'blocked' or 'blocked8'")
+    if not isinstance(state_pieces, int) or state_pieces < 1 or (state_pieces > 1 and kernel != "split"):
+        raise ValueError(f"prism_pallas: `state_pieces` = {state_pieces!r}, expected an int >= 1 "
+                         "(> 1 only with kernel='split')")
     if bwd not in ("auto", "fused", "xla"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused' or 'xla'")
     if bwd == "auto":
@@ -152,7 +165,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     x = prepare(q, k, v, beta, g, initial_state, segment_ids, chunk_size)
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
                 num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
-                bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps)
+                bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
+                state_pieces=state_pieces)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

@@ -293,3 +293,51 @@ def chunk_output(s, p, qe, q, k0, ks, vws, d: ChunkDecays, *, mm_dtype):
     for kl, vwl in zip(ks, vws):
         o = o + dot(dot(q, kl, trans_b=True) * d.t_0, vwl)
     return o
+
+
+def blocked_unit_lower_inverse(m, block=16):
+    """(I + m)^{-1} for a strictly lower-triangular m [C, C], the substitution cut to `block` rows.
+
+    1. The block x block diagonal blocks, all at once: `block - 1` row steps of forward substitution
+       (each step does row i of every block; the same masked reductions as `unit_lower_inverse`).
+    2. Doubling: with X_s = (I + D_s)^{-1} (D_s: m's block-diagonal part at size s) and Off the part
+       of m in the lower-left s-block of each 2s-block, X_2s = X_s - X_s Off X_s (exact: Off X_s Off
+       = 0), two float32 (IEEE) C x C matmuls per doubling.
+    C / block must be a power of two. The dependent chain is block - 1 + 2 log2(C / block) steps
+    instead of C - 1.
+    """
+    C = m.shape[0]
+    block = min(block, C)
+    if C % block or (C // block) & (C // block - 1):
+        raise ValueError(f"blocked_unit_lower_inverse: C = {C} must be `block` = {block} times a power of two")
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    same_block = rows // block == cols // block
+    m_diag = jnp.where(same_block, m, 0.0)
+    x = (rows == cols).astype(jnp.float32)
+
+    def body(i, x):
+        step_rows = same_block & (rows % block == i)  # row i of every diagonal block
+        # For column j the one row of j's block that steps now: m[blk(j) * block + i, j].
+        m_row = jnp.sum(jnp.where(step_rows, m_diag, 0.0), axis=0)
+        # x is block diagonal, so column c sums over j in blk(c): the value for row blk(c) * block + i.
+        contrib = jnp.sum(m_row[:, None] * x, axis=0)
+        return x - jnp.where(step_rows, contrib[None, :], 0.0)
+
+    x = jax.lax.fori_loop(1, block, body, x)
+    s = block
+    while s < C:
+        off = jnp.where((rows // (2 * s) == cols // (2 * s)) & (rows // s != cols // s), m, 0.0)
+        x = x - mm(mm(x, off, dtype=jnp.float32), x, dtype=jnp.float32)
+        s *= 2
+    return x
+
+
+def lower_inverse(name):
+    """The `inverse(m)` of a forward kernel by name: "rows" (`unit_lower_inverse`), "blocked"
+    (`blocked_unit_lower_inverse`, 16-row blocks) or "blocked8" (8-row blocks)."""
+    if name == "rows":
+        return unit_lower_inverse
+    if name in ("blocked", "blocked8"):
+        return functools.partial(blocked_unit_lower_inverse, block=8 if name == "blocked8" else 16)
+    raise ValueError(f"inverse is {name!r}, expected 'rows', 'blocked' or 'blocked8'")

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import Prepared, chunk_decays, chunk_step, matmul_dtype
+from pallas_kernels.common import Prepared, chunk_decays, chunk_step, lower_inverse, matmul_dtype
 
 
 def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref,
             o_ref, starts_ref, final_ref, *, heads, n_writes, chunk, block_v, n_chunks, scale,
-            mm_dtype):
+            mm_dtype, inverse):
     bh = pl.program_id(0)
     vb = pl.program_id(1)
     b, h = bh // heads, bh % heads
@@ -38,7 +38,7 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref,
         vws = [betas[l][:, None] * v_ref[b, ts, h, l, vs].astype(f32) for l in range(n_writes)]
         d = chunk_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
         starts_ref[b, h, n, :, vs] = s
-        o, s = chunk_step(s, q, ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype)
+        o, s = chunk_step(s, q, ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype, inverse=inverse)
         o_ref[b, ts, h, vs] = (scale * o).astype(o_ref.dtype)
         return s
 
@@ -47,15 +47,17 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref,
 
 
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
-            interpret=False):
-    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32)."""
+            interpret=False, inverse="rows"):
+    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32).
+
+    inverse: the triangular inverse, "rows", "blocked" or "blocked8" (`common.lower_inverse`)."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     block_v = V if block_v is None else block_v
     N = Tp // chunk_size
     kernel = functools.partial(
         _kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v, n_chunks=N, scale=scale,
-        mm_dtype=matmul_dtype(x.q.dtype))
+        mm_dtype=matmul_dtype(x.q.dtype), inverse=lower_inverse(inverse))
     out_shape = (
         jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
         jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32),

@@ -6,9 +6,17 @@ Here only cheap matmuls stay sequential:
 
   1. intra  grid (B*H, N)        per chunk, all in parallel: the solve, P [C, K] and Qe [C, V]
                                  (E = P S_0 + Qe), written in the matmul dtype; the inverse
-                                 (I + m)^{-1} [C, C] f32 is kept for the backward.
-  2. state  grid (B*H, V/bv)     sequential over chunks: S <- a S - ek^T (P S + Qe) + writes;
+                                 (I + m)^{-1} [C, C] f32 is kept for the backward. The inverse is
+                                 `inverse="rows"` (C - 1 dependent row steps) or "blocked" (16-row
+                                 diagonal blocks by substitution, merged by matmuls).
+  2. state  grid (B*H, P, V/bv)  sequential over chunks: S <- a S - ek^T (P S + Qe) + writes;
                                  writes every chunk's start state (also kept for the backward).
+                                 With `state_pieces` P > 1 the N chunks are cut into P pieces and
+                                 two kernels run first: `prism_piece_maps` (grid (B*H, P, K/bk +
+                                 V/bv), each piece's affine map S_end = A S_start + B, in parallel)
+                                 and `prism_compose_pieces` (grid (B*H, V/bv), the P maps applied in
+                                 order: every piece's true start state); then each piece walks its
+                                 own chunks (N / P sequential steps instead of N).
   3. output grid (B*H, N)        per chunk, all in parallel: o from q, the chunk inputs, P, Qe and
                                  the chunk's start state.
 
@@ -24,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (Prepared, chunk_decays, chunk_end_decays, chunk_output,
-                                   chunk_solve, chunk_state_update, matmul_dtype)
+                                   chunk_solve, chunk_state_update, lower_inverse, matmul_dtype, mm)
 
 f32 = jnp.float32
 
@@ -37,13 +45,13 @@ def _load_writes(k_ref, v_ref, beta_ref, b, ts, h, vs, n_writes):
 
 
 def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, *ainv_ref, heads,
-                  n_writes, chunk, mm_dtype):
+                  n_writes, chunk, mm_dtype, inverse):
     bh, n = pl.program_id(0), pl.program_id(1)
     b, h = bh // heads, bh % heads
     ts = pl.ds(n * chunk, chunk)
     ks, betas, vws = _load_writes(k_ref, v_ref, beta_ref, b, ts, h, slice(None), n_writes)
     d = chunk_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
-    p, qe, a_inv = chunk_solve(ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype)
+    p, qe, a_inv = chunk_solve(ks[0], ks, vws, betas[0], d, mm_dtype=mm_dtype, inverse=inverse)
     if ainv_ref:  # only when the backward will use it (bwd="fused" under differentiation)
         ainv_ref[0][b, h, n] = a_inv
     p_ref[b, ts, h, :] = p.astype(p_ref.dtype)
@@ -51,8 +59,10 @@ def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, 
 
 
 def _state_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, s0_ref, starts_ref,
-                  final_ref, *, heads, n_writes, chunk, block_v, n_chunks, mm_dtype):
-    bh, vb = pl.program_id(0), pl.program_id(1)
+                  ends_ref, *, heads, n_writes, chunk, block_v, n_chunks, piece_len, mm_dtype):
+    """Grid (B*H, pieces, V/block_v): walks the chunks of one piece from its start state s0_ref
+    [B, H, pieces, K, V], writing each chunk's start state and the piece's end state."""
+    bh, piece, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // heads, bh % heads
     vs = pl.ds(vb * block_v, block_v)
 
@@ -64,8 +74,68 @@ def _state_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, 
         return chunk_state_update(s, p_ref[b, ts, h, :], qe_ref[b, ts, h, vs].astype(f32), ks[0],
                                   ks, vws, d, mm_dtype=mm_dtype)
 
-    s = jax.lax.fori_loop(0, n_chunks, body, s0_ref[b, h, :, vs].astype(f32))
-    final_ref[b, h, :, vs] = s
+    s0 = s0_ref[b, h, piece, :, vs].astype(f32)
+    if piece_len == n_chunks:  # one piece: static bounds (a plain counted loop)
+        s = jax.lax.fori_loop(0, n_chunks, body, s0)
+    else:
+        lo = piece * piece_len
+        s = jax.lax.fori_loop(lo, jnp.minimum(lo + piece_len, n_chunks), body, s0)
+    ends_ref[b, h, piece, :, vs] = s
+
+
+def _piece_map_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, amap_ref, bmap_ref,
+                      *, heads, n_writes, chunk, block_k, block_v, key_blocks, n_chunks, piece_len,
+                      mm_dtype):
+    """Grid (B*H, pieces, K/block_k + V/block_v): each piece's affine map S_end = A S_start + B.
+
+    Column blocks below `key_blocks` carry columns of A [K, K] (start: the identity's columns; per
+    chunk S <- a S - ek^T P S), the rest columns of B [K, V] (start: zero; the full chunk update).
+    """
+    bh, piece, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // heads, bh % heads
+    lo = piece * piece_len
+    hi = jnp.minimum(lo + piece_len, n_chunks)
+    K = amap_ref.shape[-1]
+
+    @pl.when(cb < key_blocks)
+    def _linear_part():
+        def body(n, s):
+            ts = pl.ds(n * chunk, chunk)
+            d = chunk_end_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
+            return chunk_state_update(s, p_ref[b, ts, h, :], 0.0, k_ref[b, ts, h, 0, :], [], [], d,
+                                      mm_dtype=mm_dtype)
+
+        rows = jax.lax.broadcasted_iota(jnp.int32, (K, block_k), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (K, block_k), 1)
+        eye = (rows == cols + cb * block_k).astype(f32)
+        amap_ref[b, h, piece, :, pl.ds(cb * block_k, block_k)] = jax.lax.fori_loop(lo, hi, body, eye)
+
+    @pl.when(cb >= key_blocks)
+    def _affine_part():
+        vs = pl.ds((cb - key_blocks) * block_v, block_v)
+
+        def body(n, s):
+            ts = pl.ds(n * chunk, chunk)
+            ks, _, vws = _load_writes(k_ref, v_ref, beta_ref, b, ts, h, vs, n_writes)
+            d = chunk_end_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
+            return chunk_state_update(s, p_ref[b, ts, h, :], qe_ref[b, ts, h, vs].astype(f32), ks[0],
+                                      ks, vws, d, mm_dtype=mm_dtype)
+
+        bmap_ref[b, h, piece, :, vs] = jax.lax.fori_loop(lo, hi, body, jnp.zeros((K, block_v), f32))
+
+
+def _compose_kernel(amap_ref, bmap_ref, s0_ref, piece_starts_ref, *, heads, block_v, pieces):
+    """Grid (B*H, V/block_v), sequential over pieces: S_{p+1} = A_p S_p + B_p in float32 (IEEE)."""
+    bh, vb = pl.program_id(0), pl.program_id(1)
+    b, h = bh // heads, bh % heads
+    vs = pl.ds(vb * block_v, block_v)
+
+    def body(p, s):
+        piece_starts_ref[b, h, p, :, vs] = s
+        return mm(amap_ref[b, h, p], s, dtype=f32) + bmap_ref[b, h, p, :, vs]
+
+    s = jax.lax.fori_loop(0, pieces - 1, body, s0_ref[b, h, :, vs])
+    piece_starts_ref[b, h, pieces - 1, :, vs] = s
 
 
 def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, starts_ref,
@@ -80,38 +150,88 @@ def _output_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, 
     o_ref[b, ts, h, :] = (scale * o).astype(o_ref.dtype)
 
 
+def state_block_v(B, H, V, pieces=1, sm_count=None):
+    """Value columns per program of the state pass: 64 (or V), halved down to 16 while the pass has
+    fewer than 2 programs per SM (B * H * pieces * V / block_v < 2 * sm_count; an H200 has 132)."""
+    sm_count = sm_count or _sm_count()
+    block_v = min(V, 64)
+    while block_v > 16 and B * H * pieces * (V // block_v) < 2 * sm_count:
+        block_v //= 2
+    return block_v
+
+
+def _sm_count():
+    return getattr(jax.devices()[0], "core_count", None) or 132  # CPU (interpret, lowering): H200's
+
+
+def state_pieces_for(n_chunks, pieces):
+    """(pieces, chunks per piece) actually used for `pieces` requested over n_chunks chunks: every
+    piece has piece_len chunks but the last, which has 1 to piece_len."""
+    pieces = max(1, min(pieces, n_chunks))
+    piece_len = -(-n_chunks // pieces)
+    return -(-n_chunks // piece_len), piece_len
+
+
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
-            interpret=False, save_inverse=True):
+            interpret=False, save_inverse=True, inverse="rows", state_pieces=1, state_num_warps=None):
     """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
     ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward; None unless
-    `save_inverse`)."""
+    `save_inverse`).
+
+    inverse: the intra kernel's triangular inverse, "rows" (C - 1 row steps), "blocked" or
+    "blocked8" (`common.blocked_unit_lower_inverse` with 16- / 8-row diagonal blocks).
+    state_pieces: 1 = one sequential walk over all N chunks per (head, value block); P > 1 = the
+    chunks cut into P pieces: each piece's affine map (A [K, K], B [K, V]) in parallel, the P maps
+    composed in order (float32), then every piece walks its chunks from its true start in parallel.
+    block_v: the state pass's value columns per program; None = `state_block_v` (fewer columns when
+    there are few programs). state_num_warps: the state-pass kernels' warps (default num_warps).
+    """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
-    block_v = min(V, 64) if block_v is None else block_v
     N = Tp // chunk_size
+    pieces, piece_len = state_pieces_for(N, state_pieces)
+    block_v = state_block_v(B, H, V, pieces) if block_v is None else block_v
     mm_dtype = matmul_dtype(x.q.dtype)
     common = dict(heads=H, n_writes=L, chunk=chunk_size, mm_dtype=mm_dtype)
-    params = None
+    params = state_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
         if num_warps is None:  # H200 sweep (docs/benchmarks.md): 8 warps at chunk 32, 4 at chunk 64
             num_warps = 8 if chunk_size <= 32 else 4
         params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
+        state_params = pltriton.CompilerParams(num_warps=state_num_warps or num_warps,
+                                               num_stages=num_stages or 1)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    state_call = functools.partial(pl.pallas_call, compiler_params=state_params, interpret=interpret)
     writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), mm_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype)]
     if save_inverse:
         out_shape.append(jax.ShapeDtypeStruct((B, H, N, chunk_size, chunk_size), f32))
-    p, qe, *ainv = call(functools.partial(_intra_kernel, **common), grid=(B * H, N), name="prism_intra",
-                        out_shape=tuple(out_shape))(*writes)
-    starts, final = call(
-        functools.partial(_state_kernel, block_v=block_v, n_chunks=N, **common),
-        grid=(B * H, V // block_v), name="prism_state",
-        out_shape=(jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
-    )(*writes, p, qe, x.s0)
+    p, qe, *ainv = call(functools.partial(_intra_kernel, inverse=lower_inverse(inverse), **common),
+                        grid=(B * H, N), name="prism_intra", out_shape=tuple(out_shape))(*writes)
+    piece_starts = x.s0[:, :, None]
+    if pieces > 1:
+        block_k = min(block_v, K)
+        amap, bmap = state_call(
+            functools.partial(_piece_map_kernel, block_k=block_k, block_v=block_v, key_blocks=K // block_k,
+                              n_chunks=N, piece_len=piece_len, **common),
+            grid=(B * H, pieces, K // block_k + V // block_v), name="prism_piece_maps",
+            out_shape=(jax.ShapeDtypeStruct((B, H, pieces, K, K), f32),
+                       jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)),
+        )(*writes, p, qe)
+        piece_starts = state_call(
+            functools.partial(_compose_kernel, heads=H, block_v=block_v, pieces=pieces),
+            grid=(B * H, V // block_v), name="prism_compose_pieces",
+            out_shape=jax.ShapeDtypeStruct((B, H, pieces, K, V), f32),
+        )(amap, bmap, x.s0)
+    starts, ends = state_call(
+        functools.partial(_state_kernel, block_v=block_v, n_chunks=N, piece_len=piece_len, **common),
+        grid=(B * H, pieces, V // block_v), name="prism_state",
+        out_shape=(jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)),
+    )(*writes, p, qe, piece_starts)
     o = call(
         functools.partial(_output_kernel, scale=scale, **common), grid=(B * H, N), name="prism_output",
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
     )(x.q, *writes, p, qe, starts)
-    return o, final, starts, (ainv[0] if save_inverse else None)
+    return o, ends[:, :, -1], starts, (ainv[0] if save_inverse else None)
