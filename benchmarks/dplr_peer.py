@@ -159,13 +159,13 @@ def _kernels():
 
 
 def to_torch(x, device="cuda"):
-    """A JAX / NumPy array -> a torch tensor on `device` (bf16 through a uint16 view: torch has no
-    ml_dtypes)."""
+    """A JAX / NumPy array -> a torch tensor on `device` (bf16 through an int16 view: torch does not read
+    ml_dtypes' bfloat16)."""
     import torch
 
     x = np.asarray(x)
     if x.dtype == jnp.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16).to(device)
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).to(device)
     return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
 

@@ -110,8 +110,12 @@ def test_check_passes_for_the_exact_peer_and_fails_for_a_wrong_one():
     (q, k, v, beta, g), _ = make_inputs(3, B, T, H, L, K, V)
     xs = tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, beta, g))
     do = jax.random.normal(jax.random.PRNGKey(0), (B, T, H, V))
-    ref = jax.jit(lambda xs, do: jax.vjp(lambda *a: prism_recurrence(*a, impl="reference")[0], *xs)[1](do))
-    ref = (prism_recurrence(*xs, impl="reference")[0], ref(xs, do))
+    @jax.jit
+    def reference(xs, do):
+        o, pull = jax.vjp(lambda *a: prism_recurrence(*a, impl="reference")[0], *xs)
+        return o, pull(do)
+
+    ref = reference(xs, do)
     pad_to = 8
 
     def scan_dplr(*a):  # dplr_peer.dplr_step over the sequence, compiled once
@@ -154,3 +158,27 @@ def test_run_dplr_without_torch_returns_a_note():
         pytest.skip("torch with CUDA is present: run_dplr measures on the GPU")
     assert len(rows) == 1 and "torch / fla-core unavailable" in rows[0]["note"]
     assert "NOTE" in dplr_peer.markdown(rows)
+    measured = dict(impl="dplr_fla", bwd=None, L=2, T=64, B=1, steps=128, fwd_ms=1.5, fwd_mem_gib=0.1,
+                    fwd_bwd_ms=4.25, fwd_bwd_mem_gib=0.2, fwd_rel_err=3e-3, grad_rel_err_max=5e-3,
+                    grad_rel_err=dict(q=1e-3, k=2e-3, v=3e-3, beta=4e-3, g=5e-3))
+    fwd_only = dict(measured, fwd_bwd_error="RuntimeError: no backward")
+    for key in ("fwd_bwd_ms", "fwd_bwd_mem_gib", "grad_rel_err", "grad_rel_err_max"):
+        fwd_only.pop(key)
+    table = dplr_peer.markdown([measured, fwd_only]).splitlines()
+    assert table[2] == "| dplr_fla | 2 | 64 | 128 | 1.50 | 4.25 | 0.10 / 0.20 | 3.0e-03 | 5.0e-03; 1.0e-03 2.0e-03 3.0e-03 4.0e-03 5.0e-03 |"
+    assert table[3].startswith("| dplr_fla | 2 | 64 | 128 | 1.50 | - |") and "no backward" in table[4]
+
+
+@pytest.mark.gpu
+def test_run_dplr_on_gpu_matches_our_chunk_form():
+    """On the device (torch + fla-core): small shapes, every L; fla's bf16 DPLR kernel on the interleaved
+    inputs agrees with our float32 chunk form, forward and (where fla's backward runs) gradients."""
+    pytest.importorskip("torch")
+    pytest.importorskip("fla")
+    rows = dplr_peer.run_dplr([128], [1, 2, 3], 3, dict(tokens=256, heads=2, dk=64, dv=64), budget_s=600)
+    assert [r["L"] for r in rows] == [2, 1, 3], rows
+    for r in rows:
+        assert "error" not in r and r["fwd_ms"] > 0, r
+        assert r["fwd_rel_err"] < 2e-2, r
+        if "fwd_bwd_error" not in r:
+            assert r["grad_rel_err_max"] < 5e-2, r
