@@ -213,10 +213,18 @@ def prism_grads_from_dplr(xs, dplr_grads, pad_to):
     return _pull_back(xs32, cts, pad_to)
 
 
+def _arrays(*xs, pad_to):
+    return {n: d for n, d in interleave(*xs, pad_to=pad_to).items() if n != "scale"}
+
+
+@jax.jit(static_argnums=1)
+def _interleave_arrays(xs, pad_to):
+    return _arrays(*xs, pad_to=pad_to)
+
+
 @jax.jit(static_argnums=2)
 def _pull_back(xs, cts, pad_to):
-    fn = lambda *x: {n: d for n, d in interleave(*x, pad_to=pad_to).items() if n != "scale"}
-    return jax.vjp(fn, *xs)[1](cts)
+    return jax.vjp(lambda *x: _arrays(*x, pad_to=pad_to), *xs)[1](cts)
 
 
 def check(xs, do, o_dplr, dplr_grads, writes, pad_to, ref):
@@ -232,45 +240,57 @@ def check(xs, do, o_dplr, dplr_grads, writes, pad_to, ref):
     return out
 
 
-def measure_point(L, T, shape, reps, fla_kw, pad_to=64):
-    """One row: fla's chunk DPLR kernel on the interleaved inputs of kernels.inputs(PRNGKey(T + L), ...)."""
+def fla_runner(fla_kw):
+    """run(d, do, reps) -> (timings dict, o, grads or None) with fla's chunk_dplr_delta_rule on the GPU.
+
+    d: interleave's arrays (q, k, v, a, b, gk) and scale; do: [B, N, H, V] output cotangent (spread_last).
+    Timings: fwd_ms, fwd_mem_gib, fwd_bwd_ms, fwd_bwd_mem_gib, or fwd_bwd_error when the backward raises.
+    o: float32 NumPy [B, N, H, V]; grads: dict q, k, v, a, b, gk of float32 NumPy arrays."""
     import torch
     from fla.ops.generalized_delta_rule.dplr import chunk_dplr_delta_rule
 
+    def run(d, do, reps):
+        tin = {n: to_torch(d[n]).requires_grad_() for n in DPLR_ARGS}
+        do_t, scale = to_torch(do), d["scale"]
+
+        def fwd():
+            with torch.no_grad():
+                return chunk_dplr_delta_rule(**tin, scale=scale, **fla_kw)[0]
+
+        def fwd_bwd():
+            o = chunk_dplr_delta_rule(**tin, scale=scale, **fla_kw)[0]
+            return o, torch.autograd.grad(o, [tin[n] for n in DPLR_ARGS], do_t)
+
+        out = dict(fwd_ms=cuda_ms(fwd, reps), fwd_mem_gib=peak_gib(fwd))
+        o, grads = to_numpy(fwd()), None
+        try:
+            out.update(fwd_bwd_ms=cuda_ms(fwd_bwd, reps), fwd_bwd_mem_gib=peak_gib(fwd_bwd))
+            o_t, grads_t = fwd_bwd()
+            o, grads = to_numpy(o_t), {n: to_numpy(gr) for n, gr in zip(DPLR_ARGS, grads_t)}
+            del o_t, grads_t
+        except Exception as e:  # fla's backward may refuse this Triton / GPU: keep the forward
+            out["fwd_bwd_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        del tin, do_t
+        torch.cuda.empty_cache()
+        return out, o, grads
+
+    return run
+
+
+def measure_point(L, T, shape, reps, runner, pad_to=64, dtype=jnp.bfloat16, reference=None):
+    """One row: `runner` (fla_runner) on the interleaved kernels.inputs(PRNGKey(T + L), ...), checked
+    against `reference` (default kernels.reference: our float32 chunk form) on the same rounded inputs."""
     kernels = _kernels()
     H, K, V = shape["heads"], shape["dk"], shape["dv"]
     B = shape["tokens"] // T
-    xs, do = kernels.inputs(jax.random.PRNGKey(T + L), B, T, L, H, K, V)
-    ref = kernels.reference(xs, do)
-    d = interleave(*xs, scale=K ** -0.5, pad_to=pad_to)
-    scale = d.pop("scale")
+    xs, do = kernels.inputs(jax.random.PRNGKey(T + L), B, T, L, H, K, V, dtype)
+    ref = (reference or kernels.reference)(xs, do)
+    d = dict(_interleave_arrays(xs, pad_to), scale=K ** -0.5)
     N = d["q"].shape[1]
-    tin = {n: to_torch(d[n]).requires_grad_() for n in DPLR_ARGS}
-    do_t = to_torch(spread_last(do, L, N))
+    row = dict(impl="dplr_fla", bwd=None, L=L, T=T, B=B, steps=N)
+    timings, o, dplr_grads = runner(d, spread_last(do, L, N), reps)
     del d
-    row = dict(impl="dplr_fla", bwd=None, L=L, T=T, B=B, steps=N, fla_kw=dict(fla_kw))
-
-    def fwd():
-        with torch.no_grad():
-            return chunk_dplr_delta_rule(**tin, scale=scale, **fla_kw)[0]
-
-    def fwd_bwd():
-        o = chunk_dplr_delta_rule(**tin, scale=scale, **fla_kw)[0]
-        return o, torch.autograd.grad(o, [tin[n] for n in DPLR_ARGS], do_t)
-
-    row.update(fwd_ms=cuda_ms(fwd, reps), fwd_mem_gib=peak_gib(fwd))
-    o = fwd()
-    dplr_grads = None
-    try:
-        row.update(fwd_bwd_ms=cuda_ms(fwd_bwd, reps), fwd_bwd_mem_gib=peak_gib(fwd_bwd))
-        o, grads = fwd_bwd()
-        dplr_grads = {n: to_numpy(gr) for n, gr in zip(DPLR_ARGS, grads)}
-        del grads
-    except Exception as e:  # fla's backward may refuse this Triton / GPU: keep the forward
-        row["fwd_bwd_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-    o = to_numpy(o)
-    del tin, do_t
-    torch.cuda.empty_cache()
+    row.update(timings)
     row.update(check(xs, do, o, dplr_grads, L, pad_to, ref))
     return row
 
@@ -301,6 +321,7 @@ def run_dplr(lengths, writes, reps, shape, budget_s, fla_kw=None, on_row=None):
 
         if not torch.cuda.is_available():
             raise RuntimeError("torch sees no CUDA device")
+        runner = fla_runner(fla_kw)
     except Exception as e:
         row = dict(impl="dplr_fla", note=f"DPLR peer skipped: torch / fla-core unavailable ({type(e).__name__}: {e})")
         emit(row)
@@ -314,7 +335,7 @@ def run_dplr(lengths, writes, reps, shape, budget_s, fla_kw=None, on_row=None):
         else:
             t0 = time.time()
             try:
-                row = measure_point(L, T, shape, reps, fla_kw)
+                row = dict(measure_point(L, T, shape, reps, runner), fla_kw=fla_kw)
             except Exception as e:
                 row = dict(impl="dplr_fla", L=L, T=T, error=f"{type(e).__name__}: {str(e)[:400]}")
                 torch.cuda.empty_cache()

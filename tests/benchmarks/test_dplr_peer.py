@@ -102,45 +102,45 @@ def test_spread_last_is_the_transpose_of_deinterleave():
     np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
 
 
-def test_check_passes_for_the_exact_peer_and_fails_for_a_wrong_one():
-    """The GPU run's check on CPU: a float32 JAX scan of the DPLR step stands in for fla; its output and
-    its input gradients, mapped back through interleave's vjp, match our float32 reference (on the GPU:
-    kernels.reference, the chunk form)."""
+def test_measure_point_passes_for_the_exact_peer_and_fails_for_a_wrong_one():
+    """The GPU run's pipeline on CPU (kernels.inputs, interleave, padding, spread_last, check): a float32
+    JAX scan of the DPLR step stands in for fla; its output and its input gradients, mapped back through
+    interleave's vjp, match our float32 reference (on the GPU: kernels.reference, the chunk form)."""
     B, T, H, L, K, V = 1, 9, 2, 2, 8, 4
-    (q, k, v, beta, g), _ = make_inputs(3, B, T, H, L, K, V)
-    xs = tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, beta, g))
-    do = jax.random.normal(jax.random.PRNGKey(0), (B, T, H, V))
+    shape = dict(tokens=B * T, heads=H, dk=K, dv=V)
+
     @jax.jit
     def reference(xs, do):
         o, pull = jax.vjp(lambda *a: prism_recurrence(*a, impl="reference")[0], *xs)
         return o, pull(do)
 
-    ref = reference(xs, do)
-    pad_to = 8
-
-    def scan_dplr(*a):  # dplr_peer.dplr_step over the sequence, compiled once
-        step = lambda S, x: dplr_peer.dplr_step(S, *x, d["scale"])[::-1]
-        S0 = jnp.zeros((B, H, K, V))
-        return jnp.moveaxis(jax.lax.scan(step, S0, [jnp.moveaxis(x, 1, 0) for x in a])[1], 0, 1)
-
     @jax.jit
-    def peer_jit(args):
-        o, pull = jax.vjp(scan_dplr, *args)
-        return o, pull(dplr_peer.spread_last(do, L, o.shape[1]))
+    def scan_vjp(args, do, scale):  # dplr_peer.dplr_step over the sequence
+        def run(*a):
+            step = lambda S, x: dplr_peer.dplr_step(S, *x, scale)[::-1]
+            S0 = jnp.zeros((B, H, K, V))
+            return jnp.moveaxis(jax.lax.scan(step, S0, [jnp.moveaxis(x, 1, 0) for x in a])[1], 0, 1)
 
-    def peer(d):
-        o, grads = peer_jit([d[n] for n in dplr_peer.DPLR_ARGS])
-        return o, dict(zip(dplr_peer.DPLR_ARGS, grads))
+        o, pull = jax.vjp(run, *args)
+        return o, pull(do)
 
-    d = dplr_peer.interleave(*xs, pad_to=pad_to)
-    o, grads = peer(d)
-    good = dplr_peer.check(xs, do, o, grads, L, pad_to, ref)
+    def runner(erase=1.0, backward=True):
+        def run(d, do, reps):
+            assert d["q"].shape == (B, 24, H, K) and do.shape == (B, 24, H, V)  # 18 steps padded to 24
+            o, grads = scan_vjp([d[n] * (erase if n == "b" else 1) for n in dplr_peer.DPLR_ARGS], do, d["scale"])
+            grads = dict(zip(dplr_peer.DPLR_ARGS, grads)) if backward else None
+            return dict(fwd_ms=1.0), np.asarray(o), grads
+
+        return run
+
+    measure = lambda run: dplr_peer.measure_point(L, T, shape, 1, run, pad_to=8, dtype=jnp.float32,
+                                                  reference=reference)
+    good = measure(runner())
     assert good["fwd_rel_err"] < 1e-5 and good["grad_rel_err_max"] < 1e-4, good
-    assert set(good["grad_rel_err"]) == {"q", "k", "v", "beta", "g"}
-    o_bad, grads_bad = peer(dict(d, b=d["b"] * 0.5))  # half the erase
-    bad = dplr_peer.check(xs, do, o_bad, grads_bad, L, pad_to, ref)
+    assert set(good["grad_rel_err"]) == {"q", "k", "v", "beta", "g"} and good["steps"] == 24
+    bad = measure(runner(erase=0.5))  # half the erase
     assert bad["fwd_rel_err"] > 1e-2 and bad["grad_rel_err"]["k"] > 1e-2, bad
-    fwd_only = dplr_peer.check(xs, do, o, None, L, pad_to, ref)  # a failed backward: output check only
+    fwd_only = measure(runner(backward=False))  # a failed backward: output check only
     assert "grad_rel_err" not in fwd_only and fwd_only["fwd_rel_err"] < 1e-5
 
 
