@@ -1,0 +1,163 @@
+"""The faster forward's options: the blocked triangular inverse (`forward_inverse`), the
+piece-parallel state pass (`state_pieces`) and the automatic state-pass block_v.
+
+Each option must give the same outputs, final state, chunk start states and chunk inverses as the
+old path (within float32 rounding) and match the float64 token loop; on CPU the kernels run in
+interpret mode, and their forward and gradient lower to Triton for an H200.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import prism_pallas
+from pallas_kernels.common import (blocked_unit_lower_inverse, chunk_decays, lower_inverse, prepare,
+                                   unit_lower_inverse)
+from pallas_kernels.gpu import split
+from test_pallas import SEGMENTS, lower_for_h200, make_inputs, numpy_prism, rel
+
+
+# ---- the blocked inverse ----
+
+def prism_form_m(seed, C, K=32):
+    """m = beta0 (k0 k0^T) o exp(G_{t-1} - G_{i-1}) (strictly lower), keys L2-normalised, built by
+    the kernels' own `chunk_decays` (with a reset in the middle of the chunk)."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(C, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = rng.uniform(size=C)
+    g = np.log(rng.uniform(0.9, 1.0, size=C)).astype(np.float32)
+    r = (np.arange(C) >= C // 2).astype(np.int32)
+    rm1 = (np.arange(C) > C // 2).astype(np.int32)
+    m1m1 = np.asarray(jax.jit(lambda *a: chunk_decays(*a).m1m1)(g, r, rm1), np.float64)
+    return beta[:, None] * (k @ k.T) * m1m1
+
+
+def adversarial_m(seed, C, sign):
+    """Entries near 1 in size. sign -1: all near -1, (I + m)^{-1} grows like 2^C (2^126 at C = 128);
+    "alt": (-1)^{t-i}, the keys k_i = (-1)^i k of a PRISM chunk with beta = 1 and no decay."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(C)
+    base = (-1.0) ** (t[:, None] - t[None, :]) if sign == "alt" else sign * np.ones((C, C))
+    return np.tril(base * (1 - 1e-3 * rng.uniform(size=(C, C))), -1)
+
+
+@pytest.mark.parametrize("C", [16, 32, 64, 128])
+@pytest.mark.parametrize("kind", ["prism", "alt", "neg", "pos"])
+def test_blocked_inverse_matches_float64_and_row_substitution(C, kind):
+    m = (prism_form_m(C, C) if kind == "prism"
+         else adversarial_m(C, C, {"alt": "alt", "neg": -1.0, "pos": 1.0}[kind]))
+    want = np.linalg.inv(np.eye(C) + m)
+    m32 = jnp.asarray(m, jnp.float32)
+    rows = jax.jit(unit_lower_inverse)(m32)
+    for block in (16, 8):
+        got = jax.jit(lambda a: blocked_unit_lower_inverse(a, block=block))(m32)
+        assert got.dtype == jnp.float32
+        assert rel(got, want) < 1e-6, block
+        assert rel(got, rows) < 1e-6, block
+
+
+def test_blocked_inverse_can_fail_and_checks_its_block():
+    """A doubling step that drops the X_s Off X_s term is caught by the comparison above."""
+    m = prism_form_m(0, 32)
+    x16 = np.asarray(blocked_unit_lower_inverse(jnp.asarray(m, jnp.float32), block=16), np.float64)
+    wrong = np.where(np.equal.outer(np.arange(32) // 16, np.arange(32) // 16), x16, 0.0)
+    assert rel(wrong, np.linalg.inv(np.eye(32) + m)) > 1e-3
+    with pytest.raises(ValueError, match="power of two"):
+        blocked_unit_lower_inverse(jnp.zeros((48, 48)), block=16)
+    with pytest.raises(ValueError, match="'rows', 'blocked' or 'blocked8'"):
+        lower_inverse("lu")
+
+
+# ---- the state pass: block_v rule and pieces ----
+
+def test_state_block_v_rule_and_piece_split():
+    assert split.state_block_v(16, 16, 128, sm_count=132) == 64  # T = 2K, B = 16: 512 programs
+    assert split.state_block_v(4, 16, 128, sm_count=132) == 16  # 128 -> 256 -> 512 programs
+    assert split.state_block_v(1, 16, 128, sm_count=132) == 16  # the floor (128 programs)
+    assert split.state_block_v(1, 16, 128, pieces=16, sm_count=132) == 64
+    assert split.state_block_v(1, 1, 32, sm_count=132) == 16
+    assert split.state_pieces_for(5, 2) == (2, 3)
+    assert split.state_pieces_for(4, 3) == (2, 2)  # pieces of 2 chunks cover 4 chunks in 2
+    assert split.state_pieces_for(3, 8) == (3, 1)
+    assert split.state_pieces_for(1024, 16) == (16, 64)
+
+
+# (L, T, K, V, chunk, pieces, inverse, block_v, segments, initial state, seed): odd T (a partial last
+# chunk), pieces of unequal length, pieces of one chunk, resets inside / at the edge of a piece.
+CASES = [
+    pytest.param(1, 37, 16, 32, 16, 2, "blocked", None, False, True, 0,  # N = 3: pieces of 2 + 1
+                 marks=pytest.mark.slow),  # L = 1 in the default run: the prism_pallas test below
+    (2, 70, 32, 16, 16, 3, "blocked8", 16, True, True, 1),  # N = 5: 2 + 2 + 1, resets
+    (3, 75, 16, 16, 32, 3, "blocked", None, False, False, 2),  # chunk 32 (one doubling); 1 + 1 + 1
+]
+
+
+@pytest.mark.parametrize("L,T,K,V,chunk,pieces,inverse,block_v,with_segments,with_state,seed", CASES)
+def test_split_forward_options_match_the_old_path_and_float64(L, T, K, V, chunk, pieces, inverse, block_v,
+                                                            with_segments, with_state, seed):
+    q, k, v, beta, g, s0 = make_inputs(30 + seed, 1, T, 1, L, K, V)
+    s0 = s0 if with_state else None
+    seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32) if with_segments else None
+    x = prepare(q, k, v, beta, g, s0, seg, chunk)
+    run = jax.jit(lambda x, **kw: split.forward(x, scale=K ** -0.5, chunk_size=chunk, interpret=True, **kw),
+                  static_argnames=("inverse", "state_pieces", "block_v"))
+    old = run(x, block_v=min(V, 64))
+    new = run(x, inverse=inverse, state_pieces=pieces, block_v=block_v)
+    for name, a, b in zip(("o", "final", "starts", "ainv"), new, old):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel(a, b) < 2e-6, name
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
+    assert rel(new[0][:, :T], o_ref) < 1e-5 and rel(new[1], final_ref) < 1e-5
+
+
+def test_prism_pallas_passes_the_options_through_bf16():
+    """prism_pallas(forward_inverse=, state_pieces=) in bf16 (L = 1, chunk 32, odd T, 3 pieces of
+    1 + 1 + 1 chunks) against float64."""
+    L, T, K, V = 1, 85, 32, 32
+    q, k, v, beta, g, s0 = make_inputs(40, 1, T, 1, L, K, V, dtype=jnp.bfloat16)
+    o, final = jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, chunk_size=32,
+                                               forward_inverse="blocked", state_pieces=3))(q, k, v, beta, g)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0)
+    assert o.dtype == jnp.bfloat16
+    assert rel(o, o_ref) < 1e-2 and rel(final, final_ref) < 1e-2
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(forward_inverse="lu"), "`forward_inverse`"),
+    (dict(state_pieces=0), "`state_pieces`"),
+    (dict(state_pieces=2.0), "`state_pieces`"),
+    (dict(state_pieces=2, kernel="fused"), "`state_pieces`"),
+])
+def test_bad_forward_options_raise_named_errors(change, match):
+    q, k, v, beta, g, _ = make_inputs(0, 1, 8, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match=match):
+        prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=16, **change)
+
+
+# ---- lowering to Triton for an H200 (forward and gradient) ----
+
+@pytest.mark.parametrize("kernel,bwd,kw,n_kernels,chunk", [
+    # intra, piece maps, compose, state, output; reverse (the rest of bwd="xla" is XLA)
+    ("split", "xla", dict(forward_inverse="blocked", state_pieces=4), 6, 32),
+    ("split", "xla", dict(forward_inverse="blocked8", state_pieces=1), 4, 32),  # no piece kernels
+    ("split", "fused", dict(forward_inverse="blocked", state_pieces=3), 8, 64),  # + pullback, chunk_bwd
+    ("fused", "xla", dict(forward_inverse="blocked"), 2, 64),
+])
+def test_forward_options_lower_to_triton_with_gradients(kernel, bwd, kw, n_kernels, chunk, monkeypatch):
+    B, T, H, L, K, V = 1, 512, 2, 2, 128, 128
+    dtype = jnp.bfloat16
+    S = jax.ShapeDtypeStruct
+    args = (S((B, T, H, K), dtype), S((B, T, H, L, K), dtype), S((B, T, H, L, V), dtype),
+            S((B, T, H, L), dtype), S((B, T, H), jnp.float32))
+
+    def loss(*a):
+        o = prism_pallas(*a, scale=0.1, chunk_size=chunk, platform="gpu", kernel=kernel, bwd=bwd, **kw)[0]
+        return o.astype(jnp.float32).sum()
+
+    text = lower_for_h200(jax.grad(loss, argnums=range(5)), args, monkeypatch)
+    assert text.count("xla.gpu.triton") == n_kernels
