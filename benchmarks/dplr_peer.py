@@ -291,6 +291,11 @@ def measure_point(L, T, shape, reps, runner, pad_to=64, dtype=jnp.bfloat16, refe
     timings, o, dplr_grads = runner(d, spread_last(do, L, N), reps)
     del d
     row.update(timings)
+    flops = kernels.fwd_flops(T, B, L, H, K, V)  # PRISM's useful FLOPs, as for our rows (fwd+bwd = 3x)
+    if "fwd_ms" in row:
+        row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
+    if "fwd_bwd_ms" in row:
+        row["fwd_bwd_tflops"] = 3 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     row.update(check(xs, do, o, dplr_grads, L, pad_to, ref))
     return row
 
@@ -308,10 +313,14 @@ def run_dplr(lengths, writes, reps, shape, budget_s, fla_kw=None, on_row=None):
     Returns:
       list of dicts. Measured: impl "dplr_fla", bwd None, L, T, B, steps (interleaved length), fla_kw,
       fwd_ms, fwd_mem_gib, fwd_bwd_ms, fwd_bwd_mem_gib (torch peak allocated, GiB, inputs included),
-      fwd_rel_err, grad_rel_err {q, k, v, beta, g}, grad_rel_err_max, seconds; a failed backward gives
-      fwd_bwd_error instead of the fwd_bwd and grad entries; a failed point gives error. Not measured:
-      dict(impl="dplr_fla", L, T, skipped=reason) or dict(impl="dplr_fla", note=...) when torch / fla
-      do not import (then the only row).
+      fwd_tflops, fwd_bwd_tflops (PRISM's useful FLOPs, kernels.fwd_flops, over the time), fwd_rel_err,
+      grad_rel_err {q, k, v, beta, g}, grad_rel_err_max, seconds: the keys of kernels.py's rows. A failed
+      backward gives fwd_bwd_error instead of the fwd_bwd and grad entries; a failed point gives error.
+      Not measured: dict(impl="dplr_fla", L, T, skipped=reason), or dict(impl="dplr_fla", note=...) as
+      the only row when torch / fla do not import or see no GPU.
+    Memory: torch allocates beside JAX in this process. JAX preallocates 75% of the GPU at its first
+    GPU use unless XLA_PYTHON_CLIENT_PREALLOCATE=false (this script's __main__ sets it); the L = 3,
+    T = 32K point needs some tens of GiB on the torch side.
     """
     fla_kw = dict(fla_kw or {})
     emit = on_row or (lambda r: None)

@@ -138,6 +138,7 @@ def test_measure_point_passes_for_the_exact_peer_and_fails_for_a_wrong_one():
     good = measure(runner())
     assert good["fwd_rel_err"] < 1e-5 and good["grad_rel_err_max"] < 1e-4, good
     assert set(good["grad_rel_err"]) == {"q", "k", "v", "beta", "g"} and good["steps"] == 24
+    assert "fwd_tflops" in good and "fwd_bwd_tflops" not in good  # the stand-in times no backward
     bad = measure(runner(erase=0.5))  # half the erase
     assert bad["fwd_rel_err"] > 1e-2 and bad["grad_rel_err"]["k"] > 1e-2, bad
     fwd_only = measure(runner(backward=False))  # a failed backward: output check only
