@@ -133,9 +133,11 @@ def test_measure_point_passes_for_the_exact_peer_and_fails_for_a_wrong_one():
 
         return run
 
+    refs = {}
     measure = lambda run: dplr_peer.measure_point(L, T, shape, 1, run, pad_to=8, dtype=jnp.float32,
-                                                  reference=reference)
+                                                  reference=reference, refs=refs)
     good = measure(runner())
+    assert refs["key"] == (T, L)  # kept for the next point at this (T, L)
     assert good["fwd_rel_err"] < 1e-5 and good["grad_rel_err_max"] < 1e-4, good
     assert set(good["grad_rel_err"]) == {"q", "k", "v", "beta", "g"} and good["steps"] == 24
     assert "fwd_tflops" in good and "fwd_bwd_tflops" not in good  # the stand-in times no backward
