@@ -85,7 +85,7 @@ def _core(opts, q, k, v, beta, g, r, rm1, s0):
 
 def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
     x = Prepared(q, k, v, beta, g, r, rm1, s0)
-    o, final, starts, ainv = _forward(x, save_inverse=opts["bwd"] == "fused", **opts)
+    o, final, starts, ainv = _forward(x, save_inverse=opts["bwd"] in ("fused", "explicit"), **opts)
     return (o, final), (x, starts, ainv)
 
 
@@ -93,10 +93,14 @@ def _core_bwd(opts, res, cot):
     x, starts, ainv = res
     do, dfinal = cot
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
-    chunk = reverse if opts["bwd"] == "fused" and reverse != "scan" else "xla"
+    if opts["bwd"] == "explicit":  # TPU: the same hand-derived gradients, vmapped in XLA
+        chunk = "explicit-" + ("xla" if reverse == "scan" else reverse)
+    else:
+        chunk = reverse if opts["bwd"] == "fused" and reverse != "scan" else "xla"
     dq, dk, dv, dbeta, dg, ds0 = _backward.backward(
         x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"], reverse=reverse,
-        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"], ainv=ainv)
+        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"], ainv=ainv,
+        v_split=opts["bwd_v_split"])
     cast = lambda d, ref: d.astype(ref.dtype)
     return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g),
             None, None, ds0)
@@ -108,7 +112,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="rows",
-                 state_pieces=1):
+                 state_pieces=1, bwd_v_split=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -124,7 +128,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     else "xla". Measured on an H200 (docs/benchmarks.md): at chunk 32, K = V = 128 the fused backward
     was 1.8x slower than "xla" (L = 2) in the kernel benchmark; at chunk 64 (the presets' chunk) the
     130m training step (L = 3, K = V = 128) ran 185 ms with "fused" vs 310 ms with "xla". The TPU
-    path always uses "xla";
+    path always uses "xla"; "explicit": hand-derived chunk gradients (`grads.py`) as one Triton
+    kernel (`gpu/chunk_grads.py`: bwd_block_v value columns per step, bwd_v_split programs per
+    chunk along V, bwd_num_warps), vmapped in XLA on a TPU;
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
     GPU forward options (`gpu/split.py`): forward_inverse "rows" (C - 1 substitution steps),
@@ -145,8 +151,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     if not isinstance(state_pieces, int) or state_pieces < 1 or (state_pieces > 1 and kernel != "split"):
         raise ValueError(f"prism_pallas: `state_pieces` = {state_pieces!r}, expected an int >= 1 "
                          "(> 1 only with kernel='split')")
-    if bwd not in ("auto", "fused", "xla"):
-        raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused' or 'xla'")
+    if bwd not in ("auto", "fused", "xla", "explicit"):
+        raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused', 'xla' or 'explicit'")
     if bwd == "auto":
         bwd = "fused" if chunk_size >= 64 and matmul_dtype(q.dtype) != jnp.float32 else "xla"
     if (bwd == "fused" and platform in ("gpu", "cuda", "rocm") and matmul_dtype(q.dtype) == jnp.float32
@@ -156,6 +162,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     if bwd_block_v is not None and (bwd_block_v not in _SIZES or V % bwd_block_v):
         raise ValueError(f"prism_pallas: `bwd_block_v` = {bwd_block_v}, expected a power of two >= 16 "
                          f"dividing V = {V}")
+    if bwd_v_split is not None and (not isinstance(bwd_v_split, int) or bwd_v_split < 1
+                                    or V % ((bwd_block_v or min(V, 32)) * bwd_v_split)):
+        raise ValueError(f"prism_pallas: `bwd_v_split` = {bwd_v_split!r}, expected an int >= 1 with "
+                         f"bwd_block_v x bwd_v_split dividing V = {V}")
     for name, arr in dict(q=q, k=k, v=v, beta=beta, g=g).items():
         if arr.dtype not in _DTYPES:
             raise ValueError(f"prism_pallas: `{name}` has dtype {arr.dtype}, expected one of "
@@ -166,7 +176,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
                 num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
                 bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
-                state_pieces=state_pieces)
+                state_pieces=state_pieces, bwd_v_split=bwd_v_split)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

@@ -1,5 +1,7 @@
 """Backward pass from the chunk-start states the forward kernels saved (plain-JAX path, bwd="xla";
-with bwd="fused" steps 1 and 3 are the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`).
+with bwd="fused" steps 1 and 3 are the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`;
+with bwd="explicit" step 3 is the hand-derived `grads.chunk_grads`, as the Triton kernel
+`gpu/chunk_grads.py` or vmapped in XLA).
 
 1. Per chunk and in parallel: the chunk's state map S_n -> S_{n+1} = a_n S_n - ek_n^T (P_n S_n + ...)
    and Y_n, the output cotangent pulled back to S_n.
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import Prepared, chunk_decays, chunk_step, matmul_dtype, mm
+from pallas_kernels.grads import chunk_grads
 
 
 def _xla_inverse(m):
@@ -70,6 +73,20 @@ def _state_pullback(q, k0, beta0, g, r, rm1, do, *, scale, mm_dtype):
     return p, ek, d.all, y
 
 
+def _explicit_chunk(q, k, v, beta, g, r, rm1, s, do, x, *, scale, mm_dtype):
+    """`grads.chunk_grads` on one chunk in the layout of `_one_chunk` (k [C, L, K], ...), with XLA's
+    triangular solve for (I + m)^{-1}. Returns (dq, dk, dv, dbeta, dg) in that layout, float32."""
+    f32 = jnp.float32
+    L = k.shape[1]
+    ks = [k[:, l] for l in range(L)]
+    betas = [beta[:, l].astype(f32) for l in range(L)]
+    d = chunk_decays(g, r, rm1)
+    a_inv = _xla_inverse(betas[0][:, None] * mm(ks[0], ks[0], dtype=mm_dtype, trans_b=True) * d.m1m1)
+    dq, dks, dvs, dbetas, dg = chunk_grads(q, ks, [v[:, l] for l in range(L)], betas, g, r, rm1, s, do, x,
+                                           a_inv, scale=scale, mm_dtype=mm_dtype)
+    return dq, jnp.stack(dks, 1), jnp.stack(dvs, 1), jnp.stack(dbetas, 1), dg
+
+
 def _over_chunks(fn):
     return jax.vmap(jax.vmap(jax.vmap(fn)))  # [B, H, N, ...]
 
@@ -89,15 +106,24 @@ def reverse_scan(p, ek, a, y, dfinal):
     return jnp.moveaxis(cot_end, 0, 2), ds0
 
 
+_CHUNK_PATHS = ("xla", "gpu", "interpret", "explicit-xla", "explicit-gpu", "explicit-interpret")
+
+
 def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="scan", chunk="xla",
-             block_v=None, num_warps=None, num_stages=None, ainv=None):
+             block_v=None, num_warps=None, num_stages=None, ainv=None, v_split=None):
     """Gradients (dq, dk, dv, dbeta, dg, ds0) of the padded inputs; do [B, Tp, H, V], dfinal [B, H, K, V].
 
     reverse: "scan" (lax.scan), "gpu" (the Triton kernel) or "interpret" (that kernel on CPU).
     chunk: the per-chunk work, "xla" (vmapped XLA: `_state_pullback` and `jax.vjp` of `_one_chunk`),
     "gpu" (the Triton kernels `gpu/pullback.py` and `gpu/chunk_bwd.py`; block kwargs go to the
-    latter) or "interpret" (those kernels on CPU); ainv [B, H, N, C, C]: the chunks' (I + m)^{-1}
-    from the forward, or None (the kernels recompute them)."""
+    latter) or "interpret" (those kernels on CPU); the hand-derived gradients: "explicit-xla"
+    (`_state_pullback` and `grads.chunk_grads` vmapped in XLA), "explicit-gpu" (`gpu/pullback.py`
+    and `gpu/chunk_grads.py`; block kwargs and v_split go to the latter) or "explicit-interpret"
+    (those kernels on CPU); ainv [B, H, N, C, C]: the chunks' (I + m)^{-1} from the forward, or None
+    (the kernels recompute them)."""
+    if chunk not in _CHUNK_PATHS:
+        raise ValueError(f"backward: `chunk` is {chunk!r}, expected one of {_CHUNK_PATHS}")
+    xla_chunks = chunk in ("xla", "explicit-xla")
     C = chunk_size
     B, Tp, H, K = x.q.shape
     mm_dtype = matmul_dtype(x.q.dtype)
@@ -105,14 +131,14 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
     rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
     r, rm1 = rc(x.r), rc(x.rm1)
 
-    if chunk == "xla":
+    if xla_chunks:
         pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
         p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
     else:
         from pallas_kernels.gpu.pullback import state_pullback
 
         p, ek, a, y = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=scale, chunk_size=C,
-                                     ainv=ainv, interpret=chunk == "interpret")
+                                     ainv=ainv, interpret=chunk.endswith("interpret"))
 
     if reverse == "scan":
         cot_end, ds0 = reverse_scan(p, ek, a, y, dfinal.astype(jnp.float32))
@@ -121,9 +147,21 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
 
         # The fused path runs the reverse products in the matmul dtype, as the forward's state pass.
         cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal.astype(jnp.float32),
-                                    mm_dtype=jnp.float32 if chunk == "xla" else mm_dtype,
+                                    mm_dtype=jnp.float32 if xla_chunks else mm_dtype,
                                     interpret=reverse == "interpret")
 
+    if chunk == "explicit-xla":
+        fn = _over_chunks(functools.partial(_explicit_chunk, scale=scale, mm_dtype=mm_dtype))
+        grads = fn(q, k, v, beta, g, r, rm1, starts, do_c, cot_end)
+        return (*(_unchunked(t) for t in grads), ds0)
+    if chunk in ("explicit-gpu", "explicit-interpret"):
+        from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
+
+        grads = chunk_grads_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end,
+                                     scale=scale, chunk_size=C, ainv=ainv, block_v=block_v, v_split=v_split,
+                                     num_warps=num_warps, num_stages=num_stages,
+                                     interpret=chunk == "explicit-interpret")
+        return (*grads, ds0)
     if chunk != "xla":
         from pallas_kernels.gpu.chunk_bwd import chunk_backward
 

@@ -1,0 +1,119 @@
+"""Hand-scheduled per-chunk backward as one Pallas (Triton-lowered) kernel (bwd="explicit").
+
+Grid (B*H, N, v_split): a program owns one chunk of one head and V / v_split value columns, which
+it walks in steps of block_v. It recomputes the value-independent chunk tiles once (decays,
+QK0 = q k0^T . t_m1, QK_l, B_l = k0 k_l^T . m1_0, the saved (I + m)^{-1}), then per value block
+runs `grads.block_step` (E, dE, dR, dv_l written at once; the block's share added to the [C, C]
+and [C, K] accumulators), then `grads.finish` ([C, C] -> [C, K] products, dbeta, dg). Nothing
+[C, C, K] and nothing autodiff-generated: the live set is the tiles and accumulators below.
+
+Why the loop over value blocks sits inside the program (v_split = 1) at C = 32 and the blocks get
+their own programs (v_split = V / block_v, partial dq / dk / dbeta / dg summed by XLA) at C = 64,
+for K = V = 128, L = 2, block_v = 32, bf16 operands, 8 warps (256 threads), f32 = 1 register,
+bf16 pairs = 1 register:
+
+    live across the value loop         C = 32                   C = 64
+    [C, C] f32: X, QK0, QK_l, B_l,     (4 + 4L) x 1024 / 256    (4 + 4L) x 4096 / 256
+      and 2 + 2L accumulators          = 48 regs / thread       = 192 regs / thread
+    [C, K] f32 accumulators dq, dk_l   (1 + L) x 16 = 48        (1 + L) x 32 = 96
+    q, k_l bf16 operands               (1 + L) x 8 = 24         (1 + L) x 16 = 48
+    per block: S, dS' [K, bv] f32 16 each; ~10 [C, bv] f32 4 each (C = 32) / 8 each (C = 64);
+      one [C, K] product at a time 16 / 32
+    total                              ~ 190 of 255             ~ 430: spills
+
+So at C = 64 each value block is its own program: no accumulators live across blocks (each product
+goes straight into `finish`), at the price of recomputing the chunk tiles per block and writing
+v_split partial copies of dq / dk (f32) that XLA sums. Shared memory holds the dot operands Triton
+stages through it: at C = 32 about (1 + L) [C, K] bf16 (8 KiB each) plus [C, C] / [C, bv] tiles
+(2-4 KiB), ~40 KiB; at C = 64 about twice that. Both defaults are guesses for the GPU sweep to
+settle (block_v, v_split, num_warps).
+
+Plain-JAX reference beside it: `grads.chunk_grads` vmapped over chunks (backward chunk="explicit-xla").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import matmul_dtype
+from pallas_kernels.grads import block_step, chunk_tiles, finish, zero_acc
+
+f32 = jnp.float32
+
+
+def _kernel(*refs, heads, n_writes, chunk, block_v, n_inner, scale, mm_dtype, has_ainv):
+    (q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, starts_ref, do_ref, cot_ref), refs = refs[:10], refs[10:]
+    ainv_ref, refs = (refs[0], refs[1:]) if has_ainv else (None, refs)
+    dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref = refs
+    bh, n, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // heads, bh % heads
+    ts = pl.ds(n * chunk, chunk)
+    L = range(n_writes)
+    t = chunk_tiles(q_ref[b, ts, h, :], [k_ref[b, ts, h, l, :] for l in L],
+                    [beta_ref[b, ts, h, l] for l in L], g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts],
+                    None if ainv_ref is None else ainv_ref[b, h, n], mm_dtype=mm_dtype)
+
+    def body(i, acc):
+        vs = pl.ds((sp * n_inner + i) * block_v, block_v)
+        dvs, acc = block_step(t, acc, starts_ref[b, h, n, :, vs], do_ref[b, ts, h, vs], cot_ref[b, h, n, :, vs],
+                              [v_ref[b, ts, h, l, vs] for l in L], scale=scale, mm_dtype=mm_dtype)
+        for l in L:
+            dv_ref[b, ts, h, l, vs] = dvs[l].astype(dv_ref.dtype)
+        return acc
+
+    acc = zero_acc(chunk, q_ref.shape[-1], n_writes)
+    acc = body(0, acc) if n_inner == 1 else jax.lax.fori_loop(0, n_inner, body, acc)
+    dq, dks, dbetas, dg = finish(t, acc, mm_dtype=mm_dtype)
+    dq_ref[sp, b, ts, h, :] = dq
+    dg_ref[sp, b, ts, h] = dg
+    for l in L:
+        dk_ref[sp, b, ts, h, l, :] = dks[l]
+        dbeta_ref[sp, b, ts, h, l] = dbetas[l]
+
+
+def default_blocks(chunk_size, V, block_v=None, v_split=None):
+    """(block_v, v_split) with the module docstring's defaults filled in."""
+    block_v = min(V, 32) if block_v is None else block_v
+    if v_split is None:
+        v_split = 1 if chunk_size <= 32 else V // block_v
+    return block_v, v_split
+
+
+def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chunk_size, ainv=None,
+                         block_v=None, v_split=None, num_warps=None, num_stages=None, interpret=False):
+    """Input cotangents of every chunk, all chunks in parallel; shapes as `chunk_bwd.chunk_backward`:
+
+    q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V], beta [B, Tp, H, L] (input dtypes);
+    g [B, Tp, H] f32; r, rm1 [B, Tp] int32; starts, cot_end [B, H, N, K, V] f32; do [B, Tp, H, V];
+    ainv [B, H, N, C, C] f32 or None (solved again in the kernel).
+    block_v: value columns per step; v_split: programs per chunk along V (V / v_split a multiple of
+    block_v; partial dq / dk / dbeta / dg summed by XLA when > 1).
+    Returns (dq, dk, dbeta, dg) float32 and dv in v's dtype, shaped like the inputs.
+    """
+    B, Tp, H, K = q.shape
+    L, V = v.shape[-2:]
+    block_v, v_split = default_blocks(chunk_size, V, block_v, v_split)
+    if V % (block_v * v_split):
+        raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} times `v_split` = {v_split} must "
+                         f"divide V = {V}")
+    n_inner, N = V // (block_v * v_split), Tp // chunk_size
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=num_stages or 1)
+    kernel = functools.partial(_kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v,
+                               n_inner=n_inner, scale=scale, mm_dtype=matmul_dtype(q.dtype),
+                               has_ainv=ainv is not None)
+    part = lambda *shape: jax.ShapeDtypeStruct((v_split, *shape), f32)
+    dq, dk, dv, dbeta, dg = pl.pallas_call(
+        kernel, grid=(B * H, N, v_split), compiler_params=params, interpret=interpret,
+        name="prism_chunk_grads",
+        out_shape=(part(B, Tp, H, K), part(B, Tp, H, L, K), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   part(B, Tp, H, L), part(B, Tp, H)),
+    )(q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv]))
+    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)
