@@ -319,13 +319,22 @@ def precompile(points, argv, args):
     return statuses
 
 
+def worker_failed_for_good(status):
+    """True when the compile worker's failure is final. A worker killed by the timeout, or one that ran
+    out of device memory (it autotunes on the GPU it shares with the other workers), is retried: the
+    timing process compiles that point again, alone on the device."""
+    if not status or status.get("ok") or status.get("killed"):
+        return False
+    return not any("RESOURCE_EXHAUSTED" in e or "Out of memory" in e for e in status.get("errors", []))
+
+
 def time_point(name, seq_len, args, status):
     """tokens/s of one training step of model `name` at length seq_len (dict with the numbers)."""
     import jax
     import numpy as np
 
     errors = list(status.get("errors", [])) if status else []
-    if status and not status.get("ok") and not status.get("killed"):  # every form failed in the worker
+    if worker_failed_for_good(status):
         return dict(model=name, seq_len=seq_len, error=" | ".join(errors)[:300] or "compile failed")
     impls = [status["impl"]] if status and status.get("ok") else fallback_impls(name, args)
     for i, impl in enumerate(impls):

@@ -137,3 +137,12 @@ def test_throughput_timing_process_hits_the_workers_cache(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["precompiled"] and result["tokens_per_s"] > 0
     assert result["compile_s"] < result["worker_compile_s"]
+
+
+def test_compile_worker_failures_retried_only_when_transient():
+    assert not throughput.worker_failed_for_good(None)
+    assert not throughput.worker_failed_for_good(dict(ok=True))
+    assert not throughput.worker_failed_for_good(dict(ok=False, killed=True, errors=["worker exit -9"]))
+    oom = "pallas: JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.92GiB"
+    assert not throughput.worker_failed_for_good(dict(ok=False, errors=[oom]))
+    assert throughput.worker_failed_for_good(dict(ok=False, errors=["pallas: ValueError: bad shape"]))
