@@ -447,6 +447,31 @@ def merge_results(paths):
     return list(merged.values())
 
 
+def plot_results(results, models, lengths, path):
+    """Figure 2 style: tokens/s against T, one line per model, log scale (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["model"], r["seq_len"]): r for r in results if "tokens_per_s" in r}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in models:
+        pts = [(t, by[(m, t)]["tokens_per_s"]) for t in lengths if (m, t) in by]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m + (" (ref.)" if m in JLA_MODELS else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [fmt_tokens(t) for t in lengths])
+    ax.set_xlabel("sequence length T (fixed tokens per step)")
+    ax.set_ylabel("training tokens / s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny preset, T in {32, 64}, 128 tokens/step")
@@ -484,6 +509,7 @@ def parse_args(argv):
     parser.add_argument("--merge", default=None,
                         help="comma-separated JSON files of earlier runs: print their combined table and exit")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--plot", default=None, help="with --merge: write a PNG of tokens/s against T")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--status-file", default=None, help=argparse.SUPPRESS)
@@ -509,6 +535,8 @@ def main(argv=None):
         models = [m for m in ALL_MODELS if any(r["model"] == m for r in results)]
         lengths = sorted({r["seq_len"] for r in results})
         print_table(results, models, lengths)
+        if args.plot:
+            plot_results(results, models, lengths, args.plot)
         return results
 
     start = time.perf_counter()

@@ -109,6 +109,9 @@ def test_throughput_table_ratio_and_merge(tmp_path):
     text = out.getvalue()
     assert "| prism_l2 / ttt_token | 148x | - |" in text
     assert "500.0 (4K/step)" in text
+    png = tmp_path / "fig2.png"
+    throughput.plot_results(merged, ["prism_l2", "ttt_token"], [2048, 4096], str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lm_compare_table_lists_every_model():
