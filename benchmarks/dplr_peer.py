@@ -21,8 +21,13 @@ On the GPU with torch + fla-core: times forward and forward+backward (torch auto
 need grad) of the interleaved call, median of --reps after 2 warm-ups with CUDA events; the interleaving
 itself is not timed. Checks the de-interleaved output and the input gradients (mapped back to PRISM's q, k,
 v, beta, g through the vjp of `interleave`) against our `prism_recurrence(impl="chunk")` in float32 on the
-same bf16-rounded inputs (benchmarks/kernels.py's `inputs` and `reference`). Without torch / fla it prints
-a note and returns no rows.
+same bf16-rounded inputs (benchmarks/kernels.py's `inputs` and `reference`). Without torch / fla (or a
+CUDA device) it prints a note instead of rows.
+
+Shapes for fla: bf16 q, k, v, a, b and float32 gk; the interleaved length is padded to a multiple of 64
+with identity steps (all zeros), a no-op at the benchmark's lengths. fla's defaults pick chunk 16;
+--lower_bound -0.3 (kernels.inputs draws g in [-0.3, -0.01]) licenses its chunk-64 tensor-core scheme,
+though the pure-write steps have gk = 0 where fla documents gk < 0: the rel err columns say whether it holds.
 """
 
 from __future__ import annotations

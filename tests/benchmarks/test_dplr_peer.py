@@ -168,7 +168,8 @@ def test_run_dplr_without_torch_returns_a_note():
     for key in ("fwd_bwd_ms", "fwd_bwd_mem_gib", "grad_rel_err", "grad_rel_err_max"):
         fwd_only.pop(key)
     table = dplr_peer.markdown([measured, fwd_only]).splitlines()
-    assert table[2] == "| dplr_fla | 2 | 64 | 128 | 1.50 | 4.25 | 0.10 / 0.20 | 3.0e-03 | 5.0e-03; 1.0e-03 2.0e-03 3.0e-03 4.0e-03 5.0e-03 |"
+    assert table[2] == ("| dplr_fla | 2 | 64 | 128 | 1.50 | 4.25 | 0.10 / 0.20 | 3.0e-03 | "
+                        "5.0e-03; 1.0e-03 2.0e-03 3.0e-03 4.0e-03 5.0e-03 |")
     assert table[3].startswith("| dplr_fla | 2 | 64 | 128 | 1.50 | - |") and "no backward" in table[4]
 
 
