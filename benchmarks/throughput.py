@@ -110,8 +110,19 @@ def tokens_per_step_for(name, args):
     return table.get(name, args.tokens_per_step)
 
 
+def set_pallas_backward(bwd):
+    """Benchmark knob: the backward `prism_pallas` uses when the model does not say (its `bwd` default;
+    the model code passes no kernel options). Set identically in the workers and the timing process."""
+    if bwd:
+        from pallas_kernels import prism_pallas
+
+        prism_pallas.__kwdefaults__["bwd"] = bwd
+
+
 def model_config(name, args, seq_len, op_impl):
     from prism_jax.models import get_preset
+
+    set_pallas_backward(args.pallas_bwd)
 
     overrides = dict(MODELS[name], dtype=args.dtype, op_impl=op_impl, max_seq_len=max(seq_len, 256))
     if args.smoke:
@@ -153,7 +164,7 @@ def build_prism_point(name, seq_len, batch, args, op_impl):
 
     num_params = int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
     info = dict(num_params=num_params, op_impl=cfg.op_impl, dtype=cfg.dtype, vocab_size=cfg.vocab_size,
-                scan_layers=cfg.scan_layers, chunk_size=cfg.chunk_size)
+                scan_layers=cfg.scan_layers, chunk_size=cfg.chunk_size, pallas_bwd=args.pallas_bwd or "default")
     return jax.jit(step).lower, (lambda compiled: compiled), (params, opt_state), info
 
 
@@ -490,6 +501,8 @@ def parse_args(argv):
     parser.add_argument("--chunk-size", type=int, default=0, help="0: the preset's")
     parser.add_argument("--attention", default=None, choices=("layer", "cudnn"),
                         help="cudnn: causal cuDNN flash attention (default on GPU); layer: the layer as written")
+    parser.add_argument("--pallas-bwd", default=None, choices=("auto", "xla", "fused", "explicit"),
+                        help="the Pallas op's backward (default: the op's own default, 'auto')")
     parser.add_argument("--scan-layers", action="store_true",
                         help="our models' blocks under nn.scan (compiles one layer body; same model and step)")
     parser.add_argument("--jla-remat", default="none",

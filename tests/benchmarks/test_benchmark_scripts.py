@@ -149,3 +149,16 @@ def test_compile_worker_failures_retried_only_when_transient():
     oom = "pallas: JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.92GiB"
     assert not throughput.worker_failed_for_good(dict(ok=False, errors=[oom]))
     assert throughput.worker_failed_for_good(dict(ok=False, errors=["pallas: ValueError: bad shape"]))
+
+
+def test_pallas_backward_knob_sets_the_op_default():
+    from pallas_kernels import prism_pallas
+
+    before = prism_pallas.__kwdefaults__["bwd"]
+    try:
+        throughput.set_pallas_backward("xla")
+        assert prism_pallas.__kwdefaults__["bwd"] == "xla"
+        throughput.set_pallas_backward(None)
+        assert prism_pallas.__kwdefaults__["bwd"] == "xla"
+    finally:
+        prism_pallas.__kwdefaults__["bwd"] = before
