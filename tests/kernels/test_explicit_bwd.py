@@ -110,10 +110,12 @@ def _loss(impl, K, seg, wo, wf, chunk=16, **kw):
 
 
 @pytest.mark.parametrize("L,T,K,V,chunk,kw", [
-    # odd T, saved inverses of the split forward, two programs per chunk along V (partials summed)
-    (1, 37, 16, 32, 16, dict(bwd_block_v=16, bwd_v_split=2)),
-    # two value blocks looped in one program; no saved inverses (fused forward): solved in-kernel
-    (3, 21, 16, 32, 16, dict(bwd_block_v=16, kernel="fused")),
+    # odd T, saved inverses of the split forward; two programs per chunk along V (partials summed),
+    # each looping over two value blocks
+    (2, 37, 16, 64, 16, dict(bwd_block_v=16, bwd_v_split=2)),
+    pytest.param(1, 37, 16, 32, 16, dict(bwd_block_v=16, bwd_v_split=2), marks=pytest.mark.slow),
+    # no saved inverses (fused forward): solved in-kernel
+    pytest.param(3, 21, 16, 32, 16, dict(bwd_block_v=16, kernel="fused"), marks=pytest.mark.slow),
     pytest.param(2, 70, 32, 16, 32, {}, marks=pytest.mark.slow),  # chunk 32, K > V, one value block
 ])
 def test_explicit_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, chunk, kw):
@@ -161,3 +163,64 @@ def test_explicit_kernels_lower_to_triton_with_gradients(dtype, L, chunk, kw, mo
     text = lower_for_h200(jax.grad(loss, argnums=range(5)), args, monkeypatch)
     assert text.count("xla.gpu.triton") == 6
     assert "prism_chunk_grads" in text
+
+
+@pytest.mark.slow  # ~11 s of XLA compiles; the TPU path's
+def test_explicit_xla_backward_matches_autodiff_backward():
+    """chunk="explicit-xla" (the TPU path: `chunk_grads` vmapped in XLA) against chunk="xla" (`jax.vjp`
+    of the chunk map), both linear in (do, dfinal) given any chunk-start states: random ones here."""
+    from pallas_kernels.backward import backward
+    from pallas_kernels.common import prepare
+
+    B, T, H, L, K, V, C = 1, 45, 2, 2, 16, 32, 16
+    q, k, v, beta, g, s0 = make_inputs(50, B, T, H, L, K, V)
+    x = prepare(q, k, v, beta, g, s0, jnp.asarray(SEGMENTS[:, :T], jnp.int32), C)
+    N = x.q.shape[1] // C
+    ks = jax.random.split(jax.random.PRNGKey(51), 3)
+    starts = jax.random.normal(ks[0], (B, H, N, K, V))
+    do = jax.random.normal(ks[1], (B, N * C, H, V))
+    dfinal = jax.random.normal(ks[2], (B, H, K, V))
+    run = lambda chunk: jax.jit(functools.partial(backward, scale=0.25, chunk_size=C, chunk=chunk))(
+        x, starts, do, dfinal)
+    for name, a, b in zip("q k v beta g s0".split(), run("explicit-xla"), run("xla")):
+        assert a.shape == b.shape and rel(a, b) < 1e-5, (name, rel(a, b))
+
+
+def test_unknown_backward_paths_raise_named_errors():
+    q, k, v, beta, g, _ = make_inputs(0, 1, 8, 1, 1, 16, 32)
+    with pytest.raises(ValueError, match="`bwd`"):
+        prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=16, bwd="explicit-gpu")
+    with pytest.raises(ValueError, match="`bwd_v_split`"):
+        prism_pallas(q, k, v, beta, g, scale=1.0, chunk_size=16, bwd="explicit", bwd_block_v=16, bwd_v_split=4)
+
+
+# ---- on the GPU (run on the device machine: pytest -m gpu tests/kernels/test_explicit_bwd.py) ----
+
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,K,V,chunk,kw", [
+    (jnp.float32, 64, 64, 32, {}),
+    (jnp.float32, 128, 128, 32, {}),
+    (jnp.float32, 128, 128, 32, dict(bwd_block_v=32, bwd_v_split=4)),
+    (jnp.bfloat16, 64, 64, 32, {}),
+    (jnp.bfloat16, 128, 128, 32, {}),
+    (jnp.bfloat16, 128, 128, 64, {}),
+    (jnp.bfloat16, 128, 128, 64, dict(bwd_v_split=1, bwd_num_warps=8)),
+])
+def test_gpu_explicit_backward_matches_reference(dtype, K, V, chunk, kw):
+    """float32 < 1e-5 and bf16 < 1e-2 (relative L2) against the float32 reference on the same inputs."""
+    from test_pallas import _grads
+
+    L, T = 2, 200
+    q, k, v, beta, g, s0 = make_inputs(60, 2, T, 2, L, K, V, dtype=dtype)
+    seg = jnp.asarray(np.repeat(np.arange(4), [50, 64, 1, 85])[None].repeat(2, 0), jnp.int32)
+    w = jax.random.normal(jax.random.PRNGKey(61), (2, T, 2, V))
+    gp = _grads("pallas", (q, k, v, beta, g, s0), seg, w, chunk_size=chunk, bwd="explicit", **kw)
+    up = [x.astype(jnp.float32) for x in (q, k, v, beta)] + [g, s0]
+    gr = _grads("reference", up, seg, w, chunk_size=chunk)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for name, a, b in zip("q k v beta g s0".split(), gp, gr):
+        assert rel(a, b) < tol, (name, rel(a, b))
