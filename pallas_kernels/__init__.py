@@ -136,7 +136,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     GPU forward options (`gpu/split.py`): forward_inverse "rows" (C - 1 substitution steps),
     "blocked" / "blocked8" (16- / 8-row diagonal blocks, merged by matmuls; also in the fused
     kernel); state_pieces: 1 (one sequential state pass over all chunks) or P > 1 (P pieces' affine
-    maps in parallel, composed in order, then each piece's chunks from its start; split kernel only).
+    maps in parallel, composed in order, then each piece's chunks from its start; "auto": P > 1
+    only where the plain pass has < 2 programs per SM; split kernel only).
     block_v=None lets the split state pass use fewer value columns when it has few programs.
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
@@ -148,9 +149,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
                          "'blocked' or 'blocked8'")
-    if not isinstance(state_pieces, int) or state_pieces < 1 or (state_pieces > 1 and kernel != "split"):
-        raise ValueError(f"prism_pallas: `state_pieces` = {state_pieces!r}, expected an int >= 1 "
-                         "(> 1 only with kernel='split')")
+    if (state_pieces != "auto" and (not isinstance(state_pieces, int) or state_pieces < 1)
+            or (state_pieces != 1 and kernel != "split")):
+        raise ValueError(f"prism_pallas: `state_pieces` = {state_pieces!r}, expected an int >= 1 or "
+                         "'auto' (other than 1 only with kernel='split')")
     if bwd not in ("auto", "fused", "xla", "explicit"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused', 'xla' or 'explicit'")
     if bwd == "auto":

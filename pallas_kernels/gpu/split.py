@@ -172,66 +172,117 @@ def state_pieces_for(n_chunks, pieces):
     return -(-n_chunks // piece_len), piece_len
 
 
-def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
-            interpret=False, save_inverse=True, inverse="rows", state_pieces=1, state_num_warps=None):
-    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
-    ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward; None unless
-    `save_inverse`).
+def auto_state_pieces(B, H, V, n_chunks, sm_count=None, min_piece_len=8):
+    """state_pieces="auto": 1 while the plain state pass has >= 2 programs per SM (B * H * V / 64),
+    else the smallest power of two that gets there, keeping >= min_piece_len chunks per piece."""
+    sm_count = sm_count or _sm_count()
+    programs = B * H * (V // min(V, 64))
+    pieces = 1
+    while programs * pieces < 2 * sm_count and n_chunks // (2 * pieces) >= min_piece_len:
+        pieces *= 2
+    return pieces
 
-    inverse: the intra kernel's triangular inverse, "rows" (C - 1 row steps), "blocked" or
-    "blocked8" (`common.blocked_unit_lower_inverse` with 16- / 8-row diagonal blocks).
-    state_pieces: 1 = one sequential walk over all N chunks per (head, value block); P > 1 = the
-    chunks cut into P pieces: each piece's affine map (A [K, K], B [K, V]) in parallel, the P maps
-    composed in order (float32), then every piece walks its chunks from its true start in parallel.
-    block_v: the state pass's value columns per program; None = `state_block_v` (fewer columns when
-    there are few programs). state_num_warps: the state-pass kernels' warps (default num_warps).
-    """
+
+def _compiler_params(interpret, num_warps, num_stages, chunk_size):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    if num_warps is None:  # H200 sweep (docs/benchmarks.md): 8 warps at chunk 32, 4 at chunk 64
+        num_warps = 8 if chunk_size <= 32 else 4
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
+
+
+def intra(x: Prepared, *, chunk_size, inverse="rows", save_inverse=True, num_warps=None, num_stages=None,
+          interpret=False):
+    """Kernel 1: (P [B, Tp, H, K], Qe [B, Tp, H, V] in the matmul dtype, ainv [B, H, N, C, C] f32 or
+    None unless `save_inverse`). inverse: "rows", "blocked" or "blocked8" (`common.lower_inverse`)."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // chunk_size
-    pieces, piece_len = state_pieces_for(N, state_pieces)
-    block_v = state_block_v(B, H, V, pieces) if block_v is None else block_v
     mm_dtype = matmul_dtype(x.q.dtype)
-    common = dict(heads=H, n_writes=L, chunk=chunk_size, mm_dtype=mm_dtype)
-    params = state_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        if num_warps is None:  # H200 sweep (docs/benchmarks.md): 8 warps at chunk 32, 4 at chunk 64
-            num_warps = 8 if chunk_size <= 32 else 4
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
-        state_params = pltriton.CompilerParams(num_warps=state_num_warps or num_warps,
-                                               num_stages=num_stages or 1)
-    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
-    state_call = functools.partial(pl.pallas_call, compiler_params=state_params, interpret=interpret)
-    writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, K), mm_dtype), jax.ShapeDtypeStruct((B, Tp, H, V), mm_dtype)]
     if save_inverse:
         out_shape.append(jax.ShapeDtypeStruct((B, H, N, chunk_size, chunk_size), f32))
-    p, qe, *ainv = call(functools.partial(_intra_kernel, inverse=lower_inverse(inverse), **common),
-                        grid=(B * H, N), name="prism_intra", out_shape=tuple(out_shape))(*writes)
+    p, qe, *ainv = pl.pallas_call(
+        functools.partial(_intra_kernel, inverse=lower_inverse(inverse), heads=H, n_writes=L, chunk=chunk_size,
+                          mm_dtype=mm_dtype),
+        grid=(B * H, N), name="prism_intra", out_shape=tuple(out_shape), interpret=interpret,
+        compiler_params=_compiler_params(interpret, num_warps, num_stages, chunk_size),
+    )(x.k, x.v, x.beta, x.g, x.r, x.rm1)
+    return p, qe, (ainv[0] if save_inverse else None)
+
+
+def state_pass(x: Prepared, p, qe, *, chunk_size, block_v=None, state_pieces=1, num_warps=None,
+               num_stages=None, interpret=False):
+    """Kernel 2 (with state_pieces > 1: three kernels): (starts [B, H, N, K, V] f32, final [B, H, K, V]
+    f32). state_pieces: an int or "auto" (`auto_state_pieces`); block_v None: `state_block_v`."""
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N = Tp // chunk_size
+    if state_pieces == "auto":
+        state_pieces = auto_state_pieces(B, H, V, N)
+    pieces, piece_len = state_pieces_for(N, state_pieces)
+    block_v = state_block_v(B, H, V, pieces) if block_v is None else block_v
+    common = dict(heads=H, n_writes=L, chunk=chunk_size, mm_dtype=matmul_dtype(x.q.dtype))
+    call = functools.partial(pl.pallas_call, interpret=interpret,
+                             compiler_params=_compiler_params(interpret, num_warps, num_stages, chunk_size))
+    writes = (x.k, x.v, x.beta, x.g, x.r, x.rm1)
     piece_starts = x.s0[:, :, None]
     if pieces > 1:
         block_k = min(block_v, K)
-        amap, bmap = state_call(
+        amap, bmap = call(
             functools.partial(_piece_map_kernel, block_k=block_k, block_v=block_v, key_blocks=K // block_k,
                               n_chunks=N, piece_len=piece_len, **common),
             grid=(B * H, pieces, K // block_k + V // block_v), name="prism_piece_maps",
             out_shape=(jax.ShapeDtypeStruct((B, H, pieces, K, K), f32),
                        jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)),
         )(*writes, p, qe)
-        piece_starts = state_call(
+        piece_starts = call(
             functools.partial(_compose_kernel, heads=H, block_v=block_v, pieces=pieces),
             grid=(B * H, V // block_v), name="prism_compose_pieces",
             out_shape=jax.ShapeDtypeStruct((B, H, pieces, K, V), f32),
         )(amap, bmap, x.s0)
-    starts, ends = state_call(
+    starts, ends = call(
         functools.partial(_state_kernel, block_v=block_v, n_chunks=N, piece_len=piece_len, **common),
         grid=(B * H, pieces, V // block_v), name="prism_state",
         out_shape=(jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)),
     )(*writes, p, qe, piece_starts)
-    o = call(
-        functools.partial(_output_kernel, scale=scale, **common), grid=(B * H, N), name="prism_output",
+    return starts, ends[:, :, -1]
+
+
+def outputs(x: Prepared, p, qe, starts, *, scale, chunk_size, num_warps=None, num_stages=None,
+            interpret=False):
+    """Kernel 3: o [B, Tp, H, V] in v's dtype."""
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    return pl.pallas_call(
+        functools.partial(_output_kernel, scale=scale, heads=H, n_writes=L, chunk=chunk_size,
+                          mm_dtype=matmul_dtype(x.q.dtype)),
+        grid=(B * H, Tp // chunk_size), name="prism_output", interpret=interpret,
+        compiler_params=_compiler_params(interpret, num_warps, num_stages, chunk_size),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
-    )(x.q, *writes, p, qe, starts)
-    return o, ends[:, :, -1], starts, (ainv[0] if save_inverse else None)
+    )(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, p, qe, starts)
+
+
+def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
+            interpret=False, save_inverse=True, inverse="rows", state_pieces=1, state_num_warps=None):
+    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
+    ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward; None unless
+    `save_inverse`): `intra`, `state_pass`, `outputs` in turn.
+
+    inverse: the intra kernel's triangular inverse, "rows" (C - 1 row steps), "blocked" or
+    "blocked8" (`common.blocked_unit_lower_inverse` with 16- / 8-row diagonal blocks).
+    state_pieces: 1 = one sequential walk over all N chunks per (head, value block); P > 1 = the
+    chunks cut into P pieces: each piece's affine map (A [K, K], B [K, V]) in parallel, the P maps
+    composed in order (float32), then every piece walks its chunks from its true start in parallel;
+    "auto" = `auto_state_pieces`.
+    block_v: the state pass's value columns per program; None = `state_block_v` (fewer columns when
+    there are few programs). state_num_warps: the state-pass kernels' warps (default num_warps).
+    """
+    kw = dict(chunk_size=chunk_size, num_stages=num_stages, interpret=interpret)
+    p, qe, ainv = intra(x, inverse=inverse, save_inverse=save_inverse, num_warps=num_warps, **kw)
+    starts, final = state_pass(x, p, qe, block_v=block_v, state_pieces=state_pieces,
+                               num_warps=state_num_warps or num_warps, **kw)
+    o = outputs(x, p, qe, starts, scale=scale, num_warps=num_warps, **kw)
+    return o, final, starts, ainv

@@ -85,6 +85,10 @@ def test_state_block_v_rule_and_piece_split():
     assert split.state_pieces_for(4, 3) == (2, 2)  # pieces of 2 chunks cover 4 chunks in 2
     assert split.state_pieces_for(3, 8) == (3, 1)
     assert split.state_pieces_for(1024, 16) == (16, 64)
+    # "auto" at the benchmark's shapes (H = 16, V = 128, chunk 32): T = 2K / 8K / 32K, B = 16 / 4 / 1
+    assert [split.auto_state_pieces(B, 16, 128, N, sm_count=132)
+            for B, N in ((16, 64), (4, 256), (1, 1024))] == [1, 4, 16]
+    assert split.auto_state_pieces(1, 1, 16, 20, sm_count=132) == 2  # >= 8 chunks per piece
 
 
 # (L, T, K, V, chunk, pieces, inverse, block_v, segments, initial state, seed): odd T (a partial last
@@ -132,6 +136,7 @@ def test_prism_pallas_passes_the_options_through_bf16():
     (dict(state_pieces=0), "`state_pieces`"),
     (dict(state_pieces=2.0), "`state_pieces`"),
     (dict(state_pieces=2, kernel="fused"), "`state_pieces`"),
+    (dict(state_pieces="many"), "`state_pieces`"),
 ])
 def test_bad_forward_options_raise_named_errors(change, match):
     q, k, v, beta, g, _ = make_inputs(0, 1, 8, 1, 1, 16, 16)
@@ -145,6 +150,7 @@ def test_bad_forward_options_raise_named_errors(change, match):
     # intra, piece maps, compose, state, output; reverse (the rest of bwd="xla" is XLA)
     ("split", "xla", dict(forward_inverse="blocked", state_pieces=4), 6, 32),
     ("split", "xla", dict(forward_inverse="blocked8", state_pieces=1), 4, 32),  # no piece kernels
+    ("split", "xla", dict(state_pieces="auto"), 6, 32),  # B * H = 2: auto cuts 16 chunks into 2
     ("split", "fused", dict(forward_inverse="blocked", state_pieces=3), 8, 64),  # + pullback, chunk_bwd
     ("fused", "xla", dict(forward_inverse="blocked"), 2, 64),
 ])
