@@ -84,15 +84,17 @@ def _colsum(x):
 
 
 def chunk_tiles(q, ks, betas, g, r, rm1, a_inv=None, *, mm_dtype, wdtype=jnp.float32,
-                cumsum=jnp.cumsum, matmul=mm) -> Tiles:
-    """q [C, K]; ks L x [C, K]; betas L x [C]; g [C]; r, rm1 [C] int32; a_inv [C, C] or None."""
+                cumsum=jnp.cumsum, matmul=mm, with_inverse=True) -> Tiles:
+    """q [C, K]; ks L x [C, K]; betas L x [C]; g [C]; r, rm1 [C] int32; a_inv [C, C] or None (then
+    solved here, unless `with_inverse` is False: `finish` needs no inverse, xinv is None)."""
     dot = lambda a, b, **kw: matmul(a, b, dtype=mm_dtype, **kw)
     betas = [b.astype(wdtype) for b in betas]
     beta0, k0 = betas[0], ks[0]
     d = chunk_decays(g.astype(wdtype), r, rm1, cumsum=cumsum)
-    if a_inv is None:
+    if a_inv is None and with_inverse:
         a_inv = unit_lower_inverse(beta0[:, None] * dot(k0, k0, trans_b=True) * d.m1m1)
-    return Tiles(q=q, k0=k0, ks=list(ks), betas=betas, beta0=beta0, d=d, xinv=a_inv.astype(wdtype),
+    return Tiles(q=q, k0=k0, ks=list(ks), betas=betas, beta0=beta0, d=d,
+                 xinv=None if a_inv is None else a_inv.astype(wdtype),
                  qk0=dot(q, k0, trans_b=True) * d.t_m1,
                  qks=[dot(q, kl, trans_b=True) * d.t_0 for kl in ks],
                  bs=[dot(k0, kl, trans_b=True) * d.m1_0 for kl in ks])

@@ -10,7 +10,8 @@ and [C, K] accumulators), then `grads.finish` ([C, C] -> [C, K] products, dbeta,
 Why the loop over value blocks sits inside the program (v_split = 1) at C = 32 and the blocks get
 their own programs (v_split = V / block_v, partial dq / dk / dbeta / dg summed by XLA) at C = 64,
 for K = V = 128, L = 2, block_v = 32, bf16 operands, 8 warps (256 threads), f32 = 1 register,
-bf16 pairs = 1 register:
+bf16 pairs = 1 register. `finish` recomputes its [C, C] tiles from reloaded inputs, so across the
+value loop only what `block_step` reads is live:
 
     live across the value loop         C = 32                   C = 64
     [C, C] f32: X, QK0, QK_l, B_l,     (4 + 4L) x 1024 / 256    (4 + 4L) x 4096 / 256
@@ -21,12 +22,13 @@ bf16 pairs = 1 register:
       one [C, K] product at a time 16 / 32
     total                              ~ 190 of 255             ~ 430: spills
 
-So at C = 64 each value block is its own program: no accumulators live across blocks (each product
-goes straight into `finish`), at the price of recomputing the chunk tiles per block and writing
-v_split partial copies of dq / dk (f32) that XLA sums. Shared memory holds the dot operands Triton
-stages through it: at C = 32 about (1 + L) [C, K] bf16 (8 KiB each) plus [C, C] / [C, bv] tiles
-(2-4 KiB), ~40 KiB; at C = 64 about twice that. Both defaults are guesses for the GPU sweep to
-settle (block_v, v_split, num_warps).
+So at C = 64 each value block gets its own program: nothing is carried across blocks, each product
+goes straight into `finish` (the peak is then about half the C = 64 column, still tight: sweep 8
+against 16 warps), at the price of recomputing the chunk tiles per block and writing v_split
+partial copies of dq / dk (f32) that XLA sums. Shared memory holds the dot operands Triton stages
+through it: at C = 32 about (1 + L) [C, K] bf16 (8 KiB each) plus [C, C] / [C, bv] tiles (2-4 KiB),
+~40 KiB; at C = 64 about twice that. Both defaults are estimates for the GPU sweep to settle
+(block_v, v_split, num_warps).
 
 Plain-JAX reference beside it: `grads.chunk_grads` vmapped over chunks (backward chunk="explicit-xla").
 """
@@ -53,9 +55,12 @@ def _kernel(*refs, heads, n_writes, chunk, block_v, n_inner, scale, mm_dtype, ha
     b, h = bh // heads, bh % heads
     ts = pl.ds(n * chunk, chunk)
     L = range(n_writes)
-    t = chunk_tiles(q_ref[b, ts, h, :], [k_ref[b, ts, h, l, :] for l in L],
-                    [beta_ref[b, ts, h, l] for l in L], g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts],
-                    None if ainv_ref is None else ainv_ref[b, h, n], mm_dtype=mm_dtype)
+    def tiles(**kw):
+        return chunk_tiles(q_ref[b, ts, h, :], [k_ref[b, ts, h, l, :] for l in L],
+                           [beta_ref[b, ts, h, l] for l in L], g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts],
+                           mm_dtype=mm_dtype, **kw)
+
+    t = tiles(a_inv=None if ainv_ref is None else ainv_ref[b, h, n])
 
     def body(i, acc):
         vs = pl.ds((sp * n_inner + i) * block_v, block_v)
@@ -67,7 +72,9 @@ def _kernel(*refs, heads, n_writes, chunk, block_v, n_inner, scale, mm_dtype, ha
 
     acc = zero_acc(chunk, q_ref.shape[-1], n_writes)
     acc = body(0, acc) if n_inner == 1 else jax.lax.fori_loop(0, n_inner, body, acc)
-    dq, dks, dbetas, dg = finish(t, acc, mm_dtype=mm_dtype)
+    # `finish` reloads its inputs and recomputes its [C, C] tiles (decay matrices, QK0, QK_l, B_l: a few
+    # exp and C x C x K products per chunk) so that the loop carries only what block_step reads.
+    dq, dks, dbetas, dg = finish(tiles(with_inverse=False), acc, mm_dtype=mm_dtype)
     dq_ref[sp, b, ts, h, :] = dq
     dg_ref[sp, b, ts, h] = dg
     for l in L:
