@@ -59,8 +59,8 @@ class Tiles(NamedTuple):
 class Acc(NamedTuple):
     """Sums over value blocks. [C, C]: dm = sum dR E^T, dqk0 = sum dO E^T, dqks[l] = sum dO vw_l^T,
     drvs[l] = sum dR vw_l^T. [C, K]: dq = sum dO S^T (not yet scaled by start), dks[l] the direct
-    (state) terms of dk_l. [C]: dbetas[l] through vw_l, rs = rowsum(dR S^T . k0),
-    re = rowsum(E dS'^T . k0), rend = sum_l rowsum(vw_l dS'^T . k_l). []: dall = <S, dS'>."""
+    (state) terms of dk_l. [C]: dbetas[l] through vw_l, rs = rowsum(dR . k0 S),
+    re = rowsum(E . k0 dS'), rend = sum_l rowsum(vw_l . k_l dS'). []: dall = <S, dS'>."""
 
     dm: jax.Array
     dqk0: jax.Array
@@ -115,7 +115,8 @@ def block_step(t: Tiles, acc: Acc, s, do, x, vls, *, scale, mm_dtype, matmul=mm)
     d, k0, beta0 = t.d, t.k0, t.beta0
     vls = [v.astype(wdtype) for v in vls]
     vws = [b[:, None] * v for b, v in zip(t.betas, vls)]
-    rhs = (beta0 * d.start_m1)[:, None] * dot(k0, s)
+    k0s = dot(k0, s)  # k0 S [C, BV]
+    rhs = (beta0 * d.start_m1)[:, None] * k0s
     for bl, vw in zip(t.bs, vws):
         rhs = rhs + beta0[:, None] * dot(bl, vw)
     e = dot(t.xinv, rhs)
@@ -129,16 +130,16 @@ def block_step(t: Tiles, acc: Acc, s, do, x, vls, *, scale, mm_dtype, matmul=mm)
         dvw = dot(bl, b0dr, trans_a=True) + dot(qkl, dout, trans_a=True) + d.end[:, None] * kx
         dvs.append(t.betas[l][:, None] * dvw)
         dbetas.append(acc.dbetas[l] + _rowsum(dvw * vl))
-    k0f = k0.astype(wdtype)
-    p1 = dot(dr, s, trans_b=True)  # dR S^T [C, K]
-    p2 = dot(e, x, trans_b=True)  # E dS'^T [C, K]
+    # State terms of dk: dk0 += diag(beta0 start_m1) dR S^T - diag(end_m1) E dS'^T, dk_l += diag(end)
+    # vw_l dS'^T (one product per state operand); their row sums against the keys, needed for the
+    # decays, are taken on [C, BV] tiles: rowsum(dR S^T . k0) = rowsum(dR . k0 S), and so on.
     dks = list(acc.dks)
-    dks[0] = dks[0] + (beta0 * d.start_m1)[:, None] * p1 - d.end_m1[:, None] * p2
     rend = acc.rend
-    for l, (kl, vw) in enumerate(zip(t.ks, vws)):
-        pw = dot(vw, x, trans_b=True)  # vw_l dS'^T [C, K]
-        rend = rend + _rowsum(pw * kl.astype(wdtype))
-        dks[l] = dks[l] + d.end[:, None] * pw
+    for l, (kx, vw) in enumerate(zip(kxs, vws)):
+        rend = rend + _rowsum(vw * kx)
+        xcoef = d.end[:, None] * vw - (d.end_m1[:, None] * e if l == 0 else 0.0)
+        dks[l] = dks[l] + dot(xcoef, x, trans_b=True)
+    dks[0] = dks[0] + dot((beta0 * d.start_m1)[:, None] * dr, s, trans_b=True)
     acc = Acc(
         dm=acc.dm + dot(dr, e, trans_b=True),
         dqk0=acc.dqk0 + dot(dout, e, trans_b=True),
@@ -146,7 +147,7 @@ def block_step(t: Tiles, acc: Acc, s, do, x, vls, *, scale, mm_dtype, matmul=mm)
         drvs=[a + dot(dr, vw, trans_b=True) for a, vw in zip(acc.drvs, vws)],
         dq=acc.dq + dot(dout, s, trans_b=True),
         dks=dks, dbetas=dbetas,
-        rs=acc.rs + _rowsum(p1 * k0f), re=acc.re + _rowsum(p2 * k0f), rend=rend,
+        rs=acc.rs + _rowsum(dr * k0s), re=acc.re + _rowsum(e * kxs[0]), rend=rend,
         dall=acc.dall + jnp.sum(s * x))
     return dvs, acc
 
