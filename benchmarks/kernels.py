@@ -1,25 +1,27 @@
 """PRISM kernels beside Gated DeltaNet peers, in one run on one GPU (issue 5's table).
 
-    python benchmarks/kernels.py --out DIR [--lengths 2048,8192,32768] [--sweep] [--budget_s 400]
+    python benchmarks/kernels.py --out DIR [--lengths 2048,8192,32768] [--plan ...] [--sweep explicit]
+                                 [--variant 'NAME={"bwd": "explicit", "chunk_size": 64}'] [--dplr]
     python benchmarks/kernels.py --smoke --out /tmp   # tiny shapes on CPU (interpret mode), checks the script
     python benchmarks/kernels.py --fla                # flash-linear-attention GDN forward (torch)
 
-Shapes: B * T = 32768 tokens, H = 16, K = V = 128, bf16 inputs (g float32). Rows, in priority
-order (the run stops itself at --budget_s and skips what would not fit):
-  1. at the first length: `pallas` (ours) at L = 1, 2, 3 with bwd="fused" and bwd="xla",
-     jax-linear-attention 0.1.0's Gated DeltaNet (Mosaic GPU; skipped with a note when not
-     importable), our XLA `chunk` form at L = 2;
-  then the time of each pallas kernel (split forward, state pull-back, reverse pass, chunk backward)
-  at the first length, L = 2;
-  2. at the other lengths: pallas fused L = 1, 2, 3 and the GDN; 3. then pallas xla L = 2 and chunk.
---sweep first times fwd+bwd of the fused backward's block sizes / warps (T = first length, L = 2) and
-uses the fastest for the table. Times are medians of `--reps` runs after 2 warm-ups (host clock
-around a blocking call) of one compiled executable. TFLOP/s counts the useful matmul FLOPs of the
-chunk algorithm (prism-math.md section 4; fwd+bwd counted as 3x fwd) against a bf16 8192^3 matmul
-measured in the same run. Memory is XLA's compiled footprint (arguments + outputs + temporaries).
-Every row is checked against our chunk form in float32 at full matmul precision on the same
-bf16-rounded inputs: relative L2 error of the output and of each input gradient.
-Results go to DIR/kernels.json, rewritten after every point, and a markdown table is printed.
+Shapes: B * T = 32768 tokens, H = 16, K = V = 128, bf16 inputs (g float32). Each `pallas` row runs one
+named VARIANT (a set of `prism_pallas` kwargs: backward "xla" / "fused" / "explicit", chunk 32 or 64,
+forward options; `--variant` adds or replaces one). `--plan` lists the rows in priority order
+(`VARIANT:L:T`, `chunk:L:T` our XLA chunk form, `jla_gdn:T` jax-linear-attention 0.1.0's Gated
+DeltaNet on Mosaic GPU, `breakdown:VARIANT:L:T` the time of each kernel of that variant); the default
+(`default_plan`) puts the first length's comparison of backwards first. The run stops starting rows at
+--budget_s. `--sweep VARIANT` first times that variant's backward block settings (SWEEP_GRIDS) and uses
+the fastest. `--dplr` then runs the DPLR-interleaved exact PRISM path through flash-linear-attention
+(`dplr_peer.py`, torch) in the same process (set XLA_PYTHON_CLIENT_PREALLOCATE=false for it).
+A forward is timed once per forward setting and (L, T); rows that share it say so (`fwd_as`).
+Times are medians of `--reps` runs after 2 warm-ups (host clock around a blocking call) of one compiled
+executable. TFLOP/s counts the useful matmul FLOPs of the chunk algorithm (prism-math.md section 4;
+fwd+bwd counted as 3x fwd) against a bf16 8192^3 matmul measured in the same run. Memory is XLA's
+compiled footprint (arguments + outputs + temporaries). Every row is checked against our chunk form in
+float32 at full matmul precision on the same bf16-rounded inputs: relative L2 error of the output and
+of each input gradient. Results go to DIR/kernels.json, rewritten after every point, and a markdown
+table is printed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ import jax.numpy as jnp
 SHAPE = dict(tokens=32768, heads=16, dk=128, dv=128)
 SMOKE = dict(tokens=64, heads=2, dk=32, dv=32)
 GRAD_NAMES = ("q", "k", "v", "beta", "g")
+
+# name -> prism_pallas keyword arguments. A row "pallas" names one of these; its forward is timed once per
+# distinct forward setting (the keys below that are not backward options) and (L, T).
+VARIANTS = {
+    "xla": dict(bwd="xla"),                       # chunk 32 (the kernels' default chunk)
+    "fused": dict(bwd="fused"),
+    "explicit": dict(bwd="explicit"),
+    "xla64": dict(bwd="xla", chunk_size=64),
+    "fused64": dict(bwd="fused", chunk_size=64),  # bwd="auto" at chunk 64 (the model presets)
+    "explicit64": dict(bwd="explicit", chunk_size=64),
+}
+BWD_KEYS = ("bwd", "bwd_block_v", "bwd_num_warps", "bwd_v_split")
 
 
 def timed(fn, *args, reps):
@@ -162,6 +176,7 @@ class Run:
     """Budget, results and the JSON file (rewritten after every point)."""
 
     def __init__(self, path, budget_s):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.budget_s, self.start = path, budget_s, time.time()
         self.doc = dict(meta={}, sweep=[], rows=[], skipped=[], notes=[])
         self.cost = {}  # kind -> seconds the last such point took
@@ -185,10 +200,16 @@ class Run:
         os.replace(tmp, self.path)
 
 
-def measure_row(spec, shape, reps, refs, pallas_kw, gdn=None):
-    """One table row: spec = (impl, L, T, bwd) with impl in pallas / chunk / jla_gdn. `refs` caches the
-    float32 reference of the last (T, L); `gdn` (jitted GDN forward) is compared with pallas at L = 1."""
-    impl, L, T, bwd = spec
+def forward_key(kw):
+    return tuple(sorted((k, v) for k, v in kw.items() if k not in BWD_KEYS))
+
+
+def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None):
+    """One table row: spec = (impl, L, T, variant) with impl in pallas / chunk / jla_gdn and variant a key
+    of `variants` (pallas only). `refs` caches the float32 reference of the last (T, L); `gdn` (jitted GDN
+    forward) is compared with pallas at L = 1; `timed_forwards` {(forward settings, L, T): row} skips
+    timing a forward already timed under another backward."""
+    impl, L, T, variant = spec
     H, K, V = shape["heads"], shape["dk"], shape["dv"]
     B = shape["tokens"] // T
     scale = K ** -0.5
@@ -197,15 +218,24 @@ def measure_row(spec, shape, reps, refs, pallas_kw, gdn=None):
         refs.clear()  # frees the previous shape's arrays first
         refs.update(key=(T, L), val=reference(xs, do))
     o_ref, grads_ref = refs["val"]
+    row = dict(impl=impl, variant=variant, L=L, T=T, B=B)
+    fkey = None
     if impl == "pallas":
-        fwd = prism_fwd("pallas", scale, bwd=bwd, **pallas_kw)
+        kw = variants[variant]
+        row.update(bwd=kw.get("bwd", "auto"), chunk=kw.get("chunk_size", 32), kwargs=kw)
+        fwd = prism_fwd("pallas", scale, **kw)
+        fkey = (forward_key(kw), L, T)
     elif impl == "chunk":
         fwd = prism_fwd("chunk", scale, chunk_size=64)
+        row.update(bwd=None, chunk=64)
     else:
         fwd = gdn_fwd(scale)
-    row = dict(impl=impl, bwd=bwd, L=L, T=T, B=B)
+        row.update(bwd=None, chunk=64)
     flops = fwd_flops(T, B, L, H, K, V)
-    if not (impl == "pallas" and bwd == "xla"):  # that forward is the fused row's
+    timed_forwards = {} if timed_forwards is None else timed_forwards
+    if fkey is not None and fkey in timed_forwards:
+        row["fwd_as"] = timed_forwards[fkey]  # the same forward kernels, timed in that row
+    else:
         exe, mem = compiled(fwd, *xs)
         ms = timed(exe, *xs, reps=reps)
         o = exe(*xs)
@@ -213,6 +243,8 @@ def measure_row(spec, shape, reps, refs, pallas_kw, gdn=None):
         if impl == "pallas" and L == 1 and gdn is not None:
             row["vs_jla_gdn"] = rel(o, gdn(*xs))
         del o
+        if fkey is not None:
+            timed_forwards[fkey] = variant
     exe, mem = compiled(with_vjp(fwd), xs, do)
     ms = timed(exe, xs, do, reps=reps)
     grads = exe(xs, do)
@@ -222,17 +254,26 @@ def measure_row(spec, shape, reps, refs, pallas_kw, gdn=None):
     return row
 
 
-def breakdown(shape, T, L, reps, pallas_kw):
-    """Milliseconds of each kernel of pallas fwd+bwd (bf16, chunk 32, defaults / the sweep's pick)."""
+def breakdown(shape, T, L, reps, kw):
+    """Milliseconds of each kernel of pallas fwd+bwd for the variant's kwargs `kw` (bf16): the split
+    forward, the state pull-back, the reverse state pass and the per-chunk backward of its `bwd`
+    ("fused": gpu/chunk_bwd.py, "explicit": gpu/chunk_grads.py)."""
     from pallas_kernels.common import prepare
-    from pallas_kernels.gpu import chunk_bwd, pullback, split, state_bwd
+    from pallas_kernels.gpu import chunk_bwd, chunk_grads, pullback, split, state_bwd
 
-    H, K, V, C = shape["heads"], shape["dk"], shape["dv"], 32
+    H, K, V, C = shape["heads"], shape["dk"], shape["dv"], kw.get("chunk_size", 32)
+    bwd = kw.get("bwd", "explicit")
+    if bwd not in ("fused", "explicit"):
+        raise ValueError(f"breakdown: times the kernel backwards ('fused', 'explicit'), not {bwd!r}")
     B = shape["tokens"] // T
     (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(1), B, T, L, H, K, V)
     x = prepare(q, k, v, beta, g, None, None, C)
     scale, interp = K ** -0.5, jax.default_backend() == "cpu"  # CPU: --smoke, interpret mode
-    fwd = jax.jit(lambda x: split.forward(x, scale=scale, chunk_size=C, interpret=interp))
+    fwd_kw = {k_: v_ for k_, v_ in kw.items() if k_ in ("block_v", "num_warps", "forward_inverse",
+                                                         "state_pieces")}
+    if "forward_inverse" in fwd_kw:
+        fwd_kw["inverse"] = fwd_kw.pop("forward_inverse")
+    fwd = jax.jit(lambda x: split.forward(x, scale=scale, chunk_size=C, interpret=interp, **fwd_kw))
     _, final, starts, ainv = fwd(x)
     pull = jax.jit(lambda x, do, ainv: pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do,
                                                                scale=scale, chunk_size=C, ainv=ainv,
@@ -241,12 +282,59 @@ def breakdown(shape, T, L, reps, pallas_kw):
     rev = jax.jit(lambda p, ek, a, y, df: state_bwd.reverse_pass(p, ek, a, y, df, mm_dtype=q.dtype,
                                                                  interpret=interp))
     cot, _ = rev(p, ek, a, y, final)
-    cb = jax.jit(lambda x, starts, do, cot, ainv: chunk_bwd.chunk_backward(
-        x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot, scale=scale, chunk_size=C, ainv=ainv,
-        block_v=pallas_kw.get("bwd_block_v"), num_warps=pallas_kw.get("bwd_num_warps"), interpret=interp))
-    return dict(T=T, L=L, forward_ms=timed(fwd, x, reps=reps), pullback_ms=timed(pull, x, do, ainv, reps=reps),
+    blocks = dict(block_v=kw.get("bwd_block_v"), num_warps=kw.get("bwd_num_warps"))
+    if bwd == "explicit":
+        cb = jax.jit(lambda x, starts, do, cot, ainv: chunk_grads.chunk_grads_backward(
+            x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot, scale=scale, chunk_size=C, ainv=ainv,
+            v_split=kw.get("bwd_v_split"), interpret=interp, **blocks))
+    else:
+        cb = jax.jit(lambda x, starts, do, cot, ainv: chunk_bwd.chunk_backward(
+            x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot, scale=scale, chunk_size=C, ainv=ainv,
+            interpret=interp, **blocks))
+    return dict(T=T, L=L, kwargs=kw, forward_ms=timed(fwd, x, reps=reps),
+                pullback_ms=timed(pull, x, do, ainv, reps=reps),
                 reverse_ms=timed(rev, p, ek, a, y, final, reps=reps),
                 chunk_bwd_ms=timed(cb, x, starts, do, cot, ainv, reps=reps))
+
+
+SWEEP_GRIDS = {  # backward block settings tried by --sweep VARIANT (fwd+bwd at the first length, L = 2)
+    "fused": [dict(bwd_block_v=bv, bwd_num_warps=nw) for bv, nw in ((32, 8), (64, 4), (64, 8), (128, 4))],
+    "explicit": [dict(bwd_block_v=bv, bwd_num_warps=nw, bwd_v_split=vs)
+                 for bv, nw, vs in ((32, 8, 1), (32, 4, 1), (64, 8, 1), (32, 8, 4), (64, 8, 2), (32, 4, 4))],
+}
+
+
+def default_plan(lengths, writes):
+    """Rows in priority order: "VARIANT:L:T", "chunk:L:T", "jla_gdn:T", "breakdown:VARIANT:L:T"."""
+    first, rest = lengths[0], lengths[1:]
+    plan = [f"explicit:2:{first}", f"xla:2:{first}", f"fused64:2:{first}", f"explicit64:2:{first}",
+            f"jla_gdn:{first}"]
+    plan += [f"explicit:{L}:{first}" for L in writes if L != 2]
+    plan += [f"xla:{L}:{first}" for L in writes if L != 2]
+    plan += [f"chunk:2:{first}", f"breakdown:explicit:2:{first}"]
+    for T in rest:
+        plan += [f"explicit:{L}:{T}" for L in writes] + [f"jla_gdn:{T}"]
+    for T in rest:
+        plan += [f"xla:2:{T}", f"chunk:2:{T}"]
+    return plan
+
+
+def parse_plan_item(item, variants):
+    """-> (impl, L, T, variant). Raises ValueError naming the item when it does not parse."""
+    parts = item.split(":")
+    try:
+        if parts[0] == "jla_gdn" and len(parts) == 2:
+            return ("jla_gdn", 1, int(parts[1]), None)
+        if parts[0] == "chunk" and len(parts) == 3:
+            return ("chunk", int(parts[1]), int(parts[2]), None)
+        if parts[0] == "breakdown" and len(parts) == 4 and parts[1] in variants:
+            return ("breakdown", int(parts[2]), int(parts[3]), parts[1])
+        if parts[0] in variants and len(parts) == 3:
+            return ("pallas", int(parts[1]), int(parts[2]), parts[0])
+    except ValueError:
+        pass
+    raise ValueError(f"--plan item {item!r}: expected VARIANT:L:T (VARIANT in {sorted(variants)}), chunk:L:T, "
+                     "jla_gdn:T or breakdown:VARIANT:L:T")
 
 
 def main():
@@ -256,16 +344,28 @@ def main():
     ap.add_argument("--writes", default="1,2,3")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget_s", type=float, default=400, help="stop starting points after this")
-    ap.add_argument("--sweep", action="store_true", help="fused-backward block_v / warps sweep first")
+    ap.add_argument("--variant", action="append", default=[], metavar='NAME={"bwd": "explicit", ...}',
+                    help="add or replace a named set of prism_pallas kwargs (JSON)")
+    ap.add_argument("--plan", default=None, help="comma-separated rows (default: default_plan)")
+    ap.add_argument("--sweep", action="append", default=[], metavar="VARIANT",
+                    help="time SWEEP_GRIDS[its bwd] on top of VARIANT first; the fastest replaces it")
     ap.add_argument("--sweep_budget_s", type=float, default=120)
-    ap.add_argument("--skip", default="", help="rows to leave out, e.g. chunk@2048,jla_gdn@2048,xla@8192")
+    ap.add_argument("--dplr", action="store_true", help="then the DPLR-interleaved peer (dplr_peer.py, torch)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: interpret mode)")
-    ap.add_argument("--no_breakdown", action="store_true", help="skip the per-kernel times (first length, L = 2)")
-    ap.add_argument("--fla", action="store_true")
+    ap.add_argument("--fla", action="store_true", help="flash-linear-attention GDN forward only (torch)")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else SHAPE
     lengths = [int(t) for t in args.lengths.split(",")] if not args.smoke else [32, 64]
     writes = [int(w) for w in args.writes.split(",")]
+    variants = dict(VARIANTS)
+    for item in args.variant:
+        name, _, spec = item.partition("=")
+        try:
+            variants[name] = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--variant {item!r}: expected NAME=<JSON object of prism_pallas kwargs> ({e})")
+    plan = [parse_plan_item(i, variants) for i in (args.plan.split(",") if args.plan else
+                                                   default_plan(lengths, writes))]
     if args.fla:
         rows = run_fla(lengths, args.reps, shape)
         open(os.path.join(args.out, "fla.md"), "w").write("\n".join(rows) + "\n")
@@ -273,7 +373,7 @@ def main():
     run = Run(os.path.join(args.out, "kernels.json"), args.budget_s)
     peak = matmul_tflops(args.reps, 512 if args.smoke else 8192)
     run.doc["meta"].update(devices=[str(d) for d in jax.devices()], jax=jax.__version__, shape=shape,
-                           matmul_bf16_tflops=peak, reps=args.reps)
+                           matmul_bf16_tflops=peak, reps=args.reps, plan=args.plan or "default")
     print(jax.devices(), f"bf16 matmul: {peak:.0f} TFLOP/s", flush=True)
 
     try:
@@ -284,69 +384,63 @@ def main():
         run.doc["notes"].append(f"jax-linear-attention not importable ({type(e).__name__}: {e}); GDN rows skipped")
         print(run.doc["notes"][-1], flush=True)
 
-    pallas_kw = {}
-    if args.sweep:
+    for name in args.sweep:
+        base = variants[name]
         T, L = lengths[0], 2
         H, K, V = shape["heads"], shape["dk"], shape["dv"]
         xs, do = inputs(jax.random.PRNGKey(0), shape["tokens"] // T, T, L, H, K, V)
         best = None
-        for bv, nw in ((64, 8), (64, 4), (32, 4), (128, 8), (32, 8), (128, 4)):
-            if bv > V or run.elapsed() > args.sweep_budget_s:
+        for extra in SWEEP_GRIDS[base["bwd"]]:
+            kw = dict(base, **extra)
+            if kw.get("bwd_block_v", 0) > V or run.elapsed() > args.sweep_budget_s:
                 continue
-            kw = dict(bwd_block_v=bv, bwd_num_warps=nw)
             t0 = time.time()
             try:
                 exe, _ = compiled(with_vjp(prism_fwd("pallas", K ** -0.5, **kw)), xs, do)
                 ms = timed(exe, xs, do, reps=args.reps)
-                run.add("sweep", dict(T=T, L=L, fwd_bwd_ms=ms, seconds=round(time.time() - t0, 1), **kw))
+                run.add("sweep", dict(variant=name, T=T, L=L, fwd_bwd_ms=ms, seconds=round(time.time() - t0, 1), **extra))
                 best = min(best or (ms, kw), (ms, kw), key=lambda t: t[0])
             except Exception as e:  # report and go on
-                run.add("sweep", dict(T=T, L=L, error=f"{type(e).__name__}: {str(e)[:300]}", **kw))
-        pallas_kw = best[1] if best else {}
-        run.doc["meta"]["pallas_bwd_settings"] = pallas_kw
-        print("fused-backward settings for the table:", pallas_kw, flush=True)
+                run.add("sweep", dict(variant=name, T=T, L=L, error=f"{type(e).__name__}: {str(e)[:300]}", **extra))
+        if best:
+            variants[name] = best[1]
+        print(f"{name}: settings for the table: {variants[name]}", flush=True)
+    run.doc["meta"]["variants"] = variants
 
-    first, rest = lengths[0], lengths[1:]
-    specs = [("pallas", 2, first, "fused"), ("pallas", 2, first, "xla"), ("pallas", 1, first, "fused"),
-             ("jla_gdn", 1, first, None), ("pallas", 3, first, "fused"), ("pallas", 1, first, "xla"),
-             ("pallas", 3, first, "xla"), ("chunk", 2, first, None), ("breakdown", 2, first, None)]
-    for T in rest:
-        specs += [("pallas", 1, T, "fused"), ("jla_gdn", 1, T, None), ("pallas", 2, T, "fused"),
-                  ("pallas", 3, T, "fused")]
-    for T in rest:
-        specs += [("pallas", 2, T, "xla"), ("chunk", 2, T, None)]
-    skip = set(filter(None, args.skip.split(",")))
-    refs = {}
-    for spec in specs:
-        impl, L, T, bwd = spec
-        if L not in writes and impl == "pallas":
-            continue
+    refs, timed_forwards = {}, {}
+    for spec in plan:
+        impl, L, T, variant = spec
         if impl == "jla_gdn" and not have_jla:
             continue
-        tag = f"{bwd if impl == 'pallas' else impl}@{T}"
-        if tag in skip or f"{impl}@{T}" in skip:
-            continue
-        kind = (impl, bwd, T)
-        if not run.fits(kind, default_s=40 if T == first else 60):
-            run.add("skipped", dict(impl=impl, bwd=bwd, L=L, T=T, reason="time budget"))
+        kind = (impl, variant, T)
+        if not run.fits(kind, default_s=40 if T == lengths[0] else 60):
+            run.add("skipped", dict(impl=impl, variant=variant, L=L, T=T, reason="time budget"))
             continue
         t0 = time.time()
         if impl == "breakdown":
             try:
-                if not args.no_breakdown:
-                    run.doc["breakdown"] = breakdown(shape, T, L, args.reps, pallas_kw)
-                    print(json.dumps(run.doc["breakdown"]), flush=True)
-                    run.save()
+                run.doc.setdefault("breakdowns", []).append(breakdown(shape, T, L, args.reps, variants[variant]))
+                print(json.dumps(run.doc["breakdowns"][-1]), flush=True)
+                run.save()
             except Exception as e:
-                run.doc["notes"].append(f"breakdown failed: {type(e).__name__}: {str(e)[:300]}")
+                run.doc["notes"].append(f"breakdown {variant} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         try:
-            row = measure_row(spec, shape, args.reps, refs, pallas_kw, gdn)
+            row = measure_row(spec, shape, args.reps, refs, variants, gdn, timed_forwards)
             row["seconds"] = round(time.time() - t0, 1)
             run.add("rows", row)
         except Exception as e:
-            run.add("rows", dict(impl=impl, bwd=bwd, L=L, T=T, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            run.add("rows", dict(impl=impl, variant=variant, L=L, T=T, error=f"{type(e).__name__}: {str(e)[:400]}"))
         run.cost[kind] = time.time() - t0
+    if args.dplr:
+        from dplr_peer import run_dplr
+
+        left = args.budget_s - run.elapsed()
+        for r in run_dplr(lengths, [2] + [w for w in writes if w != 2], args.reps, shape, left, refs=refs):
+            if "fwd_bwd_ms" in r:
+                run.add("rows", r)
+            else:
+                run.add("notes", json.dumps(r))
     print_tables(run.doc, peak, shape)
 
 
@@ -354,22 +448,23 @@ def print_tables(doc, peak, shape):
     f = lambda x, p=".2f": "-" if x is None else format(x, p)
     print(f"\nbf16 matmul peak measured: {peak:.0f} TFLOP/s; B*T = {shape['tokens']}, H = {shape['heads']}, "
           f"K = {shape['dk']}, V = {shape['dv']}, bf16 inputs; elapsed {doc['meta']['elapsed_s']} s")
-    if doc.get("breakdown"):
-        bd = doc["breakdown"]
-        print(f"\nper kernel, pallas bf16 L = {bd['L']}, T = {bd['T']}: " + ", ".join(
+    for bd in doc.get("breakdowns", []):
+        print(f"\nper kernel, pallas bf16 L = {bd['L']}, T = {bd['T']}, {bd['kwargs']}: " + ", ".join(
             f"{k[:-3]} {v:.2f} ms" for k, v in bd.items() if k.endswith("_ms")))
     if doc["sweep"]:
-        print("\n| bwd_block_v | bwd_num_warps | fwd+bwd ms |\n|---|---|---|")
+        print("\n| variant | settings | fwd+bwd ms |\n|---|---|---|")
         for s in doc["sweep"]:
-            print(f"| {s['bwd_block_v']} | {s['bwd_num_warps']} | {f(s.get('fwd_bwd_ms'))} {s.get('error', '')[:80]} |")
-    print("\n| impl | bwd | L | T | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | mem fwd / fwd+bwd GiB "
-          "| fwd rel err | grad rel err (max; q k v beta g) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+            settings = {k: v for k, v in s.items() if k.startswith("bwd_")}
+            print(f"| {s['variant']} | {settings} | {f(s.get('fwd_bwd_ms'))} {s.get('error', '')[:80]} |")
+    print("\n| impl | variant | bwd | chunk | L | T | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s "
+          "| mem fwd / fwd+bwd GiB | fwd rel err | grad rel err (max; q k v beta g) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in doc["rows"]:
         if "error" in r:
             continue
         ge = r["grad_rel_err"]
-        print(f"| {r['impl']} | {r['bwd'] or '-'} | {r['L']} | {r['T']} | {f(r.get('fwd_ms'))} | {f(r['fwd_bwd_ms'])} | "
+        print(f"| {r['impl']} | {r.get('variant') or '-'} | {r.get('bwd') or '-'} | {r.get('chunk', '-')} | {r['L']} | "
+              f"{r['T']} | {f(r.get('fwd_ms'))} | {f(r['fwd_bwd_ms'])} | "
               f"{f(r.get('fwd_tflops'), '.1f')} | {f(r['fwd_bwd_tflops'], '.1f')} | "
               f"{f(r.get('fwd_mem_gib'))} / {f(r['fwd_bwd_mem_gib'])} | {f(r.get('fwd_rel_err'), '.1e')} | "
               f"{r['grad_rel_err_max']:.1e}; " + " ".join(f"{ge[n]:.1e}" for n in GRAD_NAMES) + " |")
