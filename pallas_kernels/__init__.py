@@ -57,7 +57,8 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
-             save_inverse=False, forward_inverse="rows", state_pieces=1, **_bwd_block_opts):
+             save_inverse=False, forward_inverse="rows", state_pieces=1, forward_outputs="kernel",
+             save_starts=True, **_bwd_block_opts):
     """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
     and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
@@ -73,13 +74,14 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
         return (*gpu_forward(x, inverse=forward_inverse, **kw), None)
     from pallas_kernels.gpu.split import forward as split_forward
 
+    in_state = forward_outputs == "state"
     return split_forward(x, save_inverse=save_inverse, inverse=forward_inverse, state_pieces=state_pieces,
-                         **kw)
+                         outputs_in_state=in_state, save_starts=save_starts or not in_state, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(opts, q, k, v, beta, g, r, rm1, s0):
-    o, final, _, _ = _forward(Prepared(q, k, v, beta, g, r, rm1, s0), **opts)
+    o, final, _, _ = _forward(Prepared(q, k, v, beta, g, r, rm1, s0), save_starts=False, **opts)
     return o, final
 
 
@@ -112,7 +114,7 @@ _core.defvjp(_core_fwd, _core_bwd)
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="rows",
-                 state_pieces=1, bwd_v_split=None):
+                 state_pieces=1, bwd_v_split=None, forward_outputs="kernel"):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -137,7 +139,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     "blocked" / "blocked8" (16- / 8-row diagonal blocks, merged by matmuls; also in the fused
     kernel); state_pieces: 1 (one sequential state pass over all chunks) or P > 1 (P pieces' affine
     maps in parallel, composed in order, then each piece's chunks from its start; "auto": P > 1
-    only where the plain pass has < 2 programs per SM; split kernel only).
+    only where the plain pass has < 2 programs per SM; split kernel only); forward_outputs: "kernel"
+    (a parallel output kernel reads the saved chunk start states) or "state" (the state pass writes
+    the outputs as it walks; without differentiation no start states are written; split only).
     block_v=None lets the split state pass use fewer value columns when it has few programs.
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
@@ -153,6 +157,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
             or (state_pieces != 1 and kernel != "split")):
         raise ValueError(f"prism_pallas: `state_pieces` = {state_pieces!r}, expected an int >= 1 or "
                          "'auto' (other than 1 only with kernel='split')")
+    if forward_outputs not in ("kernel", "state") or (forward_outputs == "state" and kernel != "split"):
+        raise ValueError(f"prism_pallas: `forward_outputs` is {forward_outputs!r}, expected 'kernel' or "
+                         "'state' (only with kernel='split')")
     if bwd not in ("auto", "fused", "xla", "explicit"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused', 'xla' or 'explicit'")
     if bwd == "auto":
@@ -178,7 +185,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
                 num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
                 bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
-                state_pieces=state_pieces, bwd_v_split=bwd_v_split)
+                state_pieces=state_pieces, bwd_v_split=bwd_v_split, forward_outputs=forward_outputs)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

@@ -58,10 +58,18 @@ def _intra_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, 
     qe_ref[b, ts, h, :] = qe.astype(qe_ref.dtype)
 
 
-def _state_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, s0_ref, starts_ref,
-                  ends_ref, *, heads, n_writes, chunk, block_v, n_chunks, piece_len, mm_dtype):
+def _state_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, s0_ref, *refs, heads,
+                  n_writes, chunk, block_v, n_chunks, piece_len, mm_dtype, scale=None, with_outputs=False,
+                  with_starts=True):
     """Grid (B*H, pieces, V/block_v): walks the chunks of one piece from its start state s0_ref
-    [B, H, pieces, K, V], writing each chunk's start state and the piece's end state."""
+    [B, H, pieces, K, V], writing each chunk's start state (`with_starts`) and the piece's end state.
+    `with_outputs`: also each chunk's outputs for this value block (the output kernel's work, here
+    on the sequential path); refs then begin with q_ref and end with o_ref."""
+    q_ref = refs[0] if with_outputs else None
+    refs = refs[1:] if with_outputs else refs
+    starts_ref = refs[0] if with_starts else None
+    ends_ref = refs[1 if with_starts else 0]
+    o_ref = refs[-1] if with_outputs else None
     bh, piece, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // heads, bh % heads
     vs = pl.ds(vb * block_v, block_v)
@@ -69,10 +77,15 @@ def _state_kernel(k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, p_ref, qe_ref, 
     def body(n, s):
         ts = pl.ds(n * chunk, chunk)
         ks, _, vws = _load_writes(k_ref, v_ref, beta_ref, b, ts, h, vs, n_writes)
-        d = chunk_end_decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
-        starts_ref[b, h, n, :, vs] = s
-        return chunk_state_update(s, p_ref[b, ts, h, :], qe_ref[b, ts, h, vs].astype(f32), ks[0],
-                                  ks, vws, d, mm_dtype=mm_dtype)
+        decays = chunk_decays if with_outputs else chunk_end_decays
+        d = decays(g_ref[b, ts, h], r_ref[b, ts], rm1_ref[b, ts])
+        p, qe = p_ref[b, ts, h, :], qe_ref[b, ts, h, vs].astype(f32)
+        if with_starts:
+            starts_ref[b, h, n, :, vs] = s
+        if with_outputs:
+            o = chunk_output(s, p, qe, q_ref[b, ts, h, :], ks[0], ks, vws, d, mm_dtype=mm_dtype)
+            o_ref[b, ts, h, vs] = (scale * o).astype(o_ref.dtype)
+        return chunk_state_update(s, p, qe, ks[0], ks, vws, d, mm_dtype=mm_dtype)
 
     s0 = s0_ref[b, h, piece, :, vs].astype(f32)
     if piece_len == n_chunks:  # one piece: static bounds (a plain counted loop)
@@ -214,9 +227,11 @@ def intra(x: Prepared, *, chunk_size, inverse="rows", save_inverse=True, num_war
 
 
 def state_pass(x: Prepared, p, qe, *, chunk_size, block_v=None, state_pieces=1, num_warps=None,
-               num_stages=None, interpret=False):
-    """Kernel 2 (with state_pieces > 1: three kernels): (starts [B, H, N, K, V] f32, final [B, H, K, V]
-    f32). state_pieces: an int or "auto" (`auto_state_pieces`); block_v None: `state_block_v`."""
+               num_stages=None, interpret=False, scale=None, with_starts=True):
+    """Kernel 2 (with state_pieces > 1: three kernels): (starts [B, H, N, K, V] f32 or None unless
+    `with_starts`, final [B, H, K, V] f32, o [B, Tp, H, V] in v's dtype or None). With `scale` given
+    the walk also writes the outputs (no separate output kernel), else o is None.
+    state_pieces: an int or "auto" (`auto_state_pieces`); block_v None: `state_block_v`."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // chunk_size
@@ -243,12 +258,21 @@ def state_pass(x: Prepared, p, qe, *, chunk_size, block_v=None, state_pieces=1, 
             grid=(B * H, V // block_v), name="prism_compose_pieces",
             out_shape=jax.ShapeDtypeStruct((B, H, pieces, K, V), f32),
         )(amap, bmap, x.s0)
-    starts, ends = call(
-        functools.partial(_state_kernel, block_v=block_v, n_chunks=N, piece_len=piece_len, **common),
-        grid=(B * H, pieces, V // block_v), name="prism_state",
-        out_shape=(jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)),
-    )(*writes, p, qe, piece_starts)
-    return starts, ends[:, :, -1]
+    with_outputs = scale is not None
+    out_shape = [jax.ShapeDtypeStruct((B, H, pieces, K, V), f32)]
+    if with_starts:
+        out_shape.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+    if with_outputs:
+        out_shape.append(jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype))
+    outs = call(
+        functools.partial(_state_kernel, block_v=block_v, n_chunks=N, piece_len=piece_len, scale=scale,
+                          with_outputs=with_outputs, with_starts=with_starts, **common),
+        grid=(B * H, pieces, V // block_v), name="prism_state_outputs" if with_outputs else "prism_state",
+        out_shape=tuple(out_shape),
+    )(*writes, p, qe, piece_starts, *([x.q] if with_outputs else []))
+    starts = outs[0] if with_starts else None
+    ends = outs[1 if with_starts else 0]
+    return starts, ends[:, :, -1], (outs[-1] if with_outputs else None)
 
 
 def outputs(x: Prepared, p, qe, starts, *, scale, chunk_size, num_warps=None, num_stages=None,
@@ -266,7 +290,8 @@ def outputs(x: Prepared, p, qe, starts, *, scale, chunk_size, num_warps=None, nu
 
 
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num_stages=None,
-            interpret=False, save_inverse=True, inverse="rows", state_pieces=1, state_num_warps=None):
+            interpret=False, save_inverse=True, inverse="rows", state_pieces=1, state_num_warps=None,
+            outputs_in_state=False, save_starts=True):
     """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32,
     ainv [B, H, N, C, C] f32: each chunk's (I + m)^{-1}, saved for the backward; None unless
     `save_inverse`): `intra`, `state_pass`, `outputs` in turn.
@@ -279,10 +304,19 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
     "auto" = `auto_state_pieces`.
     block_v: the state pass's value columns per program; None = `state_block_v` (fewer columns when
     there are few programs). state_num_warps: the state-pass kernels' warps (default num_warps).
+    outputs_in_state: the state walk writes the outputs too (no output kernel, no re-read of the
+    start states; the output work sits on the walk's sequential path: pair it with state_pieces).
+    save_starts=False (only with outputs_in_state): starts are not written and come back None (the
+    forward without a backward).
     """
+    if not save_starts and not outputs_in_state:
+        raise ValueError("split.forward: save_starts=False needs outputs_in_state=True (the output kernel "
+                         "reads the start states)")
     kw = dict(chunk_size=chunk_size, num_stages=num_stages, interpret=interpret)
     p, qe, ainv = intra(x, inverse=inverse, save_inverse=save_inverse, num_warps=num_warps, **kw)
-    starts, final = state_pass(x, p, qe, block_v=block_v, state_pieces=state_pieces,
-                               num_warps=state_num_warps or num_warps, **kw)
-    o = outputs(x, p, qe, starts, scale=scale, num_warps=num_warps, **kw)
+    starts, final, o = state_pass(x, p, qe, block_v=block_v, state_pieces=state_pieces,
+                                  num_warps=state_num_warps or num_warps, with_starts=save_starts,
+                                  scale=scale if outputs_in_state else None, **kw)
+    if not outputs_in_state:
+        o = outputs(x, p, qe, starts, scale=scale, num_warps=num_warps, **kw)
     return o, final, starts, ainv

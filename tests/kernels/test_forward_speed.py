@@ -18,6 +18,7 @@ from pallas_kernels import prism_pallas
 from pallas_kernels.common import (blocked_unit_lower_inverse, chunk_decays, lower_inverse, prepare,
                                    unit_lower_inverse)
 from pallas_kernels.gpu import split
+from prism_jax.ops import prism_recurrence
 from test_pallas import SEGMENTS, lower_for_h200, make_inputs, numpy_prism, rel
 
 
@@ -91,27 +92,29 @@ def test_state_block_v_rule_and_piece_split():
     assert split.auto_state_pieces(1, 1, 16, 20, sm_count=132) == 2  # >= 8 chunks per piece
 
 
-# (L, T, K, V, chunk, pieces, inverse, block_v, segments, initial state, seed): odd T (a partial last
-# chunk), pieces of unequal length, pieces of one chunk, resets inside / at the edge of a piece.
+# (L, T, K, V, chunk, pieces, inverse, block_v, outputs in the state walk, segments, initial state,
+# seed): odd T (a partial last chunk), pieces of unequal length, pieces of one chunk, resets inside /
+# at the edge of a piece.
 CASES = [
-    pytest.param(1, 37, 16, 32, 16, 2, "blocked", None, False, True, 0,  # N = 3: pieces of 2 + 1
+    pytest.param(1, 37, 16, 32, 16, 2, "blocked", None, False, False, True, 0,  # N = 3: pieces 2 + 1
                  marks=pytest.mark.slow),  # L = 1 in the default run: the prism_pallas test below
-    (2, 70, 32, 16, 16, 3, "blocked8", 16, True, True, 1),  # N = 5: 2 + 2 + 1, resets
-    (3, 75, 16, 16, 32, 3, "blocked", None, False, False, 2),  # chunk 32 (one doubling); 1 + 1 + 1
+    (2, 70, 32, 16, 16, 3, "blocked8", 16, True, True, True, 1),  # N = 5: 2 + 2 + 1, resets
+    (3, 75, 16, 16, 32, 3, "blocked", None, False, False, False, 2),  # chunk 32 (one doubling); 1 + 1 + 1
 ]
 
 
-@pytest.mark.parametrize("L,T,K,V,chunk,pieces,inverse,block_v,with_segments,with_state,seed", CASES)
+@pytest.mark.parametrize("L,T,K,V,chunk,pieces,inverse,block_v,in_state,with_segments,with_state,seed",
+                         CASES)
 def test_split_forward_options_match_the_old_path_and_float64(L, T, K, V, chunk, pieces, inverse, block_v,
-                                                            with_segments, with_state, seed):
+                                                            in_state, with_segments, with_state, seed):
     q, k, v, beta, g, s0 = make_inputs(30 + seed, 1, T, 1, L, K, V)
     s0 = s0 if with_state else None
     seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32) if with_segments else None
     x = prepare(q, k, v, beta, g, s0, seg, chunk)
     run = jax.jit(lambda x, **kw: split.forward(x, scale=K ** -0.5, chunk_size=chunk, interpret=True, **kw),
-                  static_argnames=("inverse", "state_pieces", "block_v"))
+                  static_argnames=("inverse", "state_pieces", "block_v", "outputs_in_state"))
     old = run(x, block_v=min(V, 64))
-    new = run(x, inverse=inverse, state_pieces=pieces, block_v=block_v)
+    new = run(x, inverse=inverse, state_pieces=pieces, block_v=block_v, outputs_in_state=in_state)
     for name, a, b in zip(("o", "final", "starts", "ainv"), new, old):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert rel(a, b) < 2e-6, name
@@ -120,12 +123,14 @@ def test_split_forward_options_match_the_old_path_and_float64(L, T, K, V, chunk,
 
 
 def test_prism_pallas_passes_the_options_through_bf16():
-    """prism_pallas(forward_inverse=, state_pieces=) in bf16 (L = 1, chunk 32, odd T, 3 pieces of
-    1 + 1 + 1 chunks) against float64."""
+    """prism_pallas(forward_inverse=, state_pieces=, forward_outputs=) in bf16 (L = 1, chunk 32, odd
+    T, 3 pieces of 1 + 1 + 1 chunks; outputs from the state walk, no start states saved) against
+    float64."""
     L, T, K, V = 1, 85, 32, 32
     q, k, v, beta, g, s0 = make_inputs(40, 1, T, 1, L, K, V, dtype=jnp.bfloat16)
     o, final = jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, chunk_size=32,
-                                               forward_inverse="blocked", state_pieces=3))(q, k, v, beta, g)
+                                               forward_inverse="blocked", state_pieces=3,
+                                               forward_outputs="state"))(q, k, v, beta, g)
     o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0)
     assert o.dtype == jnp.bfloat16
     assert rel(o, o_ref) < 1e-2 and rel(final, final_ref) < 1e-2
@@ -137,6 +142,8 @@ def test_prism_pallas_passes_the_options_through_bf16():
     (dict(state_pieces=2.0), "`state_pieces`"),
     (dict(state_pieces=2, kernel="fused"), "`state_pieces`"),
     (dict(state_pieces="many"), "`state_pieces`"),
+    (dict(forward_outputs="fused"), "`forward_outputs`"),
+    (dict(forward_outputs="state", kernel="fused"), "`forward_outputs`"),
 ])
 def test_bad_forward_options_raise_named_errors(change, match):
     q, k, v, beta, g, _ = make_inputs(0, 1, 8, 1, 1, 16, 16)
@@ -151,6 +158,7 @@ def test_bad_forward_options_raise_named_errors(change, match):
     ("split", "xla", dict(forward_inverse="blocked", state_pieces=4), 6, 32),
     ("split", "xla", dict(forward_inverse="blocked8", state_pieces=1), 4, 32),  # no piece kernels
     ("split", "xla", dict(state_pieces="auto"), 6, 32),  # B * H = 2: auto cuts 16 chunks into 2
+    ("split", "xla", dict(state_pieces=4, forward_outputs="state"), 5, 32),  # no output kernel
     ("split", "fused", dict(forward_inverse="blocked", state_pieces=3), 8, 64),  # + pullback, chunk_bwd
     ("fused", "xla", dict(forward_inverse="blocked"), 2, 64),
 ])
@@ -167,3 +175,31 @@ def test_forward_options_lower_to_triton_with_gradients(kernel, bwd, kw, n_kerne
 
     text = lower_for_h200(jax.grad(loss, argnums=range(5)), args, monkeypatch)
     assert text.count("xla.gpu.triton") == n_kernels
+
+
+@pytest.mark.slow  # ~30 s in interpret mode; the backward itself is the default tests' (test_pallas.py)
+@pytest.mark.parametrize("bwd", ["xla", "fused"])
+def test_gradients_through_the_new_forward_options(bwd):
+    """Gradients with every new forward option on (the backward reads their starts / inverses)."""
+    L, T, K, V = 2, 45, 16, 16
+    q, k, v, beta, g, s0 = make_inputs(50, 1, T, 1, L, K, V)
+    seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32)
+    w = jax.random.normal(jax.random.PRNGKey(51), (1, T, 1, V))
+
+    def loss(impl):
+        def f(*a):
+            if impl == "pallas":
+                o, fin = prism_pallas(*a[:5], scale=K ** -0.5, initial_state=a[5], chunk_size=16,
+                                      segment_ids=seg, bwd=bwd, forward_inverse="blocked8", state_pieces=2,
+                                      forward_outputs="state")
+            else:
+                o, fin = prism_recurrence(*a[:5], initial_state=a[5], output_final_state=True,
+                                          impl="reference", segment_ids=seg)
+            return jnp.sum(o * w) + jnp.sum(fin)
+        return f
+
+    args = (q, k, v, beta, g, s0)
+    got = jax.jit(jax.grad(loss("pallas"), argnums=range(6)))(*args)
+    want = jax.grad(loss("reference"), argnums=range(6))(*args)
+    for name, a, b in zip("q k v beta g s0".split(), got, want):
+        assert rel(a, b) < 1e-5, name
