@@ -203,3 +203,38 @@ def test_gradients_through_the_new_forward_options(bwd):
     want = jax.grad(loss("reference"), argnums=range(6))(*args)
     for name, a, b in zip("q k v beta g s0".split(), got, want):
         assert rel(a, b) < 1e-5, name
+
+
+# ---- on the GPU (device machine: pytest -m gpu tests/kernels/test_forward_speed.py) ----
+
+OPTIONS = [dict(forward_inverse="blocked"), dict(forward_inverse="blocked8", state_pieces=3),
+           dict(state_pieces=4, forward_outputs="state"), dict(forward_inverse="blocked", state_pieces="auto"),
+           dict(kernel="fused", forward_inverse="blocked")]
+
+
+def check_options_against_old_path(dtype, chunk, L, K, V, T, segment_lengths):
+    """Every entry of OPTIONS against the old path (rows, one piece, block_v 64, output kernel) and
+    float64 (2 sequences, 2 heads, an initial state): float32 within 1e-5, bf16 within 1e-2."""
+    q, k, v, beta, g, s0 = make_inputs(60, 2, T, 2, L, K, V, dtype=dtype)
+    seg = jnp.asarray(np.repeat(np.arange(len(segment_lengths)), segment_lengths)[None].repeat(2, 0), jnp.int32)
+    o_ref, final_ref = numpy_prism(q, k, v, beta, g, K ** -0.5, s0, seg)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+
+    def run(**kw):
+        return jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
+                                               chunk_size=chunk, **kw))(q, k, v, beta, g)
+
+    old = run(block_v=min(V, 64))
+    assert rel(old[0], o_ref) < tol and rel(old[1], final_ref) < tol
+    for kw in OPTIONS:
+        o, final = run(**(dict(kw, block_v=min(V, 64)) if kw.get("kernel") == "fused" else kw))
+        assert rel(o, o_ref) < tol and rel(final, final_ref) < tol, kw
+        assert rel(o, old[0]) < tol and rel(final, old[1]) < tol, kw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("dtype,chunk", [(jnp.float32, 32), (jnp.bfloat16, 32), (jnp.bfloat16, 64)])
+def test_gpu_forward_options_match_the_old_path(dtype, chunk):
+    """K = V = 128, L = 2, odd T = 1000 with resets (one a segment of length 1)."""
+    check_options_against_old_path(dtype, chunk, 2, 128, 128, 1000, [250, 320, 1, 429])
