@@ -18,7 +18,11 @@ Here only cheap matmuls stay sequential:
                                  order: every piece's true start state); then each piece walks its
                                  own chunks (N / P sequential steps instead of N).
   3. output grid (B*H, N)        per chunk, all in parallel: o from q, the chunk inputs, P, Qe and
-                                 the chunk's start state.
+                                 the chunk's start state. With `outputs_in_state` the state walk
+                                 (kernel 2's last) writes o instead, and without a backward the
+                                 start states are never written.
+
+Each kernel can be called (and timed) alone: `intra`, `state_pass`, `outputs`.
 
 Plain-JAX reference beside it: `prism_jax.ops.prism.chunk.prism_chunk` (same algebra, XLA).
 """
