@@ -7,28 +7,31 @@ runs `grads.block_step` (E, dE, dR, dv_l written at once; the block's share adde
 and [C, K] accumulators), then `grads.finish` ([C, C] -> [C, K] products, dbeta, dg). Nothing
 [C, C, K] and nothing autodiff-generated: the live set is the tiles and accumulators below.
 
-Why the loop over value blocks sits inside the program (v_split = 1) at C = 32 and the blocks get
-their own programs (v_split = V / block_v, partial dq / dk / dbeta / dg summed by XLA) at C = 64,
-for K = V = 128, L = 2, block_v = 32, bf16 operands, 8 warps (256 threads), f32 = 1 register,
-bf16 pairs = 1 register. `finish` recomputes its [C, C] tiles from reloaded inputs, so across the
-value loop only what `block_step` reads is live:
+Why the value blocks are looped inside one program per chunk (v_split = 1, the default) rather
+than given a program each (v_split = V / block_v, partial dq / dk / dbeta / dg written per block and
+summed by XLA): every program recomputes the value-independent tiles (1 + 2L [C, K] x [K, C]
+products before the loop, as many again in `finish`), so splitting V over v_split programs
+multiplies that work by v_split. K = V = 128, L = 2, block_v = 32, bf16 operands, per chunk and
+head: C = 32 about 17 MFLOP with v_split = 1 (11 of them the four value blocks) and 35 with
+v_split = 4; C = 64 about 55 against 127 (L = 3: 23 / 47 and 72 / 170). The price of the loop is registers: what `block_step`
+reads stays live across it (`finish` recomputes its own [C, C] tiles from reloaded inputs). With
+f32 = 1 register and a bf16 pair = 1 register per thread:
 
-    live across the value loop         C = 32                   C = 64
-    [C, C] f32: X, QK0, QK_l, B_l,     (4 + 4L) x 1024 / 256    (4 + 4L) x 4096 / 256
-      and 2 + 2L accumulators          = 48 regs / thread       = 192 regs / thread
-    [C, K] f32 accumulators dq, dk_l   (1 + L) x 16 = 48        (1 + L) x 32 = 96
-    q, k_l bf16 operands               (1 + L) x 8 = 24         (1 + L) x 16 = 48
-    per block: S, dS' [K, bv] f32 16 each; ~10 [C, bv] f32 4 each (C = 32) / 8 each (C = 64);
-      one [C, K] product at a time 16 / 32
-    total                              ~ 190 of 255             ~ 430: spills
+    live across the value loop         C = 32, 8 warps          C = 64, 16 warps
+    [C, C] f32: X, QK0, QK_l, B_l,     (4 + 4L) x 1024 / 256    (4 + 4L) x 4096 / 512
+      and 2 + 2L accumulators          = 48 regs / thread       = 96 regs / thread
+    [C, K] f32 accumulators dq, dk_l   (1 + L) x 16 = 48        (1 + L) x 16 = 48
+    q, k_l bf16 operands               (1 + L) x 8 = 24         (1 + L) x 8 = 24
+    per block: S, dS' [K, bv] f32 16 / 8 each; ~10 [C, bv] f32 4 each; one [C, K] product at a
+      time 16
+    total                              ~ 190 of 255             ~ 220 of 255
 
-So at C = 64 each value block gets its own program: nothing is carried across blocks, each product
-goes straight into `finish` (the peak is then about half the C = 64 column, still tight: sweep 8
-against 16 warps), at the price of recomputing the chunk tiles per block and writing v_split
-partial copies of dq / dk (f32) that XLA sums. Shared memory holds the dot operands Triton stages
-through it: at C = 32 about (1 + L) [C, K] bf16 (8 KiB each) plus [C, C] / [C, bv] tiles (2-4 KiB),
-~40 KiB; at C = 64 about twice that. Both defaults are estimates for the GPU sweep to settle
-(block_v, v_split, num_warps).
+At C = 64 with 8 warps the same live set is ~ 430 registers per thread (spills), hence 16 warps
+there by default; v_split = V / block_v (no accumulators carried across blocks) is the fallback if
+16 warps do not compile well. Shared memory holds the dot operands Triton stages through it: at
+C = 32 about (1 + L) [C, K] bf16 (8 KiB each) plus [C, C] / [C, bv] tiles (2-4 KiB), ~40 KiB; at
+C = 64 about twice that (of 227 KiB on an H200). All three defaults are estimates for the GPU sweep
+to settle (block_v, v_split, num_warps; chunk 32 and 64; L = 2 and 3).
 
 Plain-JAX reference beside it: `grads.chunk_grads` vmapped over chunks (backward chunk="explicit-xla").
 """
@@ -82,12 +85,12 @@ def _kernel(*refs, heads, n_writes, chunk, block_v, n_inner, scale, mm_dtype, ha
         dbeta_ref[sp, b, ts, h, l] = dbetas[l]
 
 
-def default_blocks(chunk_size, V, block_v=None, v_split=None):
-    """(block_v, v_split) with the module docstring's defaults filled in."""
+def default_blocks(chunk_size, V, block_v=None, v_split=None, num_warps=None):
+    """(block_v, v_split, num_warps) with the module docstring's defaults filled in."""
     block_v = min(V, 32) if block_v is None else block_v
-    if v_split is None:
-        v_split = 1 if chunk_size <= 32 else V // block_v
-    return block_v, v_split
+    v_split = 1 if v_split is None else v_split
+    num_warps = (8 if chunk_size <= 32 else 16) if num_warps is None else num_warps
+    return block_v, v_split, num_warps
 
 
 def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chunk_size, ainv=None,
@@ -103,7 +106,7 @@ def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale
     """
     B, Tp, H, K = q.shape
     L, V = v.shape[-2:]
-    block_v, v_split = default_blocks(chunk_size, V, block_v, v_split)
+    block_v, v_split, num_warps = default_blocks(chunk_size, V, block_v, v_split, num_warps)
     if V % (block_v * v_split):
         raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} times `v_split` = {v_split} must "
                          f"divide V = {V}")
@@ -112,7 +115,7 @@ def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=num_stages or 1)
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
     kernel = functools.partial(_kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v,
                                n_inner=n_inner, scale=scale, mm_dtype=matmul_dtype(q.dtype),
                                has_ainv=ainv is not None)

@@ -144,9 +144,9 @@ def test_explicit_gradients_match_reference_and_float64_directional_derivative(L
 
 
 @pytest.mark.parametrize("dtype,L,chunk,kw", [
-    (jnp.bfloat16, 2, 32, {}),  # C = 32: one program per chunk loops over the value blocks
-    (jnp.bfloat16, 3, 64, {}),  # C = 64: one program per value block (v_split = V / block_v)
-    (jnp.float32, 1, 32, dict(bwd_block_v=64, bwd_num_warps=4)),
+    (jnp.bfloat16, 2, 32, {}),  # the defaults: one program per chunk loops over the value blocks
+    (jnp.bfloat16, 3, 64, {}),
+    (jnp.float32, 1, 32, dict(bwd_block_v=64, bwd_v_split=2, bwd_num_warps=4)),  # a program per block
 ])
 def test_explicit_kernels_lower_to_triton_with_gradients(dtype, L, chunk, kw, monkeypatch):
     """Forward + gradient lowered for an H200 (no GPU): split forward (intra, state, output) and the
