@@ -184,7 +184,7 @@ def test_forward_options_lower_to_triton_with_gradients(kernel, bwd, kw, n_kerne
 
 
 @pytest.mark.slow  # ~30 s in interpret mode; the backward itself is the default tests' (test_pallas.py)
-@pytest.mark.parametrize("bwd", ["xla", "fused"])
+@pytest.mark.parametrize("bwd", ["xla", "fused", "explicit"])
 def test_gradients_through_the_new_forward_options(bwd):
     """Gradients with every new forward option on (the backward reads their starts / inverses)."""
     L, T, K, V = 2, 45, 16, 16
