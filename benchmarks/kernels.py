@@ -297,7 +297,10 @@ def breakdown(shape, T, L, reps, kw):
                 chunk_bwd_ms=timed(cb, x, starts, do, cot, ainv, reps=reps))
 
 
-SWEEP_GRIDS = {  # backward block settings tried by --sweep VARIANT (fwd+bwd at the first length, L = 2)
+SWEEP_GRIDS = {  # backward settings tried by --sweep VARIANT (fwd+bwd at the first length, L = 2): the
+    # variant's own entry, else its bwd's
+    "explicit64": [dict(bwd_block_v=bv, bwd_num_warps=nw, bwd_v_split=vs)
+                   for bv, nw, vs in ((32, 16, 1), (16, 16, 1), (64, 16, 1), (32, 8, 1), (32, 16, 4), (32, 8, 4))],
     "fused": [dict(bwd_block_v=bv, bwd_num_warps=nw) for bv, nw in ((32, 8), (64, 4), (64, 8), (128, 4))],
     "explicit": [dict(bwd_block_v=bv, bwd_num_warps=nw, bwd_v_split=vs)
                  for bv, nw, vs in ((32, 8, 1), (32, 4, 1), (64, 8, 1), (32, 8, 4), (64, 8, 2), (32, 4, 4))],
@@ -390,7 +393,7 @@ def main():
         H, K, V = shape["heads"], shape["dk"], shape["dv"]
         xs, do = inputs(jax.random.PRNGKey(0), shape["tokens"] // T, T, L, H, K, V)
         best = None
-        for extra in SWEEP_GRIDS[base["bwd"]]:
+        for extra in SWEEP_GRIDS.get(name, SWEEP_GRIDS[base["bwd"]]):
             kw = dict(base, **extra)
             if kw.get("bwd_block_v", 0) > V or run.elapsed() > args.sweep_budget_s:
                 continue

@@ -111,6 +111,19 @@ def _core_bwd(opts, res, cot):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def auto_backward(n_writes, chunk_size, mm_dtype):
+    """The backward `bwd="auto"` picks, from one H200 run (docs/benchmarks.md, session 3: bf16,
+    B*T = 32K, H = 16, K = V = 128, fwd+bwd ms at T = 2K): the hand-written "explicit" kernel wherever it
+    was fastest (chunk 32: L = 1 8.9 vs 16.9 "xla", L = 2 14.0 vs 21.1; chunk 64: L = 2 36.8 vs 72.5
+    "fused"), the XLA path at L >= 3 with chunk <= 32 (24.1 vs 65.7: the explicit kernel spills
+    there). float32 at chunk >= 64 takes "xla" (the explicit kernel's float32 GPU tests ran at chunk 32)."""
+    if mm_dtype == jnp.float32 and chunk_size >= 64:
+        return "xla"
+    if n_writes >= 3 and chunk_size <= 32:
+        return "xla"
+    return "explicit"
+
+
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="rows",
@@ -126,8 +139,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     bwd: "xla" (vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
     pull-back and reverse-pass kernels), "fused" (the per-chunk pull-back as one Triton kernel,
     `gpu/chunk_bwd.py`, with its own bwd_block_v / bwd_num_warps; float32 with K or V >= 128 exceeds
-    an H200's shared memory and raises) or "auto" (default): "fused" at chunk_size >= 64 in bf16/f16,
-    else "xla". Measured on an H200 (docs/benchmarks.md): at chunk 32, K = V = 128 the fused backward
+    an H200's shared memory and raises) or "auto" (default; `auto_backward`: "explicit" except
+    L >= 3 at chunk <= 32 and float32 at chunk >= 64, which take "xla"). Measured on an H200 (docs/benchmarks.md): at chunk 32, K = V = 128 the fused backward
     was 1.8x slower than "xla" (L = 2) in the kernel benchmark; at chunk 64 (the presets' chunk) the
     130m training step (L = 3, K = V = 128) ran 185 ms with "fused" vs 310 ms with "xla". The TPU
     path always uses "xla"; "explicit": hand-derived chunk gradients (`grads.py`) as one Triton
@@ -163,7 +176,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     if bwd not in ("auto", "fused", "xla", "explicit"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused', 'xla' or 'explicit'")
     if bwd == "auto":
-        bwd = "fused" if chunk_size >= 64 and matmul_dtype(q.dtype) != jnp.float32 else "xla"
+        bwd = auto_backward(L, chunk_size, matmul_dtype(q.dtype))
     if (bwd == "fused" and platform in ("gpu", "cuda", "rocm") and matmul_dtype(q.dtype) == jnp.float32
             and max(K, V) >= 128):
         raise ValueError(f"prism_pallas: bwd='fused' in float32 with K = {K}, V = {V} needs more GPU shared "
