@@ -65,7 +65,7 @@ def activation_terms(c, seq_len):
     D, H, K, L, M = c.d_model, c.num_heads, c.head_k_dim, c.solver_steps, c.mlp_hidden_dim
     V = D // H
     R = c.solver_rank or D
-    C = min(c.chunk_size, seq_len)
+    C = min(c.chunk_size or 64, seq_len)  # None: the chunk form's default
     bf, f32 = (2 if c.dtype == "bfloat16" else 4), 4
     return {
         "block input, 2 norms (in/out)": (3 * D * bf + 2 * D * f32),

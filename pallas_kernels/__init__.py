@@ -112,21 +112,19 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def auto_backward(n_writes, chunk_size, mm_dtype):
-    """The backward `bwd="auto"` picks, from one H200 run (docs/benchmarks.md, session 3: bf16,
-    B*T = 32K, H = 16, K = V = 128, fwd+bwd ms at T = 2K): the hand-written "explicit" kernel wherever it
-    was fastest (chunk 32: L = 1 8.9 vs 16.9 "xla", L = 2 14.0 vs 21.1; chunk 64: L = 2 36.8 vs 72.5
-    "fused"), the XLA path at L >= 3 with chunk <= 32 (24.1 vs 65.7: the explicit kernel spills
-    there). float32 at chunk >= 64 takes "xla" (the explicit kernel's float32 GPU tests ran at chunk 32)."""
-    if mm_dtype == jnp.float32 and chunk_size >= 64:
-        return "xla"
-    if n_writes >= 3 and chunk_size <= 32:
+    """The backward `bwd="auto"` picks, from H200 runs (docs/benchmarks.md, session 3: bf16, B*T = 32K,
+    H = 16, K = V = 128, fwd+bwd ms at T = 2K): the hand-written "explicit" kernel (chunk 32: L = 1 8.9
+    vs 16.9 "xla", L = 2 14.0 vs 21.1, L = 3 24.5 at 8 warps vs 24.1 with less memory, 4.95 vs 7.09 GiB;
+    chunk 64: L = 2 36.8 vs 72.5 "fused", L = 3 46.3 vs 56.5 "xla" and 94.6 "fused"). float32 takes
+    "xla" except at chunk <= 32 with L <= 2, where the explicit kernel's float32 GPU tests ran."""
+    if mm_dtype == jnp.float32 and (chunk_size > 32 or n_writes > 2):
         return "xla"
     return "explicit"
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
-                 bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="rows",
+                 bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="blocked8",
                  state_pieces=1, bwd_v_split=None, forward_outputs="kernel"):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
@@ -139,18 +137,16 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     bwd: "xla" (vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
     pull-back and reverse-pass kernels), "fused" (the per-chunk pull-back as one Triton kernel,
     `gpu/chunk_bwd.py`, with its own bwd_block_v / bwd_num_warps; float32 with K or V >= 128 exceeds
-    an H200's shared memory and raises) or "auto" (default; `auto_backward`: "explicit" except
-    L >= 3 at chunk <= 32 and float32 at chunk >= 64, which take "xla"). Measured on an H200 (docs/benchmarks.md): at chunk 32, K = V = 128 the fused backward
-    was 1.8x slower than "xla" (L = 2) in the kernel benchmark; at chunk 64 (the presets' chunk) the
-    130m training step (L = 3, K = V = 128) ran 185 ms with "fused" vs 310 ms with "xla". The TPU
-    path always uses "xla"; "explicit": hand-derived chunk gradients (`grads.py`) as one Triton
-    kernel (`gpu/chunk_grads.py`: bwd_block_v value columns per step, bwd_v_split programs per
-    chunk along V, bwd_num_warps), vmapped in XLA on a TPU;
+    an H200's shared memory and raises), "explicit": hand-derived chunk gradients (`grads.py`) as one
+    Triton kernel (`gpu/chunk_grads.py`: bwd_block_v value columns per step, bwd_v_split programs per
+    chunk along V, bwd_num_warps), vmapped in XLA on a TPU; or "auto" (default, `auto_backward`):
+    "explicit", except float32 beyond chunk 32 or L = 2, which takes "xla". H200 figures in
+    `auto_backward` and docs/benchmarks.md;
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
     GPU forward options (`gpu/split.py`): forward_inverse "rows" (C - 1 substitution steps),
-    "blocked" / "blocked8" (16- / 8-row diagonal blocks, merged by matmuls; also in the fused
-    kernel); state_pieces: 1 (one sequential state pass over all chunks) or P > 1 (P pieces' affine
+    "blocked" / "blocked8" (default; 16- / 8-row diagonal blocks, merged by matmuls; also in the fused
+    kernel; H200, L = 2, T = 2K: forward 4.12 ms blocked8, 4.31 blocked, 4.43-4.64 rows); state_pieces: 1 (one sequential state pass over all chunks) or P > 1 (P pieces' affine
     maps in parallel, composed in order, then each piece's chunks from its start; "auto": P > 1
     only where the plain pass has < 2 programs per SM; split kernel only); forward_outputs: "kernel"
     (a parallel output kernel reads the saved chunk start states) or "state" (the state pass writes

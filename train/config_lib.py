@@ -17,11 +17,22 @@ from train import mesh as mesh_lib
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
+# PrismLMConfig fields typed `int | None`: a None default becomes a typed placeholder, so that
+# `--config.model.chunk_size=32` can override it (ml_collections refuses to override a plain None).
+OPTIONAL_INT_MODEL_FIELDS = ("chunk_size", "solver_rank")
+
+
 def model_fields(preset: str, **overrides) -> dict:
     """The model preset `preset` as a plain dict (every PrismLMConfig field)."""
     from prism_jax.models import get_preset  # noqa: PLC0415
 
     return dataclasses.asdict(get_preset(preset, **overrides))
+
+
+def _model_section(fields: dict) -> ml_collections.ConfigDict:
+    fields = {k: (ml_collections.config_dict.placeholder(int) if k in OPTIONAL_INT_MODEL_FIELDS and v is None
+                  else v) for k, v in fields.items()}
+    return ml_collections.ConfigDict(fields)
 
 
 def base_config(preset: str = "tiny", *, model: dict | None = None, **model_overrides) -> ml_collections.ConfigDict:
@@ -32,7 +43,7 @@ def base_config(preset: str = "tiny", *, model: dict | None = None, **model_over
     """
     c = ml_collections.ConfigDict()
     c.model_preset = preset
-    c.model = ml_collections.ConfigDict(model if model is not None else model_fields(preset, **model_overrides))
+    c.model = _model_section(model if model is not None else model_fields(preset, **model_overrides))
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""  # "" = the embedded stdlib corpus, prepared into <workdir>/data

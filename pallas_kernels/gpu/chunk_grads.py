@@ -85,12 +85,14 @@ def _kernel(*refs, heads, n_writes, chunk, block_v, n_inner, scale, mm_dtype, ha
         dbeta_ref[sp, b, ts, h, l] = dbetas[l]
 
 
-def default_blocks(chunk_size, V, block_v=None, v_split=None, num_warps=None):
-    """(block_v, v_split, num_warps) with the module docstring's defaults filled in."""
+def default_blocks(chunk_size, V, block_v=None, v_split=None, num_warps=None, n_writes=2):
+    """(block_v, v_split, num_warps) with the defaults filled in. Warps from H200 sweeps (docs/benchmarks.md,
+    bf16, K = V = 128, T = 2K, fwd+bwd ms): chunk 32, L = 2: 4 warps 14.1, 8 warps 15.4-15.5; chunk 32,
+    L = 3: 4 warps 65.8 (spills), 8 warps 24.5, 16 warps 91.9; chunk 64: 16 warps (L = 2 36.8, L = 3 46.3)."""
     block_v = min(V, 32) if block_v is None else block_v
     v_split = 1 if v_split is None else v_split
-    # H200 sweep (docs/benchmarks.md, L = 2, T = 2K, chunk 32): 4 warps 14.1 ms fwd+bwd, 8 warps 15.4
-    num_warps = (4 if chunk_size <= 32 else 16) if num_warps is None else num_warps
+    if num_warps is None:
+        num_warps = 16 if chunk_size > 32 else (4 if n_writes <= 2 else 8)
     return block_v, v_split, num_warps
 
 
@@ -107,7 +109,7 @@ def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale
     """
     B, Tp, H, K = q.shape
     L, V = v.shape[-2:]
-    block_v, v_split, num_warps = default_blocks(chunk_size, V, block_v, v_split, num_warps)
+    block_v, v_split, num_warps = default_blocks(chunk_size, V, block_v, v_split, num_warps, n_writes=L)
     if V % (block_v * v_split):
         raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} times `v_split` = {v_split} must "
                          f"divide V = {V}")

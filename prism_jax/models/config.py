@@ -45,7 +45,7 @@ class PrismLMConfig:
     dtype: str = "float32"           # compute dtype
     param_dtype: str = "float32"
     op_impl: str = "chunk"
-    chunk_size: int = 64
+    chunk_size: int | None = None    # None: the op form's default (chunk 64, pallas 32; docs/benchmarks.md)
     gla_decay: bool = True           # mixer "gla": False fixes the decay to 1 (plain linear attention)
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
@@ -62,6 +62,8 @@ class PrismLMConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_k_dim", "solver_steps",
                      "conv_kernel_size", "mlp_hidden_dim", "chunk_size", "ttt_mini_batch", "max_seq_len"):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "a positive int" + (" (L >= 1)" if name == "solver_steps" else ""))
         if self.d_model % self.num_heads:
@@ -84,8 +86,8 @@ class PrismLMConfig:
             fail("remat_policy", f"one of {REMAT_POLICIES}")
         if self.op_impl not in OP_IMPLS:
             fail("op_impl", f"one of {OP_IMPLS}")
-        if self.chunk_size & (self.chunk_size - 1):
-            fail("chunk_size", "a power of two")
+        if self.chunk_size is not None and self.chunk_size & (self.chunk_size - 1):
+            fail("chunk_size", "None (the op form's default) or a power of two")
         if self.mixer == "attention" and (self.d_model // self.num_heads) % 2:
             fail("d_model", "d_model // num_heads even (rotary embedding) for mixer='attention'")
         if not self.ttt_base_lr > 0:

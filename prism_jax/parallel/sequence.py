@@ -158,7 +158,7 @@ def check_sequence_mesh(mesh, axis: str | None, seq_len: int, batch_axis=None, b
 
 def sequence_parallel_prism(q, k, v, beta, g, *, mesh=None, axis: str = "sequence", batch_axis=None,
                             head_axis=None, scale=None, initial_state=None, output_final_state=False,
-                            segment_ids=None, chunk_size=64, inter_chunk="scan"):
+                            segment_ids=None, chunk_size=None, inter_chunk="scan"):
     """`prism_recurrence(impl="chunk")` on global arrays, with T split over the mesh axis `axis`.
 
     Shapes as in `prism_recurrence` (global T). `mesh`: a Mesh, or None for the mesh set with
@@ -176,6 +176,7 @@ def sequence_parallel_prism(q, k, v, beta, g, *, mesh=None, axis: str = "sequenc
     if inter_chunk not in INTER_CHUNK:
         raise ValueError(f"sequence_parallel_prism: `inter_chunk` is {inter_chunk!r}, "
                          f"expected one of {INTER_CHUNK}")
+    chunk_size = 64 if chunk_size is None else chunk_size  # None: the chunk form's default
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"sequence_parallel_prism: `chunk_size` is {chunk_size!r}, expected an int > 0")
     if initial_state is None:

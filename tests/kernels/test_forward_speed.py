@@ -230,7 +230,7 @@ def check_options_against_old_path(dtype, chunk, L, K, V, T, segment_lengths):
         return jax.jit(lambda *a: prism_pallas(*a, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
                                                chunk_size=chunk, **kw))(q, k, v, beta, g)
 
-    old = run(block_v=min(V, 64))
+    old = run(block_v=min(V, 64), forward_inverse="rows")
     assert rel(old[0], o_ref) < tol and rel(old[1], final_ref) < tol
     for kw in OPTIONS:
         o, final = run(**(dict(kw, block_v=min(V, 64)) if kw.get("kernel") == "fused" else kw))

@@ -94,3 +94,16 @@ def test_sweep_table_reads_finished_runs(tmp_path, capsys):
     assert [r["status"] for r in rows] == ["done", "done"]
     table = (tmp_path / "summary.md").read_text()
     assert "1.2500" in table and "solver_steps-2" in table
+
+
+def test_chunk_size_defaults_to_the_op_form_and_is_overridable():
+    """`model.chunk_size` None means the op form's own default (pallas 32, chunk 64); an int overrides it
+    from the command line and a bad one fails validation."""
+    config = load(str(CONFIGS / "130m.py"))
+    assert config.model.chunk_size is None
+    config = load(str(CONFIGS / "130m.py"), "--config.model.chunk_size=32")
+    assert config.model.chunk_size == 32
+    assert config_lib.model_config(config).chunk_size == 32
+    config = load(str(CONFIGS / "130m.py"), "--config.model.chunk_size=48")
+    with pytest.raises(ValueError, match="chunk_size"):
+        config_lib.model_config(config)
