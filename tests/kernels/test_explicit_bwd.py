@@ -91,7 +91,7 @@ def test_chunk_grads_match_vjp_of_chunk_map(L, C, K, V, reset_at, saved_inverse)
 
 # ---- prism_pallas(..., bwd="explicit"): interpret mode on CPU ----
 
-from test_pallas import SEGMENTS, lower_for_h200, make_inputs, numpy_prism, rel  # noqa: E402
+from test_pallas import SEGMENTS, check_gradients, lower_for_h200, make_inputs, rel  # noqa: E402
 
 from pallas_kernels import prism_pallas  # noqa: E402
 from prism_jax.ops import prism_recurrence  # noqa: E402
@@ -124,23 +124,8 @@ def test_explicit_gradients_match_reference_and_float64_directional_derivative(L
     wo = jax.random.normal(jax.random.PRNGKey(31), (1, T, 2, V))
     wf = jax.random.normal(jax.random.PRNGKey(32), (1, 2, K, V))
     args = (q, k, v, beta, g, s0)
-    grads = jax.jit(jax.grad(_loss("pallas", K, seg, wo, wf, chunk, **kw), argnums=range(6)))(*args)
-    grads_ref = jax.grad(_loss("reference", K, seg, wo, wf), argnums=range(6))(*args)
-    for name, gp, gr in zip("q k v beta g s0".split(), grads, grads_ref):
-        assert gp.shape == gr.shape and rel(gp, gr) < 1e-5, (name, rel(gp, gr))
-    # Independent check in float64: <grad, d> against a central difference of the NumPy loop.
-    dirs = [np.asarray(jax.random.normal(jax.random.PRNGKey(40 + i), x.shape), np.float64)
-            for i, x in enumerate(args)]
-
-    def np_loss(eps):
-        xs = [np.asarray(x, np.float64) + eps * d for x, d in zip(args, dirs)]
-        o, fin = numpy_prism(*xs[:5], K ** -0.5, xs[5], seg)
-        return np.sum(o * np.asarray(wo)) + np.sum(fin * np.asarray(wf))
-
-    eps = 1e-5
-    fd = (np_loss(eps) - np_loss(-eps)) / (2 * eps)
-    analytic = sum(np.sum(np.asarray(gp, np.float64) * d) for gp, d in zip(grads, dirs))
-    assert abs(analytic - fd) < 1e-4 * max(1.0, abs(fd))
+    check_gradients(_loss("pallas", K, seg, wo, wf, chunk, **kw), _loss("reference", K, seg, wo, wf), args,
+                    seg, wo, wf, K, dir_seed=40)
 
 
 @pytest.mark.parametrize("dtype,L,chunk,kw", [

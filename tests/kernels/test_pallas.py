@@ -120,12 +120,18 @@ def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V
             return jnp.sum(o * wo) + jnp.sum(fin * wf)
         return f
 
-    grads = jax.jit(jax.grad(loss("pallas"), argnums=range(6)))(*args)
-    grads_ref = jax.grad(loss("reference"), argnums=range(6))(*args)
+    check_gradients(loss("pallas"), loss("reference"), args, seg, wo, wf, K, dir_seed=20)
+
+
+def check_gradients(loss_pallas, loss_reference, args, seg, wo, wf, K, dir_seed):
+    """Gradients of `loss_pallas` (jitted) vs `loss_reference` within 1e-5 relative, and, independently,
+    <grad, d> against a float64 central difference of the NumPy loop along random directions d.
+    Losses: sum(o * wo) + sum(final * wf) of (q, k, v, beta, g, s0) = args."""
+    grads = jax.jit(jax.grad(loss_pallas, argnums=range(6)))(*args)
+    grads_ref = jax.grad(loss_reference, argnums=range(6))(*args)
     for name, gp, gr in zip("q k v beta g s0".split(), grads, grads_ref):
-        assert rel(gp, gr) < 1e-5, name
-    # Independent check in float64: <grad, d> against a central difference of the NumPy loop.
-    dirs = [np.asarray(jax.random.normal(jax.random.PRNGKey(20 + i), x.shape), np.float64)
+        assert gp.shape == gr.shape and rel(gp, gr) < 1e-5, (name, rel(gp, gr))
+    dirs = [np.asarray(jax.random.normal(jax.random.PRNGKey(dir_seed + i), x.shape), np.float64)
             for i, x in enumerate(args)]
 
     def np_loss(eps):
