@@ -5,8 +5,12 @@
             checked on CPU in TPU interpret mode and by lowering for TPU, not yet run on a TPU
     CPU  -> the GPU kernel in interpret mode (so CI runs the kernel code)
 
-Gradients come from `jax.custom_vjp`: the forward kernel saves each chunk's start state, and the
-backward (`backward.py`, plain JAX) recomputes chunk quantities from them.
+Gradients come from `jax.custom_vjp`: the forward kernels save each chunk's start state (and its
+triangular inverse), and the backward (`backward.py`) pulls the output cotangent back through them:
+a state pull-back kernel, a reverse state pass kernel, then per chunk the hand-derived gradients of
+`grads.py` as the Triton kernel `gpu/chunk_grads.py` (`bwd="explicit"`, the default via "auto"), or
+the autodiff forms (`bwd="xla"`: vmapped `jax.vjp` in XLA; `bwd="fused"`: that vjp traced inside a
+Triton kernel, `gpu/chunk_bwd.py`). On a TPU the explicit gradients run vmapped in XLA.
 """
 
 from __future__ import annotations
