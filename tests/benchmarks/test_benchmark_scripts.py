@@ -162,3 +162,10 @@ def test_pallas_backward_knob_sets_the_op_default():
         assert prism_pallas.__kwdefaults__["bwd"] == "xla"
     finally:
         prism_pallas.__kwdefaults__["bwd"] = before
+
+
+def test_forward_kernels_times_every_kernel_on_cpu():
+    forward_kernels = _load("forward_kernels")  # imports benchmarks/kernels.py from beside itself
+    row = forward_kernels.time_kernels(32, 2, forward_kernels.SMOKE, 16, reps=1, interpret=True)
+    keys = ("intra_rows_ms", "intra_blocked8_ms", "state_ms", "outputs_ms")
+    assert all(row[k] > 0 for k in keys), row
