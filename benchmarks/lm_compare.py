@@ -12,8 +12,9 @@ so a step compiles before its step count is known.
 Phases, all inside --budget-s:
   1. data: prepare the corpus (--corpus stdlib: the interpreter's stdlib `.py` files; stdlib+site: plus
      the site-packages `.py` files, several times more text) into --workdir; the time is reported.
-  2. pre-compile: one subprocess per model, in parallel, compiles its train and eval steps into JAX's
-     persistent compilation cache (--cache-dir) and runs nothing (--compile-workers 0: skip).
+  2. pre-compile: one subprocess per model, --compile-workers at a time (`compile_workers.run_workers`),
+     compiles its train and eval steps into JAX's persistent compilation cache (--cache-dir) and runs
+     nothing (--compile-workers 0: skip).
   3. calibrate: each model loads its step (a cache hit) and times --calibration-steps steps.
   4. equal tokens: steps = --train-seconds / (slowest model's step time), or --steps; every model
      trains that many steps on the same batches (the same seed, prepared once), then is evaluated
@@ -32,7 +33,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/lm_compare.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.compile_workers import run_workers, strip_flag_values  # noqa: E402
 from train.compilation_cache import enable_compilation_cache  # noqa: E402
 
 MODEL_NAMES = ("prism", "gdn", "attention", "ttt")
@@ -178,35 +179,17 @@ def prepare_data(workdir, corpus):
 
 
 def precompile(names, argv, args):
-    """Each model's steps compiled in its own subprocess, all at once (killed after --compile-timeout-s)."""
-    os.makedirs(args.cache_dir, exist_ok=True)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    status_dir = pathlib.Path(tempfile.mkdtemp(prefix="lm_status_", dir=args.cache_dir))
-    procs = {}
-    t0 = time.perf_counter()
-    for name in names[: max(args.compile_workers, 0)]:
-        log = open(status_dir / f"{name}.log", "w")
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name,
-               "--status-file", str(status_dir / f"{name}.json")]
-        procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-    print(f"pre-compiling {list(procs)} in parallel, cache {args.cache_dir}", flush=True)
-    statuses = {}
-    for name, (proc, log) in procs.items():
-        try:
-            proc.wait(timeout=max(1.0, args.compile_timeout_s - (time.perf_counter() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        try:
-            statuses[name] = json.loads((status_dir / f"{name}.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            tail = pathlib.Path(log.name).read_text()[-300:]
-            statuses[name] = dict(ok=False, error=f"worker exit {proc.returncode}: {tail}")
-        s = statuses[name]
-        print(f"  {name:10s} " + (f"compiled ({s['op_impl']}) in {s['compile_s']:.1f} s" if s.get("ok") else f"FAILED {s['error'][:200]}")
-              + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    return statuses
+    """Each model's steps compiled in its own subprocess, --compile-workers at once (all stopped after
+    --compile-timeout-s). Returns {name: status dict}."""
+    print(f"pre-compiling {names}, {args.compile_workers} at a time, cache {args.cache_dir}", flush=True)
+
+    def describe(name, s):
+        return f"  {name:10s} " + (f"compiled ({s['op_impl']}) in {s['compile_s']:.1f} s" if s.get("ok")
+                                   else f"FAILED {s['error'][:200]}")
+
+    return run_workers([(name, ["--worker", name]) for name in names], script=os.path.abspath(__file__),
+                       argv=argv, cache_dir=args.cache_dir, max_parallel=args.compile_workers,
+                       timeout_s=args.compile_timeout_s, describe=describe)
 
 
 def resolve_defaults(args, backend):
@@ -291,18 +274,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def strip_flags(argv, flags):
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        elif not any(a.startswith(f + "=") for f in flags):
-            out.append(a)
-    return out
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -331,7 +302,7 @@ def main(argv=None):
           f"{data['splits']['val']['tokens'] / 1e6:.2f}M bytes, "
           + (f"prepared in {prep_s:.1f} s" if prep_s else f"reused from {data_dir}"), flush=True)
 
-    worker_argv = strip_flags(argv, ("--out", "--compile-workers")) + [f"--cache-dir={args.cache_dir}"]
+    worker_argv = strip_flag_values(argv, ("--out", "--compile-workers")) + [f"--cache-dir={args.cache_dir}"]
     statuses = precompile(names, worker_argv, args) if args.compile_workers > 0 else {}
     precompile_s = time.perf_counter() - start - prep_s
 

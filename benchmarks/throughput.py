@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `python benchmarks/throughput.py` (and its workers) from a checkout without an install
     sys.path.insert(0, _ROOT)
 
+from benchmarks.compile_workers import run_workers, strip_flag_values  # noqa: E402,F401
 from train.compilation_cache import enable_compilation_cache  # noqa: E402
 
 # name -> PrismLMConfig overrides on top of the preset
@@ -285,49 +285,18 @@ def run_compile_worker(args):
 
 
 def precompile(points, argv, args):
-    """Compile all points in parallel subprocesses (at most --compile-workers at once, each stopped after
+    """Compile all points in parallel subprocesses (at most --compile-workers at once, all stopped after
     --compile-timeout-s). Returns {(model, T): status dict}. Uses no accelerator memory in this process."""
-    os.makedirs(args.cache_dir, exist_ok=True)
-    status_dir = tempfile.mkdtemp(prefix="status_", dir=args.cache_dir)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    pending = list(points)
-    running, statuses = {}, {}
-    t0 = time.perf_counter()
     print(f"pre-compiling {len(points)} points, {args.compile_workers} at a time, cache {args.cache_dir}", flush=True)
-    while pending or running:
-        while pending and len(running) < args.compile_workers:
-            name, seq_len = pending.pop(0)
-            status_file = os.path.join(status_dir, f"{name}_{seq_len}.json")
-            log = open(os.path.join(status_dir, f"{name}_{seq_len}.log"), "w")
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--compile-only",
-                   "--point", f"{name}:{seq_len}", "--status-file", status_file]
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[(name, seq_len)] = (proc, status_file, log)
-        time.sleep(0.2)
-        out_of_time = time.perf_counter() - t0 > args.compile_timeout_s
-        for key, (proc, status_file, log) in list(running.items()):
-            if proc.poll() is None and not out_of_time:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-            del running[key]
-            try:
-                with open(status_file) as f:
-                    statuses[key] = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                with open(log.name) as f:
-                    tail = f.read()[-300:]
-                statuses[key] = dict(ok=False, killed=True, errors=[
-                    f"worker exit {proc.returncode}{' (killed: --compile-timeout-s)' if out_of_time else ''}: {tail}"])
-            s = statuses[key]
-            note = (f"ok ({s['impl']}) in {s['worker_s']:.1f} s" if s.get("ok")
-                    else f"FAILED: {' | '.join(s.get('errors', []))[:200]}")
-            print(f"  compiled {key[0]:24s} T={key[1]:6d}  {note}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-        if out_of_time:
-            pending.clear()
-    return statuses
+
+    def describe(key, s):
+        note = (f"ok ({s['impl']}) in {s['worker_s']:.1f} s" if s.get("ok")
+                else f"FAILED: {' | '.join(s.get('errors', []))[:200]}")
+        return f"  compiled {key[0]:24s} T={key[1]:6d}  {note}"
+
+    jobs = [((name, t), ["--compile-only", "--point", f"{name}:{t}"]) for name, t in points]
+    return run_workers(jobs, script=os.path.abspath(__file__), argv=argv, cache_dir=args.cache_dir,
+                       max_parallel=args.compile_workers, timeout_s=args.compile_timeout_s, describe=describe)
 
 
 def worker_failed_for_good(status):
@@ -631,22 +600,6 @@ def main(argv=None):
     write_json()
     print_table(results, models, lengths)
     return results
-
-
-def strip_flag_values(argv, flags):
-    """argv without the given flags (both `--flag value` and `--flag=value` forms)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if any(a.startswith(f + "=") for f in flags):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":

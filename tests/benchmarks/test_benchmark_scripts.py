@@ -78,7 +78,28 @@ def test_strip_flags_both_forms():
     argv = ["--smoke", "--out", "x.json", "--models=a,b", "--compile-workers=3", "--lengths", "32"]
     expected = ["--smoke", "--models=a,b", "--lengths", "32"]
     assert throughput.strip_flag_values(argv, ("--out", "--compile-workers")) == expected
-    assert lm_compare.strip_flags(argv, ("--out", "--compile-workers")) == expected
+    assert lm_compare.strip_flag_values is throughput.strip_flag_values  # one shared runner module
+
+
+def test_compile_workers_statuses_crashes_and_time_limit(tmp_path):
+    """run_workers: a worker's own status is returned as written; a crash and a worker killed at the
+    time limit get a no-verdict status (killed, with the log's tail); jobs run max_parallel at a time."""
+    from benchmarks.compile_workers import run_workers
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "mode, path = sys.argv[1], sys.argv[sys.argv.index('--status-file') + 1]\n"
+        "if mode == 'crash':\n    print('boom'); sys.exit(3)\n"
+        "if mode == 'slow':\n    time.sleep(60)\n"
+        "json.dump(dict(ok=True, mode=mode), open(path, 'w'))\n")
+    jobs = [("a", ["ok"]), ("b", ["crash"]), ("c", ["slow"]), ("d", ["ok"])]
+    statuses = run_workers(jobs, script=str(script), argv=[], cache_dir=str(tmp_path / "cache"), max_parallel=2,
+                           timeout_s=8.0)
+    assert statuses["a"] == dict(ok=True, mode="ok") and statuses["d"] == dict(ok=True, mode="ok")
+    assert statuses["b"]["ok"] is False and statuses["b"]["killed"] and not statuses["b"]["timed_out"]
+    assert "worker exit 3" in statuses["b"]["error"] and "boom" in statuses["b"]["error"]
+    assert statuses["c"]["ok"] is False and statuses["c"]["timed_out"]
 
 
 def test_tokens_per_step_overrides():
