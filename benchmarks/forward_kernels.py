@@ -17,7 +17,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import SHAPE, SMOKE, inputs, timed  # noqa: E402

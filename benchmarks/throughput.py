@@ -310,7 +310,6 @@ def worker_failed_for_good(status):
 
 def time_point(name, seq_len, args, status):
     """tokens/s of one training step of model `name` at length seq_len (dict with the numbers)."""
-    import jax
     import numpy as np
 
     errors = list(status.get("errors", [])) if status else []

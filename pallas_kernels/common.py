@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from prism_jax.ops.prism.common import resets_from_segments
 
@@ -293,6 +294,30 @@ def chunk_output(s, p, qe, q, k0, ks, vws, d: ChunkDecays, *, mm_dtype):
     for kl, vwl in zip(ks, vws):
         o = o + dot(dot(q, kl, trans_b=True) * d.t_0, vwl)
     return o
+
+
+def triton_params(interpret, num_warps, num_stages=None):
+    """Triton compiler parameters of a GPU kernel (None in interpret mode); num_stages default 1."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
+
+
+def call_chunk_backward(kernel, args, *, name, grid, parts, q, k, v, params, interpret):
+    """The pallas_call of a per-chunk backward kernel whose programs each cover part of the value
+    columns: dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H] come back as
+    `parts` float32 partial sums (summed here), dv in v's dtype whole. Returns (dq, dk, dv, dbeta, dg)."""
+    B, Tp, H, K = q.shape
+    L = k.shape[3]
+    part = lambda *shape: jax.ShapeDtypeStruct((parts, *shape), jnp.float32)
+    dq, dk, dv, dbeta, dg = pl.pallas_call(
+        kernel, grid=grid, compiler_params=params, interpret=interpret, name=name,
+        out_shape=(part(B, Tp, H, K), part(B, Tp, H, L, K), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   part(B, Tp, H, L), part(B, Tp, H)),
+    )(*args)
+    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)
 
 
 def blocked_unit_lower_inverse(m, block=16):

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import jax.extend.core as jcore
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (chunk_decays, chunk_step, differentiable_inverse, masked_cumsum, mm_diff,
-                                   saved_inverse)
+from pallas_kernels.common import (call_chunk_backward, chunk_decays, chunk_step, differentiable_inverse,
+                                   masked_cumsum, mm_diff, saved_inverse, triton_params)
 
 f32 = jnp.float32
 
@@ -126,18 +126,9 @@ def chunk_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale, chun
     L, V = v.shape[-2:]
     block_v = min(V, 32) if block_v is None else block_v  # H200 sweep: 32 x 8 warps fastest
     nv, N = V // block_v, Tp // chunk_size
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=num_stages or 1)
     kernel = functools.partial(_kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v,
                                scale=scale, mm_dtype=matmul_dtype(q.dtype), has_ainv=ainv is not None)
-    part = lambda *shape: jax.ShapeDtypeStruct((nv, *shape), f32)
-    dq, dk, dv, dbeta, dg = pl.pallas_call(
-        kernel, grid=(B * H, N, nv), compiler_params=params, interpret=interpret,
-        name="prism_chunk_bwd",
-        out_shape=(part(B, Tp, H, K), part(B, Tp, H, L, K), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   part(B, Tp, H, L), part(B, Tp, H)),
-    )(q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv]))
-    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)
+    return call_chunk_backward(
+        kernel, (q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv])),
+        name="prism_chunk_bwd", grid=(B * H, N, nv), parts=nv, q=q, k=k, v=v,
+        params=triton_params(interpret, num_warps or 8, num_stages), interpret=interpret)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import matmul_dtype
+from pallas_kernels.common import call_chunk_backward, matmul_dtype, triton_params
 from pallas_kernels.grads import block_step, chunk_tiles, finish, zero_acc
 
 f32 = jnp.float32
@@ -114,19 +114,10 @@ def chunk_grads_backward(q, k, v, beta, g, r, rm1, starts, do, cot_end, *, scale
         raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} times `v_split` = {v_split} must "
                          f"divide V = {V}")
     n_inner, N = V // (block_v * v_split), Tp // chunk_size
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
     kernel = functools.partial(_kernel, heads=H, n_writes=L, chunk=chunk_size, block_v=block_v,
                                n_inner=n_inner, scale=scale, mm_dtype=matmul_dtype(q.dtype),
                                has_ainv=ainv is not None)
-    part = lambda *shape: jax.ShapeDtypeStruct((v_split, *shape), f32)
-    dq, dk, dv, dbeta, dg = pl.pallas_call(
-        kernel, grid=(B * H, N, v_split), compiler_params=params, interpret=interpret,
-        name="prism_chunk_grads",
-        out_shape=(part(B, Tp, H, K), part(B, Tp, H, L, K), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   part(B, Tp, H, L), part(B, Tp, H)),
-    )(q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv]))
-    return dq.sum(0), dk.sum(0), dv, dbeta.sum(0), dg.sum(0)
+    return call_chunk_backward(
+        kernel, (q, k, v, beta, g, r, rm1, starts, do, cot_end, *([] if ainv is None else [ainv])),
+        name="prism_chunk_grads", grid=(B * H, N, v_split), parts=v_split, q=q, k=k, v=v,
+        params=triton_params(interpret, num_warps, num_stages), interpret=interpret)

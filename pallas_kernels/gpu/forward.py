@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import Prepared, chunk_decays, chunk_step, lower_inverse, matmul_dtype
+from pallas_kernels.common import Prepared, chunk_decays, chunk_step, lower_inverse, matmul_dtype, triton_params
 
 
 def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref,
@@ -63,11 +63,7 @@ def forward(x: Prepared, *, scale, chunk_size, block_v=None, num_warps=None, num
         jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32),
         jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
     )
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 1)
+    params = triton_params(interpret, num_warps or 4, num_stages)
     o, starts, final = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B * H, V // block_v), compiler_params=params,
         interpret=interpret, name="prism_fwd",

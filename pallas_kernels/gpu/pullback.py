@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import chunk_decays, matmul_dtype, mm, unit_lower_inverse
+from pallas_kernels.common import chunk_decays, matmul_dtype, mm, triton_params, unit_lower_inverse
 
 f32 = jnp.float32
 
@@ -58,11 +58,7 @@ def state_pullback(q, k, beta, g, r, rm1, do, *, scale, chunk_size, ainv=None, n
     B, Tp, H, K = q.shape
     V = do.shape[-1]
     C, N = chunk_size, Tp // chunk_size
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=1)
+    params = triton_params(interpret, num_warps or 8)
     S = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
     return pl.pallas_call(
         functools.partial(_kernel, heads=H, chunk=C, scale=scale, mm_dtype=matmul_dtype(q.dtype),

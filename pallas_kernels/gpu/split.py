@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (Prepared, chunk_decays, chunk_end_decays, chunk_output,
-                                   chunk_solve, chunk_state_update, lower_inverse, matmul_dtype, mm)
+                                   chunk_solve, chunk_state_update, lower_inverse, matmul_dtype, mm,
+                                   triton_params)
 
 f32 = jnp.float32
 
@@ -201,13 +202,9 @@ def auto_state_pieces(B, H, V, n_chunks, sm_count=None, min_piece_len=8):
 
 
 def _compiler_params(interpret, num_warps, num_stages, chunk_size):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
     if num_warps is None:  # H200 sweep (docs/benchmarks.md): 8 warps at chunk 32, 4 at chunk 64
         num_warps = 8 if chunk_size <= 32 else 4
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 1)
+    return triton_params(interpret, num_warps, num_stages)
 
 
 def intra(x: Prepared, *, chunk_size, inverse="rows", save_inverse=True, num_warps=None, num_stages=None,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import mm
+from pallas_kernels.common import mm, triton_params
 
 
 def _kernel(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, *, heads, block_v, n_chunks,
@@ -45,11 +45,7 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, mm_dtype=
     Returns (cot_end [B, H, N, K, V], ds0 [B, H, K, V])."""
     B, H, N, K, V = y.shape
     block_v = min(V, 64) if block_v is None else block_v
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+    params = triton_params(interpret, num_warps or 4)
     return pl.pallas_call(
         functools.partial(_kernel, heads=H, block_v=block_v, n_chunks=N, mm_dtype=mm_dtype),
         grid=(B * H, V // block_v), compiler_params=params, interpret=interpret,
