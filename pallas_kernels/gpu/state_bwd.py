@@ -42,9 +42,14 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=None, num_warps=None, mm_dtype=
     mm_dtype: operand dtype of the two products per step (float32: IEEE; bf16 as the forward's state
     pass, X stays float32 between steps).
 
+    block_v: value columns per program; None = the forward state pass's rule (`split.state_block_v`:
+    64, fewer while there are under 2 programs per SM, as at long T with a small batch).
+
     Returns (cot_end [B, H, N, K, V], ds0 [B, H, K, V])."""
+    from pallas_kernels.gpu.split import state_block_v
+
     B, H, N, K, V = y.shape
-    block_v = min(V, 64) if block_v is None else block_v
+    block_v = state_block_v(B, H, V) if block_v is None else block_v
     params = triton_params(interpret, num_warps or 4)
     return pl.pallas_call(
         functools.partial(_kernel, heads=H, block_v=block_v, n_chunks=N, mm_dtype=mm_dtype),

@@ -79,7 +79,8 @@ def test_forward_matches_float64_loop(L, T, K, V, with_state, with_segments, ker
     assert rel(final, final_ref) < 1e-5
 
 
-def test_reverse_state_kernel_matches_scan():
+@pytest.mark.parametrize("block_v", [16, None])  # None: the automatic choice (16 here: few programs)
+def test_reverse_state_kernel_matches_scan(block_v):
     from pallas_kernels.backward import reverse_scan
     from pallas_kernels.gpu.state_bwd import reverse_pass
 
@@ -89,7 +90,7 @@ def test_reverse_state_kernel_matches_scan():
     a = jax.random.uniform(ks[2], (B, H, N))
     y = jax.random.normal(ks[3], (B, H, N, K, V))
     dfinal = jax.random.normal(ks[4], (B, H, K, V))
-    cot, ds0 = reverse_pass(p, ek, a, y, dfinal, block_v=16, interpret=True)
+    cot, ds0 = reverse_pass(p, ek, a, y, dfinal, block_v=block_v, interpret=True)
     cot_ref, ds0_ref = reverse_scan(p, ek, a, y, dfinal)
     assert rel(cot, cot_ref) < 1e-6 and rel(ds0, ds0_ref) < 1e-6
 
