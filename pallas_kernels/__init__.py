@@ -62,7 +62,7 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
              save_inverse=False, forward_inverse="rows", state_pieces=1, forward_outputs="kernel",
-             save_starts=True, **_bwd_block_opts):
+             save_starts=True, mosaic_stages=(), **_bwd_block_opts):
     """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
     and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
@@ -70,6 +70,11 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
 
         return (*tpu_forward(x, scale=scale, chunk_size=chunk_size,
                              interpret=platform == "tpu-interpret"), None)
+    if kernel == "mosaic":
+        from pallas_kernels.gpu.mosaic import pipeline
+
+        return pipeline.forward(x, scale=scale, stages=mosaic_stages, inverse=forward_inverse,
+                                save_inverse=save_inverse, interpret=platform == "cpu")
     kw = dict(scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
               num_stages=num_stages, interpret=platform == "cpu")
     if kernel == "fused":
@@ -91,13 +96,22 @@ def _core(opts, q, k, v, beta, g, r, rm1, s0):
 
 def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
     x = Prepared(q, k, v, beta, g, r, rm1, s0)
-    o, final, starts, ainv = _forward(x, save_inverse=opts["bwd"] in ("fused", "explicit"), **opts)
+    save_inverse = opts["bwd"] in ("fused", "explicit") or opts["kernel"] == "mosaic"
+    o, final, starts, ainv = _forward(x, save_inverse=save_inverse, **opts)
     return (o, final), (x, starts, ainv)
 
 
 def _core_bwd(opts, res, cot):
     x, starts, ainv = res
     do, dfinal = cot
+    if opts["kernel"] == "mosaic":
+        from pallas_kernels.gpu.mosaic import pipeline
+
+        dq, dk, dv, dbeta, dg, ds0 = pipeline.backward(x, starts, ainv, do, dfinal, scale=opts["scale"],
+                                                       stages=opts["mosaic_stages"],
+                                                       interpret=opts["platform"] == "cpu")
+        return (dq.astype(x.q.dtype), dk.astype(x.k.dtype), dv.astype(x.v.dtype), dbeta.astype(x.beta.dtype),
+                dg.astype(x.g.dtype), None, None, ds0)
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
     if opts["bwd"] == "explicit":  # TPU: the same hand-derived gradients, vmapped in XLA
         chunk = "explicit-" + ("xla" if reverse == "scan" else reverse)
@@ -126,10 +140,30 @@ def auto_backward(n_writes, chunk_size, mm_dtype):
     return "explicit"
 
 
+_MOSAIC_SIZES = (64, 128)
+
+
+def _check_mosaic(q, K, V, chunk_size, platform, stages):
+    """kernel="mosaic"'s requirements, checked before anything compiles; returns the stages tuple."""
+    from pallas_kernels.gpu.mosaic.pipeline import check_stages
+
+    if platform not in ("gpu", "cuda", "cpu"):
+        raise ValueError(f"prism_pallas: kernel='mosaic' runs on NVIDIA GPUs (Hopper) and on CPU in "
+                         f"interpret mode, not on platform {platform!r}")
+    if chunk_size != 64:
+        raise ValueError(f"prism_pallas: kernel='mosaic' needs `chunk_size` = 64, got {chunk_size}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"prism_pallas: kernel='mosaic' needs 16-bit inputs (bfloat16, float16), `q` is "
+                         f"{q.dtype}; float32 runs on kernel='split'")
+    if K not in _MOSAIC_SIZES or V not in _MOSAIC_SIZES:
+        raise ValueError(f"prism_pallas: kernel='mosaic' supports K, V in {_MOSAIC_SIZES}, got K = {K}, V = {V}")
+    return check_stages(stages)
+
+
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="blocked8",
-                 state_pieces=1, bwd_v_split=None, forward_outputs="kernel"):
+                 state_pieces=1, bwd_v_split=None, forward_outputs="kernel", mosaic_stages=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -156,13 +190,19 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     (a parallel output kernel reads the saved chunk start states) or "state" (the state pass writes
     the outputs as it walks; without differentiation no start states are written; split only).
     block_v=None lets the split state pass use fewer value columns when it has few programs.
+    kernel="mosaic": the chunk-64 pipeline of `gpu/mosaic/pipeline.py` (Hopper; 16-bit inputs,
+    K, V in (64, 128), chunk_size 64): forward and backward stages in Mosaic GPU (TMA, wgmma);
+    mosaic_stages (a subset of its STAGES, default all) picks which, the rest run the Triton kernels
+    at chunk 64 (bwd options do not apply).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
     platform = _platform(platform)
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
-    if kernel not in ("split", "fused"):
-        raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split' or 'fused'")
+    if kernel not in ("split", "fused", "mosaic"):
+        raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split', 'fused' or 'mosaic'")
+    if kernel == "mosaic":
+        mosaic_stages = _check_mosaic(q, K, V, chunk_size, platform, mosaic_stages)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
                          "'blocked' or 'blocked8'")
@@ -198,7 +238,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     opts = dict(scale=float(scale), chunk_size=chunk_size, platform=platform, block_v=block_v,
                 num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
                 bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
-                state_pieces=state_pieces, bwd_v_split=bwd_v_split, forward_outputs=forward_outputs)
+                state_pieces=state_pieces, bwd_v_split=bwd_v_split, forward_outputs=forward_outputs,
+                mosaic_stages=mosaic_stages if kernel == "mosaic" else ())
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

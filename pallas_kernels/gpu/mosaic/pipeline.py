@@ -1,0 +1,95 @@
+"""The chunk-64 GPU pipeline of `prism_pallas(kernel="mosaic")`: six stages, each the Mosaic GPU kernel
+of this package or, for stages left out of `stages`, the Triton kernel with the same contract.
+
+    forward   intra (solve, P, Qe, saved inverse)  ->  state (sequential chunk walk, start states)
+              ->  outputs
+    backward  pullback (P, ek, a, Y per chunk)  ->  reverse (end-state cotangents)  ->  grads
+
+Stage names: `STAGES`. Mixing lets every Mosaic kernel be timed and checked alone inside the whole
+op (`benchmarks/kernels.py` variants). Shapes as `pallas_kernels.backward.backward`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import Prepared
+from pallas_kernels.gpu.mosaic.common import CHUNK, token_vectors
+
+STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
+
+
+def check_stages(stages):
+    """`stages` as a tuple of stage names; ValueError for anything else."""
+    stages = STAGES if stages is None else tuple(stages)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"prism_pallas: `mosaic_stages` has {bad}, expected a subset of {STAGES}")
+    return stages
+
+
+def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False):
+    """(o [B, Tp, H, V], final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv [B, H, N, C, C] f32
+    or None) of the padded inputs at chunk 64."""
+    tv = token_vectors(x) if {"intra", "state", "outputs"} & set(stages) else None
+    if "intra" in stages:
+        from pallas_kernels.gpu.mosaic.intra import intra
+
+        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret)
+    else:
+        from pallas_kernels.gpu import split
+
+        p, qe, ainv = split.intra(x, chunk_size=CHUNK, inverse=inverse, save_inverse=save_inverse,
+                                  interpret=interpret)
+    if "state" in stages:
+        from pallas_kernels.gpu.mosaic.state import state_pass
+
+        starts, final = state_pass(x, tv, p, qe, interpret=interpret)
+    else:
+        from pallas_kernels.gpu import split
+
+        starts, final, _ = split.state_pass(x, p, qe, chunk_size=CHUNK, interpret=interpret)
+    if "outputs" in stages:
+        from pallas_kernels.gpu.mosaic.outputs import outputs
+
+        o = outputs(x, tv, p, qe, starts, scale=scale, interpret=interpret)
+    else:
+        from pallas_kernels.gpu import split
+
+        o = split.outputs(x, p, qe, starts, scale=scale, chunk_size=CHUNK, interpret=interpret)
+    return o, final, starts, ainv
+
+
+def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=False):
+    """(dq, dk, dv, dbeta, dg, ds0) of the padded inputs from the forward's start states and saved
+    inverses; do [B, Tp, H, V], dfinal [B, H, K, V]."""
+    tv = token_vectors(x) if {"pullback", "grads"} & set(stages) else None
+    mm_dtype = x.q.dtype
+    if "pullback" in stages:
+        from pallas_kernels.gpu.mosaic.pullback import state_pullback
+
+        p, ek, a, y = state_pullback(x, tv, do, scale=scale, ainv=ainv, interpret=interpret)
+    else:
+        from pallas_kernels.gpu.pullback import state_pullback
+
+        p, ek, a, y = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=scale, chunk_size=CHUNK,
+                                     ainv=ainv, interpret=interpret)
+    dfinal = dfinal.astype(jnp.float32)
+    if "reverse" in stages:
+        from pallas_kernels.gpu.mosaic.reverse import reverse_pass
+
+        cot_end, ds0 = reverse_pass(p.astype(mm_dtype), ek.astype(mm_dtype), a, y, dfinal, interpret=interpret)
+    else:
+        from pallas_kernels.gpu.state_bwd import reverse_pass
+
+        cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal, mm_dtype=mm_dtype, interpret=interpret)
+    if "grads" in stages:
+        from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
+
+        grads = chunk_grads_backward(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, interpret=interpret)
+    else:
+        from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
+
+        grads = chunk_grads_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=scale,
+                                     chunk_size=CHUNK, ainv=ainv, interpret=interpret)
+    return (*grads, ds0)
