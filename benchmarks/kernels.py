@@ -49,6 +49,8 @@ VARIANTS = {
     "xla64": dict(bwd="xla", chunk_size=64),
     "fused64": dict(bwd="fused", chunk_size=64),  # bwd="auto" at chunk 64 (the model presets)
     "explicit64": dict(bwd="explicit", chunk_size=64),
+    "mosaic": dict(kernel="mosaic", chunk_size=64),  # every stage in Mosaic GPU (gpu/mosaic/pipeline.py)
+    "triton64": dict(kernel="mosaic", chunk_size=64, mosaic_stages=()),  # that pipeline, all Triton
 }
 BWD_KEYS = ("bwd", "bwd_block_v", "bwd_num_warps", "bwd_v_split")
 
@@ -201,7 +203,8 @@ class Run:
 
 
 def forward_key(kw):
-    return tuple(sorted((k, v) for k, v in kw.items() if k not in BWD_KEYS))
+    hashable = lambda v: tuple(v) if isinstance(v, list) else v  # lists come from --variant JSON
+    return tuple(sorted((k, hashable(v)) for k, v in kw.items() if k not in BWD_KEYS))
 
 
 def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None):
