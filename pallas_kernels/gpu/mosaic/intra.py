@@ -1,0 +1,220 @@
+"""Mosaic GPU intra-chunk kernel: the triangular solve of each 64-token chunk, P and Qe.
+
+Drop-in for `pallas_kernels.gpu.split.intra` at chunk_size = 64 with 16-bit inputs. Per chunk
+(prism-math.md section 3, `pallas_kernels.common.chunk_solve`):
+
+    m  = diag(beta0) (k0 k0^T . m1m1)     strictly lower, m1m1[t, i] = exp(Gm1_t - Gm1_i), same segment
+    X  = (I + m)^{-1}
+    P  = X diag(beta0 start_m1) k0                                              [C, K]
+    Qe = X diag(beta0) sum_l (k0 k_l^T . m1_0) (beta_l v_l)                      [C, V]
+
+One CTA (one warpgroup) does one chunk of one (batch, head): grid (B, N, H).
+- TMA brings the chunk's L key tiles [C, K], L value tiles [C, V] and its token vectors (from
+  `token_vectors`) into SMEM, all on one barrier.
+- k0 k0^T and every k0 k_l^T are wgmma products (bf16 / f16 operands, float32 accumulators).
+- The inverse, in float32 registers (WGMMA layout), blocked as `common.blocked_unit_lower_inverse`:
+  1. the `block` x `block` diagonal blocks (default 16: one warp's rows) by `block - 1` steps of
+     forward substitution, all blocks at once. Step i needs, for each column j, m[blk(j) + i, j]
+     as a ROWS vector: it is a row reduction of m^T, which is formed directly in registers
+     (k0 k0^T is symmetric) and does not depend on X (off the dependent chain). The step's update
+     sum_j m[., j] X[j, c] is a column reduction (across the four warps, through a small SMEM
+     scratch that Mosaic GPU manages).
+  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two wgmma products per doubling with
+     16-bit operands; `merge_split=True` (default) splits X into a 16-bit high part and a 16-bit
+     low remainder (three products per matmul instead of one), which keeps the merged blocks
+     float32-accurate to ~1e-5 instead of the ~4e-3 of one bf16 rounding.
+- P and Qe: two more wgmma products with X's columns scaled (beta0 start_m1, resp. beta0) and
+  rounded to the input dtype, as the Triton kernel rounds its operands; the right-hand side of Qe
+  accumulates the L products (k0 k_l^T . m1_0 . beta_l) v_l in one wgmma accumulator.
+- Stores: P, Qe (input dtype) and X (float32, `save_inverse`) go back by TMA from SMEM.
+
+Nothing is pipelined across chunks yet (one chunk per CTA; several CTAs share an SM: ~100 KiB of
+SMEM at K = V = 128, L = 2). Expected cost per chunk: ~10 wgmma products of 64 x 64 x {64, 128}
+(~3.5 MFLOP: noise at 650 TFLOP/s), the 15 substitution steps (each a register FMA sweep of the
+64 x 64 tile plus one cross-warp reduction and barrier: the latency-bound part, ~15 x ~0.3 us) and
+the TMA traffic (~80 KiB per chunk). With 8 K chunks (B * T = 32 K, H = 16) over 132 SMs at
+~4 CTAs per SM, the estimate is tens of microseconds, against 1.25 ms for the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.common import Prepared
+from pallas_kernels.gpu.mosaic import common as mc
+
+f32 = jnp.float32
+C = mc.CHUNK
+SIZES = (64, 128)  # supported K and V
+BLOCKS = (8, 16, 32)  # supported diagonal block sizes of the inverse
+
+
+def _check(x: Prepared, tv: mc.TokenVectors, block: int):
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    if jnp.dtype(x.k.dtype) not in mc.DTYPES:
+        raise ValueError(f"mosaic intra: k has dtype {x.k.dtype}; supported: bfloat16, float16 "
+                         "(float32 inputs use the Triton kernels)")
+    if x.v.dtype != x.k.dtype:
+        raise ValueError(f"mosaic intra: v dtype {x.v.dtype} must equal k's ({x.k.dtype})")
+    if K not in SIZES or x.k.shape[-1] != K:
+        raise ValueError(f"mosaic intra: key size K = {x.k.shape[-1]}; supported: {SIZES}")
+    if V not in SIZES:
+        raise ValueError(f"mosaic intra: value size V = {V}; supported: {SIZES}")
+    if Tp % C:
+        raise ValueError(f"mosaic intra: padded length {Tp} must be a multiple of the chunk size {C} "
+                         "(prepare(..., chunk_size=64))")
+    if tv.G.shape != (B, H, Tp) or tv.beta.shape != (B, H, L, Tp):
+        raise ValueError(f"mosaic intra: tv must be token_vectors(x) with chunk {C}: G {tv.G.shape}, "
+                         f"expected {(B, H, Tp)}; beta {tv.beta.shape}, expected {(B, H, L, Tp)}")
+    if block not in BLOCKS:
+        raise ValueError(f"mosaic intra: block = {block}; supported: {BLOCKS}")
+
+
+def _to_smem(buf, value):
+    buf[...] = value.astype(buf.dtype)
+    plgpu.commit_smem()
+
+
+def _matmul_sum(pairs, shape):
+    """sum_i a_i @ b_i [M, N] float32 in one wgmma accumulator (a_i, b_i: SMEM refs or `.T` of
+    them). `common.matmul(init=...)` goes through `pl.run_state`, which the interpreter cannot run;
+    a scoped accumulator takes the products one after another instead."""
+    def scoped(acc):
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
+
+
+def _product(a, b, a_s, b_s, split):
+    """a @ b [C, C] float32 of two float32 register tiles on the tensor cores, operands rounded to
+    the buffers' 16-bit dtype (a_s, b_s: [2, C, C] SMEM). split: a and b as high + low parts,
+    a_h b_h + a_h b_l + a_l b_h (float32-accurate to ~2^-16)."""
+    dt = a_s.dtype
+    a_h, b_h = a.astype(dt), b.astype(dt)
+    _to_smem(a_s.at[0], a_h)
+    _to_smem(b_s.at[0], b_h)
+    if not split:
+        return mc.matmul(a_s.at[0], b_s.at[0], (C, C))
+    _to_smem(a_s.at[1], a - a_h.astype(f32))
+    _to_smem(b_s.at[1], b - b_h.astype(f32))
+    return _matmul_sum([(a_s.at[0], b_s.at[0]), (a_s.at[0], b_s.at[1]), (a_s.at[1], b_s.at[0])], (C, C))
+
+
+def _inverse(m, m_t, a_s, b_s, *, block, split):
+    """(I + m)^{-1} [C, C] float32 for strictly lower m (registers), given m_t = m^T."""
+    sq = (C, C)
+    rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
+    same_block = lax.div(rows, block) == lax.div(cols, block)
+    x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+    for i in range(1, block):
+        # a[j] = m[blk(j) * block + i, j] (ROWS); zero unless j < that row.
+        a = jnp.sum(jnp.where(same_block & (lax.rem(cols, block) == i), m_t, 0.0), axis=1)
+        # contrib[c] = sum_j m[blk(c) * block + i, j] X[j, c] (X is block diagonal here).
+        contrib = jnp.sum(mc.rows_of(a, sq) * x, axis=0)
+        x = x - jnp.where(same_block & (lax.rem(rows, block) == i), mc.cols_of(contrib, sq), 0.0)
+    s = block
+    while s < C:
+        off = jnp.where((lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s)),
+                        m, 0.0)
+        link = _product(off, x, a_s, b_s, split)  # Off X
+        x = x - _product(x, link, a_s, b_s, split)
+        s *= 2
+    return x
+
+
+def _masked_exp(keep, diff):
+    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+
+
+def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
+          interpret=False):
+    """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
+    unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
+
+    x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`.
+    block: the inverse's diagonal block size (8, 16 or 32); merge_split: hi/lo 16-bit products in
+    the inverse's doubling (see the module docstring). Grid (B, N, H), one chunk per CTA.
+    """
+    _check(x, tv, block)
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N = Tp // C
+    dt = x.k.dtype
+    sq = (C, C)
+
+    def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,
+             gm1_s, rm1_s, gc_s, r_s, beta_s, beta0_s, a_s, b_s, rhs_s, p_s, qe_s, bar, x_s=None):
+        b, n, h = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("h")
+        rows = pl.ds(n * C, C)
+        for l in range(L):
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l], v_s.at[l], bar)
+            plgpu.copy_gmem_to_smem(beta_ref.at[b, h, l, rows], beta_s.at[l], bar)
+        for i in range(2):  # row 0 is loaded as ROWS, row 1 as COLS
+            plgpu.copy_gmem_to_smem(gm1_ref.at[b, h, rows], gm1_s.at[i], bar)
+            plgpu.copy_gmem_to_smem(rm1_ref.at[b, rows], rm1_s.at[i], bar)
+        plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], gc_s.at[0], bar)
+        plgpu.copy_gmem_to_smem(sm1_ref.at[b, h, rows], gc_s.at[1], bar)
+        plgpu.copy_gmem_to_smem(r_ref.at[b, rows], r_s, bar)
+        plgpu.copy_gmem_to_smem(beta_ref.at[b, h, 0, rows], beta0_s, bar)
+        plgpu.barrier_wait(bar)
+
+        gm1_r, gm1_c = plgpu.load(gm1_s.at[0], layout=mc.ROWS), plgpu.load(gm1_s.at[1], layout=mc.COLS)
+        rm1_r, rm1_c = plgpu.load(rm1_s.at[0], layout=mc.ROWS), plgpu.load(rm1_s.at[1], layout=mc.COLS)
+        g_c, start_m1_c = plgpu.load(gc_s.at[0], layout=mc.COLS), plgpu.load(gc_s.at[1], layout=mc.COLS)
+        r_c = plgpu.load(r_s, layout=mc.COLS)
+        beta0_r = plgpu.load(beta0_s, layout=mc.ROWS)
+        betas_c = [plgpu.load(beta_s.at[l], layout=mc.COLS) for l in range(L)]
+        ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
+        same_rm1 = mc.rows_of(rm1_r, sq) == mc.cols_of(rm1_c, sq)
+        lower, upper = (ri > ci) & same_rm1, (ci > ri) & same_rm1
+
+        kk = mc.matmul(k_s.at[0], k_s.at[0].T, sq)  # symmetric: serves m and m^T
+        gm1_diff = mc.rows_of(gm1_r, sq) - mc.cols_of(gm1_c, sq)
+        m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
+        # m^T[j, t] = beta0_t kk[t, j] exp(Gm1_t - Gm1_j) for j < t: beta0 along columns.
+        m_t = jnp.where(upper, kk * mc.cols_of(betas_c[0], sq) * _masked_exp(upper, -gm1_diff), 0.0)
+        xinv = _inverse(m, m_t, a_s, b_s, block=block, split=merge_split)
+
+        # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
+        m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
+        for l in range(L):  # a_s / b_s hold the L products (a [L, C, C] buffer would cost SMEM)
+            kkl = kk if l == 0 else mc.matmul(k_s.at[0], k_s.at[l].T, sq)
+            _to_smem((a_s, b_s)[l // 2].at[l % 2], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
+        rhs = _matmul_sum([((a_s, b_s)[l // 2].at[l % 2], v_s.at[l]) for l in range(L)], (C, V))
+        _to_smem(rhs_s, rhs)
+        _to_smem(a_s.at[0], xinv * mc.cols_of(betas_c[0], sq))
+        _to_smem(qe_s, mc.matmul(a_s.at[0], rhs_s, (C, V)))
+        plgpu.copy_smem_to_gmem(qe_s, qe_ref.at[b, rows, h])
+        _to_smem(b_s.at[0], xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
+        _to_smem(p_s, mc.matmul(b_s.at[0], k_s.at[0], (C, K)))
+        plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+        if save_inverse:
+            _to_smem(x_s, xinv)
+            plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
+        plgpu.wait_smem_to_gmem(0)
+
+    vec2 = lambda dtype: plgpu.SMEM((2, C), dtype)
+    scratch = dict(
+        k_s=mc.smem((L, C, K), dt), v_s=mc.smem((L, C, V), dt),
+        gm1_s=vec2(f32), rm1_s=vec2(jnp.int32), gc_s=vec2(f32), r_s=plgpu.SMEM((C,), jnp.int32),
+        beta_s=plgpu.SMEM((L, C), f32), beta0_s=plgpu.SMEM((C,), f32),
+        a_s=mc.smem((2, C, C), dt), b_s=mc.smem((2, C, C), dt), rhs_s=mc.smem((C, V), dt),
+        p_s=mc.smem((C, K), dt), qe_s=mc.smem((C, V), dt))
+    if save_inverse:
+        scratch["x_s"] = mc.smem((C, C), f32)
+    scratch["bar"] = plgpu.Barrier(num_arrivals=3 * L + 8)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
+    if save_inverse:
+        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
+    outs = mc.kernel(body, name="prism_intra_mosaic", out_type=tuple(out_type), scratch=scratch,
+                     grid=(B, N, H), grid_names=("b", "n", "h"), interpret=interpret)(
+        x.k, x.v, tv.G, tv.Gm1, tv.r, tv.rm1, tv.start_m1, tv.beta)
+    return outs[0], outs[1], (outs[2] if save_inverse else None)
