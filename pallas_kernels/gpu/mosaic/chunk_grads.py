@@ -1,0 +1,325 @@
+"""Per-chunk hand-derived backward (`grads.chunk_grads`) as one Mosaic GPU kernel, chunk 64.
+
+Grid (N, H, B * V / BV), one warpgroup per CTA: a CTA owns one chunk of one head and one block of
+BV = 64 value columns. It TMA-loads the chunk's q, k_l, v_l, do tiles, its start state S and
+end-state cotangent dS' (bf16 [K, BV], cast in XLA), the forward's (I + m)^{-1} (bf16, cast in XLA)
+and the per-token vectors of `token_vectors`, then runs `grads.block_step` and `grads.finish` as a
+straight line of wgmmas (every product a [64, *] tile over a 64 / K / BV contraction; every register
+product that is an operand again is staged in bf16 SMEM first). Since one CTA holds exactly one value
+block, the [C, C] "accumulators" of `grads.Acc` are single wgmmas over BV (dR E^T, dO E^T, dO vw_l^T,
+dR vw_l^T), never carried; `finish` is linear in them, so each CTA writes its share of dq, dk_l,
+dbeta_l and of the per-token decay cotangents and XLA sums the V / BV shares (at V = 128 the
+value-independent tiles are formed twice: 2 + 3L [C, C, K] products, against the 6 + 4L
+[C, *, BV] products of the block itself).
+
+What stays where: [C, C] tiles X, QK0, QK_l, B_l and every [C, BV] / [C, C] cotangent operand in
+bf16 SMEM; [C, BV] / [C, C] float32 values in registers (32 regs / thread each) only between their
+wgmma and their SMEM store; one [C, K] float32 output accumulator (64 regs at K = 128) at a time,
+built by chained wgmmas (dq, then dk_0, then each dk_l) and TMA-stored from a float32 SMEM tile.
+The column sums of the decay cotangents (a COLS-layout reduction) are taken as row sums of the
+transposed matrix, transposed by a wgmma against the identity (hi + lo bf16 split: ~16 bits).
+
+Post-processing in XLA (O(T) elementwise): the sum over value blocks, dg = reverse cumsum within the
+chunk of (dG + dGm1) - dGm1 + dG_C with dG_C = <S, dS'> exp(G_C) + sum_t (rend end - re end_m1)
+(the kernel writes dG, dGm1 and that per-token term), <S, dS'> itself.
+
+Not pipelined yet (phase 1): one chunk per CTA, all loads up front behind one barrier; the grid
+(B * H * N * V / 64 CTAs, e.g. 16384 at B * T = 32K, H = 16) keeps the SMs busy by occupancy
+where SMEM allows two CTAs (L = 1, K = 64). Expected cost per CTA at K = V = 128, L = 2: about
+40 wgmmas of 64 x 64 x (64 | 128), ~45 MFLOP per chunk-head at V = 128, memory ~100 KiB read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.common import Prepared
+from pallas_kernels.gpu.mosaic import common as mc
+
+f32 = jnp.float32
+C = mc.CHUNK
+SMEM_LIMIT = 227 * 1024
+# Row indices of the float32 per-token vectors loaded in the ROWS layout.
+_G, _GM1, _START_M1, _START, _END_M1, _END = range(6)
+_N_ROW_VECS = 6  # then beta_0 .. beta_{L-1}
+# Per-token outputs besides dbeta_l (which come first): dG, dGm1, the dG_C share.
+_N_OUT_VECS = 3
+
+
+def _mm(a, b, shape, init=None):
+    """`mc.matmul` with `init` added in registers: `mc.matmul(init=...)` discharges to a wgmma form the
+    CPU interpreter does not run (jax 0.11.2)."""
+    out = mc.matmul(a, b, shape)
+    return out if init is None else init + out
+
+
+def _smem_bytes(K, BV, L, dtype):
+    """Bytes of SMEM the kernel allocates (for the check before compiling)."""
+    it = jnp.dtype(dtype).itemsize
+    tiles = ((1 + L) * C * K  # q, k_l
+             + 2 * L * C * BV  # v_l, vw_l
+             + C * BV + 2 * K * BV  # do, S, dS'
+             + (2 + 2 * L) * C * C  # X, QK0, QK_l, B_l
+             + 3 * C * BV  # E, dR, beta0 dR
+             + (2 + 3 * L) * C * C  # cotangent operands dkk, dqk0, dqk_l, da_l, xcoef_l
+             + 3 * C * C  # identity, hi / lo of a transposed matrix
+             + C * BV) * it  # dv
+    vecs = 4 * ((_N_ROW_VECS + L + 2) * C + (L + _N_OUT_VECS) * C) + 4 * 4 * C
+    return tiles + vecs + 4 * C * K + 1024  # + float32 [C, K] output tile, barrier / alignment
+
+
+def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
+          dq_ref, dk_ref, dv_ref, dvec_ref,
+          q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s, b0dr_s,
+          cot_s, eye_s, hl_s, dv_s, rv_s, cv_s, ri_s, ovec_s, out_s, bar, *, L, nvb, scale):
+    n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
+    b, vb = bv // nvb, bv % nvb
+    K = q_s.shape[-1]
+    BV = v_s.shape[-1]
+    rows = pl.ds(n * C, C)
+    cols = pl.ds(vb * BV, BV)
+    dt = q_s.dtype
+
+    # ---- loads: every tile and vector of this (chunk, head, value block), one barrier.
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
+    for l in range(L):
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[l], bar)
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s, bar)
+    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s, bar)
+    plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s, bar)
+    plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar)
+    for i in range(_N_ROW_VECS + L):
+        plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], bar)
+    for i in range(2):
+        plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], bar)
+    for i in range(4):  # r, rm1 as rows; r, rm1 as columns
+        plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], bar)
+    plgpu.barrier_wait(bar)
+
+    row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
+    G, Gm1 = row(_G), row(_GM1)
+    start_m1, start, end_m1, end = row(_START_M1), row(_START), row(_END_M1), row(_END)
+    betas = [row(_N_ROW_VECS + l) for l in range(L)]
+    beta0 = betas[0]
+    Gc, Gm1c = plgpu.load(cv_s.at[0], layout=mc.COLS), plgpu.load(cv_s.at[1], layout=mc.COLS)
+    r, rm1 = plgpu.load(ri_s.at[0], layout=mc.ROWS), plgpu.load(ri_s.at[1], layout=mc.ROWS)
+    rc, rm1c = plgpu.load(ri_s.at[2], layout=mc.COLS), plgpu.load(ri_s.at[3], layout=mc.COLS)
+    sq, sv, sk = (C, C), (C, BV), (C, K)
+    R = lambda vec, shape=sq: mc.rows_of(vec, shape)
+    m1m1 = lambda: mc.decay_matrix(Gm1, rm1, Gm1c, rm1c, sq, strict=True)
+    m1_0 = lambda: mc.decay_matrix(Gm1, rm1, Gc, rc, sq, strict=True)
+    t_m1 = lambda: mc.decay_matrix(G, r, Gm1c, rm1c, sq, strict=False)
+    t_0 = lambda: mc.decay_matrix(G, r, Gc, rc, sq, strict=False)
+
+    def put(buf, value):
+        buf[...] = value.astype(buf.dtype)
+
+    # ---- value-independent tiles (bf16 operands) and the gated values vw_l = beta_l v_l.
+    qk0 = lambda: _mm(q_s, k_s.at[0].T, sq) * t_m1()
+    qkl = lambda l: _mm(q_s, k_s.at[l].T, sq) * t_0()
+    bl = lambda l: _mm(k_s.at[0], k_s.at[l].T, sq) * m1_0()
+    put(qk0_s, qk0())
+    vls = []
+    for l in range(L):
+        put(qk_s.at[l], qkl(l))
+        put(b_s.at[l], bl(l))
+        put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
+    eye = (mc.iota(sq, 0) == mc.iota(sq, 1)).astype(f32)
+    put(eye_s, eye)
+    plgpu.commit_smem()
+
+    # ---- block step: E, dE, dR, dv_l and the row sums.
+    k0s = _mm(k_s.at[0], s_s, sv)  # k0 S
+    acc = None
+    for l in range(L):
+        acc = _mm(b_s.at[l], vw_s.at[l], sv, init=acc)
+    put(cot_s.at[0], R(beta0 * start_m1, sv) * k0s + R(beta0, sv) * acc)  # rhs
+    plgpu.commit_smem()
+    e = _mm(xinv_s, cot_s.at[0], sv)
+    put(e_s, e)
+    kx0 = _mm(k_s.at[0], x_s, sv)  # k0 dS'
+    re = jnp.sum(e * kx0, axis=1)
+    de = -scale * _mm(qk0_s.T, do_s, sv) - R(end_m1, sv) * kx0
+    put(cot_s.at[1], de)
+    plgpu.commit_smem()
+    dr = _mm(xinv_s.T, cot_s.at[1], sv)
+    rs = jnp.sum(dr * k0s, axis=1)
+    put(dr_s, dr)
+    put(b0dr_s, R(beta0, sv) * dr)
+    plgpu.commit_smem()
+    rend = jnp.zeros_like(re)
+    dbetas = []
+    for l in range(L):
+        kx = kx0 if l == 0 else _mm(k_s.at[l], x_s, sv)
+        dvw = _mm(b_s.at[l].T, b0dr_s, sv) + scale * _mm(qk_s.at[l].T, do_s, sv) + R(end, sv) * kx
+        vl = plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32)
+        vw = R(betas[l], sv) * vl
+        dbetas.append(jnp.sum(dvw * vl, axis=1))
+        rend = rend + jnp.sum(vw * kx, axis=1)
+        put(dv_s.at[l], R(betas[l], sv) * dvw)
+        xcoef = R(end, sv) * vw - (R(end_m1, sv) * e if l == 0 else 0.0)
+        put(cot_s.at[2 + 3 * l], xcoef)
+    plgpu.commit_smem()
+    for l in range(L):
+        plgpu.copy_smem_to_gmem(dv_s.at[l], dv_ref.at[b, rows, h, l, cols])
+
+    # ---- finish: the [C, C] cotangents (one wgmma over BV each) and the decay terms.
+    kk_m = _mm(k_s.at[0], k_s.at[0].T, sq) * m1m1()
+    dm = -_mm(dr_s, e_s.T, sq)
+    dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
+    w_m1m1 = R(beta0) * dm * kk_m
+    put(cot_s.at[0], R(beta0) * dm * m1m1())  # dkk
+    dqk0 = -scale * _mm(do_s, e_s.T, sq)
+    w_tm1 = dqk0 * qk0()
+    put(cot_s.at[1], dqk0 * t_m1())
+    dG = jnp.sum(w_tm1, axis=1)
+    dGm1 = jnp.sum(w_m1m1, axis=1)
+    w_t0 = jnp.zeros(sq, f32)
+    w_m10 = jnp.zeros(sq, f32)
+    for l in range(L):
+        dqkl = scale * _mm(do_s, vw_s.at[l].T, sq)
+        w_t0 = w_t0 + dqkl * qkl(l)
+        put(cot_s.at[3 + 3 * l], dqkl * t_0())
+        drv = _mm(dr_s, vw_s.at[l].T, sq)
+        b_l = bl(l)
+        dbeta0 = dbeta0 + jnp.sum(drv * b_l, axis=1)
+        dbl = R(beta0) * drv
+        w_m10 = w_m10 + dbl * b_l
+        put(cot_s.at[4 + 3 * l], dbl * m1_0())
+    dG = dG + jnp.sum(w_t0, axis=1)
+    dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
+    plgpu.commit_smem()
+
+    def colsum(w):
+        """Column sums of w [C, C] in the ROWS layout: row sums of w^T = (hi + lo)^T I."""
+        hi = w.astype(dt)
+        put(hl_s.at[0], hi)
+        put(hl_s.at[1], w - hi.astype(f32))
+        plgpu.commit_smem()
+        wt = _mm(hl_s.at[1].T, eye_s, sq, init=_mm(hl_s.at[0].T, eye_s, sq))
+        return jnp.sum(wt, axis=1)
+
+    dG = dG - colsum(w_t0 + w_m10)
+    dGm1 = dGm1 - colsum(w_m1m1 + w_tm1)
+
+    # ---- [C, K] outputs, one float32 accumulator at a time.
+    def store_out(value, dst):
+        plgpu.wait_smem_to_gmem(0)  # the previous output left out_s
+        out_s[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_s, dst)
+
+    dq_state = scale * _mm(do_s, s_s.T, sk)  # dO S^T
+    qf = plgpu.load(q_s, layout=mc.WGMMA).astype(f32)
+    dG = dG + jnp.sum(dq_state * qf, axis=1) * start - rend * end
+    dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
+    dq = _mm(cot_s.at[1], k_s.at[0], sk, init=R(start, sk) * dq_state)
+    for l in range(L):
+        dq = _mm(cot_s.at[3 + 3 * l], k_s.at[l], sk, init=dq)
+    store_out(dq, dq_ref.at[vb, b, rows, h])
+
+    dk0 = R(beta0 * start_m1, sk) * _mm(dr_s, s_s.T, sk)
+    for a, bb in ((cot_s.at[0], k_s.at[0]), (cot_s.at[0].T, k_s.at[0]), (cot_s.at[1].T, q_s)):
+        dk0 = _mm(a, bb, sk, init=dk0)
+    for l in range(L):
+        dk0 = _mm(cot_s.at[4 + 3 * l], k_s.at[l], sk, init=dk0)
+    for l in range(L):
+        dkl = dk0 if l == 0 else None
+        dkl = _mm(cot_s.at[2 + 3 * l], x_s.T, sk, init=dkl)
+        dkl = _mm(cot_s.at[3 + 3 * l].T, q_s, sk, init=dkl)
+        dkl = _mm(cot_s.at[4 + 3 * l].T, k_s.at[0], sk, init=dkl)
+        store_out(dkl, dk_ref.at[vb, b, rows, h, l])
+
+    dbetas[0] = dbetas[0] + dbeta0
+    for l in range(L):
+        ovec_s[l] = dbetas[l]
+    ovec_s[L] = dG
+    ovec_s[L + 1] = dGm1
+    ovec_s[L + 2] = rend * end - re * end_m1
+    plgpu.commit_smem()
+    for i in range(L + _N_OUT_VECS):
+        plgpu.copy_smem_to_gmem(ovec_s.at[i], dvec_ref.at[vb, b, h, i, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _check(x: Prepared, starts, cot_end, ainv, block_v):
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    if x.q.dtype not in mc.DTYPES or any(t.dtype != x.q.dtype for t in (x.k, x.v)):
+        raise ValueError(f"chunk_grads_backward: q, k, v must share a 16-bit dtype (bf16 / f16), got "
+                         f"{x.q.dtype}, {x.k.dtype}, {x.v.dtype}")
+    if Tp % C:
+        raise ValueError(f"chunk_grads_backward: padded T = {Tp} must be a multiple of chunk {C}")
+    if K not in (64, 128):
+        raise ValueError(f"chunk_grads_backward: K = {K} not supported, expected 64 or 128")
+    if block_v != 64 or V % block_v:
+        raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} must be 64 and divide V = {V}")
+    if ainv is None or ainv.shape != (B, H, Tp // C, C, C):
+        raise ValueError(f"chunk_grads_backward: `ainv` must be [B, H, N, {C}, {C}] = "
+                         f"{(B, H, Tp // C, C, C)}, got {None if ainv is None else ainv.shape}")
+    for name, t in (("starts", starts), ("cot_end", cot_end)):
+        if t.shape != (B, H, Tp // C, K, V):
+            raise ValueError(f"chunk_grads_backward: `{name}` must be [B, H, N, K, V] = "
+                             f"{(B, H, Tp // C, K, V)}, got {t.shape}")
+    need = _smem_bytes(K, block_v, L, x.q.dtype)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"chunk_grads_backward: K = {K}, L = {L} needs {need // 1024} KiB of SMEM "
+                         f"(limit {SMEM_LIMIT // 1024} KiB); supported: L = 1, 2 at K = 128, L <= 3 at K = 64")
+
+
+def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
+                         block_v=64, interpret=False):
+    """Input cotangents of every chunk (chunk 64), the contract of
+    `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
+
+    x: `Prepared` (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] bf16 / f16, beta, g, r,
+    rm1); tv = `mc.token_vectors(x)`; starts, cot_end [B, H, N, K, V] float32 chunk start states
+    and end-state cotangents; do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the
+    forward. block_v: value columns per CTA (64). Grid (N, H, B * V / block_v).
+    Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
+    dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
+    """
+    _check(x, starts, cot_end, ainv, block_v)
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N, nvb, dt = Tp // C, V // block_v, x.q.dtype
+    rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end], 2),
+                            tv.beta], axis=2)  # [B, H, 6 + L, Tp]
+    cvec = jnp.stack([tv.G, tv.Gm1], 2)  # [B, H, 2, Tp]
+    rint = jnp.stack([tv.r, tv.rm1], 1)  # [B, 2, Tp]
+    sq, sv, sk = (C, C), (C, block_v), (C, K)
+    scratch = dict(
+        q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt), v_s=mc.smem((L, *sv), dt),
+        vw_s=mc.smem((L, *sv), dt), do_s=mc.smem(sv, dt), s_s=mc.smem((K, block_v), dt),
+        x_s=mc.smem((K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
+        qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem(sv, dt),
+        dr_s=mc.smem(sv, dt), b0dr_s=mc.smem(sv, dt), cot_s=mc.smem((2 + 3 * L, *sq), dt),
+        eye_s=mc.smem(sq, dt), hl_s=mc.smem((2, *sq), dt), dv_s=mc.smem((L, *sv), dt),
+        rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
+        ri_s=plgpu.SMEM((4, C), jnp.int32), ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32),
+        out_s=mc.smem(sk, f32),
+        bar=plgpu.Barrier(num_arrivals=1 + 2 * L + 4 + _N_ROW_VECS + L + 2 + 4))
+    out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
+                jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
+                jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
+                jax.ShapeDtypeStruct((nvb, B, H, L + _N_OUT_VECS, Tp), f32))
+    body = functools.partial(_body, L=L, nvb=nvb, scale=scale)
+    dq, dk, dv, dvec = mc.kernel(body, name="prism_chunk_grads_mgpu", out_type=out_type, scratch=scratch,
+                                 grid=(N, H, B * nvb), grid_names=("n", "h", "bv"), interpret=interpret)(
+        x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
+        rint)
+    dq, dk, dvec = dq.sum(0), dk.sum(0), dvec.sum(0)
+    dbeta = jnp.transpose(dvec[:, :, :L], (0, 3, 1, 2))  # [B, Tp, H, L]
+    dG, dGm1, pC = (dvec[:, :, L + i].reshape(B, H, N, C) for i in range(_N_OUT_VECS))
+    dall = jnp.einsum("bhnkv,bhnkv->bhn", starts, cot_end, precision="highest")
+    dGC = dall * tv.all + pC.sum(-1)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dG + dGm1, -1), -1), -1) - dGm1 + dGC[..., None]
+    dg = jnp.moveaxis(dg.reshape(B, H, Tp), 1, 2)
+    return dq, dk, dv, dbeta, dg

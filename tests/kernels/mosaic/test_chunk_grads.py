@@ -1,0 +1,145 @@
+"""The Mosaic GPU per-chunk backward (`pallas_kernels/gpu/mosaic/chunk_grads.py`): in the Mosaic GPU
+interpreter against `grads.chunk_grads` vmapped over chunks in float64 and against the Triton kernel
+(interpret mode, chunk 64); lowered for CUDA on CPU; a GPU test at a larger shape for the device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.backward import _chunked, _over_chunks, _unchunked, _xla_inverse
+from pallas_kernels.common import chunk_decays, mm, prepare
+from pallas_kernels.grads import chunk_grads
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
+
+C = mc.CHUNK
+
+
+def _inputs(T=100, H=2, K=64, V=64, L=1, B=1, init=True, reset=True, seed=0):
+    """Prepared bf16 inputs plus starts / cot_end / do / ainv (float32, forward's inverse)."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
+    nrm = lambda t: t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+    q = nrm(jax.random.normal(ks[0], (B, T, H, K))).astype(jnp.bfloat16)
+    k = nrm(jax.random.normal(ks[1], (B, T, H, L, K))).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, L, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, T, H, L)).astype(jnp.bfloat16)
+    g = -jax.random.uniform(ks[4], (B, T, H)) * 0.2
+    seg = jnp.zeros((B, T), jnp.int32).at[:, T - 30:].set(1) if reset else None
+    s0 = jax.random.normal(ks[5], (B, H, K, V)) if init else None
+    x = prepare(q, k, v, beta, g, s0, seg, C)
+    Tp, N = x.q.shape[1], x.q.shape[1] // C
+    starts = jax.random.normal(ks[6], (B, H, N, K, V))
+    cot_end = jax.random.normal(ks[7], (B, H, N, K, V))
+    do = jax.random.normal(ks[8], (B, Tp, H, V), jnp.bfloat16)
+    ainv = _forward_inverse(x)
+    return x, starts, do, cot_end, ainv
+
+
+def _forward_inverse(x):
+    """(I + m)^{-1} per chunk in float32, as the forward kernels save it: [B, H, N, C, C]."""
+    B, Tp, H = x.g.shape
+    k0, beta0, g = (_chunked(t, C) for t in (x.k[..., 0, :], x.beta[..., 0], x.g))
+    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
+
+    def one(k0, beta0, g, r, rm1):
+        d = chunk_decays(g, r, rm1)
+        m = beta0.astype(jnp.float32)[:, None] * mm(k0, k0, dtype=k0.dtype, trans_b=True) * d.m1m1
+        return _xla_inverse(m)
+
+    return _over_chunks(one)(k0, beta0, g, rc(x.r), rc(x.rm1))
+
+
+def _reference(x, starts, do, cot_end, *, scale):
+    """`grads.chunk_grads` vmapped over chunks, everything float64 (the same bf16 inputs)."""
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        B, Tp, H, K = x.q.shape
+        L = x.k.shape[3]
+        q, k, v, beta, g, dc = (_chunked(t.astype(f64), C) for t in (x.q, x.k, x.v, x.beta, x.g, do))
+        rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
+        mm64 = lambda a, b, dtype, trans_a=False, trans_b=False: mm(a, b, dtype=f64, trans_a=trans_a,
+                                                                    trans_b=trans_b).astype(f64)
+
+        def one(q, k, v, beta, g, r, rm1, s, do, xc):
+            ks = [k[:, l] for l in range(L)]
+            betas = [beta[:, l] for l in range(L)]
+            d = chunk_decays(g, r, rm1)
+            m = betas[0][:, None] * (ks[0] @ ks[0].T) * d.m1m1
+            a_inv = _xla_inverse(m)
+            dq, dks, dvs, dbetas, dg = chunk_grads(q, ks, [v[:, l] for l in range(L)], betas, g, r, rm1, s, do,
+                                                   xc, a_inv, scale=scale, mm_dtype=f64, matmul=mm64)
+            return dq, jnp.stack(dks, 1), jnp.stack(dvs, 1), jnp.stack(dbetas, 1), dg
+
+        out = _over_chunks(one)(q, k, v, beta, g, rc(x.r), rc(x.rm1), starts.astype(f64), dc,
+                                cot_end.astype(f64))
+        return [np.asarray(_unchunked(t)) for t in out]
+
+
+def _mosaic(x, starts, do, cot_end, ainv, *, scale, interpret):
+    fn = jax.jit(functools.partial(chunk_grads_backward, scale=scale, interpret=interpret))
+    return fn(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
+
+
+def _assert_close(got, want, tol=1e-2):
+    names = ("dq", "dk", "dv", "dbeta", "dg")
+    for name, a, b in zip(names, got, want):
+        a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+        b = np.asarray(b, np.float64)
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+        assert err < tol, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("L,V,init,reset", [(1, 64, True, True), (1, 128, False, False), (2, 64, True, True),
+                                            (3, 64, False, True)])
+def test_interpret_matches_float64_reference(L, V, init, reset):
+    x, starts, do, cot_end, ainv = _inputs(L=L, V=V, init=init, reset=reset, seed=L + V)
+    scale = 0.125
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=scale, interpret=True)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
+
+
+def test_interpret_matches_triton_kernel():
+    from pallas_kernels.gpu.chunk_grads import chunk_grads_backward as triton_chunk_grads
+
+    x, starts, do, cot_end, ainv = _inputs(L=2, V=64, seed=3)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=0.3, interpret=True)
+    dq, dk, dv, dbeta, dg = triton_chunk_grads(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end,
+                                               scale=0.3, chunk_size=C, ainv=ainv, interpret=True)
+    _assert_close(got, [np.asarray(jnp.asarray(t, jnp.float32)) for t in (dq, dk, dv, dbeta, dg)])
+
+
+def test_bad_inputs_raise():
+    x, starts, do, cot_end, ainv = _inputs(K=64, V=64)
+    tv = mc.token_vectors(x)
+    with pytest.raises(ValueError, match="16-bit"):
+        chunk_grads_backward(x._replace(q=x.q.astype(jnp.float32)), tv, starts, do, cot_end, scale=1.0,
+                             ainv=ainv)
+    with pytest.raises(ValueError, match="ainv"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=None)
+    with pytest.raises(ValueError, match="block_v"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
+    x3 = _inputs(K=128, V=64, L=3)[0]
+    with pytest.raises(ValueError, match="SMEM"):
+        chunk_grads_backward(x3, mc.token_vectors(x3), *_inputs(K=128, V=64, L=3)[1:4], scale=1.0,
+                             ainv=_inputs(K=128, V=64, L=3)[4])
+
+
+@pytest.mark.parametrize("L,K,V", [(1, 64, 128), (2, 128, 128)])
+def test_lowers_for_cuda(L, K, V):
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
+    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
+    lowered = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [1, 2])
+def test_gpu_matches_float64_reference(L):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=128 ** -0.5))
