@@ -1,0 +1,131 @@
+"""Mosaic GPU output kernel (`pallas_kernels/gpu/mosaic/outputs.py`): in the interpreter against
+`common.chunk_output` vmapped over chunks in float64 and against the Triton `split.outputs` (interpret
+mode, chunk 64); lowered for CUDA on CPU; on the GPU at a larger shape."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.common import chunk_decays, chunk_output, prepare
+from pallas_kernels.gpu import split
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.outputs import outputs
+
+C = mc.CHUNK
+SCALE = 0.3
+
+
+def _inputs(T, H, K, V, L, *, with_s0, resets, dtype=jnp.bfloat16, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    q = jax.random.normal(ks[0], (1, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (1, T, H, L, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(ks[2], (1, T, H, L, V), dtype)
+    beta = jax.random.uniform(ks[3], (1, T, H, L)).astype(dtype)
+    g = -jax.random.uniform(ks[4], (1, T, H)) * 0.2
+    s0 = jax.random.normal(ks[5], (1, H, K, V)) if with_s0 else None
+    seg = None
+    if resets:
+        seg = jnp.zeros((1, T), jnp.int32).at[:, T // 3:].set(1).at[:, T - 5:].set(2)
+    return prepare(q, k, v, beta, g, s0, seg, C)
+
+
+def _intra_and_starts(x):
+    p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False, interpret=True)
+    starts, _, _ = split.state_pass(x, p, qe, chunk_size=C, interpret=True)
+    return p, qe, starts
+
+
+def _reference64(x, p, qe, starts):
+    """`chunk_output` per chunk in float64 on the same (16-bit) inputs: o [B, Tp, H, V] float64."""
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N = Tp // C
+    with jax.enable_x64(True):
+        f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32), np.float64))
+        chunked = lambda t: jnp.moveaxis(f64(t).reshape(B, N, C, *t.shape[2:]), 3, 1)  # [B, H, N, C, ...]
+        q, k, v, beta, p6, qe6 = map(chunked, (x.q, x.k, x.v, x.beta, p, qe))
+        g = chunked(x.g)
+        rc = lambda t: jnp.broadcast_to(jnp.asarray(t).reshape(B, 1, N, C), (B, H, N, C))
+
+        def one(s, p, qe, q, k, v, beta, g, r, rm1):
+            ks = [k[:, l] for l in range(L)]
+            vws = [beta[:, l, None] * v[:, l] for l in range(L)]
+            d = chunk_decays(g, r, rm1)
+            return chunk_output(s, p, qe, q, ks[0], ks, vws, d, mm_dtype=jnp.float64)
+
+        fn = jax.vmap(jax.vmap(jax.vmap(one)))
+        o = fn(f64(starts), p6, qe6, q, k, v, beta, g, rc(x.r), rc(x.rm1))  # [B, H, N, C, V]
+        return SCALE * np.asarray(jnp.moveaxis(o, 1, 3).reshape(B, Tp, H, V))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+CASES = [  # (T, V, L, with_s0, resets, block_v)
+    (100, 64, 1, False, False, None),
+    (150, 128, 2, True, True, None),
+    (150, 128, 3, True, False, 64),
+]
+
+
+@pytest.mark.parametrize("T,V,L,with_s0,resets,block_v", CASES)
+def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets, block_v):
+    x = _inputs(T, 2, 64, V, L, with_s0=with_s0, resets=resets)
+    p, qe, starts = _intra_and_starts(x)
+    tv = mc.token_vectors(x)
+    got = outputs(x, tv, p, qe, starts, scale=SCALE, block_v=block_v, interpret=True)
+    assert got.shape == x.q.shape[:3] + (V,) and got.dtype == x.v.dtype
+    got = np.asarray(got.astype(jnp.float32))
+    assert _rel(got, _reference64(x, p, qe, starts)) < 1e-2
+    triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C, interpret=True)
+    assert _rel(got, triton.astype(jnp.float32)) < 1e-2
+
+
+def test_outputs_lower_for_cuda():
+    for V, L, block_v in ((128, 2, None), (128, 1, 64)):
+        x = _inputs(100, 2, 64, V, L, with_s0=True, resets=True)
+        p = jnp.zeros(x.q.shape, x.q.dtype)
+        qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
+        starts = jnp.zeros((1, 2, x.q.shape[1] // C, 64, V), jnp.float32)
+        tv = mc.token_vectors(x)
+        fn = functools.partial(outputs, scale=SCALE, block_v=block_v, interpret=False)
+        lowered = jax.jit(fn).trace(x, tv, p, qe, starts).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_outputs_reject_unsupported_inputs():
+    x = _inputs(64, 1, 64, 64, 1, with_s0=False, resets=False)
+    p, qe = jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape, x.q.dtype)
+    starts = jnp.zeros((1, 1, 1, 64, 64), jnp.float32)
+    tv = mc.token_vectors(x)
+    x32 = x._replace(q=x.q.astype(jnp.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        outputs(x32, tv, p, qe, starts, scale=1.0)
+    with pytest.raises(ValueError, match="starts"):
+        outputs(x, tv, p, qe, starts[:, :, :, :32], scale=1.0)
+    with pytest.raises(ValueError, match="block_v"):
+        outputs(x, tv, p, qe, starts, scale=1.0, block_v=32)
+
+
+@pytest.mark.gpu
+def test_outputs_on_gpu_match_float64():
+    ks = jax.random.split(jax.random.PRNGKey(3), 6)
+    B, T, H, K, V, L = 2, 512, 4, 128, 128, 2
+    q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, L, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, H, L, V), jnp.bfloat16)
+    beta = jax.random.uniform(ks[3], (B, T, H, L)).astype(jnp.bfloat16)
+    g = -jax.random.uniform(ks[4], (B, T, H)) * 0.2
+    seg = jnp.zeros((B, T), jnp.int32).at[:, 300:].set(1)
+    x = prepare(q, k, v, beta, g, jax.random.normal(ks[5], (B, H, K, V)), seg, C)
+    p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
+    starts, _, _ = split.state_pass(x, p, qe, chunk_size=C)
+    got = outputs(x, mc.token_vectors(x), p, qe, starts, scale=SCALE)
+    assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, starts)) < 1e-2
