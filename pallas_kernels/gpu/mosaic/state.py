@@ -1,0 +1,190 @@
+"""Mosaic GPU forward state pass (Hopper: TMA, wgmma): the chunk-start states and the final state.
+
+Drop-in for `pallas_kernels.gpu.split.state_pass` at chunk_size=64, state_pieces=1, without outputs.
+Per chunk n (prism-math.md section 3, `common.chunk_state_update`), with S [K, bv] the state's
+value block at the chunk's start:
+
+    E = P S + Qe                                           [C, bv]  (wgmma: M = C = 64, contraction K)
+    S <- all * S + k_0^T (end * beta_0 * v_0 - end_m1 * E) + sum_{l>0} k_l^T (end * beta_l * v_l)
+                                                           [K, bv]  (L wgmmas: M = K, contraction C)
+
+One CTA (one warpgroup) per (b, h, value block) walks the N chunks in order; grid (B, H, V / bv).
+- S stays in float32 registers (the wgmma accumulator of the second product, initialised with
+  all * S); each step stages it once as a 16-bit SMEM operand (the B operand of P S).
+- The row scalings (end_m1 of E's rows, end * beta_l of v_l's rows) are folded into the [C, bv]
+  right-hand operands, which pass through registers anyway (E is an accumulator, v_l is loaded to be
+  scaled); the keys k_l go to wgmma straight from their TMA tile as transposed A operands (k_l^T).
+  So the erase term and the L writes are one accumulator of L wgmmas.
+- Per-token scalings come packed from XLA: rows [end_m1, end * beta_0, ..., end * beta_{L-1}] of
+  one [L + 1, C] float32 tile per chunk; the chunk decay `all` broadcast to a [K] row (a vector in
+  the accumulator's row layout, no scalar loads).
+- Pipelined: the next chunk's tiles (P, Qe, k_l, v_l, the scalings) are fetched by TMA into the
+  other of two SMEM slots while this chunk computes; a chunk's start state goes out by TMA from a
+  float32 SMEM tile while the chunk computes. When two slots do not fit in SMEM (K = 128 with L = 3:
+  the keys alone are 2 * 3 * 16 KiB) the kernel falls back to one slot (the fetch is issued after
+  the chunk's last wgmma and waited for at the next step's start).
+
+Expected cost (H200, bf16, K = V = 128, bv = 64): per chunk 2 + L small wgmmas (64 x 64 x 128 and
+L x 128 x 64 x 64, ~2.1 MFLOP for L = 1) whose latency (~1-2 us per dependent wgmma + the register
+round trip through SMEM) sets the step time, not the tensor-core rate; ~24 KiB (L = 1) of TMA
+traffic per step, prefetched, plus 32 KiB of start state written. The pass is latency-bound per
+CTA: its time is ~N * step latency, with B * H * V / bv CTAs (>= 132 to fill the machine; a
+block_v of 32 would double the CTAs when B * H is small, but does not pass layout inference yet).
+~1 us per step would give ~0.5 ms at T = 32K (N = 512) vs the Triton pass's 2.7 ms at chunk 32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.common import Prepared
+from pallas_kernels.gpu.mosaic import common as mc
+
+f32 = jnp.float32
+C = mc.CHUNK
+KEY_SIZES = (64, 128)
+BLOCK_V_SIZES = (64,)  # 32: Mosaic layout inference fails (jax 0.11.2) on the 32-column tiles
+SMEM_BUDGET = 220 * 1024  # of the 227 KiB a CTA may have: room for barriers and alignment
+
+
+def accumulate(init, pairs, shape):
+    """`init + sum(a @ b for a, b in pairs)` [M, N] float32: len(pairs) wgmmas into one zeroed
+    accumulator, one wait, then the add in registers. (`pl.run_state` with `plgpu.ACC.init` would
+    skip the add, but the Mosaic GPU interpreter has no rule for the wgmma it discharges to; the
+    result passes an optimization barrier as in `common.matmul`.)"""
+
+    def scoped(acc):
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    out = lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
+    return out if init is None else init + out
+
+
+def check_inputs(name, *, dtype, chunk, K, V, block_v):
+    """ValueError for what the Mosaic state kernels do not support."""
+    if jnp.dtype(dtype) not in mc.DTYPES:
+        raise ValueError(f"{name}: inputs must be bfloat16 or float16 (got {jnp.dtype(dtype)}); float32 inputs "
+                         "use the Triton kernels")
+    if chunk != C:
+        raise ValueError(f"{name}: chunk size must be {C} (got {chunk})")
+    if K not in KEY_SIZES:
+        raise ValueError(f"{name}: key size K must be one of {KEY_SIZES} (got {K})")
+    if block_v not in BLOCK_V_SIZES:
+        raise ValueError(f"{name}: block_v must be one of {BLOCK_V_SIZES} (got {block_v})")
+    if V % block_v:
+        raise ValueError(f"{name}: value size V={V} must be a multiple of block_v={block_v}")
+
+
+def _smem_bytes(slots, L, K, bv, itemsize):
+    tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
+    tiles += slots * ((L + 1) * C + K) * 4  # scalings
+    return tiles + (L * C * bv + K * bv) * itemsize + K * bv * 4  # u_l, S (16-bit), S (f32)
+
+
+def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, interpret=False):
+    """(starts [B, H, N, K, V] float32 or None unless `with_starts`, final [B, H, K, V] float32).
+
+    x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
+    tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
+    kernel's). Grid (B, H, V / block_v), sequential over the N = Tp / 64 chunks in each CTA.
+    block_v: value columns per CTA; 64 only for now (32, twice the CTAs for long T at small B * H, fails
+    Mosaic GPU layout inference in jax 0.11.2).
+    """
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    check_inputs("state_pass", dtype=x.k.dtype, chunk=C, K=K, V=V, block_v=block_v)
+    if Tp % C:
+        raise ValueError(f"state_pass: the padded length Tp={Tp} of `x` must be a multiple of {C} "
+                         f"(prepare with chunk_size={C})")
+    for name, t, shape in (("p", p, (B, Tp, H, K)), ("qe", qe, (B, Tp, H, V))):
+        if t.shape != shape or t.dtype != x.k.dtype:
+            raise ValueError(f"state_pass: `{name}` must be {shape} {x.k.dtype} (got {t.shape} {t.dtype})")
+    N = Tp // C
+    dt = x.k.dtype
+    bv = block_v
+    slots = 2 if _smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
+    # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
+    scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
+    scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)
+    all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
+
+    def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
+             all_s, u_s, s_b, s_f, bar, s0_bar):
+        starts_ref, final_ref = outs if with_starts else (None, outs[0])
+        b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        vs = pl.ds(vb * bv, bv)
+
+        def issue(n, slot):
+            rows = pl.ds(n * C, C)
+            plgpu.copy_gmem_to_smem(p_ref.at[b, rows, h], p_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(qe_ref.at[b, rows, h, vs], qe_s.at[slot], bar.at[slot])
+            for l in range(L):
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[slot, l], bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, vs], v_s.at[slot, l], bar.at[slot])
+            plgpu.copy_gmem_to_smem(scal_ref.at[b, h, n], scal_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(all_ref.at[b, h, n], all_s.at[slot], bar.at[slot])
+
+        plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, vs], s_f, s0_bar)
+        issue(0, 0)
+        plgpu.barrier_wait(s0_bar)
+        s0 = plgpu.load(s_f, (), layout=mc.WGMMA)
+
+        def step(n, s):
+            slot = lax.rem(n, 2) if slots == 2 else 0
+            plgpu.barrier_wait(bar.at[slot])
+            if slots == 2:
+                @pl.when(n + 1 < N)
+                def _prefetch():
+                    plgpu.commit_smem()
+                    issue(n + 1, 1 - slot)
+
+            if with_starts:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous start state has left s_f
+                s_f[...] = s
+            s_b[...] = s.astype(dt)
+            plgpu.commit_smem()
+            if with_starts:
+                plgpu.copy_smem_to_gmem(s_f, starts_ref.at[b, h, n, :, vs])
+            qe_f = plgpu.load(qe_s.at[slot], (), layout=mc.WGMMA).astype(f32)
+            e = accumulate(qe_f, [(p_s.at[slot], s_b)], (C, bv))
+            rows = lambda i: mc.rows_of(plgpu.load(scal_s.at[slot, i], (), layout=mc.ROWS), (C, bv))
+            v_f = lambda l: plgpu.load(v_s.at[slot, l], (), layout=mc.WGMMA).astype(f32)
+            u_s.at[0][...] = (rows(1) * v_f(0) - rows(0) * e).astype(dt)
+            for l in range(1, L):
+                u_s.at[l][...] = (rows(l + 1) * v_f(l)).astype(dt)
+            plgpu.commit_smem()
+            decayed = mc.rows_of(plgpu.load(all_s.at[slot], (), layout=mc.ROWS), (K, bv)) * s
+            s = accumulate(decayed, [(k_s.at[slot, l].T, u_s.at[l]) for l in range(L)], (K, bv))
+            if slots == 1:
+                @pl.when(n + 1 < N)
+                def _fetch():
+                    plgpu.commit_smem()
+                    issue(n + 1, 0)
+            return s
+
+        s = lax.fori_loop(0, N, step, s0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        s_f[...] = s
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s_f, final_ref.at[b, h, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(
+        p_s=mc.smem((slots, C, K), dt), qe_s=mc.smem((slots, C, bv), dt), k_s=mc.smem((slots, L, C, K), dt),
+        v_s=mc.smem((slots, L, C, bv), dt), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
+        all_s=plgpu.SMEM((slots, K), f32), u_s=mc.smem((L, C, bv), dt), s_b=mc.smem((K, bv), dt),
+        s_f=plgpu.SMEM((K, bv), f32), bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots),
+        s0_bar=plgpu.Barrier(num_arrivals=1))
+    out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
+    if with_starts:
+        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+    outs = mc.kernel(body, name="prism_mosaic_state", out_type=tuple(out_type), scratch=scratch,
+                     grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
+        p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))
+    return (outs[0], outs[1]) if with_starts else (None, outs[0])
