@@ -69,7 +69,7 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
         plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f, x_bar)
         issue(N - 1, 0)
         plgpu.barrier_wait(x_bar)
-        x0 = plgpu.load(x_f, (), layout=mc.WGMMA)
+        x0 = plgpu.load(x_f, layout=mc.WGMMA)
 
         def step(i, xs):
             n = N - 1 - i
@@ -88,8 +88,8 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
             plgpu.copy_smem_to_gmem(x_f, cot_ref.at[b, h, n, :, vs])
             w_s[...] = (-mc.matmul(ek_s.at[slot], x_b, (C, bv))).astype(dt)
             plgpu.commit_smem()
-            a_x = mc.rows_of(plgpu.load(a_s.at[slot], (), layout=mc.ROWS), (K, bv)) * xs
-            init = plgpu.load(y_s.at[slot], (), layout=mc.WGMMA) + a_x
+            a_x = mc.rows_of(plgpu.load(a_s.at[slot], layout=mc.ROWS), (K, bv)) * xs
+            init = plgpu.load(y_s.at[slot], layout=mc.WGMMA) + a_x
             return accumulate(init, [(p_s.at[slot].T, w_s)], (K, bv))
 
         xs = lax.fori_loop(0, N, step, x0)

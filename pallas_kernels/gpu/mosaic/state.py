@@ -133,7 +133,7 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
         plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, vs], s_f, s0_bar)
         issue(0, 0)
         plgpu.barrier_wait(s0_bar)
-        s0 = plgpu.load(s_f, (), layout=mc.WGMMA)
+        s0 = plgpu.load(s_f, layout=mc.WGMMA)
 
         def step(n, s):
             slot = lax.rem(n, 2) if slots == 2 else 0
@@ -151,15 +151,15 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
             plgpu.commit_smem()
             if with_starts:
                 plgpu.copy_smem_to_gmem(s_f, starts_ref.at[b, h, n, :, vs])
-            qe_f = plgpu.load(qe_s.at[slot], (), layout=mc.WGMMA).astype(f32)
+            qe_f = plgpu.load(qe_s.at[slot], layout=mc.WGMMA).astype(f32)
             e = accumulate(qe_f, [(p_s.at[slot], s_b)], (C, bv))
-            rows = lambda i: mc.rows_of(plgpu.load(scal_s.at[slot, i], (), layout=mc.ROWS), (C, bv))
-            v_f = lambda l: plgpu.load(v_s.at[slot, l], (), layout=mc.WGMMA).astype(f32)
+            rows = lambda i: mc.rows_of(plgpu.load(scal_s.at[slot, i], layout=mc.ROWS), (C, bv))
+            v_f = lambda l: plgpu.load(v_s.at[slot, l], layout=mc.WGMMA).astype(f32)
             u_s.at[0][...] = (rows(1) * v_f(0) - rows(0) * e).astype(dt)
             for l in range(1, L):
                 u_s.at[l][...] = (rows(l + 1) * v_f(l)).astype(dt)
             plgpu.commit_smem()
-            decayed = mc.rows_of(plgpu.load(all_s.at[slot], (), layout=mc.ROWS), (K, bv)) * s
+            decayed = mc.rows_of(plgpu.load(all_s.at[slot], layout=mc.ROWS), (K, bv)) * s
             s = accumulate(decayed, [(k_s.at[slot, l].T, u_s.at[l]) for l in range(L)], (K, bv))
             if slots == 1:
                 @pl.when(n + 1 < N)

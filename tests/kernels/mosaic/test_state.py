@@ -1,0 +1,127 @@
+"""Mosaic GPU forward state pass (`pallas_kernels/gpu/mosaic/state.py`): in the Mosaic GPU interpreter
+against `common.chunk_state_update` looped in float64 and against the Triton state pass (interpret
+mode, chunk 64), lowered for CUDA on CPU, and a GPU test for the device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.common import chunk_end_decays, chunk_state_update, prepare
+from pallas_kernels.gpu import split
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.state import state_pass
+
+C = mc.CHUNK
+
+
+def _inputs(*, B=1, T=101, H=2, K=64, V=64, L=1, initial=True, reset_at=None, seed=0, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, L, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, L, V), dtype)
+    g = -jax.random.uniform(ks[3], (B, T, H)) * 0.2
+    beta = jax.random.uniform(ks[4], (B, T, H, L)).astype(dtype)
+    s0 = jax.random.normal(ks[5], (B, H, K, V)) if initial else None
+    seg = None if reset_at is None else jnp.zeros((B, T), jnp.int32).at[:, reset_at:].set(1)
+    return prepare(q, k, v, beta, g, s0, seg, C)
+
+
+def _intra(x):
+    p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False, interpret=True)
+    return p, qe
+
+
+def _reference(x, p, qe):
+    """(starts [B, H, N, K, V], final [B, H, K, V]) float64: `chunk_state_update` chunk by chunk on
+    float64 casts of the same (16-bit) inputs."""
+    B, Tp, H, K = x.q.shape
+    L = x.k.shape[3]
+
+    def update(s, p, qe, k, v, beta, g, r, rm1):  # one head: s [K, V], p [C, K], k [C, L, K], ...
+        ks = [k[:, l] for l in range(L)]
+        vws = [beta[:, l, None] * v[:, l] for l in range(L)]
+        return chunk_state_update(s, p, qe, ks[0], ks, vws, chunk_end_decays(g, r, rm1), mm_dtype=jnp.float64)
+
+    over_heads = jax.vmap(update, in_axes=(0, 1, 1, 1, 1, 1, 1, None, None))
+    over_batch = jax.jit(jax.vmap(over_heads))
+    with jax.enable_x64(True):
+        f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32)), jnp.float64)
+        p, qe, k, v, beta, g, s = (f64(t) for t in (p, qe, x.k, x.v, x.beta, x.g, x.s0))
+        starts = []
+        for n in range(Tp // C):
+            sl = slice(n * C, (n + 1) * C)
+            starts.append(np.asarray(s))
+            s = over_batch(s, p[:, sl], qe[:, sl], k[:, sl], v[:, sl], beta[:, sl], g[:, sl], x.r[:, sl],
+                           x.rm1[:, sl])
+        return np.stack(starts, axis=2), np.asarray(s)
+
+
+def _rel(a, b):
+    return np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("L, V, K, initial, reset_at, compare_triton", [
+    (1, 64, 64, True, 80, True),
+    (2, 128, 64, False, None, False),
+    (3, 128, 64, True, 70, False),
+    (3, 64, 128, True, 20, False),  # K = 128, L = 3: two slots do not fit, the one-slot walk
+])
+def test_interpreter_matches_float64_reference(L, V, K, initial, reset_at, compare_triton):
+    T = 150 if L == 3 else 101  # 3 or 2 chunks, odd lengths before padding
+    x = _inputs(T=T, K=K, V=V, L=L, initial=initial, reset_at=reset_at, seed=L)
+    p, qe = _intra(x)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, interpret=True)
+    ref_starts, ref_final = _reference(x, p, qe)
+    assert starts.shape == ref_starts.shape and final.shape == ref_final.shape
+    assert _rel(starts, ref_starts) < 1e-2
+    assert _rel(final, ref_final) < 1e-2
+    if compare_triton:
+        tri_starts, tri_final, _ = split.state_pass(x, p, qe, chunk_size=C, block_v=64, interpret=True)
+        assert _rel(starts, np.asarray(tri_starts, np.float64)) < 1e-2
+        assert _rel(final, np.asarray(tri_final, np.float64)) < 1e-2
+
+
+def test_without_starts_gives_the_same_final_state():
+    x = _inputs(L=2, V=64, reset_at=30, seed=5)
+    p, qe = _intra(x)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, with_starts=False, interpret=True)
+    assert starts is None
+    assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
+
+
+@pytest.mark.parametrize("L, K, V, with_starts", [(1, 64, 64, True), (2, 128, 128, False), (3, 128, 128, True)])
+def test_lowers_for_cuda(L, K, V, with_starts):
+    x = _inputs(K=K, V=V, L=L, reset_at=50)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
+    fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, with_starts=with_starts))
+    lowered = fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_rejects_unsupported_inputs():
+    x = _inputs()
+    tv = mc.token_vectors(x)
+    p, qe = jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape[:3] + (64,), x.q.dtype)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        xf = x._replace(k=x.k.astype(jnp.float32))
+        state_pass(xf, tv, p, qe)
+    with pytest.raises(ValueError, match="block_v"):
+        state_pass(x, tv, p, qe, block_v=48)
+    with pytest.raises(ValueError, match="`qe`"):
+        state_pass(x, tv, p, qe[..., :32])
+    x96 = _inputs(K=96)
+    with pytest.raises(ValueError, match="key size K"):
+        state_pass(x96, mc.token_vectors(x96), jnp.zeros(x96.q.shape, x96.q.dtype), qe)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_float64_reference():
+    x = _inputs(B=2, T=500, H=4, K=128, V=128, L=2, reset_at=300, seed=11)
+    p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe)
+    ref_starts, ref_final = _reference(x, p, qe)
+    assert _rel(starts, ref_starts) < 1e-2
+    assert _rel(final, ref_final) < 1e-2
