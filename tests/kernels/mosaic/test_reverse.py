@@ -1,0 +1,105 @@
+"""Mosaic GPU reverse state-gradient pass (`pallas_kernels/gpu/mosaic/reverse.py`): in the Mosaic GPU
+interpreter against `backward.reverse_scan` in float64 and against the Triton reverse pass (interpret
+mode, bf16 products), lowered for CUDA on CPU, and a GPU test for the device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.backward import _chunked, _over_chunks, _state_pullback, reverse_scan
+from pallas_kernels.common import prepare
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.reverse import reverse_pass
+from pallas_kernels.gpu.state_bwd import reverse_pass as triton_reverse_pass
+
+C = mc.CHUNK
+
+
+def _pullback_inputs(*, B=1, T=101, H=2, K=64, V=64, reset_at=None, seed=0, dtype=jnp.bfloat16):
+    """(p, ek 16-bit [B, H, N, C, K], a [B, H, N], y [B, H, N, K, V], dfinal [B, H, K, V]) float32 from
+    the XLA state pullback of random (bf16) inputs with `reset_at` starting a new segment."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jnp.zeros((B, T, H, 1, V), dtype)
+    g = -jax.random.uniform(ks[2], (B, T, H)) * 0.2
+    beta = jax.random.uniform(ks[3], (B, T, H, 1)).astype(dtype)
+    seg = None if reset_at is None else jnp.zeros((B, T), jnp.int32).at[:, reset_at:].set(1)
+    x = prepare(q, k, v, beta, g, None, seg, C)
+    Tp = x.q.shape[1]
+    do = jax.random.normal(ks[4], (B, Tp, H, V), dtype)
+    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
+    pull = _over_chunks(functools.partial(_state_pullback, scale=K ** -0.5, mm_dtype=jnp.bfloat16))
+    p, ek, a, y = pull(_chunked(x.q, C), _chunked(x.k, C)[..., 0, :], _chunked(x.beta, C)[..., 0],
+                       _chunked(x.g, C), rc(x.r), rc(x.rm1), _chunked(do, C))
+    dfinal = jax.random.normal(ks[5], (B, H, K, V))
+    return p.astype(dtype), ek.astype(dtype), a, y, dfinal
+
+
+def _reference(p, ek, a, y, dfinal):
+    with jax.enable_x64(True):
+        f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32)), jnp.float64)
+        cot, ds0 = reverse_scan(*(f64(t) for t in (p, ek, a, y, dfinal)))
+        return np.asarray(cot), np.asarray(ds0)
+
+
+def _rel(a, b):
+    return np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("K, V, T, reset_at, compare_triton", [
+    (64, 128, 150, 100, True),  # a reset in the second of 3 chunks
+    (64, 64, 101, None, False),
+    (128, 64, 101, 40, False),
+])
+def test_interpreter_matches_float64_reference(K, V, T, reset_at, compare_triton):
+    inputs = _pullback_inputs(K=K, V=V, T=T, reset_at=reset_at, seed=K + V)
+    if reset_at is not None:
+        assert float(jnp.min(inputs[2])) == 0.0  # the reset chunk's decay is zero
+    cot, ds0 = reverse_pass(*inputs, interpret=True)
+    ref_cot, ref_ds0 = _reference(*inputs)
+    assert cot.shape == ref_cot.shape and ds0.shape == ref_ds0.shape
+    assert _rel(cot, ref_cot) < 1e-2
+    assert _rel(ds0, ref_ds0) < 1e-2
+    if compare_triton:
+        p, ek, a, y, dfinal = inputs
+        tri_cot, tri_ds0 = triton_reverse_pass(p.astype(jnp.float32), ek.astype(jnp.float32), a, y, dfinal,
+                                               mm_dtype=jnp.bfloat16, interpret=True)
+        assert _rel(cot, np.asarray(tri_cot, np.float64)) < 1e-2
+        assert _rel(ds0, np.asarray(tri_ds0, np.float64)) < 1e-2
+
+
+@pytest.mark.parametrize("K, V", [(64, 64), (128, 128)])
+def test_lowers_for_cuda(K, V):
+    B, H, N = 1, 2, 3
+    args = (jnp.zeros((B, H, N, C, K), jnp.bfloat16), jnp.zeros((B, H, N, C, K), jnp.bfloat16),
+            jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
+    lowered = jax.jit(reverse_pass).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_rejects_unsupported_inputs():
+    B, H, N, K, V = 1, 2, 2, 64, 64
+    p = jnp.zeros((B, H, N, C, K), jnp.bfloat16)
+    a, y, dfinal = jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        reverse_pass(p.astype(jnp.float32), p.astype(jnp.float32), a, y, dfinal)
+    with pytest.raises(ValueError, match="chunk size"):
+        reverse_pass(p[..., :32, :], p[..., :32, :], a, y, dfinal)
+    with pytest.raises(ValueError, match="`ek`"):
+        reverse_pass(p, p.astype(jnp.float16), a, y, dfinal)
+    with pytest.raises(ValueError, match="`y`"):
+        reverse_pass(p, p, a, y[:, :, :1], dfinal)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_float64_reference():
+    inputs = _pullback_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=3)
+    cot, ds0 = reverse_pass(*inputs)
+    ref_cot, ref_ds0 = _reference(*inputs)
+    assert _rel(cot, ref_cot) < 1e-2
+    assert _rel(ds0, ref_ds0) < 1e-2
