@@ -51,6 +51,7 @@ f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
 BLOCKS = (8, 16, 32)  # supported diagonal block sizes of the inverse
+MAX_WRITES = 4  # L: the right-hand side's L products share the four [C, C] staging buffers
 
 
 def _check(x: Prepared, tv: mc.TokenVectors, block: int):
@@ -65,6 +66,8 @@ def _check(x: Prepared, tv: mc.TokenVectors, block: int):
         raise ValueError(f"mosaic intra: key size K = {x.k.shape[-1]}; supported: {SIZES}")
     if V not in SIZES:
         raise ValueError(f"mosaic intra: value size V = {V}; supported: {SIZES}")
+    if not 1 <= L <= MAX_WRITES:
+        raise ValueError(f"mosaic intra: L = {L} writes per token; supported: 1 to {MAX_WRITES}")
     if Tp % C:
         raise ValueError(f"mosaic intra: padded length {Tp} must be a multiple of the chunk size {C} "
                          "(prepare(..., chunk_size=64))")

@@ -1,0 +1,141 @@
+"""The Mosaic GPU intra-chunk kernel (`pallas_kernels/gpu/mosaic/intra.py`) against the float64 chunk
+math (`common.chunk_solve` vmapped over chunks on float64 casts of the same 16-bit inputs) and the
+Triton kernel (`split.intra`, interpret mode, chunk 64); run in the Mosaic GPU interpreter on CPU,
+lowered for CUDA on CPU, and (`gpu` mark) on the device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.common import chunk_decays, chunk_solve, prepare
+from pallas_kernels.gpu import split
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.intra import intra
+
+C = mc.CHUNK
+
+
+def _inputs(T=100, H=2, K=64, V=64, L=2, B=1, seed=0, resets=True, adversarial=False, dtype=jnp.bfloat16):
+    """Padded inputs (chunk 64) with L2-normalised keys; `resets`: a document boundary inside the
+    second chunk and one at a chunk's first token. adversarial: beta = 1, no decay and nearly
+    parallel keys of alternating sign (k0 k0^T entries near +-1: the largest growth of (I + m)^{-1}
+    a PRISM chunk can reach)."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, L, K))
+    beta = jax.random.uniform(ks[4], (B, T, H, L))
+    g = -jax.random.uniform(ks[3], (B, T, H)) * 0.3
+    if adversarial:
+        sign = (-1.0) ** jnp.arange(T)[None, :, None, None, None]
+        k = sign * (jax.random.normal(ks[5], (1, 1, 1, 1, K)) + 0.05 * k)
+        beta = jnp.ones_like(beta)
+        g = jnp.zeros_like(g)
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, L, V), dtype)
+    seg = None
+    if resets:
+        seg = jnp.zeros((B, T), jnp.int32).at[:, 90:].set(1)
+        seg = seg.at[:, 2 * C:].set(2) if T > 2 * C else seg
+    return prepare(q, k, v, beta.astype(dtype), g, None, seg, C)
+
+
+def _reference(x):
+    """(P, Qe, ainv) in float64 from `common.chunk_solve` per chunk, on float64 casts of x, with the
+    inverse by `jnp.linalg.inv`."""
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N = Tp // C
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(np.asarray(a.astype(jnp.float32), np.float64))
+        chunked = lambda a: jnp.moveaxis(a.reshape(B, N, C, *a.shape[2:]), 2, -1)  # chunk axis last
+        k = jnp.moveaxis(chunked(f64(x.k)), -1, -2)  # [B, N, H, L, C, K]
+        v = jnp.moveaxis(chunked(f64(x.v)), -1, -2)
+        beta = chunked(f64(x.beta))  # [B, N, H, L, C]
+        g = chunked(f64(x.g))  # [B, N, H, C]
+        r, rm1 = (jnp.asarray(a).reshape(B, N, C) for a in (x.r, x.rm1))
+
+        def one(k, v, beta, g, r, rm1):
+            d = chunk_decays(g, r, rm1)
+            vws = [beta[l][:, None] * v[l] for l in range(L)]
+            return chunk_solve(k[0], list(k), vws, beta[0], d, mm_dtype=jnp.float64,
+                               inverse=lambda m: jnp.linalg.inv(jnp.eye(C, dtype=m.dtype) + m))
+
+        per_head = jax.vmap(one, in_axes=(0, 0, 0, 0, None, None))
+        p, qe, ainv = jax.jit(jax.vmap(jax.vmap(per_head)))(k, v, beta, g, r, rm1)  # [B, N, H, C, .]
+        unchunk = lambda a: np.asarray(jnp.moveaxis(a, 3, 2).reshape(B, Tp, H, -1))
+        return unchunk(p), unchunk(qe), np.asarray(jnp.moveaxis(ainv, 2, 1))
+
+
+def rel(got, want):
+    got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
+    """Runs the kernel, checks dtypes and the relative errors of (P, Qe[, ainv]) against float64."""
+    out = intra(x, mc.token_vectors(x), interpret=interpret, save_inverse=save_inverse, **kw)
+    assert out[0].dtype == x.k.dtype and out[1].dtype == x.k.dtype
+    assert (out[2].dtype == jnp.float32) if save_inverse else (out[2] is None)
+    errs = [rel(got, w) for got, w in zip(out[:2 + save_inverse], _reference(x))]
+    assert max(errs) < tol, errs
+    return out, errs
+
+
+@pytest.mark.parametrize("L,V,block,merge_split,save_inverse", [
+    (1, 64, 16, True, False), (2, 128, 16, True, True), (3, 64, 32, False, True)])
+def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse):
+    """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5)."""
+    _, errs = _check(_inputs(L=L, V=V, seed=L), block=block, merge_split=merge_split,
+                     save_inverse=save_inverse)
+    if save_inverse:
+        assert errs[2] < (1e-4 if merge_split else 1e-2), errs
+
+
+def test_intra_adversarial_growth_matches_float64_and_triton_intra():
+    """beta = 1, no decay, nearly parallel keys of alternating sign. The inverse (8-row blocks, three
+    hi/lo doublings) stays float32-accurate; P and Qe are as close to float64 as the Triton kernel
+    at chunk 64 gets (both round the same operands to bf16; Qe's rows cancel, so both are ~3e-2
+    off float64 here) and close to the Triton kernel itself."""
+    x = _inputs(L=2, V=64, seed=3, resets=False, adversarial=True)
+    want = _reference(x)
+    got = intra(x, mc.token_vectors(x), interpret=True, block=8)
+    triton = split.intra(x, chunk_size=C, interpret=True)
+    as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+    assert rel(got[2], want[2]) < 1e-4
+    for name, g, t, w in zip(("p", "qe", "ainv"), got, triton, want):
+        assert rel(g, w) <= 1.2 * rel(t, w) + 1e-4, name
+        assert rel(g, as64(t)) < 1e-2, name
+
+
+def test_intra_rejects_unsupported_inputs():
+    x = _inputs(T=64, L=1)
+    tv = mc.token_vectors(x)
+    with pytest.raises(ValueError, match="dtype"):
+        intra(x._replace(k=x.k.astype(jnp.float32), v=x.v.astype(jnp.float32)), tv)
+    with pytest.raises(ValueError, match="key size"):
+        intra(x._replace(k=jnp.zeros((*x.k.shape[:-1], 32), x.k.dtype)), tv)
+    with pytest.raises(ValueError, match="block"):
+        intra(x, tv, block=64)
+    y = _inputs(T=64, L=5)
+    with pytest.raises(ValueError, match="writes"):
+        intra(y, mc.token_vectors(y))
+    with pytest.raises(ValueError, match="token_vectors"):
+        intra(x, mc.token_vectors(x, chunk=32)._replace(beta=tv.beta[..., :32]))
+
+
+def test_intra_lowers_for_cuda():
+    x = _inputs(L=3, V=128, K=128)
+    tv = mc.token_vectors(x)
+    lowered = jax.jit(functools.partial(intra, interpret=False)).trace(x, tv).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge_split", [True, False])
+def test_intra_on_gpu_matches_float64(merge_split):
+    _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=2, seed=11), interpret=False, merge_split=merge_split)
+    _check(_inputs(B=1, T=256, H=2, K=128, V=128, L=2, seed=12, resets=False, adversarial=True),
+           interpret=False, merge_split=merge_split)
