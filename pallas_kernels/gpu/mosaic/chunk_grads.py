@@ -63,28 +63,27 @@ def _smem_bytes(K, BV, L, dtype):
     """Bytes of SMEM the kernel allocates (for the check before compiling)."""
     it = jnp.dtype(dtype).itemsize
     tiles = ((1 + L) * C * K  # q, k_l
-             + 2 * L * C * BV  # v_l, vw_l
+             + 2 * L * C * BV  # v_l (later dv_l), vw_l
              + C * BV + 2 * K * BV  # do, S, dS'
-             + (2 + 2 * L) * C * C  # X, QK0, QK_l, B_l
-             + 3 * C * BV  # E, dR, beta0 dR
-             + (2 + 3 * L) * C * C  # cotangent operands dkk, dqk0, dqk_l, da_l, xcoef_l
-             + 3 * C * C  # identity, hi / lo of a transposed matrix
-             + C * BV) * it  # dv
-    vecs = 4 * ((_N_ROW_VECS + L + 2) * C + (L + _N_OUT_VECS) * C) + 4 * 4 * C
-    return tiles + vecs + 4 * C * K + 1024  # + float32 [C, K] output tile, barrier / alignment
+             + (2 + 2 * L) * C * C  # X, QK0, QK_l, beta0 B_l (later the cotangent operands)
+             + 3 * C * BV) * it  # E, dR, rhs (later dE)
+    vecs = 4 * ((_N_ROW_VECS + L + 2) * C + (L + _N_OUT_VECS) * C + 2 * C) + 4 * 4 * C
+    return tiles + vecs + 4 * C * 64 + 1024  # + float32 [C, 64] output tile, barrier / alignment
 
 
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
-          q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s, b0dr_s,
-          cot_s, eye_s, hl_s, dv_s, rv_s, cv_s, ri_s, ovec_s, out_s, bar, *, L, nvb, scale):
+          q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s, tmp_s,
+          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar, *, L, nvb, scale):
+    """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
+    qk0_s QK0, then dkk; qk_s[l] QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then dA_l; v_s[l]
+    v_l, then dv_l; tmp_s the right-hand side, then dE."""
     n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
     b, vb = bv // nvb, bv % nvb
     K = q_s.shape[-1]
     BV = v_s.shape[-1]
     rows = pl.ds(n * C, C)
     cols = pl.ds(vb * BV, BV)
-    dt = q_s.dtype
 
     # ---- loads: every tile and vector of this (chunk, head, value block), one barrier.
     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
@@ -111,7 +110,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     Gc, Gm1c = plgpu.load(cv_s.at[0], layout=mc.COLS), plgpu.load(cv_s.at[1], layout=mc.COLS)
     r, rm1 = plgpu.load(ri_s.at[0], layout=mc.ROWS), plgpu.load(ri_s.at[1], layout=mc.ROWS)
     rc, rm1c = plgpu.load(ri_s.at[2], layout=mc.COLS), plgpu.load(ri_s.at[3], layout=mc.COLS)
-    sq, sv, sk = (C, C), (C, BV), (C, K)
+    sq, sv = (C, C), (C, BV)
     R = lambda vec, shape=sq: mc.rows_of(vec, shape)
     m1m1 = lambda: mc.decay_matrix(Gm1, rm1, Gm1c, rm1c, sq, strict=True)
     m1_0 = lambda: mc.decay_matrix(Gm1, rm1, Gc, rc, sq, strict=True)
@@ -126,116 +125,111 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     qkl = lambda l: _mm(q_s, k_s.at[l].T, sq) * t_0()
     bl = lambda l: _mm(k_s.at[0], k_s.at[l].T, sq) * m1_0()
     put(qk0_s, qk0())
-    vls = []
     for l in range(L):
         put(qk_s.at[l], qkl(l))
-        put(b_s.at[l], bl(l))
+        put(b_s.at[l], R(beta0) * bl(l))  # diag(beta0) B_l: rhs and dvw_l both want it scaled
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
-    eye = (mc.iota(sq, 0) == mc.iota(sq, 1)).astype(f32)
-    put(eye_s, eye)
     plgpu.commit_smem()
 
     # ---- block step: E, dE, dR, dv_l and the row sums.
     k0s = _mm(k_s.at[0], s_s, sv)  # k0 S
-    acc = None
+    rhs = R(beta0 * start_m1, sv) * k0s
     for l in range(L):
-        acc = _mm(b_s.at[l], vw_s.at[l], sv, init=acc)
-    put(cot_s.at[0], R(beta0 * start_m1, sv) * k0s + R(beta0, sv) * acc)  # rhs
+        rhs = _mm(b_s.at[l], vw_s.at[l], sv, init=rhs)
+    put(tmp_s, rhs)
     plgpu.commit_smem()
-    e = _mm(xinv_s, cot_s.at[0], sv)
+    e = _mm(xinv_s, tmp_s, sv)
     put(e_s, e)
     kx0 = _mm(k_s.at[0], x_s, sv)  # k0 dS'
     re = jnp.sum(e * kx0, axis=1)
-    de = -scale * _mm(qk0_s.T, do_s, sv) - R(end_m1, sv) * kx0
-    put(cot_s.at[1], de)
+    put(tmp_s, -scale * _mm(qk0_s.T, do_s, sv) - R(end_m1, sv) * kx0)  # dE
     plgpu.commit_smem()
-    dr = _mm(xinv_s.T, cot_s.at[1], sv)
+    dr = _mm(xinv_s.T, tmp_s, sv)
     rs = jnp.sum(dr * k0s, axis=1)
     put(dr_s, dr)
-    put(b0dr_s, R(beta0, sv) * dr)
     plgpu.commit_smem()
     rend = jnp.zeros_like(re)
     dbetas = []
     for l in range(L):
         kx = kx0 if l == 0 else _mm(k_s.at[l], x_s, sv)
-        dvw = _mm(b_s.at[l].T, b0dr_s, sv) + scale * _mm(qk_s.at[l].T, do_s, sv) + R(end, sv) * kx
+        dvw = _mm(b_s.at[l].T, dr_s, sv) + scale * _mm(qk_s.at[l].T, do_s, sv) + R(end, sv) * kx
         vl = plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32)
-        vw = R(betas[l], sv) * vl
         dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(vw * kx, axis=1)
-        put(dv_s.at[l], R(betas[l], sv) * dvw)
-        xcoef = R(end, sv) * vw - (R(end_m1, sv) * e if l == 0 else 0.0)
-        put(cot_s.at[2 + 3 * l], xcoef)
+        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
+        put(v_s.at[l], R(betas[l], sv) * dvw)  # dv_l
     plgpu.commit_smem()
     for l in range(L):
-        plgpu.copy_smem_to_gmem(dv_s.at[l], dv_ref.at[b, rows, h, l, cols])
+        plgpu.copy_smem_to_gmem(v_s.at[l], dv_ref.at[b, rows, h, l, cols])
 
     # ---- finish: the [C, C] cotangents (one wgmma over BV each) and the decay terms.
+    def colsum(w, i):
+        """Column sums of w [C, C] in the ROWS layout (through SMEM: reduced as COLS, read as ROWS)."""
+        cs_s[i] = jnp.sum(w, axis=0)
+        plgpu.commit_smem()
+        return plgpu.load(cs_s.at[i], layout=mc.ROWS)
+
     kk_m = _mm(k_s.at[0], k_s.at[0].T, sq) * m1m1()
     dm = -_mm(dr_s, e_s.T, sq)
     dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
     w_m1m1 = R(beta0) * dm * kk_m
-    put(cot_s.at[0], R(beta0) * dm * m1m1())  # dkk
+    put(qk0_s, R(beta0) * dm * m1m1())  # dkk
     dqk0 = -scale * _mm(do_s, e_s.T, sq)
     w_tm1 = dqk0 * qk0()
-    put(cot_s.at[1], dqk0 * t_m1())
+    put(xinv_s, dqk0 * t_m1())
     dG = jnp.sum(w_tm1, axis=1)
-    dGm1 = jnp.sum(w_m1m1, axis=1)
+    dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
     w_t0 = jnp.zeros(sq, f32)
     w_m10 = jnp.zeros(sq, f32)
     for l in range(L):
         dqkl = scale * _mm(do_s, vw_s.at[l].T, sq)
         w_t0 = w_t0 + dqkl * qkl(l)
-        put(cot_s.at[3 + 3 * l], dqkl * t_0())
+        put(qk_s.at[l], dqkl * t_0())
         drv = _mm(dr_s, vw_s.at[l].T, sq)
         b_l = bl(l)
         dbeta0 = dbeta0 + jnp.sum(drv * b_l, axis=1)
         dbl = R(beta0) * drv
         w_m10 = w_m10 + dbl * b_l
-        put(cot_s.at[4 + 3 * l], dbl * m1_0())
-    dG = dG + jnp.sum(w_t0, axis=1)
+        put(b_s.at[l], dbl * m1_0())  # dA_l
+    dG = dG + jnp.sum(w_t0, axis=1) - colsum(w_t0 + w_m10, 1)
     dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
     plgpu.commit_smem()
 
-    def colsum(w):
-        """Column sums of w [C, C] in the ROWS layout: row sums of w^T = (hi + lo)^T I."""
-        hi = w.astype(dt)
-        put(hl_s.at[0], hi)
-        put(hl_s.at[1], w - hi.astype(f32))
-        plgpu.commit_smem()
-        wt = _mm(hl_s.at[1].T, eye_s, sq, init=_mm(hl_s.at[0].T, eye_s, sq))
-        return jnp.sum(wt, axis=1)
+    # rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K.
+    qs = _mm(q_s, s_s, sv)
+    dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
+    dG = dG + scale * jnp.sum(dof * qs, axis=1) * start - rend * end
+    dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
 
-    dG = dG - colsum(w_t0 + w_m10)
-    dGm1 = dGm1 - colsum(w_m1m1 + w_tm1)
-
-    # ---- [C, K] outputs, one float32 accumulator at a time.
+    # ---- [C, K] outputs in [C, 64] column slices, one float32 accumulator at a time.
     def store_out(value, dst):
         plgpu.wait_smem_to_gmem(0)  # the previous output left out_s
         out_s[...] = value
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_s, dst)
 
-    dq_state = scale * _mm(do_s, s_s.T, sk)  # dO S^T
-    qf = plgpu.load(q_s, layout=mc.WGMMA).astype(f32)
-    dG = dG + jnp.sum(dq_state * qf, axis=1) * start - rend * end
-    dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
-    dq = _mm(cot_s.at[1], k_s.at[0], sk, init=R(start, sk) * dq_state)
-    for l in range(L):
-        dq = _mm(cot_s.at[3 + 3 * l], k_s.at[l], sk, init=dq)
-    store_out(dq, dq_ref.at[vb, b, rows, h])
+    so = (C, 64)
+    for kh in range(K // 64):
+        kc = pl.ds(kh * 64, 64)
+        sl = lambda ref: ref if K == 64 else ref.at[:, kc]  # 64 columns of a [C, K] operand
+        st = lambda ref: (ref if K == 64 else ref.at[kc]).T  # ... of ref^T, ref [K, BV]
+        q_h, k_h = sl(q_s), [sl(k_s.at[l]) for l in range(L)]
+        dq = R(start * scale, so) * _mm(do_s, st(s_s), so)
+        dq = _mm(xinv_s, k_h[0], so, init=dq)
+        for l in range(L):
+            dq = _mm(qk_s.at[l], k_h[l], so, init=dq)
+        store_out(dq, dq_ref.at[vb, b, rows, h, kc])
 
-    dk0 = R(beta0 * start_m1, sk) * _mm(dr_s, s_s.T, sk)
-    for a, bb in ((cot_s.at[0], k_s.at[0]), (cot_s.at[0].T, k_s.at[0]), (cot_s.at[1].T, q_s)):
-        dk0 = _mm(a, bb, sk, init=dk0)
-    for l in range(L):
-        dk0 = _mm(cot_s.at[4 + 3 * l], k_s.at[l], sk, init=dk0)
-    for l in range(L):
-        dkl = dk0 if l == 0 else None
-        dkl = _mm(cot_s.at[2 + 3 * l], x_s.T, sk, init=dkl)
-        dkl = _mm(cot_s.at[3 + 3 * l].T, q_s, sk, init=dkl)
-        dkl = _mm(cot_s.at[4 + 3 * l].T, k_s.at[0], sk, init=dkl)
-        store_out(dkl, dk_ref.at[vb, b, rows, h, l])
+        dk0 = (R(beta0 * start_m1, so) * _mm(dr_s, st(s_s), so)
+               - R(end_m1, so) * _mm(e_s, st(x_s), so))
+        for a, bb in ((qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)):
+            dk0 = _mm(a, bb, so, init=dk0)
+        for l in range(L):
+            dk0 = _mm(b_s.at[l], k_h[l], so, init=dk0)
+        for l in range(L):
+            dkl = R(end, so) * _mm(vw_s.at[l], st(x_s), so)
+            dkl = _mm(qk_s.at[l].T, q_h, so, init=dkl)
+            dkl = _mm(b_s.at[l].T, k_h[0], so, init=dkl)
+            store_out(dkl + dk0 if l == 0 else dkl, dk_ref.at[vb, b, rows, h, l, kc])
 
     dbetas[0] = dbetas[0] + dbeta0
     for l in range(L):
@@ -271,7 +265,7 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v):
     need = _smem_bytes(K, block_v, L, x.q.dtype)
     if need > SMEM_LIMIT:
         raise ValueError(f"chunk_grads_backward: K = {K}, L = {L} needs {need // 1024} KiB of SMEM "
-                         f"(limit {SMEM_LIMIT // 1024} KiB); supported: L = 1, 2 at K = 128, L <= 3 at K = 64")
+                         f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64")
 
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
@@ -300,11 +294,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         vw_s=mc.smem((L, *sv), dt), do_s=mc.smem(sv, dt), s_s=mc.smem((K, block_v), dt),
         x_s=mc.smem((K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
         qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem(sv, dt),
-        dr_s=mc.smem(sv, dt), b0dr_s=mc.smem(sv, dt), cot_s=mc.smem((2 + 3 * L, *sq), dt),
-        eye_s=mc.smem(sq, dt), hl_s=mc.smem((2, *sq), dt), dv_s=mc.smem((L, *sv), dt),
+        dr_s=mc.smem(sv, dt), tmp_s=mc.smem(sv, dt),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
-        ri_s=plgpu.SMEM((4, C), jnp.int32), ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32),
-        out_s=mc.smem(sk, f32),
+        ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
+        ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((C, 64), f32),
         bar=plgpu.Barrier(num_arrivals=1 + 2 * L + 4 + _N_ROW_VECS + L + 2 + 4))
     out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
                 jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),

@@ -93,10 +93,10 @@ def _assert_close(got, want, tol=1e-2):
         assert err < tol, f"{name}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("L,V,init,reset", [(1, 64, True, True), (1, 128, False, False), (2, 64, True, True),
-                                            (3, 64, False, True)])
-def test_interpret_matches_float64_reference(L, V, init, reset):
-    x, starts, do, cot_end, ainv = _inputs(L=L, V=V, init=init, reset=reset, seed=L + V)
+@pytest.mark.parametrize("L,K,V,init,reset", [(1, 64, 64, True, True), (1, 128, 128, False, False),
+                                              (2, 64, 128, True, True), (3, 64, 64, False, True)])
+def test_interpret_matches_float64_reference(L, K, V, init, reset):
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
     scale = 0.125
     got = _mosaic(x, starts, do, cot_end, ainv, scale=scale, interpret=True)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
