@@ -15,11 +15,19 @@ matrix products are wgmma (16-bit operands, float32 accumulators); every C x C p
 SMEM as the A operand of the next product, and E is staged as a B operand. The products of o chain
 into one accumulator (init = diag(start) q S).
 
-Cost per CTA (K = V = bv = 128, L writes): 2 [C,K]x[K,V] + (L+1) [C,K]x[K,C] + (L+1) [C,C]x[C,V]
-wgmmas (~(L+1) * 2 MFLOP + 4 MFLOP), ~(2 + 2L) * 16 KiB of 16-bit tiles + 64 KiB of float32 state
-in; the start state read dominates the bytes (64 KiB of 112 at L = 1), so the kernel is
-bandwidth-bound: ~B*N*H * 96 KiB / 4.8 TB/s. Nothing is pipelined inside a CTA (one chunk each);
-the SM overlaps CTAs (2 resident per SM at ~100 KiB of SMEM). Expected: about the bytes' time.
+SMEM (`smem_bytes`): at K = V = 128 all V columns do not fit (S alone is 64 KiB float32 + 32 KiB
+16-bit), so `default_block_v` gives 64 columns per CTA: ~140 KiB at L = 1, ~170 KiB at L = 2, one
+CTA per SM; at K = V = 64 one CTA holds all columns in ~90 KiB (2 per SM).
+
+Cost: per (chunk, head) 2 [C,K]x[K,V] + (L+1) [C,K]x[K,C] + (L+1) [C,C]x[C,V] wgmmas (~6 MFLOP at
+K = V = 128, L = 1: ~50 GFLOP at B*T = 32K, H = 16, under 0.1 ms of tensor-core time); bytes per
+(chunk, head) q, k_l, p, v_l, qe, o 16-bit (16 KiB each at 128) + S 64 KiB float32: ~160 KiB at
+L = 1, 1.3 GB at B*T = 32K, H = 16, ~0.3 ms at 4.8 TB/s. The kernel is bandwidth-bound (the float32
+start state is 40 % of the bytes; q, k, p are read by both column halves, the second read mostly
+from L2). Nothing is pipelined inside a CTA (one chunk each: TMA in, compute, TMA out); with one
+CTA per SM the load latency is exposed between CTAs, so expect well above the 0.3 ms bytes' time.
+Next step if it shows: several chunks per CTA with the next chunk's tiles prefetched into a
+second slot (that needs the SMEM cut first, e.g. S staged in halves).
 """
 
 from __future__ import annotations
@@ -65,9 +73,9 @@ def _check(x: Prepared, p, qe, starts, block_v):
 
 
 def smem_bytes(K, bv, L, itemsize=2):
-    """SMEM one CTA uses: 16-bit tiles q, k_l, p [C, K], v_l, qe, E, o [C, bv], S [K, bv],
+    """SMEM one CTA uses: 16-bit tiles q, k_l, p [C, K], v_l, qe (later o), E [C, bv], S [K, bv],
     L + 1 products [C, C]; S in float32 [K, bv]; the vectors."""
-    tiles = (2 + L) * C * K + (3 + L) * C * bv + K * bv + (L + 1) * C * C
+    tiles = (2 + L) * C * K + (2 + L) * C * bv + K * bv + (L + 1) * C * C
     return tiles * itemsize + 4 * K * bv + (8 + L) * C * 4
 
 
@@ -85,7 +93,7 @@ def _matmul(a, b, shape, init, interpret):
 
 
 def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, gf_ref, gi_ref, o_ref,
-          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, e_s, a_s, o_s, vf_s, vi_s, bar, *, L, bv, scale, interpret):
+          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, e_s, a_s, vf_s, vi_s, bar, *, L, bv, scale, interpret):
     b, n, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
     rows, cols = pl.ds(n * C, C), pl.ds(vb * bv, bv)
     copies = [(q_ref.at[b, rows, h], q_s), (p_ref.at[b, rows, h], p_s),
@@ -124,9 +132,9 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, gf_ref, gi_ref, o_ref,
     o = _matmul(a_s[0], e_s, (C, bv), o, interpret)
     for l in range(L):
         o = _matmul(a_s[1 + l], v_s[l], (C, bv), o, interpret)
-    o_s[...] = (scale * o).astype(o_s.dtype)
+    qe_s[...] = (scale * o).astype(qe_s.dtype)  # qe_s is free (read into registers for E)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, rows, h, cols])
+    plgpu.copy_smem_to_gmem(qe_s, o_ref.at[b, rows, h, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -149,12 +157,15 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     gi = jnp.stack([tv.r, tv.r, tv.rm1])
     n_copies = 4 + 2 * L + 4 + L + 3
     scratch = dict(
-        q_s=mc.smem((C, K), dt), k_s=mc.smem((L, C, K), dt), v_s=tuple(mc.smem((C, block_v), dt) for _ in range(L)),
+        q_s=mc.smem((C, K), dt), k_s=mc.smem((L, C, K), dt),
+        v_s=tuple(mc.smem((C, block_v), dt) for _ in range(L)),
         p_s=mc.smem((C, K), dt), qe_s=mc.smem((C, block_v), dt), s32_s=mc.smem((K, block_v), jnp.float32),
-        s16_s=mc.smem((K, block_v), dt), e_s=mc.smem((C, block_v), dt), a_s=tuple(mc.smem((C, C), dt) for _ in range(L + 1)),
-        o_s=mc.smem((C, block_v), dt), vf_s=plgpu.SMEM((4 + L, C), jnp.float32),
-        vi_s=plgpu.SMEM((3, C), jnp.int32), bar=plgpu.Barrier(num_arrivals=n_copies))
+        s16_s=mc.smem((K, block_v), dt), e_s=mc.smem((C, block_v), dt),
+        a_s=tuple(mc.smem((C, C), dt) for _ in range(L + 1)),
+        vf_s=plgpu.SMEM((4 + L, C), jnp.float32), vi_s=plgpu.SMEM((3, C), jnp.int32),
+        bar=plgpu.Barrier(num_arrivals=n_copies))
     body = functools.partial(_body, L=L, bv=block_v, scale=scale, interpret=interpret)
-    return mc.kernel(body, name="prism_mosaic_outputs", out_type=jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype),
-                     scratch=scratch, grid=(B, Tp // C, H, V // block_v), grid_names=("b", "n", "h", "v"),
+    out_type = jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype)
+    return mc.kernel(body, name="prism_mosaic_outputs", out_type=out_type, scratch=scratch,
+                     grid=(B, Tp // C, H, V // block_v), grid_names=("b", "n", "h", "v"),
                      interpret=interpret)(x.q, x.k, x.v, p, qe, starts, gf, gi)

@@ -65,7 +65,7 @@ def _check(got, ref, tol):
         assert _rel(np.asarray(g.astype(jnp.float32)), r) < tol, name
 
 
-@pytest.mark.parametrize("T,V,L,resets", [(100, 64, 1, False), (150, 128, 2, True), (150, 128, 3, True)])
+@pytest.mark.parametrize("T,V,L,resets", [(99, 64, 1, False), (99, 128, 2, True), (99, 128, 3, True)])
 def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets):
     x, do = _inputs(1, T, 2, 64, V, L, resets=resets)
     ainv = _ainv(x)
@@ -79,7 +79,7 @@ def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets):
 
 
 def test_pullback_lowers_for_cuda():
-    for K, V in ((64, 128), (128, 64)):
+    for K, V in ((64, 128), (128, 128)):
         x, do = _inputs(1, 100, 2, K, V, 1, resets=True)
         ainv = jnp.zeros((1, 2, x.q.shape[1] // C, C, C), jnp.float32)
         fn = functools.partial(state_pullback, scale=SCALE, interpret=False)
@@ -89,7 +89,7 @@ def test_pullback_lowers_for_cuda():
 
 def test_pullback_rejects_unsupported_inputs():
     x, do = _inputs(1, 64, 1, 64, 64, 1, resets=False)
-    tv = mc.token_vectors(x)
+    tv = None  # the checks come before the token vectors are read
     ainv = jnp.zeros((1, 1, 1, C, C), jnp.float32)
     with pytest.raises(ValueError, match="dtype"):
         state_pullback(x._replace(q=x.q.astype(jnp.float32)), tv, do, scale=1.0, ainv=ainv)
