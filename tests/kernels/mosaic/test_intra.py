@@ -23,23 +23,30 @@ def _inputs(T=100, H=2, K=64, V=64, L=2, B=1, seed=0, resets=True, adversarial=F
     second chunk and one at a chunk's first token. adversarial: beta = 1, no decay and nearly
     parallel keys of alternating sign (k0 k0^T entries near +-1: the largest growth of (I + m)^{-1}
     a PRISM chunk can reach)."""
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
-    k = jax.random.normal(ks[1], (B, T, H, L, K))
-    beta = jax.random.uniform(ks[4], (B, T, H, L))
-    g = -jax.random.uniform(ks[3], (B, T, H)) * 0.3
+    rng = np.random.default_rng(seed)  # numpy, then one jitted prepare: eager jax ops are slow on CPU
+    q = rng.normal(size=(B, T, H, K))
+    k = rng.normal(size=(B, T, H, L, K))
+    beta = rng.uniform(size=(B, T, H, L))
+    g = -rng.uniform(size=(B, T, H)) * 0.3
     if adversarial:
-        sign = (-1.0) ** jnp.arange(T)[None, :, None, None, None]
-        k = sign * (jax.random.normal(ks[5], (1, 1, 1, 1, K)) + 0.05 * k)
-        beta = jnp.ones_like(beta)
-        g = jnp.zeros_like(g)
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = jax.random.normal(ks[2], (B, T, H, L, V), dtype)
+        sign = (-1.0) ** np.arange(T)[None, :, None, None, None]
+        k = sign * (rng.normal(size=K) + 0.05 * k)
+        beta = np.ones_like(beta)
+        g = np.zeros_like(g)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.normal(size=(B, T, H, L, V))
     seg = None
     if resets:
-        seg = jnp.zeros((B, T), jnp.int32).at[:, 90:].set(1)
-        seg = seg.at[:, 2 * C:].set(2) if T > 2 * C else seg
-    return prepare(q, k, v, beta.astype(dtype), g, None, seg, C)
+        seg = np.zeros((B, T), np.int32)
+        seg[:, 90:] = 1
+        seg[:, 2 * C:] = 2
+    cast = lambda a: jnp.asarray(a, dtype)
+    return _prepare(cast(q), cast(k), cast(v), cast(beta), jnp.asarray(g, jnp.float32), None,
+                    None if seg is None else jnp.asarray(seg), C)
+
+
+_prepare = jax.jit(prepare, static_argnums=7)
+_token_vectors = jax.jit(mc.token_vectors)
 
 
 def _reference(x):
@@ -76,7 +83,7 @@ def rel(got, want):
 
 def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
     """Runs the kernel, checks dtypes and the relative errors of (P, Qe[, ainv]) against float64."""
-    out = intra(x, mc.token_vectors(x), interpret=interpret, save_inverse=save_inverse, **kw)
+    out = intra(x, _token_vectors(x), interpret=interpret, save_inverse=save_inverse, **kw)
     assert out[0].dtype == x.k.dtype and out[1].dtype == x.k.dtype
     assert (out[2].dtype == jnp.float32) if save_inverse else (out[2] is None)
     errs = [rel(got, w) for got, w in zip(out[:2 + save_inverse], _reference(x))]
@@ -101,7 +108,7 @@ def test_intra_adversarial_growth_matches_float64_and_triton_intra():
     off float64 here) and close to the Triton kernel itself."""
     x = _inputs(L=2, V=64, seed=3, resets=False, adversarial=True)
     want = _reference(x)
-    got = intra(x, mc.token_vectors(x), interpret=True, block=8)
+    got = intra(x, _token_vectors(x), interpret=True, block=8)
     triton = split.intra(x, chunk_size=C, interpret=True)
     as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
     assert rel(got[2], want[2]) < 1e-4
@@ -112,7 +119,7 @@ def test_intra_adversarial_growth_matches_float64_and_triton_intra():
 
 def test_intra_rejects_unsupported_inputs():
     x = _inputs(T=64, L=1)
-    tv = mc.token_vectors(x)
+    tv = _token_vectors(x)
     with pytest.raises(ValueError, match="dtype"):
         intra(x._replace(k=x.k.astype(jnp.float32), v=x.v.astype(jnp.float32)), tv)
     with pytest.raises(ValueError, match="key size"):
@@ -121,14 +128,14 @@ def test_intra_rejects_unsupported_inputs():
         intra(x, tv, block=64)
     y = _inputs(T=64, L=5)
     with pytest.raises(ValueError, match="writes"):
-        intra(y, mc.token_vectors(y))
+        intra(y, _token_vectors(y))
     with pytest.raises(ValueError, match="token_vectors"):
-        intra(x, mc.token_vectors(x, chunk=32)._replace(beta=tv.beta[..., :32]))
+        intra(x, tv._replace(beta=tv.beta[..., :32]))
 
 
 def test_intra_lowers_for_cuda():
     x = _inputs(L=3, V=128, K=128)
-    tv = mc.token_vectors(x)
+    tv = _token_vectors(x)
     lowered = jax.jit(functools.partial(intra, interpret=False)).trace(x, tv).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
