@@ -30,7 +30,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.state import accumulate, check_inputs
+from pallas_kernels.gpu.mosaic.state import accumulate, check_inputs, operand_smem
 
 f32 = jnp.float32
 C = mc.CHUNK
@@ -41,7 +41,7 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
 
     p, ek [B, H, N, C, K] 16-bit (bf16 / f16, the same); a [B, H, N] float32; y [B, H, N, K, V]
     float32; dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
-    (last first) in each CTA. block_v: value columns per CTA (64).
+    (last first) in each CTA. block_v: value columns per CTA, 32 or 64 (32: twice the CTAs).
     """
     B, H, N, Cp, K = p.shape
     V = y.shape[-1]
@@ -99,9 +99,10 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
         plgpu.copy_smem_to_gmem(x_f, ds0_ref.at[b, h, :, vs])
         plgpu.wait_smem_to_gmem(0)
 
+    operand = lambda shape: operand_smem(shape, dt, bv)
     scratch = dict(
-        p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=plgpu.SMEM((2, K, bv), f32),
-        a_s=plgpu.SMEM((2, K), f32), x_b=mc.smem((K, bv), dt), w_s=mc.smem((C, bv), dt),
+        p_s=operand((2, C, K)), ek_s=operand((2, C, K)), y_s=plgpu.SMEM((2, K, bv), f32),
+        a_s=plgpu.SMEM((2, K), f32), x_b=operand((K, bv)), w_s=operand((C, bv)),
         x_f=plgpu.SMEM((K, bv), f32), bar=plgpu.Barrier(num_arrivals=4, num_barriers=2),
         x_bar=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32))

@@ -28,8 +28,8 @@ Expected cost (H200, bf16, K = V = 128, bv = 64): per chunk 2 + L small wgmmas (
 L x 128 x 64 x 64, ~2.1 MFLOP for L = 1) whose latency (~1-2 us per dependent wgmma + the register
 round trip through SMEM) sets the step time, not the tensor-core rate; ~24 KiB (L = 1) of TMA
 traffic per step, prefetched, plus 32 KiB of start state written. The pass is latency-bound per
-CTA: its time is ~N * step latency, with B * H * V / bv CTAs (>= 132 to fill the machine; a
-block_v of 32 would double the CTAs when B * H is small, but does not pass layout inference yet).
+CTA: its time is ~N * step latency, with B * H * V / bv CTAs (>= 132 to fill the machine; block_v=32
+doubles the CTAs when B * H is small).
 ~1 us per step would give ~0.5 ms at T = 32K (N = 512) vs the Triton pass's 2.7 ms at chunk 32.
 """
 
@@ -47,7 +47,7 @@ from pallas_kernels.gpu.mosaic import common as mc
 f32 = jnp.float32
 C = mc.CHUNK
 KEY_SIZES = (64, 128)
-BLOCK_V_SIZES = (64,)  # 32: Mosaic layout inference fails (jax 0.11.2) on the 32-column tiles
+BLOCK_V_SIZES = (32, 64)
 SMEM_BUDGET = 220 * 1024  # of the 227 KiB a CTA may have: room for barriers and alignment
 
 
@@ -64,6 +64,17 @@ def accumulate(init, pairs, shape):
 
     out = lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
     return out if init is None else init + out
+
+
+def operand_smem(shape, dtype, block_v):
+    """SMEM for a 16-bit wgmma operand of a kernel whose B operands are block_v columns wide.
+
+    Mosaic GPU's wgmma takes one swizzle for both operands, and a [*, block_v] B operand allows at
+    most block_v * 2 bytes (64 for block_v = 32): the A operands ([C, K] tiles) get the same."""
+    dtype = jnp.dtype(dtype)
+    swizzle = min(128, block_v * dtype.itemsize)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(swizzle)))
 
 
 def check_inputs(name, *, dtype, chunk, K, V, block_v):
@@ -93,8 +104,8 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
     tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
     kernel's). Grid (B, H, V / block_v), sequential over the N = Tp / 64 chunks in each CTA.
-    block_v: value columns per CTA; 64 only for now (32, twice the CTAs for long T at small B * H, fails
-    Mosaic GPU layout inference in jax 0.11.2).
+    block_v: value columns per CTA, 32 or 64 (32: twice the CTAs, for long T at small B * H; its wgmma
+    operands use the 64-byte swizzle, `operand_smem`).
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -175,10 +186,11 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
         plgpu.copy_smem_to_gmem(s_f, final_ref.at[b, h, :, vs])
         plgpu.wait_smem_to_gmem(0)
 
+    operand = lambda shape: operand_smem(shape, dt, bv)
     scratch = dict(
-        p_s=mc.smem((slots, C, K), dt), qe_s=mc.smem((slots, C, bv), dt), k_s=mc.smem((slots, L, C, K), dt),
+        p_s=operand((slots, C, K)), qe_s=mc.smem((slots, C, bv), dt), k_s=operand((slots, L, C, K)),
         v_s=mc.smem((slots, L, C, bv), dt), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
-        all_s=plgpu.SMEM((slots, K), f32), u_s=mc.smem((L, C, bv), dt), s_b=mc.smem((K, bv), dt),
+        all_s=plgpu.SMEM((slots, K), f32), u_s=operand((L, C, bv)), s_b=operand((K, bv)),
         s_f=plgpu.SMEM((K, bv), f32), bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots),
         s0_bar=plgpu.Barrier(num_arrivals=1))
     out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]

@@ -51,16 +51,16 @@ def _rel(a, b):
     return np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
 
 
-@pytest.mark.parametrize("K, V, T, reset_at, compare_triton", [
-    (64, 128, 150, 100, True),  # a reset in the second of 3 chunks
-    (64, 64, 101, None, False),
-    (128, 64, 101, 40, False),
+@pytest.mark.parametrize("K, V, block_v, T, reset_at, compare_triton", [
+    (64, 128, 64, 150, 100, True),  # a reset in the second of 3 chunks
+    (64, 64, 32, 101, None, False),
+    (128, 64, 64, 101, 40, False),
 ])
-def test_interpreter_matches_float64_reference(K, V, T, reset_at, compare_triton):
+def test_interpreter_matches_float64_reference(K, V, block_v, T, reset_at, compare_triton):
     inputs = _pullback_inputs(K=K, V=V, T=T, reset_at=reset_at, seed=K + V)
     if reset_at is not None:
         assert float(jnp.min(inputs[2])) == 0.0  # the reset chunk's decay is zero
-    cot, ds0 = reverse_pass(*inputs, interpret=True)
+    cot, ds0 = reverse_pass(*inputs, block_v=block_v, interpret=True)
     ref_cot, ref_ds0 = _reference(*inputs)
     assert cot.shape == ref_cot.shape and ds0.shape == ref_ds0.shape
     assert _rel(cot, ref_cot) < 1e-2
@@ -73,12 +73,12 @@ def test_interpreter_matches_float64_reference(K, V, T, reset_at, compare_triton
         assert _rel(ds0, np.asarray(tri_ds0, np.float64)) < 1e-2
 
 
-@pytest.mark.parametrize("K, V", [(64, 64), (128, 128)])
-def test_lowers_for_cuda(K, V):
+@pytest.mark.parametrize("K, V, block_v", [(64, 64, 64), (128, 128, 64), (128, 64, 32)])
+def test_lowers_for_cuda(K, V, block_v):
     B, H, N = 1, 2, 3
     args = (jnp.zeros((B, H, N, C, K), jnp.bfloat16), jnp.zeros((B, H, N, C, K), jnp.bfloat16),
             jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
-    lowered = jax.jit(reverse_pass).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda *a: reverse_pass(*a, block_v=block_v)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -62,17 +62,17 @@ def _rel(a, b):
     return np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
 
 
-@pytest.mark.parametrize("L, V, K, initial, reset_at, compare_triton", [
-    (1, 64, 64, True, 80, True),
-    (2, 128, 64, False, None, False),
-    (3, 128, 64, True, 70, False),
-    (3, 64, 128, True, 20, False),  # K = 128, L = 3: two slots do not fit, the one-slot walk
+@pytest.mark.parametrize("L, V, K, block_v, initial, reset_at, compare_triton", [
+    (1, 64, 64, 64, True, 80, True),
+    (2, 128, 64, 32, False, None, False),
+    (3, 128, 64, 64, True, 70, False),
+    (3, 64, 128, 64, True, 20, False),  # K = 128, L = 3: two slots do not fit, the one-slot walk
 ])
-def test_interpreter_matches_float64_reference(L, V, K, initial, reset_at, compare_triton):
+def test_interpreter_matches_float64_reference(L, V, K, block_v, initial, reset_at, compare_triton):
     T = 150 if L == 3 else 101  # 3 or 2 chunks, odd lengths before padding
     x = _inputs(T=T, K=K, V=V, L=L, initial=initial, reset_at=reset_at, seed=L)
     p, qe = _intra(x)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, interpret=True)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, interpret=True)
     ref_starts, ref_final = _reference(x, p, qe)
     assert starts.shape == ref_starts.shape and final.shape == ref_final.shape
     assert _rel(starts, ref_starts) < 1e-2
@@ -91,12 +91,13 @@ def test_without_starts_gives_the_same_final_state():
     assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
 
 
-@pytest.mark.parametrize("L, K, V, with_starts", [(1, 64, 64, True), (2, 128, 128, False), (3, 128, 128, True)])
-def test_lowers_for_cuda(L, K, V, with_starts):
+@pytest.mark.parametrize("L, K, V, block_v, with_starts", [
+    (1, 64, 64, 64, True), (2, 128, 128, 64, False), (3, 128, 128, 64, True), (2, 128, 64, 32, True)])
+def test_lowers_for_cuda(L, K, V, block_v, with_starts):
     x = _inputs(K=K, V=V, L=L, reset_at=50)
     p = jnp.zeros(x.q.shape, x.q.dtype)
     qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
-    fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, with_starts=with_starts))
+    fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, block_v=block_v, with_starts=with_starts))
     lowered = fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
