@@ -51,7 +51,7 @@ f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
 BLOCKS = (8, 16, 32)  # supported diagonal block sizes of the inverse
-MAX_WRITES = 4  # L: the right-hand side's L products share the four [C, C] staging buffers
+MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
 
 
 def _check(x: Prepared, tv: mc.TokenVectors, block: int):
@@ -153,7 +153,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,
-             gm1_s, rm1_s, gc_s, r_s, beta_s, beta0_s, a_s, b_s, rhs_s, p_s, qe_s, bar, x_s=None):
+             gm1_s, rm1_s, gc_s, r_s, beta_s, beta0_s, bar):
         b, n, h = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("h")
         rows = pl.ds(n * C, C)
         for l in range(L):
@@ -184,24 +184,42 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
         # m^T[j, t] = beta0_t kk[t, j] exp(Gm1_t - Gm1_j) for j < t: beta0 along columns.
         m_t = jnp.where(upper, kk * mc.cols_of(betas_c[0], sq) * _masked_exp(upper, -gm1_diff), 0.0)
-        xinv = _inverse(m, m_t, a_s, b_s, block=block, split=merge_split)
+        # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across them);
+        # a phase that stores by TMA waits for the store to have read its buffer before leaving.
+        xinv = pl.run_scoped(lambda a_s, b_s: _inverse(m, m_t, a_s, b_s, block=block, split=merge_split),
+                             mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
         # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
         m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
-        for l in range(L):  # a_s / b_s hold the L products (a [L, C, C] buffer would cost SMEM)
-            kkl = kk if l == 0 else mc.matmul(k_s.at[0], k_s.at[l].T, sq)
-            _to_smem((a_s, b_s)[l // 2].at[l % 2], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
-        rhs = _matmul_sum([((a_s, b_s)[l // 2].at[l % 2], v_s.at[l]) for l in range(L)], (C, V))
-        _to_smem(rhs_s, rhs)
-        _to_smem(a_s.at[0], xinv * mc.cols_of(betas_c[0], sq))
-        _to_smem(qe_s, mc.matmul(a_s.at[0], rhs_s, (C, V)))
-        plgpu.copy_smem_to_gmem(qe_s, qe_ref.at[b, rows, h])
-        _to_smem(b_s.at[0], xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
-        _to_smem(p_s, mc.matmul(b_s.at[0], k_s.at[0], (C, K)))
-        plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+
+        def qe_phase(prod_s, xq_s, rhs_s):
+            for l in range(L):
+                kkl = kk if l == 0 else mc.matmul(k_s.at[0], k_s.at[l].T, sq)
+                _to_smem(prod_s.at[l], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
+            rhs = _matmul_sum([(prod_s.at[l], v_s.at[l]) for l in range(L)], (C, V))
+            _to_smem(rhs_s, rhs)
+            _to_smem(xq_s, xinv * mc.cols_of(betas_c[0], sq))
+            _to_smem(rhs_s, mc.matmul(xq_s, rhs_s, (C, V)))  # Qe (the product has read rhs_s)
+            plgpu.copy_smem_to_gmem(rhs_s, qe_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        pl.run_scoped(qe_phase, mc.smem((L, C, C), dt), mc.smem((C, C), dt), mc.smem((C, V), dt))
+
+        def p_phase(xp_s, p_s):
+            _to_smem(xp_s, xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
+            _to_smem(p_s, mc.matmul(xp_s, k_s.at[0], (C, K)))
+            plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt))
+
         if save_inverse:
-            _to_smem(x_s, xinv)
-            plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
+            def x_phase(x_s):
+                _to_smem(x_s, xinv)
+                plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            pl.run_scoped(x_phase, mc.smem((C, C), f32))
         plgpu.wait_smem_to_gmem(0)
 
     vec2 = lambda dtype: plgpu.SMEM((2, C), dtype)
@@ -209,11 +227,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         k_s=mc.smem((L, C, K), dt), v_s=mc.smem((L, C, V), dt),
         gm1_s=vec2(f32), rm1_s=vec2(jnp.int32), gc_s=vec2(f32), r_s=plgpu.SMEM((C,), jnp.int32),
         beta_s=plgpu.SMEM((L, C), f32), beta0_s=plgpu.SMEM((C,), f32),
-        a_s=mc.smem((2, C, C), dt), b_s=mc.smem((2, C, C), dt), rhs_s=mc.smem((C, V), dt),
-        p_s=mc.smem((C, K), dt), qe_s=mc.smem((C, V), dt))
-    if save_inverse:
-        scratch["x_s"] = mc.smem((C, C), f32)
-    scratch["bar"] = plgpu.Barrier(num_arrivals=3 * L + 8)
+        bar=plgpu.Barrier(num_arrivals=3 * L + 8))
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     if save_inverse:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
