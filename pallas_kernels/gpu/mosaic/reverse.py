@@ -10,6 +10,7 @@ chunks n = N-1 .. 0, with X [K, bv] the cotangent of chunk n's end state (X = df
 One CTA (one warpgroup) per (b, h, value block) walks the chunks backwards; grid (B, H, V / bv).
 - X stays in float32 registers; each step stages it once as a 16-bit SMEM operand (B of ek X), and
   W = -(ek X) goes from its accumulator to a 16-bit SMEM operand (B of P^T W), the sign folded in.
+- Y_n + a_n X is formed while ek X computes (`state.overlapped`).
 - a_n comes broadcast from XLA to a [K] row per chunk (a vector in the accumulator's row layout).
 - Pipelined: chunk n-1's tiles (P, ek 16-bit; Y float32; the a row) are fetched by TMA into the
   other of two SMEM slots while chunk n computes; cot_end[n] leaves by TMA from a float32 SMEM tile
@@ -30,7 +31,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.state import accumulate, check_inputs, operand_smem
+from pallas_kernels.gpu.mosaic.state import accumulate, check_inputs, operand_smem, overlapped
 
 f32 = jnp.float32
 C = mc.CHUNK
@@ -86,10 +87,14 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
             x_b[...] = xs.astype(dt)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(x_f, cot_ref.at[b, h, n, :, vs])
-            w_s[...] = (-mc.matmul(ek_s.at[slot], x_b, (C, bv))).astype(dt)
+
+            def meanwhile():  # while ek X computes: Y + a X
+                a_x = mc.rows_of(plgpu.load(a_s.at[slot], layout=mc.ROWS), (K, bv)) * xs
+                return plgpu.load(y_s.at[slot], layout=mc.WGMMA) + a_x
+
+            ekx, init = overlapped(ek_s.at[slot], x_b, (C, bv), meanwhile)
+            w_s[...] = (-ekx).astype(dt)
             plgpu.commit_smem()
-            a_x = mc.rows_of(plgpu.load(a_s.at[slot], layout=mc.ROWS), (K, bv)) * xs
-            init = plgpu.load(y_s.at[slot], layout=mc.WGMMA) + a_x
             return accumulate(init, [(p_s.at[slot].T, w_s)], (K, bv))
 
         xs = lax.fori_loop(0, N, step, x0)

@@ -18,6 +18,8 @@ One CTA (one warpgroup) per (b, h, value block) walks the N chunks in order; gri
 - Per-token scalings come packed from XLA: rows [end_m1, end * beta_0, ..., end * beta_{L-1}] of
   one [L + 1, C] float32 tile per chunk; the chunk decay `all` broadcast to a [K] row (a vector in
   the accumulator's row layout, no scalar loads).
+- While the first wgmma (P S) runs, the L write terms are scaled and staged (`overlapped`); only
+  the erase term waits for it.
 - Pipelined: the next chunk's tiles (P, Qe, k_l, v_l, the scalings) are fetched by TMA into the
   other of two SMEM slots while this chunk computes; a chunk's start state goes out by TMA from a
   float32 SMEM tile while the chunk computes. When two slots do not fit in SMEM (K = 128 with L = 3:
@@ -64,6 +66,20 @@ def accumulate(init, pairs, shape):
 
     out = lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
     return out if init is None else init + out
+
+
+def overlapped(a, b, shape, meanwhile):
+    """(a @ b [M, N] float32, meanwhile()): the wgmma is issued, then `meanwhile` (register / SMEM
+    work that does not touch the product) runs while the tensor cores compute, then the accumulator
+    is read (waiting for the wgmma; the product passes an optimization barrier as in `common.matmul`)."""
+
+    def scoped(acc):
+        plgpu.wgmma(acc, a, b)
+        other = meanwhile()
+        return acc[...], other
+
+    out, other = pl.run_scoped(scoped, plgpu.ACC(shape, f32))
+    return lax.optimization_barrier(out), other
 
 
 def operand_smem(shape, dtype, block_v):
@@ -162,13 +178,17 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
             plgpu.commit_smem()
             if with_starts:
                 plgpu.copy_smem_to_gmem(s_f, starts_ref.at[b, h, n, :, vs])
-            qe_f = plgpu.load(qe_s.at[slot], layout=mc.WGMMA).astype(f32)
-            e = accumulate(qe_f, [(p_s.at[slot], s_b)], (C, bv))
             rows = lambda i: mc.rows_of(plgpu.load(scal_s.at[slot, i], layout=mc.ROWS), (C, bv))
             v_f = lambda l: plgpu.load(v_s.at[slot, l], layout=mc.WGMMA).astype(f32)
-            u_s.at[0][...] = (rows(1) * v_f(0) - rows(0) * e).astype(dt)
-            for l in range(1, L):
-                u_s.at[l][...] = (rows(l + 1) * v_f(l)).astype(dt)
+
+            def meanwhile():  # while P S computes: the write terms, and Qe's part of the erase term
+                for l in range(1, L):
+                    u_s.at[l][...] = (rows(l + 1) * v_f(l)).astype(dt)
+                qe_f = plgpu.load(qe_s.at[slot], layout=mc.WGMMA).astype(f32)
+                return rows(1) * v_f(0) - rows(0) * qe_f
+
+            ps, u0 = overlapped(p_s.at[slot], s_b, (C, bv), meanwhile)
+            u_s.at[0][...] = (u0 - rows(0) * ps).astype(dt)  # end * beta_0 * v_0 - end_m1 * (P S + Qe)
             plgpu.commit_smem()
             decayed = mc.rows_of(plgpu.load(all_s.at[slot], layout=mc.ROWS), (K, bv)) * s
             s = accumulate(decayed, [(k_s.at[slot, l].T, u_s.at[l]) for l in range(L)], (K, bv))
