@@ -144,7 +144,9 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] in bf16 / f16);
     tv = `token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] from the intra kernel (q's dtype);
     starts [B, H, N, K, V] float32 every chunk's start state. K, V in (64, 128).
-    block_v: value columns per CTA, 64 or V (default: V when the CTA's SMEM fits, `default_block_v`).
+    block_v: value columns per CTA, 64 or V (default: V when the CTA's SMEM fits, else 64:
+    `default_block_v`). 32 columns would let two CTAs share an SM at K = 128 but fail Mosaic's
+    layout inference in jax 0.11.2 (not supported).
     Grid (B, N, H, V / block_v).
     """
     B, Tp, H, K = x.q.shape

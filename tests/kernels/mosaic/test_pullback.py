@@ -65,12 +65,13 @@ def _check(got, ref, tol):
         assert _rel(np.asarray(g.astype(jnp.float32)), r) < tol, name
 
 
-@pytest.mark.parametrize("T,V,L,resets", [(99, 64, 1, False), (99, 128, 2, True), (99, 128, 3, True)])
-def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets):
+@pytest.mark.parametrize("T,V,L,resets,block_v", [(99, 64, 1, False, None), (99, 128, 2, True, None),
+                                                   (99, 128, 3, True, 64)])
+def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets, block_v):
     x, do = _inputs(1, T, 2, 64, V, L, resets=resets)
     ainv = _ainv(x)
     tv = mc.token_vectors(x)
-    got = state_pullback(x, tv, do, scale=SCALE, ainv=ainv, interpret=True)
+    got = state_pullback(x, tv, do, scale=SCALE, ainv=ainv, block_v=block_v, interpret=True)
     assert got[0].dtype == got[1].dtype == x.q.dtype and got[2].dtype == got[3].dtype == jnp.float32
     _check(got, _reference64(x, do), 1e-2)
     triton = pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=SCALE, chunk_size=C,
@@ -79,10 +80,10 @@ def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets):
 
 
 def test_pullback_lowers_for_cuda():
-    for K, V in ((64, 128), (128, 128)):
+    for K, V, block_v in ((64, 128, 64), (128, 128, None)):
         x, do = _inputs(1, 100, 2, K, V, 1, resets=True)
         ainv = jnp.zeros((1, 2, x.q.shape[1] // C, C, C), jnp.float32)
-        fn = functools.partial(state_pullback, scale=SCALE, interpret=False)
+        fn = functools.partial(state_pullback, scale=SCALE, block_v=block_v, interpret=False)
         lowered = jax.jit(fn).trace(x, mc.token_vectors(x), do, ainv=ainv).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text()
 
@@ -95,6 +96,8 @@ def test_pullback_rejects_unsupported_inputs():
         state_pullback(x._replace(q=x.q.astype(jnp.float32)), tv, do, scale=1.0, ainv=ainv)
     with pytest.raises(ValueError, match="ainv"):
         state_pullback(x, tv, do, scale=1.0, ainv=None)
+    with pytest.raises(ValueError, match="block_v"):
+        state_pullback(x, tv, do, scale=1.0, ainv=ainv, block_v=32)
     with pytest.raises(ValueError, match="sizes"):
         state_pullback(x, tv, jnp.zeros(x.q.shape[:3] + (32,), x.q.dtype), scale=1.0, ainv=ainv)
 
