@@ -46,8 +46,8 @@ f32 = jnp.float32
 C = mc.CHUNK
 SMEM_LIMIT = 227 * 1024
 # Row indices of the float32 per-token vectors loaded in the ROWS layout.
-_G, _GM1, _START_M1, _START, _END_M1, _END = range(6)
-_N_ROW_VECS = 6  # then beta_0 .. beta_{L-1}
+_G, _GM1, _START_M1, _START, _END_M1, _END, _ALL = range(7)
+_N_ROW_VECS = 7  # then beta_0 .. beta_{L-1}
 # Per-token outputs besides dbeta_l (which come first): dG, dGm1, the dG_C share.
 _N_OUT_VECS = 3
 
@@ -74,7 +74,7 @@ def _smem_bytes(K, BV, L, dtype):
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s, tmp_s,
-          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar, *, L, nvb, scale):
+          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale):
     """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
     qk0_s QK0, then dkk; qk_s[l] QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then dA_l; v_s[l]
     v_l, then dv_l; tmp_s the right-hand side, then dE."""
@@ -85,22 +85,23 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     rows = pl.ds(n * C, C)
     cols = pl.ds(vb * BV, BV)
 
-    # ---- loads: every tile and vector of this (chunk, head, value block), one barrier.
-    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
+    # ---- loads: what the value-independent tiles need behind bar0; S, dS', dO, X behind bar1,
+    # still in flight while the [C, C] tiles are formed.
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar0)
     for l in range(L):
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[l], bar)
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s, bar)
-    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s, bar)
-    plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s, bar)
-    plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar0)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[l], bar0)
     for i in range(_N_ROW_VECS + L):
-        plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], bar)
+        plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], bar0)
     for i in range(2):
-        plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], bar)
+        plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], bar0)
     for i in range(4):  # r, rm1 as rows; r, rm1 as columns
-        plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], bar)
-    plgpu.barrier_wait(bar)
+        plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], bar0)
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s, bar1)
+    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s, bar1)
+    plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s, bar1)
+    plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar1)
+    plgpu.barrier_wait(bar0)
 
     row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
     G, Gm1 = row(_G), row(_GM1)
@@ -130,6 +131,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         put(b_s.at[l], R(beta0) * bl(l))  # diag(beta0) B_l: rhs and dvw_l both want it scaled
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
     plgpu.commit_smem()
+    plgpu.barrier_wait(bar1)
 
     # ---- block step: E, dE, dR, dv_l and the row sums.
     k0s = _mm(k_s.at[0], s_s, sv)  # k0 S
@@ -178,27 +180,34 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     put(xinv_s, dqk0 * t_m1())
     dG = jnp.sum(w_tm1, axis=1)
     dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
-    w_t0 = jnp.zeros(sq, f32)
-    w_m10 = jnp.zeros(sq, f32)
+    cols_t0_m10 = None  # column sums of sum_l (w_t0,l + w_m10,l), COLS layout
     for l in range(L):
         dqkl = scale * _mm(do_s, vw_s.at[l].T, sq)
-        w_t0 = w_t0 + dqkl * qkl(l)
+        w_t0 = dqkl * qkl(l)
         put(qk_s.at[l], dqkl * t_0())
         drv = _mm(dr_s, vw_s.at[l].T, sq)
         b_l = bl(l)
         dbeta0 = dbeta0 + jnp.sum(drv * b_l, axis=1)
         dbl = R(beta0) * drv
-        w_m10 = w_m10 + dbl * b_l
+        w_m10 = dbl * b_l
         put(b_s.at[l], dbl * m1_0())  # dA_l
-    dG = dG + jnp.sum(w_t0, axis=1) - colsum(w_t0 + w_m10, 1)
-    dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
+        dG = dG + jnp.sum(w_t0, axis=1)
+        dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
+        cs = jnp.sum(w_t0 + w_m10, axis=0)
+        cols_t0_m10 = cs if cols_t0_m10 is None else cols_t0_m10 + cs
+    cs_s[1] = cols_t0_m10
     plgpu.commit_smem()
+    dG = dG - plgpu.load(cs_s.at[1], layout=mc.ROWS)
 
     # rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K.
     qs = _mm(q_s, s_s, sv)
     dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
     dG = dG + scale * jnp.sum(dof * qs, axis=1) * start - rend * end
     dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
+    # <S, dS'> of this value block: the diagonal of S^T dS' [BV, BV], as a vector over value
+    # columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk.
+    sx = _mm(s_s.T, x_s, (BV, BV))
+    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
 
     # ---- [C, K] outputs in [C, 64] column slices, one float32 accumulator at a time.
     def store_out(value, dst):
@@ -236,7 +245,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         ovec_s[l] = dbetas[l]
     ovec_s[L] = dG
     ovec_s[L + 1] = dGm1
-    ovec_s[L + 2] = rend * end - re * end_m1
+    ovec_s[L + 2] = rend * end - re * end_m1 + sx_diag * row(_ALL)
     plgpu.commit_smem()
     for i in range(L + _N_OUT_VECS):
         plgpu.copy_smem_to_gmem(ovec_s.at[i], dvec_ref.at[vb, b, h, i, rows])
@@ -284,8 +293,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype
-    rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end], 2),
-                            tv.beta], axis=2)  # [B, H, 6 + L, Tp]
+    all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
+    rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end, all_t], 2),
+                            tv.beta], axis=2)  # [B, H, 7 + L, Tp]
     cvec = jnp.stack([tv.G, tv.Gm1], 2)  # [B, H, 2, Tp]
     rint = jnp.stack([tv.r, tv.rm1], 1)  # [B, 2, Tp]
     sq, sv, sk = (C, C), (C, block_v), (C, K)
@@ -298,7 +308,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
         ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((C, 64), f32),
-        bar=plgpu.Barrier(num_arrivals=1 + 2 * L + 4 + _N_ROW_VECS + L + 2 + 4))
+        bar0=plgpu.Barrier(num_arrivals=1 + 2 * L + _N_ROW_VECS + L + 2 + 4),
+        bar1=plgpu.Barrier(num_arrivals=4))
     out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
                 jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
@@ -311,8 +322,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     dq, dk, dvec = dq.sum(0), dk.sum(0), dvec.sum(0)
     dbeta = jnp.transpose(dvec[:, :, :L], (0, 3, 1, 2))  # [B, Tp, H, L]
     dG, dGm1, pC = (dvec[:, :, L + i].reshape(B, H, N, C) for i in range(_N_OUT_VECS))
-    dall = jnp.einsum("bhnkv,bhnkv->bhn", starts, cot_end, precision="highest")
-    dGC = dall * tv.all + pC.sum(-1)
+    dGC = pC.sum(-1)
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG + dGm1, -1), -1), -1) - dGm1 + dGC[..., None]
     dg = jnp.moveaxis(dg.reshape(B, H, Tp), 1, 2)
     return dq, dk, dv, dbeta, dg
