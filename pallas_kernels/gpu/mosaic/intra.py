@@ -110,18 +110,40 @@ def _product(a, b, a_s, b_s, split):
     return _matmul_sum([(a_s.at[0], b_s.at[0]), (a_s.at[0], b_s.at[1]), (a_s.at[1], b_s.at[0])], (C, C))
 
 
-def _inverse(m, m_t, a_s, b_s, *, block, split):
-    """(I + m)^{-1} [C, C] float32 for strictly lower m (registers), given m_t = m^T."""
+def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
+    """The inverses of the `block` x `block` diagonal blocks of I + m (strictly lower m [C, C]
+    float32 registers), zero elsewhere, by column substitution on all blocks at once.
+
+    Column j = blk * block + c of X = (I + m)^{-1} is e_j - sum_{i > j} X[:, i] m[i, j] (from
+    X (I + m) = I), for c = block - 1 down to 0. Step c reads, for each i, w_c[i] = m[i, blk(i) *
+    block + c] along columns: the rows of W = S m_diag^T with S[c, j] = [j % block == c], one
+    hi + lo pair of 16-bit wgmma products (S is exact in 16 bits), staged in the float32 SMEM
+    buffer w_s and read back row by row. The dependent chain is then a row reduction (within a
+    quad of lanes) and a select per step, with no cross-warp reduction."""
     sq = (C, C)
+    dt = a_s.dtype
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     same_block = lax.div(rows, block) == lax.div(cols, block)
+    m_diag = jnp.where(same_block, m, 0.0)
+    m_hi = m_diag.astype(dt)
+    _to_smem(a_s.at[0], jnp.where(lax.rem(cols, block) == rows, 1.0, 0.0))
+    _to_smem(b_s.at[0], m_hi)
+    _to_smem(b_s.at[1], m_diag - m_hi.astype(f32))
+    _to_smem(w_s, _matmul_sum([(a_s.at[0], b_s.at[0].T), (a_s.at[0], b_s.at[1].T)], sq))
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
-    for i in range(1, block):
-        # a[j] = m[blk(j) * block + i, j] (ROWS); zero unless j < that row.
-        a = jnp.sum(jnp.where(same_block & (lax.rem(cols, block) == i), m_t, 0.0), axis=1)
-        # contrib[c] = sum_j m[blk(c) * block + i, j] X[j, c] (X is block diagonal here).
-        contrib = jnp.sum(mc.rows_of(a, sq) * x, axis=0)
-        x = x - jnp.where(same_block & (lax.rem(rows, block) == i), mc.cols_of(contrib, sq), 0.0)
+    for c in range(block - 2, -1, -1):  # the last column of each block is e_j
+        w = plgpu.load(w_s.at[c], layout=mc.COLS)
+        contrib = jnp.sum(x * mc.cols_of(w, sq), axis=1)
+        x = x - jnp.where(same_block & (lax.rem(cols, block) == c), mc.rows_of(contrib, sq), 0.0)
+    return x
+
+
+def _inverse(m, a_s, b_s, w_s, *, block, split):
+    """(I + m)^{-1} [C, C] float32 for strictly lower m (float32 registers): diagonal blocks by
+    substitution, then doubling X_2s = X_s - X_s (Off X_s) (exact: Off X_s Off = 0)."""
+    sq = (C, C)
+    rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
+    x = _diagonal_block_inverse(m, a_s, b_s, w_s, block=block)
     s = block
     while s < C:
         off = jnp.where((lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s)),
@@ -177,17 +199,15 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         betas_c = [plgpu.load(beta_s.at[l], layout=mc.COLS) for l in range(L)]
         ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
         same_rm1 = mc.rows_of(rm1_r, sq) == mc.cols_of(rm1_c, sq)
-        lower, upper = (ri > ci) & same_rm1, (ci > ri) & same_rm1
+        lower = (ri > ci) & same_rm1
 
-        kk = mc.matmul(k_s.at[0], k_s.at[0].T, sq)  # symmetric: serves m and m^T
+        kk = mc.matmul(k_s.at[0], k_s.at[0].T, sq)
         gm1_diff = mc.rows_of(gm1_r, sq) - mc.cols_of(gm1_c, sq)
         m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
-        # m^T[j, t] = beta0_t kk[t, j] exp(Gm1_t - Gm1_j) for j < t: beta0 along columns.
-        m_t = jnp.where(upper, kk * mc.cols_of(betas_c[0], sq) * _masked_exp(upper, -gm1_diff), 0.0)
         # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across them);
         # a phase that stores by TMA waits for the store to have read its buffer before leaving.
-        xinv = pl.run_scoped(lambda a_s, b_s: _inverse(m, m_t, a_s, b_s, block=block, split=merge_split),
-                             mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
+        xinv = pl.run_scoped(lambda a_s, b_s, w_s: _inverse(m, a_s, b_s, w_s, block=block, split=merge_split),
+                             mc.smem((2, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
 
         # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
         m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
