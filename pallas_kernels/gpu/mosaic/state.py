@@ -114,14 +114,17 @@ def _smem_bytes(slots, L, K, bv, itemsize):
     return tiles + (L * C * bv + K * bv) * itemsize + K * bv * 4  # u_l, S (16-bit), S (f32)
 
 
-def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, interpret=False):
+def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, slots=None,
+               interpret=False):
     """(starts [B, H, N, K, V] float32 or None unless `with_starts`, final [B, H, K, V] float32).
 
     x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
     tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
     kernel's). Grid (B, H, V / block_v), sequential over the N = Tp / 64 chunks in each CTA.
     block_v: value columns per CTA, 32 or 64 (32: twice the CTAs, for long T at small B * H; its wgmma
-    operands use the 64-byte swizzle, `operand_smem`).
+    operands use the 64-byte swizzle, `operand_smem`). slots: SMEM slots of the chunk tiles, 2 (the
+    next chunk fetched while this one computes) or 1 (fetched after this one's last wgmma: less
+    SMEM); None = 2 where they fit in SMEM_BUDGET.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -135,7 +138,11 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     N = Tp // C
     dt = x.k.dtype
     bv = block_v
-    slots = 2 if _smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
+    if slots is None:
+        slots = 2 if _smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
+    if slots not in (1, 2) or _smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
+        raise ValueError(f"state_pass: slots={slots} must be 1 or 2 and fit in {SMEM_BUDGET} bytes of SMEM "
+                         f"(it needs {_smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
     # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
     scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)

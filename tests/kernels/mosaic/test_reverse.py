@@ -97,9 +97,10 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-def test_gpu_matches_float64_reference():
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_gpu_matches_float64_reference(block_v):
     inputs = _pullback_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=3)
-    cot, ds0 = reverse_pass(*inputs)
+    cot, ds0 = reverse_pass(*inputs, block_v=block_v)
     ref_cot, ref_ds0 = _reference(*inputs)
     assert _rel(cot, ref_cot) < 1e-2
     assert _rel(ds0, ref_ds0) < 1e-2

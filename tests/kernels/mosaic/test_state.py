@@ -86,7 +86,7 @@ def test_interpreter_matches_float64_reference(L, V, K, block_v, initial, reset_
 def test_without_starts_gives_the_same_final_state():
     x = _inputs(L=2, V=64, reset_at=30, seed=5)
     p, qe = _intra(x)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, with_starts=False, interpret=True)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, with_starts=False, slots=1, interpret=True)
     assert starts is None
     assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
 
@@ -111,6 +111,8 @@ def test_rejects_unsupported_inputs():
         state_pass(xf, tv, p, qe)
     with pytest.raises(ValueError, match="block_v"):
         state_pass(x, tv, p, qe, block_v=48)
+    with pytest.raises(ValueError, match="slots=3"):
+        state_pass(x, tv, p, qe, slots=3)
     with pytest.raises(ValueError, match="`qe`"):
         state_pass(x, tv, p, qe[..., :32])
     x96 = _inputs(K=96)
@@ -119,10 +121,11 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-def test_gpu_matches_float64_reference():
+@pytest.mark.parametrize("block_v, slots", [(64, None), (32, None), (64, 1)])
+def test_gpu_matches_float64_reference(block_v, slots):
     x = _inputs(B=2, T=500, H=4, K=128, V=128, L=2, reset_at=300, seed=11)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots)
     ref_starts, ref_final = _reference(x, p, qe)
     assert _rel(starts, ref_starts) < 1e-2
     assert _rel(final, ref_final) < 1e-2
