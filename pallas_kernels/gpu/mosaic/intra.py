@@ -10,30 +10,38 @@ Drop-in for `pallas_kernels.gpu.split.intra` at chunk_size = 64 with 16-bit inpu
 
 One CTA (one warpgroup) does one chunk of one (batch, head): grid (B, N, H).
 - TMA brings the chunk's L key tiles [C, K], L value tiles [C, V] and its token vectors (from
-  `token_vectors`) into SMEM, all on one barrier.
-- k0 k0^T and every k0 k_l^T are wgmma products (bf16 / f16 operands, float32 accumulators).
-- The inverse, in float32 registers (WGMMA layout), blocked as `common.blocked_unit_lower_inverse`:
-  1. the `block` x `block` diagonal blocks (default 16: one warp's rows) by `block - 1` steps of
-     forward substitution, all blocks at once. Step i needs, for each column j, m[blk(j) + i, j]
-     as a ROWS vector: it is a row reduction of m^T, which is formed directly in registers
-     (k0 k0^T is symmetric) and does not depend on X (off the dependent chain). The step's update
-     sum_j m[., j] X[j, c] is a column reduction (across the four warps, through a small SMEM
-     scratch that Mosaic GPU manages).
-  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two wgmma products per doubling with
-     16-bit operands; `merge_split=True` (default) splits X into a 16-bit high part and a 16-bit
-     low remainder (three products per matmul instead of one), which keeps the merged blocks
-     float32-accurate to ~1e-5 instead of the ~4e-3 of one bf16 rounding.
-- P and Qe: two more wgmma products with X's columns scaled (beta0 start_m1, resp. beta0) and
-  rounded to the input dtype, as the Triton kernel rounds its operands; the right-hand side of Qe
-  accumulates the L products (k0 k_l^T . m1_0 . beta_l) v_l in one wgmma accumulator.
+  `token_vectors`, head-major float32) into SMEM, all on one barrier; they stay there.
+- k0 k0^T and every k0 k_l^T are wgmma products (16-bit operands, float32 accumulators); m, the
+  decay matrices and X live in float32 registers (WGMMA layout).
+- The inverse, blocked as `common.blocked_unit_lower_inverse`:
+  1. the `block` x `block` diagonal blocks (default 16) by `block - 1` steps of column
+     substitution, all blocks at once (`_diagonal_block_inverse`): each step reads one row of
+     W = S m^T (formed once by a hi + lo pair of wgmma products, staged in float32 SMEM), so the
+     dependent chain is a row reduction within a quad of lanes and a select per step;
+  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two products per doubling;
+     `merge_split=True` (default) multiplies 16-bit high parts and low remainders (three wgmma per
+     product), float32-accurate to ~2e-5; with False one 16-bit product (~5e-4 on random chunks,
+     ~1e-2 on adversarial ones: P then 1e-2 to 3e-2 off float64, so it is not the default).
+- P and Qe: wgmma products with X's columns scaled (beta0 start_m1, resp. beta0) and rounded to
+  the input dtype, as the Triton kernel rounds its operands; the right-hand side of Qe sums the L
+  products (k0 k_l^T . m1_0 . beta_l) v_l in one wgmma accumulator.
 - Stores: P, Qe (input dtype) and X (float32, `save_inverse`) go back by TMA from SMEM.
+- SMEM: the inputs stay for the whole CTA (L C (K + V) 16-bit + vectors); each phase's staging
+  buffers (inverse: 48 KiB; Qe: L C^2 + C^2 + C V 16-bit; P; X) live in their own `run_scoped`, so
+  they share memory: ~105 KiB at K = V = 128, L = 2 (two CTAs per H200 SM), ~73 KiB at L = 1.
 
-Nothing is pipelined across chunks yet (one chunk per CTA; several CTAs share an SM: ~100 KiB of
-SMEM at K = V = 128, L = 2). Expected cost per chunk: ~10 wgmma products of 64 x 64 x {64, 128}
-(~3.5 MFLOP: noise at 650 TFLOP/s), the 15 substitution steps (each a register FMA sweep of the
-64 x 64 tile plus one cross-warp reduction and barrier: the latency-bound part, ~15 x ~0.3 us) and
-the TMA traffic (~80 KiB per chunk). With 8 K chunks (B * T = 32 K, H = 16) over 132 SMs at
-~4 CTAs per SM, the estimate is tens of microseconds, against 1.25 ms for the Triton kernel.
+Measured in the interpreter (CPU) against the float64 chunk math: X to ~1e-6 (random chunks) and
+~2e-5 (beta = 1, nearly parallel keys); P and Qe to 3e-3 / 5e-3, the same as the Triton kernel at
+chunk 64 (on the adversarial chunk both are 2e-3 / 4.6e-2 off float64: Qe's rows cancel after the
+bf16 rounding of its operands).
+
+Nothing is pipelined across chunks (one chunk per CTA; the other CTA on the SM overlaps its loads).
+Expected cost per chunk: ~15 wgmma products of 64 x 64 x {64, 128} (~4 MFLOP: noise), the
+`block - 1` substitution steps (latency-bound, ~100 cycles each), one or more doublings (~6 SMEM
+staging barriers and 6 dependent wgmma each) and ~70 KiB of TMA traffic at L = 2: a few
+microseconds per CTA, so tens of microseconds for B * T = 32 K, H = 16 (8 K chunks over 132 SMs)
+against 1.25 ms for the Triton kernel at chunk 32. Worth sweeping on the device: `block` in
+{8, 16, 32} (fewer doublings against longer substitution chains).
 """
 
 from __future__ import annotations
@@ -159,14 +167,17 @@ def _masked_exp(keep, diff):
 
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          interpret=False):
+          chunk_size=C, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
-    x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`.
+    x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
+    must be 64 (accepted for the Triton kernel's signature).
     block: the inverse's diagonal block size (8, 16 or 32); merge_split: hi/lo 16-bit products in
     the inverse's doubling (see the module docstring). Grid (B, N, H), one chunk per CTA.
     """
+    if chunk_size != C:
+        raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]

@@ -126,6 +126,8 @@ def test_intra_rejects_unsupported_inputs():
         intra(x._replace(k=jnp.zeros((*x.k.shape[:-1], 32), x.k.dtype)), tv)
     with pytest.raises(ValueError, match="block"):
         intra(x, tv, block=64)
+    with pytest.raises(ValueError, match="chunk_size"):
+        intra(x, tv, chunk_size=32)
     y = _inputs(T=64, L=5)
     with pytest.raises(ValueError, match="writes"):
         intra(y, _token_vectors(y))
