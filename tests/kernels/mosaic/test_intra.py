@@ -135,10 +135,14 @@ def test_intra_rejects_unsupported_inputs():
         intra(x, tv._replace(beta=tv.beta[..., :32]))
 
 
-def test_intra_lowers_for_cuda():
-    x = _inputs(L=3, V=128, K=128)
+@pytest.mark.parametrize("L,K,V,dtype,opts", [
+    (3, 128, 128, jnp.bfloat16, {}),
+    (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False))])
+def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
+    x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
-    lowered = jax.jit(functools.partial(intra, interpret=False)).trace(x, tv).lower(lowering_platforms=("cuda",))
+    f = functools.partial(intra, interpret=False, **opts)
+    lowered = jax.jit(f).trace(x, tv).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
