@@ -39,7 +39,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels.common import Prepared
+from pallas_kernels.common import Prepared, chunk_decays, mm
 from pallas_kernels.gpu.mosaic import common as mc
 
 f32 = jnp.float32
@@ -264,9 +264,9 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v):
         raise ValueError(f"chunk_grads_backward: K = {K} not supported, expected 64 or 128")
     if block_v != 64 or V % block_v:
         raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} must be 64 and divide V = {V}")
-    if ainv is None or ainv.shape != (B, H, Tp // C, C, C):
-        raise ValueError(f"chunk_grads_backward: `ainv` must be [B, H, N, {C}, {C}] = "
-                         f"{(B, H, Tp // C, C, C)}, got {None if ainv is None else ainv.shape}")
+    if ainv is not None and ainv.shape != (B, H, Tp // C, C, C):
+        raise ValueError(f"chunk_grads_backward: `ainv` must be None or [B, H, N, {C}, {C}] = "
+                         f"{(B, H, Tp // C, C, C)}, got {ainv.shape}")
     for name, t in (("starts", starts), ("cot_end", cot_end)):
         if t.shape != (B, H, Tp // C, K, V):
             raise ValueError(f"chunk_grads_backward: `{name}` must be [B, H, N, K, V] = "
@@ -277,6 +277,24 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v):
                          f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64")
 
 
+def chunk_inverses(x: Prepared):
+    """(I + m)^{-1} [B, H, N, C, C] float32 of every chunk by XLA's triangular solve, for callers whose
+    forward did not save it (m = diag(beta0) (k0 k0^T . m1m1), products in the input dtype)."""
+    B, Tp, H = x.g.shape
+    N = Tp // C
+    heads_first = lambda t: jnp.moveaxis(t.reshape(B, N, C, H, *t.shape[3:]), 3, 1)  # [B, H, N, C, ...]
+    k0, beta0, g = heads_first(x.k[..., 0, :]), heads_first(x.beta[..., 0]), heads_first(x.g)
+    counts = lambda t: jnp.broadcast_to(t.reshape(B, 1, N, C), (B, H, N, C))
+
+    def one(k0, beta0, g, r, rm1):
+        d = chunk_decays(g, r, rm1)
+        m = beta0.astype(f32)[:, None] * mm(k0, k0, dtype=k0.dtype, trans_b=True) * d.m1m1
+        eye = jnp.eye(C, dtype=f32)
+        return lax.linalg.triangular_solve(eye + m, eye, left_side=True, lower=True, unit_diagonal=True)
+
+    return jax.vmap(jax.vmap(jax.vmap(one)))(k0, beta0, g, counts(x.r), counts(x.rm1))
+
+
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
@@ -284,8 +302,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
 
     x: `Prepared` (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] bf16 / f16, beta, g, r,
     rm1); tv = `mc.token_vectors(x)`; starts, cot_end [B, H, N, K, V] float32 chunk start states
-    and end-state cotangents; do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the
-    forward. block_v: value columns per CTA (64). Grid (N, H, B * V / block_v).
+    and end-state cotangents (already 16-bit: used as they are; float32: cast in XLA, a pass over
+    them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
+    (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). Grid (N, H, B * V / block_v).
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
@@ -293,6 +312,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype
+    if ainv is None:
+        ainv = chunk_inverses(x)
     all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
     rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end, all_t], 2),
                             tv.beta], axis=2)  # [B, H, 7 + L, Tp]

@@ -13,7 +13,7 @@ from pallas_kernels.backward import _chunked, _over_chunks, _unchunked, _xla_inv
 from pallas_kernels.common import chunk_decays, mm, prepare
 from pallas_kernels.grads import chunk_grads
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
+from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward, chunk_inverses
 
 C = mc.CHUNK
 
@@ -39,17 +39,9 @@ def _inputs(T=100, H=2, K=64, V=64, L=1, B=1, init=True, reset=True, seed=0):
 
 
 def _forward_inverse(x):
-    """(I + m)^{-1} per chunk in float32, as the forward kernels save it: [B, H, N, C, C]."""
-    B, Tp, H = x.g.shape
-    k0, beta0, g = (_chunked(t, C) for t in (x.k[..., 0, :], x.beta[..., 0], x.g))
-    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
-
-    def one(k0, beta0, g, r, rm1):
-        d = chunk_decays(g, r, rm1)
-        m = beta0.astype(jnp.float32)[:, None] * mm(k0, k0, dtype=k0.dtype, trans_b=True) * d.m1m1
-        return _xla_inverse(m)
-
-    return _over_chunks(one)(k0, beta0, g, rc(x.r), rc(x.rm1))
+    """(I + m)^{-1} per chunk in float32, standing in for the forward's saved one [B, H, N, C, C]
+    (the float64 reference solves its own)."""
+    return chunk_inverses(x)
 
 
 def _reference(x, starts, do, cot_end, *, scale):
@@ -93,19 +85,23 @@ def _assert_close(got, want, tol=1e-2):
         assert err < tol, f"{name}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("L,K,V,init,reset", [(1, 64, 64, True, True), (1, 128, 128, False, False),
-                                              (2, 64, 128, True, True), (3, 64, 64, False, True)])
+@pytest.mark.parametrize("L,K,V,init,reset", [
+    (1, 128, 64, True, True),  # K = 128: the [C, 64] output slices
+    (2, 64, 128, True, True),  # two value blocks: the partial sums; ainv=None (solved in XLA)
+    pytest.param(1, 64, 64, False, False, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, False, True, marks=pytest.mark.slow),
+    pytest.param(1, 128, 128, True, False, marks=pytest.mark.slow)])
 def test_interpret_matches_float64_reference(L, K, V, init, reset):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
     scale = 0.125
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=scale, interpret=True)
+    got = _mosaic(x, starts, do, cot_end, None if (L, V) == (2, 128) else ainv, scale=scale, interpret=True)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
 
 
 def test_interpret_matches_triton_kernel():
     from pallas_kernels.gpu.chunk_grads import chunk_grads_backward as triton_chunk_grads
 
-    x, starts, do, cot_end, ainv = _inputs(L=2, V=64, seed=3)
+    x, starts, do, cot_end, ainv = _inputs(L=1, V=64, seed=3)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=0.3, interpret=True)
     dq, dk, dv, dbeta, dg = triton_chunk_grads(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end,
                                                scale=0.3, chunk_size=C, ainv=ainv, interpret=True)
@@ -119,7 +115,7 @@ def test_bad_inputs_raise():
         chunk_grads_backward(x._replace(q=x.q.astype(jnp.float32)), tv, starts, do, cot_end, scale=1.0,
                              ainv=ainv)
     with pytest.raises(ValueError, match="ainv"):
-        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=None)
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv[:, :1])
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
     x3 = _inputs(K=128, V=64, L=3)[0]
@@ -128,7 +124,7 @@ def test_bad_inputs_raise():
                              ainv=_inputs(K=128, V=64, L=3)[4])
 
 
-@pytest.mark.parametrize("L,K,V", [(1, 64, 128), (2, 128, 128)])
+@pytest.mark.parametrize("L,K,V", [pytest.param(1, 64, 128, marks=pytest.mark.slow), (2, 128, 128)])
 def test_lowers_for_cuda(L, K, V):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
