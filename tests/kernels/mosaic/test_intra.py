@@ -147,8 +147,18 @@ def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge_split", [True, False])
-def test_intra_on_gpu_matches_float64(merge_split):
-    _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=2, seed=11), interpret=False, merge_split=merge_split)
-    _check(_inputs(B=1, T=256, H=2, K=128, V=128, L=2, seed=12, resets=False, adversarial=True),
-           interpret=False, merge_split=merge_split)
+@pytest.mark.parametrize("block,merge_split", [(8, True), (16, True), (32, True), (16, False)])
+def test_intra_on_gpu_matches_float64(block, merge_split):
+    """B = 2, T = 500 (8 chunks), H = 4, K = V = 128, L = 2; the adversarial chunks only with the
+    hi/lo doubling (one 16-bit product per matmul puts P ~1e-2 off there, see the module docstring)."""
+    _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=2, seed=11), interpret=False, block=block,
+                     merge_split=merge_split)
+    assert errs[2] < (1e-4 if merge_split else 1e-2), errs
+    if merge_split:
+        x = _inputs(B=1, T=256, H=2, K=128, V=128, L=2, seed=12, resets=False, adversarial=True)
+        want = _reference(x)
+        got = intra(x, _token_vectors(x), block=block)
+        triton = split.intra(x, chunk_size=C)
+        assert rel(got[2], want[2]) < 1e-4
+        for name, g, t, w in zip(("p", "qe", "ainv"), got, triton, want):
+            assert rel(g, w) <= 1.2 * rel(t, w) + 1e-4, name
