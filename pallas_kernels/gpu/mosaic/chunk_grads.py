@@ -1,32 +1,43 @@
 """Per-chunk hand-derived backward (`grads.chunk_grads`) as one Mosaic GPU kernel, chunk 64.
 
-Grid (N, H, B * V / BV), one warpgroup per CTA: a CTA owns one chunk of one head and one block of
+Grid (N, H, B * V / 64), one warpgroup per CTA: a CTA owns one chunk of one head and one block of
 BV = 64 value columns. It TMA-loads the chunk's q, k_l, v_l, do tiles, its start state S and
-end-state cotangent dS' (bf16 [K, BV], cast in XLA), the forward's (I + m)^{-1} (bf16, cast in XLA)
-and the per-token vectors of `token_vectors`, then runs `grads.block_step` and `grads.finish` as a
-straight line of wgmmas (every product a [64, *] tile over a 64 / K / BV contraction; every register
-product that is an operand again is staged in bf16 SMEM first). Since one CTA holds exactly one value
-block, the [C, C] "accumulators" of `grads.Acc` are single wgmmas over BV (dR E^T, dO E^T, dO vw_l^T,
-dR vw_l^T), never carried; `finish` is linear in them, so each CTA writes its share of dq, dk_l,
-dbeta_l and of the per-token decay cotangents and XLA sums the V / BV shares (at V = 128 the
-value-independent tiles are formed twice: 2 + 3L [C, C, K] products, against the 6 + 4L
-[C, *, BV] products of the block itself).
+end-state cotangent dS' (16-bit [K, BV]; float32 inputs are cast in XLA), the forward's
+(I + m)^{-1} (cast to 16 bits in XLA: `grads` multiplies it in the matmul dtype too) and the
+per-token vectors of `token_vectors`, then runs `grads.block_step` and `grads.finish` as a straight
+line of wgmmas, every product a [64, 64] tile over a 64 / K / BV contraction, every register
+product that is an operand again staged in 16-bit SMEM. One CTA holds exactly one value block, so
+the [C, C] sums of `grads.Acc` are single wgmmas over BV (dR E^T, dO E^T, dO vw_l^T, dR vw_l^T),
+never carried; `finish` is linear in them, so each CTA writes its share of dq, dk_l, dbeta_l and
+of the per-token decay cotangents and XLA sums the V / 64 shares. At V = 128 the
+value-independent tiles (QK0, QK_l, B_l: 1 + 2L [C, K] x [K, C] products, recomputed in `finish`
+for their float32 values) are formed twice.
 
-What stays where: [C, C] tiles X, QK0, QK_l, B_l and every [C, BV] / [C, C] cotangent operand in
-bf16 SMEM; [C, BV] / [C, C] float32 values in registers (32 regs / thread each) only between their
-wgmma and their SMEM store; one [C, K] float32 output accumulator (64 regs at K = 128) at a time,
-built by chained wgmmas (dq, then dk_0, then each dk_l) and TMA-stored from a float32 SMEM tile.
-The column sums of the decay cotangents (a COLS-layout reduction) are taken as row sums of the
-transposed matrix, transposed by a wgmma against the identity (hi + lo bf16 split: ~16 bits).
+Loads: two barriers; the tiles that QK0 / QK_l / B_l / vw_l need first, S, dS', dO, X behind the
+second (in flight while the [C, C] tiles form). Nothing else is pipelined yet (phase 1): one
+chunk per CTA, SMEM allows one CTA per SM at K = 128 (two at K = 64, L = 1), so a CTA's loads
+overlap only other work of the same CTA; a persistent, double-buffered version needs the SMEM
+below to shrink first.
 
-Post-processing in XLA (O(T) elementwise): the sum over value blocks, dg = reverse cumsum within the
-chunk of (dG + dGm1) - dGm1 + dG_C with dG_C = <S, dS'> exp(G_C) + sum_t (rend end - re end_m1)
-(the kernel writes dG, dGm1 and that per-token term), <S, dS'> itself.
+SMEM (16-bit [64, 64] tiles, 8 KiB each; reused: X -> dQK0 . t_m1, QK0 -> dkk, QK_l -> dQK_l . t_0,
+diag(beta0) B_l -> dA_l, v_l -> dv_l, rhs -> dE): q, k_l (1 + L) K / 64; v_l, vw_l 2L; dO 1;
+S, dS' 2 K / 64; X, QK0 2; QK_l, B_l 2L; E, dR, rhs 3; plus a float32 [64, 64] output tile and
+the vectors. K = 128: L = 1 166 KiB, L = 2 214 KiB (L = 3 263 KiB: refused); K = 64: L = 1 134,
+L = 2 174, L = 3 215 KiB. Registers: [64, 64] float32 values (32 / thread) live only between
+their wgmma and their SMEM store or row sum; the [C, K] outputs in [C, 64] column slices, one
+float32 accumulator at a time (dq, dk_0, dk_l), TMA-stored from the float32 tile. Row sums are
+ROWS-layout reductions; the column sums of the decay cotangents are reduced in the COLS layout,
+stored to SMEM and read back as ROWS (one layout per buffer row).
 
-Not pipelined yet (phase 1): one chunk per CTA, all loads up front behind one barrier; the grid
-(B * H * N * V / 64 CTAs, e.g. 16384 at B * T = 32K, H = 16) keeps the SMs busy by occupancy
-where SMEM allows two CTAs (L = 1, K = 64). Expected cost per CTA at K = V = 128, L = 2: about
-40 wgmmas of 64 x 64 x (64 | 128), ~45 MFLOP per chunk-head at V = 128, memory ~100 KiB read.
+Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
+the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
+rend end - re end_m1 + exp(G_C) diag(S^T dS') (<S, dS'> is the trace of one [BV, BV] wgmma;
+BV = C, so its diagonal rides in that per-token output).
+
+Expected cost, K = V = 128, L = 2, per (chunk, head): 2 CTAs x (65 wgmmas of 64 x 64 x 64..128:
+5 tiles, 12 block step, 14 finish, 34 for the [C, K] outputs) ~ 2 x 50 MFLOP, read ~2 x 70 KiB (q, k twice; v, do, S, dS' once), written dq, dk partials
+float32 2 x 2 x 48 KiB (the partial sums over value blocks are the main extra traffic: a
+persistent CTA walking both value blocks with float32 [C, K] accumulators would drop them).
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def test_bad_inputs_raise():
                              ainv=_inputs(K=128, V=64, L=3)[4])
 
 
-@pytest.mark.parametrize("L,K,V", [pytest.param(1, 64, 128, marks=pytest.mark.slow), (2, 128, 128)])
+@pytest.mark.parametrize("L,K,V", [pytest.param(1, 64, 128, marks=pytest.mark.slow), (2, 128, 128),
+                                   pytest.param(3, 64, 64, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(L, K, V):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
@@ -139,3 +140,14 @@ def test_gpu_matches_float64_reference(L):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=128 ** -0.5))
+
+
+@pytest.mark.gpu
+def test_gpu_matches_triton_kernel():
+    from pallas_kernels.gpu.chunk_grads import chunk_grads_backward as triton_chunk_grads
+
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=2, seed=12)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=0.1, interpret=False)
+    want = triton_chunk_grads(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=0.1,
+                              chunk_size=C, ainv=ainv)
+    _assert_close(got, [np.asarray(jnp.asarray(t, jnp.float32)) for t in want])
