@@ -35,7 +35,10 @@ Measured in the interpreter (CPU) against the float64 chunk math: X to ~1e-6 (ra
 chunk 64 (on the adversarial chunk both are 2e-3 / 4.6e-2 off float64: Qe's rows cancel after the
 bf16 rounding of its operands).
 
-Nothing is pipelined across chunks (one chunk per CTA; the other CTA on the SM overlaps its loads).
+Pipelining: with `chunks_per_cta` > 1 a CTA walks consecutive chunks with the inputs in two SMEM
+slots: the next chunk's TMA loads run while the current chunk is solved (at K = V = 128, L = 2 the
+two slots take 128 KiB: one CTA per SM, against two CTAs per SM that overlap each other's loads
+with chunks_per_cta = 1, the default; the device decides which is faster).
 Expected cost per chunk: ~15 wgmma products of 64 x 64 x {64, 128} (~4 MFLOP: noise), the
 `block - 1` substitution steps (latency-bound, ~100 cycles each), one or more doublings (~6 SMEM
 staging barriers and 6 dependent wgmma each) and ~70 KiB of TMA traffic at L = 2: a few
@@ -167,102 +170,134 @@ def _masked_exp(keep, diff):
 
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          chunk_size=C, interpret=False):
+          chunks_per_cta=1, chunk_size=C, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
     block: the inverse's diagonal block size (8, 16 or 32); merge_split: hi/lo 16-bit products in
-    the inverse's doubling (see the module docstring). Grid (B, N, H), one chunk per CTA.
+    the inverse's doubling (see the module docstring). chunks_per_cta: consecutive chunks one CTA
+    walks (a divisor of N), the next chunk's tiles loaded by TMA into a second SMEM slot while the
+    current one is solved; grid (B, N / chunks_per_cta, H).
     """
     if chunk_size != C:
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
+    if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
+        raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
+                         f"N = {x.q.shape[1] // C}")
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // C
     dt = x.k.dtype
     sq = (C, C)
 
+    slots = 2 if chunks_per_cta > 1 else 1
+    n_rows, n_cols = 2, 3 + L  # float32 vectors per slot loaded as ROWS / as COLS
+
     def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,
-             gm1_s, rm1_s, gc_s, r_s, beta_s, beta0_s, bar):
-        b, n, h = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("h")
-        rows = pl.ds(n * C, C)
-        for l in range(L):
-            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar)
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l], v_s.at[l], bar)
-            plgpu.copy_gmem_to_smem(beta_ref.at[b, h, l, rows], beta_s.at[l], bar)
-        for i in range(2):  # row 0 is loaded as ROWS, row 1 as COLS
-            plgpu.copy_gmem_to_smem(gm1_ref.at[b, h, rows], gm1_s.at[i], bar)
-            plgpu.copy_gmem_to_smem(rm1_ref.at[b, rows], rm1_s.at[i], bar)
-        plgpu.copy_gmem_to_smem(g_ref.at[b, h, rows], gc_s.at[0], bar)
-        plgpu.copy_gmem_to_smem(sm1_ref.at[b, h, rows], gc_s.at[1], bar)
-        plgpu.copy_gmem_to_smem(r_ref.at[b, rows], r_s, bar)
-        plgpu.copy_gmem_to_smem(beta_ref.at[b, h, 0, rows], beta0_s, bar)
-        plgpu.barrier_wait(bar)
+             vr_s, vc_s, ir_s, ic_s, bar):
+        b, nb, h = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("h")
 
-        gm1_r, gm1_c = plgpu.load(gm1_s.at[0], layout=mc.ROWS), plgpu.load(gm1_s.at[1], layout=mc.COLS)
-        rm1_r, rm1_c = plgpu.load(rm1_s.at[0], layout=mc.ROWS), plgpu.load(rm1_s.at[1], layout=mc.COLS)
-        g_c, start_m1_c = plgpu.load(gc_s.at[0], layout=mc.COLS), plgpu.load(gc_s.at[1], layout=mc.COLS)
-        r_c = plgpu.load(r_s, layout=mc.COLS)
-        beta0_r = plgpu.load(beta0_s, layout=mc.ROWS)
-        betas_c = [plgpu.load(beta_s.at[l], layout=mc.COLS) for l in range(L)]
-        ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
-        same_rm1 = mc.rows_of(rm1_r, sq) == mc.cols_of(rm1_c, sq)
-        lower = (ri > ci) & same_rm1
-
-        kk = mc.matmul(k_s.at[0], k_s.at[0].T, sq)
-        gm1_diff = mc.rows_of(gm1_r, sq) - mc.cols_of(gm1_c, sq)
-        m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
-        # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across them);
-        # a phase that stores by TMA waits for the store to have read its buffer before leaving.
-        xinv = pl.run_scoped(lambda a_s, b_s, w_s: _inverse(m, a_s, b_s, w_s, block=block, split=merge_split),
-                             mc.smem((2, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
-
-        # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
-        m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
-
-        def qe_phase(prod_s, xq_s, rhs_s):
+        def issue(j, slot):  # the TMA loads of this CTA's chunk j into `slot`
+            rows = pl.ds((nb * chunks_per_cta + j) * C, C)
+            copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
             for l in range(L):
-                kkl = kk if l == 0 else mc.matmul(k_s.at[0], k_s.at[l].T, sq)
-                _to_smem(prod_s.at[l], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
-            rhs = _matmul_sum([(prod_s.at[l], v_s.at[l]) for l in range(L)], (C, V))
-            _to_smem(rhs_s, rhs)
-            _to_smem(xq_s, xinv * mc.cols_of(betas_c[0], sq))
-            _to_smem(rhs_s, mc.matmul(xq_s, rhs_s, (C, V)))  # Qe (the product has read rhs_s)
-            plgpu.copy_smem_to_gmem(rhs_s, qe_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                copy(k_ref.at[b, rows, h, l], k_s.at[slot * L + l])
+                copy(v_ref.at[b, rows, h, l], v_s.at[slot * L + l])
+                copy(beta_ref.at[b, h, l, rows], vc_s.at[slot * n_cols + 3 + l])
+            copy(gm1_ref.at[b, h, rows], vr_s.at[slot * n_rows])
+            copy(beta_ref.at[b, h, 0, rows], vr_s.at[slot * n_rows + 1])
+            copy(gm1_ref.at[b, h, rows], vc_s.at[slot * n_cols])
+            copy(g_ref.at[b, h, rows], vc_s.at[slot * n_cols + 1])
+            copy(sm1_ref.at[b, h, rows], vc_s.at[slot * n_cols + 2])
+            copy(rm1_ref.at[b, rows], ir_s.at[slot])
+            copy(rm1_ref.at[b, rows], ic_s.at[slot * 2])
+            copy(r_ref.at[b, rows], ic_s.at[slot * 2 + 1])
 
-        pl.run_scoped(qe_phase, mc.smem((L, C, C), dt), mc.smem((C, C), dt), mc.smem((C, V), dt))
+        def chunk(j, slot):
+            n = nb * chunks_per_cta + j
+            rows = pl.ds(n * C, C)
+            k_l = lambda l: k_s.at[slot * L + l]
+            load_r = lambda buf, i: plgpu.load(buf.at[i], layout=mc.ROWS)
+            load_c = lambda buf, i: plgpu.load(buf.at[i], layout=mc.COLS)
+            gm1_r, beta0_r = load_r(vr_s, slot * n_rows), load_r(vr_s, slot * n_rows + 1)
+            gm1_c, g_c, start_m1_c = (load_c(vc_s, slot * n_cols + i) for i in range(3))
+            betas_c = [load_c(vc_s, slot * n_cols + 3 + l) for l in range(L)]
+            rm1_r = load_r(ir_s, slot)
+            rm1_c, r_c = load_c(ic_s, slot * 2), load_c(ic_s, slot * 2 + 1)
+            ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
+            lower = (ri > ci) & (mc.rows_of(rm1_r, sq) == mc.cols_of(rm1_c, sq))
 
-        def p_phase(xp_s, p_s):
-            _to_smem(xp_s, xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
-            _to_smem(p_s, mc.matmul(xp_s, k_s.at[0], (C, K)))
-            plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            kk = mc.matmul(k_l(0), k_l(0).T, sq)
+            gm1_diff = mc.rows_of(gm1_r, sq) - mc.cols_of(gm1_c, sq)
+            m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
+            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across
+            # them); a phase that stores by TMA waits for the store to have read its buffer.
+            xinv = pl.run_scoped(lambda a_s, b_s, w_s: _inverse(m, a_s, b_s, w_s, block=block, split=merge_split),
+                                 mc.smem((2, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
 
-        pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt))
+            # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
+            m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
 
-        if save_inverse:
-            def x_phase(x_s):
-                _to_smem(x_s, xinv)
-                plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
+            def qe_phase(prod_s, xq_s, rhs_s):
+                for l in range(L):
+                    kkl = kk if l == 0 else mc.matmul(k_l(0), k_l(l).T, sq)
+                    _to_smem(prod_s.at[l], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
+                rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
+                _to_smem(rhs_s, rhs)
+                _to_smem(xq_s, xinv * mc.cols_of(betas_c[0], sq))
+                _to_smem(rhs_s, mc.matmul(xq_s, rhs_s, (C, V)))  # Qe (the product has read rhs_s)
+                plgpu.copy_smem_to_gmem(rhs_s, qe_ref.at[b, rows, h])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            pl.run_scoped(x_phase, mc.smem((C, C), f32))
+            pl.run_scoped(qe_phase, mc.smem((L, C, C), dt), mc.smem((C, C), dt), mc.smem((C, V), dt))
+
+            def p_phase(xp_s, p_s):
+                _to_smem(xp_s, xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
+                _to_smem(p_s, mc.matmul(xp_s, k_l(0), (C, K)))
+                plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt))
+
+            if save_inverse:
+                def x_phase(x_s):
+                    _to_smem(x_s, xinv)
+                    plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                pl.run_scoped(x_phase, mc.smem((C, C), f32))
+
+        issue(0, 0)
+        if chunks_per_cta == 1:
+            plgpu.barrier_wait(bar.at[0])
+            chunk(0, 0)
+        else:
+            @pl.loop(0, chunks_per_cta)
+            def _walk(j):
+                slot = lax.rem(j, 2)
+                plgpu.barrier_wait(bar.at[slot])
+
+                @pl.when(j + 1 < chunks_per_cta)
+                def _prefetch():  # the other slot's last readers (chunk j - 1) are done
+                    plgpu.commit_smem()
+                    issue(j + 1, 1 - slot)
+
+                chunk(j, slot)
+
         plgpu.wait_smem_to_gmem(0)
 
-    vec2 = lambda dtype: plgpu.SMEM((2, C), dtype)
     scratch = dict(
-        k_s=mc.smem((L, C, K), dt), v_s=mc.smem((L, C, V), dt),
-        gm1_s=vec2(f32), rm1_s=vec2(jnp.int32), gc_s=vec2(f32), r_s=plgpu.SMEM((C,), jnp.int32),
-        beta_s=plgpu.SMEM((L, C), f32), beta0_s=plgpu.SMEM((C,), f32),
-        bar=plgpu.Barrier(num_arrivals=3 * L + 8))
+        k_s=mc.smem((slots * L, C, K), dt), v_s=mc.smem((slots * L, C, V), dt),
+        vr_s=plgpu.SMEM((slots * n_rows, C), f32), vc_s=plgpu.SMEM((slots * n_cols, C), f32),
+        ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
+        bar=plgpu.Barrier(num_arrivals=3 * L + 8, num_barriers=slots))
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     if save_inverse:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
     outs = mc.kernel(body, name="prism_intra_mosaic", out_type=tuple(out_type), scratch=scratch,
-                     grid=(B, N, H), grid_names=("b", "n", "h"), interpret=interpret)(
+                     grid=(B, N // chunks_per_cta, H), grid_names=("b", "n", "h"), interpret=interpret)(
         x.k, x.v, tv.G, tv.Gm1, tv.r, tv.rm1, tv.start_m1, tv.beta)
     return outs[0], outs[1], (outs[2] if save_inverse else None)

@@ -91,12 +91,13 @@ def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
     return out, errs
 
 
-@pytest.mark.parametrize("L,V,block,merge_split,save_inverse", [
-    (1, 64, 16, True, False), (2, 128, 16, True, True), (3, 64, 32, False, True)])
-def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse):
-    """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5)."""
+@pytest.mark.parametrize("L,V,block,merge_split,save_inverse,chunks_per_cta", [
+    (1, 64, 16, True, False, 1), (2, 128, 16, True, True, 1), (3, 64, 32, False, True, 2)])
+def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse, chunks_per_cta):
+    """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5);
+    chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot."""
     _, errs = _check(_inputs(L=L, V=V, seed=L), block=block, merge_split=merge_split,
-                     save_inverse=save_inverse)
+                     save_inverse=save_inverse, chunks_per_cta=chunks_per_cta)
     if save_inverse:
         assert errs[2] < (1e-4 if merge_split else 1e-2), errs
 
@@ -128,6 +129,8 @@ def test_intra_rejects_unsupported_inputs():
         intra(x, tv, block=64)
     with pytest.raises(ValueError, match="chunk_size"):
         intra(x, tv, chunk_size=32)
+    with pytest.raises(ValueError, match="chunks_per_cta"):
+        intra(x, tv, chunks_per_cta=2)  # T = 64: one chunk
     y = _inputs(T=64, L=5)
     with pytest.raises(ValueError, match="writes"):
         intra(y, _token_vectors(y))
@@ -137,7 +140,7 @@ def test_intra_rejects_unsupported_inputs():
 
 @pytest.mark.parametrize("L,K,V,dtype,opts", [
     (3, 128, 128, jnp.bfloat16, {}),
-    (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False))])
+    (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False, chunks_per_cta=2))])
 def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
     x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
@@ -147,17 +150,18 @@ def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block,merge_split", [(8, True), (16, True), (32, True), (16, False)])
-def test_intra_on_gpu_matches_float64(block, merge_split):
+@pytest.mark.parametrize("block,merge_split,chunks_per_cta", [
+    (8, True, 1), (16, True, 1), (32, True, 1), (16, True, 4), (16, False, 2)])
+def test_intra_on_gpu_matches_float64(block, merge_split, chunks_per_cta):
     """B = 2, T = 500 (8 chunks), H = 4, K = V = 128, L = 2; the adversarial chunks only with the
     hi/lo doubling (one 16-bit product per matmul puts P ~1e-2 off there, see the module docstring)."""
     _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=2, seed=11), interpret=False, block=block,
-                     merge_split=merge_split)
+                     merge_split=merge_split, chunks_per_cta=chunks_per_cta)
     assert errs[2] < (1e-4 if merge_split else 1e-2), errs
     if merge_split:
         x = _inputs(B=1, T=256, H=2, K=128, V=128, L=2, seed=12, resets=False, adversarial=True)
         want = _reference(x)
-        got = intra(x, _token_vectors(x), block=block)
+        got = intra(x, _token_vectors(x), block=block, chunks_per_cta=chunks_per_cta)
         triton = split.intra(x, chunk_size=C)
         assert rel(got[2], want[2]) < 1e-4
         for name, g, t, w in zip(("p", "qe", "ainv"), got, triton, want):
