@@ -18,14 +18,14 @@ from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward, chunk_in
 C = mc.CHUNK
 
 
-def _inputs(T=100, H=2, K=64, V=64, L=1, B=1, init=True, reset=True, seed=0):
+def _inputs(T=100, H=2, K=64, V=64, L=1, B=1, init=True, reset=True, seed=0, dtype=jnp.bfloat16):
     """Prepared bf16 inputs plus starts / cot_end / do / ainv (float32, forward's inverse)."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 9)
     nrm = lambda t: t / jnp.linalg.norm(t, axis=-1, keepdims=True)
-    q = nrm(jax.random.normal(ks[0], (B, T, H, K))).astype(jnp.bfloat16)
-    k = nrm(jax.random.normal(ks[1], (B, T, H, L, K))).astype(jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, H, L, V), jnp.bfloat16)
-    beta = jax.random.uniform(ks[3], (B, T, H, L)).astype(jnp.bfloat16)
+    q = nrm(jax.random.normal(ks[0], (B, T, H, K))).astype(dtype)
+    k = nrm(jax.random.normal(ks[1], (B, T, H, L, K))).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, H, L, V), dtype)
+    beta = jax.random.uniform(ks[3], (B, T, H, L)).astype(dtype)
     g = -jax.random.uniform(ks[4], (B, T, H)) * 0.2
     seg = jnp.zeros((B, T), jnp.int32).at[:, T - 30:].set(1) if reset else None
     s0 = jax.random.normal(ks[5], (B, H, K, V)) if init else None
@@ -33,7 +33,7 @@ def _inputs(T=100, H=2, K=64, V=64, L=1, B=1, init=True, reset=True, seed=0):
     Tp, N = x.q.shape[1], x.q.shape[1] // C
     starts = jax.random.normal(ks[6], (B, H, N, K, V))
     cot_end = jax.random.normal(ks[7], (B, H, N, K, V))
-    do = jax.random.normal(ks[8], (B, Tp, H, V), jnp.bfloat16)
+    do = jax.random.normal(ks[8], (B, Tp, H, V), dtype)
     ainv = _forward_inverse(x)
     return x, starts, do, cot_end, ainv
 
@@ -96,6 +96,14 @@ def test_interpret_matches_float64_reference(L, K, V, init, reset):
     scale = 0.125
     got = _mosaic(x, starts, do, cot_end, None if (L, V) == (2, 128) else ainv, scale=scale, interpret=True)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
+
+
+@pytest.mark.slow
+def test_interpret_float16_matches_float64_reference():
+    x, starts, do, cot_end, ainv = _inputs(L=2, K=64, V=64, seed=21, dtype=jnp.float16)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=0.125, interpret=True)
+    assert got[2].dtype == jnp.float16
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
 def test_interpret_matches_triton_kernel():
