@@ -15,7 +15,13 @@ Two rules learnt the hard way (jax 0.11.2):
   layout; otherwise lowering fails ("Failed to infer a possible set of layouts") after minutes;
 - the CPU interpreter (`plgpu.InterpretGPUParams`) takes wgmma operands from SMEM only: a register
   operand (a C x C product formed in registers) is stored to an SMEM buffer first
-  (`buf[...] = value; plgpu.commit_smem()`), which the GPU needs for the B operand anyway.
+  (`buf[...] = value; plgpu.commit_smem()`), which the GPU needs for the B operand anyway;
+  nor can it continue an accumulator (`matmul(..., init=...)`: "wgmma not found for platform cpu"):
+  kernels that chain products into one accumulator on the GPU add them in registers when interpreted;
+- wgmma takes one swizzle for both operands: with N = 32 columns (64-byte rows of a 16-bit B tile)
+  the A tile needs the 64-byte swizzle too, not the 128-byte one `smem` would give it.
+Float64 references in GPU tests run on the CPU: float64 GEMMs are not supported on the GPU
+("GEMM is not supported by cublasLt").
 """
 
 from __future__ import annotations
