@@ -2,6 +2,7 @@
 Triton kernel beside the Mosaic GPU one, on the same inputs, with their agreement.
 
     python benchmarks/mosaic_stages.py [--lengths 2048,32768] [--writes 1,2] [--stages intra,state] [--out DIR]
+                                       [--try 'intra:{"block": 8}' ...]   # extra rows: a stage's kwargs
     python benchmarks/mosaic_stages.py --smoke      # tiny shapes on CPU (interpreters): checks the script
 
 Shapes as benchmarks/kernels.py: B * T = 32768 tokens, H = 16, K = V = 128, bf16. Every stage runs on
@@ -51,28 +52,28 @@ def _stage_fns(x, tv, do, scale, interpret):
         x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, s, do, ce, scale=scale, chunk_size=C, ainv=ainv,
         interpret=interpret))
 
-    def mosaic(stage):
+    def mosaic(stage, kw):
         if stage == "intra":
             from pallas_kernels.gpu.mosaic.intra import intra
-            return jax.jit(lambda x, tv: intra(x, tv, save_inverse=True, interpret=interpret)), (x, tv)
+            return jax.jit(lambda x, tv: intra(x, tv, save_inverse=True, interpret=interpret, **kw)), (x, tv)
         if stage == "state":
             from pallas_kernels.gpu.mosaic.state import state_pass
-            return jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, interpret=interpret)), (x, tv, p, qe)
+            return jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, interpret=interpret, **kw)), (x, tv, p, qe)
         if stage == "outputs":
             from pallas_kernels.gpu.mosaic.outputs import outputs
-            return (jax.jit(lambda x, tv, p, qe, s: outputs(x, tv, p, qe, s, scale=scale, interpret=interpret)),
+            return (jax.jit(lambda x, tv, p, qe, s: outputs(x, tv, p, qe, s, scale=scale, interpret=interpret, **kw)),
                     (x, tv, p, qe, starts))
         if stage == "pullback":
             from pallas_kernels.gpu.mosaic.pullback import state_pullback
             return (jax.jit(lambda x, tv, do, ainv: state_pullback(x, tv, do, scale=scale, ainv=ainv,
-                                                                   interpret=interpret)), (x, tv, do, ainv))
+                                                                   interpret=interpret, **kw)), (x, tv, do, ainv))
         if stage == "reverse":
             from pallas_kernels.gpu.mosaic.reverse import reverse_pass
-            return (jax.jit(lambda pp, ek, a, y, df: reverse_pass(pp, ek, a, y, df, interpret=interpret)),
+            return (jax.jit(lambda pp, ek, a, y, df: reverse_pass(pp, ek, a, y, df, interpret=interpret, **kw)),
                     (pp.astype(mm_dtype), ek.astype(mm_dtype), a, y, dfinal))
         from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
         return (jax.jit(lambda x, tv, s, do, ce, ainv: chunk_grads_backward(x, tv, s, do, ce, scale=scale, ainv=ainv,
-                                                                            interpret=interpret)),
+                                                                            interpret=interpret, **kw)),
                 (x, tv, starts, do, cot_end, ainv))
 
     triton = dict(intra=(t_intra, (x,)), state=(t_state, (x, p, qe)), outputs=(t_out, (x, p, qe, starts)),
@@ -86,7 +87,7 @@ def _agreement(mine, ref):
     return max(rel(m, r) for m, r in zip(mine, ref) if r is not None)
 
 
-def run_point(T, L, shape, stages, reps, interpret):
+def run_point(T, L, shape, stages, reps, interpret, tries=()):
     from pallas_kernels.common import prepare
     from pallas_kernels.gpu.mosaic.common import token_vectors
 
@@ -96,11 +97,14 @@ def run_point(T, L, shape, stages, reps, interpret):
     tv = jax.jit(token_vectors)(x)
     triton, mosaic = _stage_fns(x, tv, do, K ** -0.5, interpret)
     rows = []
-    for stage in stages:
+    triton_ms = {}
+    for stage, kw in [(s, {}) for s in stages] + list(tries):
         fn, args = triton[stage]
-        row = dict(T=T, L=L, stage=stage, triton_ms=timed(fn, *args, reps=reps))
+        if stage not in triton_ms:
+            triton_ms[stage] = timed(fn, *args, reps=reps)
+        row = dict(T=T, L=L, stage=stage, kwargs=kw, triton_ms=triton_ms[stage])
         try:
-            mfn, margs = mosaic(stage)
+            mfn, margs = mosaic(stage, kw)
             out = mfn(*margs)
             ref = fn(*args)
             if stage == "intra" or stage == "state":
@@ -122,8 +126,11 @@ def main():
     ap.add_argument("--stages", default="intra,state,outputs,pullback,reverse,grads")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--try", dest="tries", action="append", default=[],
+                    help='extra Mosaic rows STAGE:JSON, e.g. intra:{"block": 8} (repeatable)')
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    tries = [(t.split(":", 1)[0], json.loads(t.split(":", 1)[1])) for t in args.tries]
     shape = SMOKE if args.smoke else SHAPE
     if args.smoke:
         shape = dict(shape, dk=64, dv=64, tokens=128)
@@ -132,18 +139,19 @@ def main():
     rows = []
     for L in (int(w) for w in args.writes.split(",")):
         for T in lengths:
-            rows += run_point(T, L, shape, args.stages.split(","), args.reps, interpret)
+            rows += run_point(T, L, shape, [s for s in args.stages.split(",") if s], args.reps, interpret, tries)
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "mosaic_stages.json"), "w") as f:
                 json.dump(dict(devices=[str(d) for d in jax.devices()], shape=shape, rows=rows), f, indent=1)
     print(f"\nB*T = {shape['tokens']}, H = {shape['heads']}, K = {shape['dk']}, V = {shape['dv']}, bf16, chunk 64; "
           "ms per stage; err: Mosaic vs Triton outputs (relative L2)\n")
-    print("| L | T | stage | Triton | Mosaic | ratio | err |\n|---|---|---|---|---|---|---|")
+    print("| L | T | stage | kwargs | Triton | Mosaic | ratio | err |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = f"{r['mosaic_ms']:.3f}" if "mosaic_ms" in r else r.get("error", "-")[:60]
         ratio = f"{r['triton_ms'] / r['mosaic_ms']:.2f}x" if "mosaic_ms" in r else "-"
         err = f"{r['err']:.1e}" if "err" in r else "-"
-        print(f"| {r['L']} | {r['T']} | {r['stage']} | {r['triton_ms']:.3f} | {m} | {ratio} | {err} |")
+        kw = json.dumps(r["kwargs"]) if r["kwargs"] else "-"
+        print(f"| {r['L']} | {r['T']} | {r['stage']} | {kw} | {r['triton_ms']:.3f} | {m} | {ratio} | {err} |")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,14 @@ def test_forward_kernels_times_every_kernel_on_cpu():
     row = forward_kernels.time_kernels(32, 2, forward_kernels.SMOKE, 16, reps=1, interpret=True)
     keys = ("intra_rows_ms", "intra_blocked8_ms", "state_ms", "outputs_ms")
     assert all(row[k] > 0 for k in keys), row
+
+
+def test_mosaic_stages_times_triton_beside_mosaic_and_reports_failures_on_cpu():
+    mosaic_stages = _load("mosaic_stages")
+    shape = dict(mosaic_stages.SMOKE, dk=64, dv=64, tokens=128)
+    rows = mosaic_stages.run_point(128, 1, shape, ["reverse"], reps=1, interpret=True,
+                                   tries=[("reverse", {"block_v": 32}), ("reverse", {"no_such_option": 1})])
+    assert [r["stage"] for r in rows] == ["reverse"] * 3
+    assert all(r["triton_ms"] > 0 for r in rows)
+    assert rows[0]["mosaic_ms"] > 0 and rows[0]["err"] < 1e-2 and rows[1]["err"] < 1e-2
+    assert "TypeError" in rows[2]["error"]  # a bad setting is a reported row, not a crash
