@@ -106,19 +106,23 @@ def _matmul_sum(pairs, shape):
     return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
 
 
-def _product(a, b, a_s, b_s, split):
-    """a @ b [C, C] float32 of two float32 register tiles on the tensor cores, operands rounded to
-    the buffers' 16-bit dtype (a_s, b_s: [2, C, C] SMEM). split: a and b as high + low parts,
-    a_h b_h + a_h b_l + a_l b_h (float32-accurate to ~2^-16)."""
-    dt = a_s.dtype
-    a_h, b_h = a.astype(dt), b.astype(dt)
-    _to_smem(a_s.at[0], a_h)
-    _to_smem(b_s.at[0], b_h)
-    if not split:
-        return mc.matmul(a_s.at[0], b_s.at[0], (C, C))
-    _to_smem(a_s.at[1], a - a_h.astype(f32))
-    _to_smem(b_s.at[1], b - b_h.astype(f32))
-    return _matmul_sum([(a_s.at[0], b_s.at[0]), (a_s.at[0], b_s.at[1]), (a_s.at[1], b_s.at[0])], (C, C))
+def _stage(buf, value, split):
+    """float32 registers `value` into the 16-bit [2, C, C] SMEM buffer: buf[0] = its 16-bit rounding
+    and, with `split`, buf[1] = the remainder (value = buf[0] + buf[1] to ~2^-16 relative); one commit."""
+    hi = value.astype(buf.dtype)
+    buf.at[0][...] = hi
+    if split:
+        buf.at[1][...] = (value - hi.astype(f32)).astype(buf.dtype)
+    plgpu.commit_smem()
+
+
+def _staged_product(a_s, b_s, split):
+    """a @ b [C, C] float32 of two `_stage`d tiles: a_h b_h (+ a_h b_l + a_l b_h with `split`), the
+    wgmmas issued back to back into one accumulator."""
+    pairs = [(a_s.at[0], b_s.at[0])]
+    if split:
+        pairs += [(a_s.at[0], b_s.at[1]), (a_s.at[1], b_s.at[0])]
+    return _matmul_sum(pairs, (C, C))
 
 
 def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
@@ -132,14 +136,10 @@ def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
     buffer w_s and read back row by row. The dependent chain is then a row reduction (within a
     quad of lanes) and a select per step, with no cross-warp reduction."""
     sq = (C, C)
-    dt = a_s.dtype
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     same_block = lax.div(rows, block) == lax.div(cols, block)
-    m_diag = jnp.where(same_block, m, 0.0)
-    m_hi = m_diag.astype(dt)
-    _to_smem(a_s.at[0], jnp.where(lax.rem(cols, block) == rows, 1.0, 0.0))
-    _to_smem(b_s.at[0], m_hi)
-    _to_smem(b_s.at[1], m_diag - m_hi.astype(f32))
+    a_s.at[0][...] = jnp.where(lax.rem(cols, block) == rows, 1.0, 0.0).astype(a_s.dtype)
+    _stage(b_s, jnp.where(same_block, m, 0.0), True)
     _to_smem(w_s, _matmul_sum([(a_s.at[0], b_s.at[0].T), (a_s.at[0], b_s.at[1].T)], sq))
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
     for c in range(block - 2, -1, -1):  # the last column of each block is e_j
@@ -149,20 +149,32 @@ def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
     return x
 
 
-def _inverse(m, a_s, b_s, w_s, *, block, split):
-    """(I + m)^{-1} [C, C] float32 for strictly lower m (float32 registers): diagonal blocks by
-    substitution, then doubling X_2s = X_s - X_s (Off X_s) (exact: Off X_s Off = 0)."""
+def _inverse(m, dt, *, block, split):
+    """(I + m)^{-1} [C, C] float32 for strictly lower m (float32 registers, 16-bit operand dtype dt):
+    diagonal blocks by substitution, then doubling X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s
+    Off_s = 0). Off_s X_s is m X_s masked to the off-diagonal s-blocks of the diagonal 2s-blocks (X_s
+    is block diagonal, so only Off_s's entries reach those positions): m is staged in SMEM once
+    for all doublings, and X_s once per doubling, serving as the B operand of m X_s and the A
+    operand of X_s (Off_s X_s). Each SMEM phase is its own `run_scoped` (the memory is reused)."""
     sq = (C, C)
-    rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
-    x = _diagonal_block_inverse(m, a_s, b_s, w_s, block=block)
-    s = block
-    while s < C:
-        off = jnp.where((lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s)),
-                        m, 0.0)
-        link = _product(off, x, a_s, b_s, split)  # Off X
-        x = x - _product(x, link, a_s, b_s, split)
-        s *= 2
-    return x
+    x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m, a_s, b_s, w_s, block=block),
+                      mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
+    if block == C:
+        return x
+
+    def doubling(m_s, x_s, l_s):
+        rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
+        _stage(m_s, m, split)
+        y, s = x, block
+        while s < C:
+            _stage(x_s, y, split)
+            off = (lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s))
+            _stage(l_s, jnp.where(off, _staged_product(m_s, x_s, split), 0.0), split)  # Off_s X_s
+            y = y - _staged_product(x_s, l_s, split)
+            s *= 2
+        return y
+
+    return pl.run_scoped(doubling, *(mc.smem((2, C, C), dt) for _ in range(3)))
 
 
 def _masked_exp(keep, diff):
@@ -235,15 +247,14 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
             # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across
             # them); a phase that stores by TMA waits for the store to have read its buffer.
-            xinv = pl.run_scoped(lambda a_s, b_s, w_s: _inverse(m, a_s, b_s, w_s, block=block, split=merge_split),
-                                 mc.smem((2, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
+            xinv = _inverse(m, dt, block=block, split=merge_split)
 
             # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
             m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
 
             def qe_phase(prod_s, xq_s, rhs_s):
                 for l in range(L):
-                    kkl = kk if l == 0 else mc.matmul(k_l(0), k_l(l).T, sq)
+                    kkl = mc.matmul(k_l(0), k_l(l).T, sq)  # k0 k0^T again: not live across the inverse
                     _to_smem(prod_s.at[l], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
                 rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
                 _to_smem(rhs_s, rhs)

@@ -51,18 +51,19 @@ _token_vectors = jax.jit(mc.token_vectors)
 
 def _reference(x):
     """(P, Qe, ainv) in float64 from `common.chunk_solve` per chunk, on float64 casts of x, with the
-    inverse by `jnp.linalg.inv`."""
+    inverse by `jnp.linalg.inv`; computed on the CPU (NumPy inputs, CPU default device)."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // C
-    with jax.enable_x64(True):
+    cpu = jax.devices("cpu")[0]  # float64 GEMMs do not run on the GPU ("not supported by cublasLt")
+    with jax.enable_x64(True), jax.default_device(cpu):
         f64 = lambda a: jnp.asarray(np.asarray(a.astype(jnp.float32), np.float64))
         chunked = lambda a: jnp.moveaxis(a.reshape(B, N, C, *a.shape[2:]), 2, -1)  # chunk axis last
         k = jnp.moveaxis(chunked(f64(x.k)), -1, -2)  # [B, N, H, L, C, K]
         v = jnp.moveaxis(chunked(f64(x.v)), -1, -2)
         beta = chunked(f64(x.beta))  # [B, N, H, L, C]
         g = chunked(f64(x.g))  # [B, N, H, C]
-        r, rm1 = (jnp.asarray(a).reshape(B, N, C) for a in (x.r, x.rm1))
+        r, rm1 = (jnp.asarray(np.asarray(a)).reshape(B, N, C) for a in (x.r, x.rm1))
 
         def one(k, v, beta, g, r, rm1):
             d = chunk_decays(g, r, rm1)
