@@ -106,6 +106,16 @@ def _matmul_sum(pairs, shape):
     return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, f32)))
 
 
+def _matmuls(pairs, shape):
+    """[a_i @ b_i] [M, N] float32, one accumulator each, all wgmmas issued before the first wait."""
+    def scoped(*accs):
+        for acc, (a, b) in zip(accs, pairs):
+            plgpu.wgmma(acc, a, b)
+        return [acc[...] for acc in accs]
+
+    return lax.optimization_barrier(pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _ in pairs)))
+
+
 def _stage(buf, value, split):
     """float32 registers `value` into the 16-bit [2, C, C] SMEM buffer: buf[0] = its 16-bit rounding
     and, with `split`, buf[1] = the remainder (value = buf[0] + buf[1] to ~2^-16 relative); one commit."""
@@ -149,22 +159,23 @@ def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
     return x
 
 
-def _inverse(m, dt, *, block, split):
-    """(I + m)^{-1} [C, C] float32 for strictly lower m (float32 registers, 16-bit operand dtype dt):
+def _inverse(m_of, dt, *, block, split):
+    """(I + m)^{-1} [C, C] float32 for strictly lower m = m_of() (float32 registers, formed twice so
+    that it is not live across the substitution; 16-bit operand dtype dt):
     diagonal blocks by substitution, then doubling X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s
     Off_s = 0). Off_s X_s is m X_s masked to the off-diagonal s-blocks of the diagonal 2s-blocks (X_s
     is block diagonal, so only Off_s's entries reach those positions): m is staged in SMEM once
     for all doublings, and X_s once per doubling, serving as the B operand of m X_s and the A
     operand of X_s (Off_s X_s). Each SMEM phase is its own `run_scoped` (the memory is reused)."""
     sq = (C, C)
-    x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m, a_s, b_s, w_s, block=block),
+    x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
                       mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
     if block == C:
         return x
 
     def doubling(m_s, x_s, l_s):
         rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
-        _stage(m_s, m, split)
+        _stage(m_s, m_of(), split)
         y, s = x, block
         while s < C:
             _stage(x_s, y, split)
@@ -232,54 +243,55 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             n = nb * chunks_per_cta + j
             rows = pl.ds(n * C, C)
             k_l = lambda l: k_s.at[slot * L + l]
+            # The vectors are loaded from SMEM where they are used (a COLS vector takes 16 registers
+            # per thread): nothing but the tiles in use stays live across the inverse.
             load_r = lambda buf, i: plgpu.load(buf.at[i], layout=mc.ROWS)
             load_c = lambda buf, i: plgpu.load(buf.at[i], layout=mc.COLS)
-            gm1_r, beta0_r = load_r(vr_s, slot * n_rows), load_r(vr_s, slot * n_rows + 1)
-            gm1_c, g_c, start_m1_c = (load_c(vc_s, slot * n_cols + i) for i in range(3))
-            betas_c = [load_c(vc_s, slot * n_cols + 3 + l) for l in range(L)]
-            rm1_r = load_r(ir_s, slot)
-            rm1_c, r_c = load_c(ic_s, slot * 2), load_c(ic_s, slot * 2 + 1)
-            ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
-            lower = (ri > ci) & (mc.rows_of(rm1_r, sq) == mc.cols_of(rm1_c, sq))
+            gm1_r, beta0_r = (lambda: load_r(vr_s, slot * n_rows)), (lambda: load_r(vr_s, slot * n_rows + 1))
+            gm1_c, g_c, start_m1_c = ((lambda i=i: load_c(vc_s, slot * n_cols + i)) for i in range(3))
+            beta_c = lambda l: load_c(vc_s, slot * n_cols + 3 + l)
+            rm1_r = lambda: load_r(ir_s, slot)
+            rm1_c, r_c = (lambda: load_c(ic_s, slot * 2)), (lambda: load_c(ic_s, slot * 2 + 1))
 
-            kk = mc.matmul(k_l(0), k_l(0).T, sq)
-            gm1_diff = mc.rows_of(gm1_r, sq) - mc.cols_of(gm1_c, sq)
-            m = jnp.where(lower, kk * mc.rows_of(beta0_r, sq) * _masked_exp(lower, gm1_diff), 0.0)
-            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across
-            # them); a phase that stores by TMA waits for the store to have read its buffer.
-            xinv = _inverse(m, dt, block=block, split=merge_split)
+            def m_of():  # beta0_t (k0 k0^T)_ti exp(Gm1_t - Gm1_i) on i < t, same segment
+                ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
+                lower = (ri > ci) & (mc.rows_of(rm1_r(), sq) == mc.cols_of(rm1_c(), sq))
+                kk = mc.matmul(k_l(0), k_l(0).T, sq)
+                gm1_diff = mc.rows_of(gm1_r(), sq) - mc.cols_of(gm1_c(), sq)
+                return jnp.where(lower, kk * mc.rows_of(beta0_r(), sq) * _masked_exp(lower, gm1_diff), 0.0)
+
+            xinv = _inverse(m_of, dt, block=block, split=merge_split)
 
             # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
-            m1_0 = mc.decay_matrix(gm1_r, rm1_r, g_c, r_c, sq, strict=True)
-
+            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across
+            # them); a phase that stores by TMA waits for the store to have read its buffers.
             def qe_phase(prod_s, xq_s, rhs_s):
+                kks = _matmuls([(k_l(0), k_l(l).T) for l in range(L)], sq)  # issued back to back
+                m1_0 = mc.decay_matrix(gm1_r(), rm1_r(), g_c(), r_c(), sq, strict=True)
                 for l in range(L):
-                    kkl = mc.matmul(k_l(0), k_l(l).T, sq)  # k0 k0^T again: not live across the inverse
-                    _to_smem(prod_s.at[l], kkl * m1_0 * mc.cols_of(betas_c[l], sq))
+                    prod_s.at[l][...] = (kks[l] * m1_0 * mc.cols_of(beta_c(l), sq)).astype(dt)
+                plgpu.commit_smem()
                 rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
-                _to_smem(rhs_s, rhs)
-                _to_smem(xq_s, xinv * mc.cols_of(betas_c[0], sq))
+                rhs_s[...] = rhs.astype(dt)
+                xq_s[...] = (xinv * mc.cols_of(beta_c(0), sq)).astype(dt)
+                plgpu.commit_smem()
                 _to_smem(rhs_s, mc.matmul(xq_s, rhs_s, (C, V)))  # Qe (the product has read rhs_s)
                 plgpu.copy_smem_to_gmem(rhs_s, qe_ref.at[b, rows, h])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             pl.run_scoped(qe_phase, mc.smem((L, C, C), dt), mc.smem((C, C), dt), mc.smem((C, V), dt))
 
-            def p_phase(xp_s, p_s):
-                _to_smem(xp_s, xinv * mc.cols_of(betas_c[0] * start_m1_c, sq))
+            def p_phase(xp_s, p_s, *x_s):  # P and (save_inverse) X: both TMA stores in flight at once
+                _to_smem(xp_s, xinv * mc.cols_of(beta_c(0) * start_m1_c(), sq))
                 _to_smem(p_s, mc.matmul(xp_s, k_l(0), (C, K)))
                 plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+                if save_inverse:
+                    _to_smem(x_s[0], xinv)
+                    plgpu.copy_smem_to_gmem(x_s[0], ainv_ref[0].at[b, h, n])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt))
-
-            if save_inverse:
-                def x_phase(x_s):
-                    _to_smem(x_s, xinv)
-                    plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-                pl.run_scoped(x_phase, mc.smem((C, C), f32))
+            pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
+                          *([mc.smem((C, C), f32)] if save_inverse else []))
 
         issue(0, 0)
         if chunks_per_cta == 1:
