@@ -9,30 +9,50 @@ value block at the chunk's start:
                                                            [K, bv]  (L wgmmas: M = K, contraction C)
 
 One CTA (one warpgroup) per (b, h, value block) walks the N chunks in order; grid (B, H, V / bv).
-- S stays in float32 registers (the wgmma accumulator of the second product, initialised with
-  all * S); each step stages it once as a 16-bit SMEM operand (the B operand of P S).
+Two implementations, picked by block_v:
+
+block_v = 64 (default; `_register_pass`): the state is held TRANSPOSED, S^T [bv, K], in float32
+registers, so that both products of a step take their dependent operand from registers as the wgmma
+A operand (M = bv = 64):
+    E^T = S^T P^T (+ Qe^T)        A = bf16(S^T) registers, B = P^T (transposed view of P's TMA tile)
+    S^T <- all S^T + sum_l u_l^T k_l   A = u_l^T registers, B = k_l's TMA tile as it is
+- The dependent chain per step is: cast S^T -> wgmma -> wait -> FMA (u_0^T) -> cast -> wgmma -> wait
+  -> add. No register -> SMEM -> fence round trip is on it (the staged path below has two per step).
+- Off the chain, issued while E^T computes: the start state's TMA store (S^T switched to the
+  WGMMA_TRANSPOSED register layout by one lane shuffle, stored through a transposed view of a
+  float32 SMEM tile, two such tiles alternating so the store never waits), the write terms l > 0
+  (their wgmmas go into the state accumulator before E^T is read: `wgmma_accumulator_load(...,
+  wait_n=L - 1)` waits for E^T only), and (end beta_0) v_0^T - end_m1 Qe^T.
+- v_l and Qe are read transposed from their TMA tiles ([bv, C] in registers); the per-token scalings
+  act on columns (COLS vectors); `all` is a [K] COLS vector.
+- On the CPU interpreter (wgmma operands from SMEM only) the register operands are staged in SMEM
+  (`a_operand`); the GPU path differs only there (checked by the CUDA lowering tests).
+- SMEM (bf16, K = V = 128): 2 slots x (24 + 24 L) KiB of tiles + 2 x 32 KiB start-state staging:
+  160 KiB at L = 1, 208 KiB at L = 2; K = 128 with L = 3 falls back to one slot.
+
+block_v = 32 (`slots` as below; the phase-1 kernel): S [K, bv] in float32 registers (the wgmma
+accumulator of the second product); each step stages it as a 16-bit SMEM operand (the B operand of
+P S); E goes from its accumulator through registers to a 16-bit SMEM operand (u_0) for the second
+product. Twice the CTAs of block_v = 64, but two register -> SMEM -> fence round trips per step.
 - The row scalings (end_m1 of E's rows, end * beta_l of v_l's rows) are folded into the [C, bv]
-  right-hand operands, which pass through registers anyway (E is an accumulator, v_l is loaded to be
-  scaled); the keys k_l go to wgmma straight from their TMA tile as transposed A operands (k_l^T).
-  So the erase term and the L writes are one accumulator of L wgmmas.
-- Per-token scalings come packed from XLA: rows [end_m1, end * beta_0, ..., end * beta_{L-1}] of
-  one [L + 1, C] float32 tile per chunk; the chunk decay `all` broadcast to a [K] row (a vector in
-  the accumulator's row layout, no scalar loads).
-- While the first wgmma (P S) runs, the L write terms are scaled and staged (`overlapped`); only
-  the erase term waits for it.
-- Pipelined: the next chunk's tiles (P, Qe, k_l, v_l, the scalings) are fetched by TMA into the
-  other of two SMEM slots while this chunk computes; a chunk's start state goes out by TMA from a
-  float32 SMEM tile while the chunk computes. When two slots do not fit in SMEM (K = 128 with L = 3:
-  the keys alone are 2 * 3 * 16 KiB) the kernel falls back to one slot (the fetch is issued after
-  the chunk's last wgmma and waited for at the next step's start).
+  right-hand operands; the keys k_l go to wgmma straight from their TMA tile as transposed A
+  operands (k_l^T). Per-token scalings come packed from XLA: rows [end_m1, end * beta_0, ...,
+  end * beta_{L-1}] of one [L + 1, C] float32 tile per chunk; the chunk decay `all` as a [K] row.
+- While the first wgmma (P S) runs, the L write terms are scaled and staged (`overlapped`).
+
+Both: the next chunk's tiles (P, Qe, k_l, v_l, the scalings) are fetched by TMA into the other of
+two SMEM slots while this chunk computes. When two slots do not fit in SMEM (K = 128 with L = 3)
+the kernel falls back to one slot (the fetch is issued after the chunk's last wgmma and waited for
+at the next step's start).
 
 Expected cost (H200, bf16, K = V = 128, bv = 64): per chunk 2 + L small wgmmas (64 x 64 x 128 and
-L x 128 x 64 x 64, ~2.1 MFLOP for L = 1) whose latency (~1-2 us per dependent wgmma + the register
-round trip through SMEM) sets the step time, not the tensor-core rate; ~24 KiB (L = 1) of TMA
-traffic per step, prefetched, plus 32 KiB of start state written. The pass is latency-bound per
-CTA: its time is ~N * step latency, with B * H * V / bv CTAs (>= 132 to fill the machine; block_v=32
-doubles the CTAs when B * H is small).
-~1 us per step would give ~0.5 ms at T = 32K (N = 512) vs the Triton pass's 2.7 ms at chunk 32.
+L x 64 x 128 x 64, ~2.1 MFLOP for L = 1) whose latency sets the step time, not the tensor-core
+rate; ~24 KiB (L = 1) of TMA traffic per step, prefetched, plus 32 KiB of start state written. The
+pass is latency-bound per CTA: its time is ~N * step latency when B * H * V / bv <= 132 (T = 32K,
+B = 1, H = 16: 32 CTAs, one per SM, so halving bv only shortens the step by the smaller N of its
+wgmmas; the register path removes the two SMEM round trips and fences from the chain instead).
+Phase 1 (staged, bv = 64) measured 2.4 us per step at T = 32K; the register path is expected near
+1 us (two dependent wgmma latencies plus a few hundred ns of register math).
 """
 
 from __future__ import annotations
@@ -138,15 +158,18 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     N = Tp // C
     dt = x.k.dtype
     bv = block_v
+    smem_bytes = _register_smem_bytes if bv == 64 else _smem_bytes
     if slots is None:
-        slots = 2 if _smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
-    if slots not in (1, 2) or _smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
+        slots = 2 if smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
+    if slots not in (1, 2) or smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
         raise ValueError(f"state_pass: slots={slots} must be 1 or 2 and fit in {SMEM_BUDGET} bytes of SMEM "
-                         f"(it needs {_smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
+                         f"(it needs {smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
     # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
     scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)
     all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
+    if bv == 64:
+        return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, interpret=interpret)
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
              all_s, u_s, s_b, s_f, bar, s0_bar):
@@ -224,6 +247,130 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     if with_starts:
         out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
     outs = mc.kernel(body, name="prism_mosaic_state", out_type=tuple(out_type), scratch=scratch,
+                     grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
+        p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))
+    return (outs[0], outs[1]) if with_starts else (None, outs[0])
+
+
+def a_operand(value, staging, interpret):
+    """A 16-bit register tile as a wgmma A operand: the registers themselves on the GPU (no SMEM round
+    trip, no fence); on the CPU interpreter, which takes operands from SMEM only, `staging` (an SMEM
+    buffer of the same shape) after a store and a fence."""
+    if not interpret:
+        return value
+    staging[...] = value
+    plgpu.commit_smem()
+    return staging
+
+
+def store_transposed(ref, value):
+    """ref[...] = value.T for a float32 WGMMA-layout tile `value` [M, N] and an SMEM ref [N, M]: the
+    register layout is switched to WGMMA_TRANSPOSED (one lane shuffle per register pair), which stores
+    through the transposed view."""
+    ref.T[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED)
+
+
+def _register_smem_bytes(slots, L, K, bv, itemsize):
+    tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
+    tiles += slots * ((L + 1) * C + K) * 4  # scalings
+    return tiles + slots * K * bv * 4  # start-state staging (one per slot)
+
+
+def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
+    """The state pass at block_v = 64 with the state transposed in registers (see the module docstring):
+
+        E^T = S^T P^T + Qe^T                        [bv, C]  (A = S^T from registers, B = P^T in SMEM)
+        S^T <- all * S^T + sum_l u_l^T k_l          [bv, K]  (A = u_l^T from registers, B = k_l in SMEM)
+        u_0^T = (end beta_0) v_0^T - end_m1 E^T,  u_l^T = (end beta_l) v_l^T   (scalings on columns)
+    """
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N = Tp // C
+    dt = x.k.dtype
+    bv = 64
+
+    def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
+             all_s, s_f, bar, s0_bar, st_b=None, u_b=None):
+        starts_ref, final_ref = outs if with_starts else (None, outs[0])
+        b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        vs = pl.ds(vb * bv, bv)
+
+        def issue(n, slot):
+            rows = pl.ds(n * C, C)
+            plgpu.copy_gmem_to_smem(p_ref.at[b, rows, h], p_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(qe_ref.at[b, rows, h, vs], qe_s.at[slot], bar.at[slot])
+            for l in range(L):
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[slot, l], bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, vs], v_s.at[slot, l], bar.at[slot])
+            plgpu.copy_gmem_to_smem(scal_ref.at[b, h, n], scal_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(all_ref.at[b, h, n], all_s.at[slot], bar.at[slot])
+
+        plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, vs], s_f.at[0], s0_bar)
+        issue(0, 0)
+        plgpu.barrier_wait(s0_bar)
+        st0 = plgpu.load(s_f.at[0].T, layout=mc.WGMMA)  # S^T [bv, K]
+
+        def step(n, st):
+            slot = lax.rem(n, 2) if slots == 2 else 0
+            plgpu.barrier_wait(bar.at[slot])
+            if slots == 2:
+                @pl.when(n + 1 < N)
+                def _prefetch():
+                    plgpu.commit_smem()
+                    issue(n + 1, 1 - slot)
+
+            cols = lambda i, width: mc.cols_of(plgpu.load(scal_s.at[slot, i], layout=mc.COLS), (bv, width))
+            v_t = lambda l: plgpu.load(v_s.at[slot, l].T, layout=mc.WGMMA).astype(f32)  # v_l^T [bv, C]
+            st_lo = a_operand(st.astype(dt), st_b, interpret)
+            out = lax.rem(n, 2) if slots == 2 else 0  # the start-state staging buffer of this step
+
+            def scoped(acc_e, acc_s):
+                plgpu.wgmma(acc_e, st_lo, p_s.at[slot].T)  # E^T - Qe^T: the dependent product, first
+                # while it computes: the start state out, the write terms l > 0 into acc_s, Qe's part
+                if with_starts:
+                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # s_f[out] has left
+                    store_transposed(s_f.at[out], st)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(s_f.at[out], starts_ref.at[b, h, n, :, vs])
+                for l in range(1, L):
+                    u = a_operand((cols(l + 1, C) * v_t(l)).astype(dt), None if u_b is None else u_b.at[l],
+                                  interpret)
+                    plgpu.wgmma(acc_s, u, k_s.at[slot, l])
+                qe_t = plgpu.load(qe_s.at[slot].T, layout=mc.WGMMA).astype(f32)
+                w0 = cols(1, C) * v_t(0) - cols(0, C) * qe_t
+                e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1))
+                u0 = a_operand((w0 - cols(0, C) * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
+                plgpu.wgmma(acc_s, u0, k_s.at[slot, 0])
+                decayed = mc.cols_of(plgpu.load(all_s.at[slot], layout=mc.COLS), (bv, K)) * st
+                return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_s, wait_n=0))
+
+            st = pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
+            if slots == 1:
+                @pl.when(n + 1 < N)
+                def _fetch():
+                    plgpu.commit_smem()
+                    issue(n + 1, 0)
+            return st
+
+        st = lax.fori_loop(0, N, step, st0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        store_transposed(s_f.at[0], st)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s_f.at[0], final_ref.at[b, h, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    operand = lambda shape: mc.smem(shape, dt)
+    scratch = dict(
+        p_s=operand((slots, C, K)), qe_s=operand((slots, C, bv)), k_s=operand((slots, L, C, K)),
+        v_s=operand((slots, L, C, bv)), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
+        all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((slots, K, bv), f32),
+        bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots), s0_bar=plgpu.Barrier(num_arrivals=1))
+    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
+        scratch.update(st_b=operand((bv, K)), u_b=operand((L, bv, C)))
+    out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
+    if with_starts:
+        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+    outs = mc.kernel(body, name="prism_mosaic_state_registers", out_type=tuple(out_type), scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))
     return (outs[0], outs[1]) if with_starts else (None, outs[0])

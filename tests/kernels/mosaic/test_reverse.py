@@ -41,7 +41,8 @@ def _pullback_inputs(*, B=1, T=101, H=2, K=64, V=64, reset_at=None, seed=0, dtyp
 
 
 def _reference(p, ek, a, y, dfinal):
-    with jax.enable_x64(True):
+    # on the CPU: the GPU has no float64 matmul
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32)), jnp.float64)
         cot, ds0 = reverse_scan(*(f64(t) for t in (p, ek, a, y, dfinal)))
         return np.asarray(cot), np.asarray(ds0)

@@ -46,15 +46,16 @@ def _reference(x, p, qe):
 
     over_heads = jax.vmap(update, in_axes=(0, 1, 1, 1, 1, 1, 1, None, None))
     over_batch = jax.jit(jax.vmap(over_heads))
-    with jax.enable_x64(True):
+    # on the CPU: the GPU has no float64 matmul
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32)), jnp.float64)
         p, qe, k, v, beta, g, s = (f64(t) for t in (p, qe, x.k, x.v, x.beta, x.g, x.s0))
+        r, rm1 = jnp.asarray(np.asarray(x.r)), jnp.asarray(np.asarray(x.rm1))
         starts = []
         for n in range(Tp // C):
             sl = slice(n * C, (n + 1) * C)
             starts.append(np.asarray(s))
-            s = over_batch(s, p[:, sl], qe[:, sl], k[:, sl], v[:, sl], beta[:, sl], g[:, sl], x.r[:, sl],
-                           x.rm1[:, sl])
+            s = over_batch(s, p[:, sl], qe[:, sl], k[:, sl], v[:, sl], beta[:, sl], g[:, sl], r[:, sl], rm1[:, sl])
         return np.stack(starts, axis=2), np.asarray(s)
 
 
