@@ -8,18 +8,33 @@ chunks n = N-1 .. 0, with X [K, bv] the cotangent of chunk n's end state (X = df
                                                              transposed SMEM view)
 
 One CTA (one warpgroup) per (b, h, value block) walks the chunks backwards; grid (B, H, V / bv).
-- X stays in float32 registers; each step stages it once as a 16-bit SMEM operand (B of ek X), and
-  W = -(ek X) goes from its accumulator to a 16-bit SMEM operand (B of P^T W), the sign folded in.
-- Y_n + a_n X is formed while ek X computes (`state.overlapped`).
-- a_n comes broadcast from XLA to a [K] row per chunk (a vector in the accumulator's row layout).
-- Pipelined: chunk n-1's tiles (P, ek 16-bit; Y float32; the a row) are fetched by TMA into the
-  other of two SMEM slots while chunk n computes; cot_end[n] leaves by TMA from a float32 SMEM tile
-  while the chunk computes.
+Two implementations, picked by block_v (as the forward state pass, `state.py`):
+
+block_v = 64 (default; `_register_pass`): X held TRANSPOSED, X^T [bv, K], in float32 registers, so
+both products take their dependent operand from registers as the wgmma A operand (M = bv = 64):
+    W^T = -(X^T ek^T)             A = bf16(X^T) registers, B = ek^T (transposed view of ek's tile)
+    X^T <- Y^T + a X^T + W^T P    A = bf16(W^T) registers, B = P's TMA tile as it is
+- Chain per step: cast -> wgmma -> wait -> negate/cast -> wgmma -> wait -> add; no register -> SMEM
+  -> fence round trip on it (the staged path has two per step).
+- While (ek X)^T computes: cot_end[n] leaves by TMA (X^T switched to the WGMMA_TRANSPOSED layout,
+  stored through a transposed view of one of two alternating float32 SMEM tiles, so the store never
+  waits), and Y^T + a X^T is formed (Y read transposed from its swizzled float32 TMA tile).
+- On the CPU interpreter the register operands are staged in SMEM (`state.a_operand`).
+- SMEM (bf16, K = V = 128): 2 x 32 KiB (P, ek) + 2 x 32 KiB (Y) + 2 x 32 KiB (staging) = 192 KiB.
+
+block_v = 32 (the phase-1 kernel, twice the CTAs): X [K, bv] in float32 registers; each step
+stages it once as a 16-bit SMEM operand (B of ek X), and W = -(ek X) goes from its accumulator to a
+16-bit SMEM operand (B of P^T W), the sign folded in. Y_n + a_n X is formed while ek X computes
+(`state.overlapped`).
+
+Both: a_n comes broadcast from XLA to a [K] vector per chunk; chunk n-1's tiles (P, ek 16-bit; Y
+float32; the a row) are fetched by TMA into the other of two SMEM slots while chunk n computes.
 
 Expected cost (H200, bf16, K = V = 128, bv = 64): per step two dependent small wgmmas (~1 MFLOP
-each) plus two register -> SMEM round trips: latency-bound like the forward state pass; traffic per
-step 32 KiB of P / ek (16-bit), 32 KiB of Y in and 32 KiB of cot_end out (float32), prefetched /
-overlapped. B * H * V / bv CTAs.
+each): latency-bound like the forward state pass; traffic per step 32 KiB of P / ek (16-bit), 32 KiB
+of Y in and 32 KiB of cot_end out (float32), prefetched / overlapped. B * H * V / bv CTAs. Phase 1
+(staged, bv = 64) measured 1.9 us per step at T = 32K; the register path removes the two SMEM round
+trips and fences from the chain (expected ~1 us per step).
 """
 
 from __future__ import annotations
@@ -31,7 +46,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.state import accumulate, check_inputs, operand_smem, overlapped
+from pallas_kernels.gpu.mosaic.state import (a_operand, accumulate, check_inputs, operand_smem, overlapped,
+                                             store_transposed)
 
 f32 = jnp.float32
 C = mc.CHUNK
@@ -55,6 +71,8 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
     dt = p.dtype
     bv = block_v
     a_rows = jnp.broadcast_to(a[..., None], (B, H, N, K))
+    if bv == 64:
+        return _register_pass(p, ek, a_rows, y, dfinal, interpret=interpret)
 
     def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_b, w_s, x_f,
              bar, x_bar):
@@ -112,5 +130,78 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
         x_bar=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32))
     return mc.kernel(body, name="prism_mosaic_reverse", out_type=out_type, scratch=scratch,
+                     grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
+        p, ek, a_rows, y, dfinal)
+
+
+def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
+    """The reverse pass at block_v = 64 with X held transposed in registers (module docstring):
+
+        W^T = -(X^T ek^T)  [bv, C]    (A = X^T from registers, B = ek^T: transposed view of ek's tile)
+        X^T <- Y^T + a X^T + W^T P  [bv, K]   (A = W^T from registers, B = P's tile as it is)
+    """
+    B, H, N, _, K = p.shape
+    V = y.shape[-1]
+    dt = p.dtype
+    bv = 64
+
+    def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_f, bar, x_bar,
+             xt_b=None, w_b=None):
+        b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        vs = pl.ds(vb * bv, bv)
+
+        def issue(n, slot):
+            plgpu.copy_gmem_to_smem(p_ref.at[b, h, n], p_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(ek_ref.at[b, h, n], ek_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(y_ref.at[b, h, n, :, vs], y_s.at[slot], bar.at[slot])
+            plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], a_s.at[slot], bar.at[slot])
+
+        plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
+        issue(N - 1, 0)
+        plgpu.barrier_wait(x_bar)
+        xt0 = plgpu.load(x_f.at[0].T, layout=mc.WGMMA)  # X^T [bv, K]
+
+        def step(i, xt):
+            n = N - 1 - i
+            slot = lax.rem(i, 2)
+            plgpu.barrier_wait(bar.at[slot])
+
+            @pl.when(n > 0)
+            def _prefetch():
+                plgpu.commit_smem()
+                issue(n - 1, 1 - slot)
+
+            xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
+
+            def scoped(acc_w, acc_x):
+                plgpu.wgmma(acc_w, xt_lo, ek_s.at[slot].T)  # (ek X)^T: the dependent product, first
+                # while it computes: cot_end[n] out (two staging tiles alternate), and Y^T + a X^T
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # x_f[slot] has left (step i - 2)
+                store_transposed(x_f.at[slot], xt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(x_f.at[slot], cot_ref.at[b, h, n, :, vs])
+                init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA)
+                        + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
+                ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
+                plgpu.wgmma(acc_x, a_operand((-ekx).astype(dt), w_b, interpret), p_s.at[slot])
+                return init + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
+
+            return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
+
+        xt = lax.fori_loop(0, N, step, xt0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        store_transposed(x_f.at[0], xt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(
+        p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), f32),
+        a_s=plgpu.SMEM((2, K), f32), x_f=mc.smem((2, K, bv), f32),
+        bar=plgpu.Barrier(num_arrivals=4, num_barriers=2), x_bar=plgpu.Barrier(num_arrivals=1))
+    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
+        scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
+    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32))
+    return mc.kernel(body, name="prism_mosaic_reverse_registers", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)
