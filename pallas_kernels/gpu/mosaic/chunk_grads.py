@@ -70,25 +70,48 @@ def _mm(a, b, shape, init=None):
     return out if init is None else init + out
 
 
-def _smem_bytes(K, BV, L, dtype):
+def _smem_bytes(K, BV, L, dtype, out_slots):
     """Bytes of SMEM the kernel allocates (for the check before compiling)."""
     it = jnp.dtype(dtype).itemsize
     tiles = ((1 + L) * C * K  # q, k_l
              + 2 * L * C * BV  # v_l (later dv_l), vw_l
              + C * BV + 2 * K * BV  # do, S, dS'
              + (2 + 2 * L) * C * C  # X, QK0, QK_l, beta0 B_l (later the cotangent operands)
-             + 3 * C * BV) * it  # E, dR, rhs (later dE)
+             + 2 * C * BV) * it  # rhs -> E, dE -> dR
     vecs = 4 * ((_N_ROW_VECS + L + 2) * C + (L + _N_OUT_VECS) * C + 2 * C) + 4 * 4 * C
-    return tiles + vecs + 4 * C * 64 + 1024  # + float32 [C, 64] output tile, barrier / alignment
+    return tiles + vecs + out_slots * 4 * C * 64 + 1024  # + float32 [C, 64] output slots, barriers
+
+
+def _out_slots(K, BV, L, dtype, out_slots):
+    """The output staging slots: as asked, or None = 2 where they fit in SMEM, else 1."""
+    if out_slots is not None:
+        return out_slots
+    return 2 if _smem_bytes(K, BV, L, dtype, 2) <= SMEM_LIMIT else 1
+
+
+def _issue(*sums):
+    """Sums of wgmma products [M, N] float32, every wgmma of every sum issued before one wait.
+
+    sums: (shape, [(a, b), ...]) each, a / b SMEM refs (or `.T` views). Products of one sum chain
+    into one accumulator (no wait between them), independent sums overlap; the values pass through
+    an optimization barrier (as `mc.matmul`: no arithmetic scheduled before the wait)."""
+    def scoped(*accs):
+        for acc, (_, pairs) in zip(accs, sums):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
+
+    out = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for shape, _ in sums))
+    return lax.optimization_barrier(out)
 
 
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
-          q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s, tmp_s,
+          q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale):
     """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
-    qk0_s QK0, then dkk; qk_s[l] QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then dA_l; v_s[l]
-    v_l, then dv_l; tmp_s the right-hand side, then dE."""
+    qk0_s -scale QK0, then dkk; qk_s[l] scale QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then
+    dA_l; v_s[l] v_l, then dv_l; e_s the right-hand side, then E; dr_s dE, then dR."""
     n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
     b, vb = bv // nvb, bv % nvb
     K = q_s.shape[-1]
@@ -132,43 +155,44 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     def put(buf, value):
         buf[...] = value.astype(buf.dtype)
 
-    # ---- value-independent tiles (bf16 operands) and the gated values vw_l = beta_l v_l.
-    qk0 = lambda: _mm(q_s, k_s.at[0].T, sq) * t_m1()
-    qkl = lambda l: _mm(q_s, k_s.at[l].T, sq) * t_0()
-    bl = lambda l: _mm(k_s.at[0], k_s.at[l].T, sq) * m1_0()
-    put(qk0_s, qk0())
+    # Raw (undecayed) value-independent products: q k_l^T (l = 0 also gives QK0) and k0 k_l^T
+    # (l = 0 also gives k0 k0^T of m); formed here and again in `finish` for their float32 values.
+    raw_tiles = lambda: ([(sq, [(q_s, k_s.at[l].T)]) for l in range(L)]
+                         + [(sq, [(k_s.at[0], k_s.at[l].T)]) for l in range(L)])
+
+    # ---- value-independent tiles (16-bit operands) and the gated values vw_l = beta_l v_l.
+    raw = _issue(*raw_tiles())
+    qk_raw, kk_raw = raw[:L], raw[L:]
+    put(qk0_s, -scale * qk_raw[0] * t_m1())
     for l in range(L):
-        put(qk_s.at[l], qkl(l))
-        put(b_s.at[l], R(beta0) * bl(l))  # diag(beta0) B_l: rhs and dvw_l both want it scaled
+        put(qk_s.at[l], scale * qk_raw[l] * t_0())
+        put(b_s.at[l], R(beta0) * kk_raw[l] * m1_0())  # diag(beta0) B_l: rhs and dvw_l both want it
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
     plgpu.commit_smem()
     plgpu.barrier_wait(bar1)
 
     # ---- block step: E, dE, dR, dv_l and the row sums.
-    k0s = _mm(k_s.at[0], s_s, sv)  # k0 S
-    rhs = R(beta0 * start_m1, sv) * k0s
-    for l in range(L):
-        rhs = _mm(b_s.at[l], vw_s.at[l], sv, init=rhs)
-    put(tmp_s, rhs)
+    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_s)]), (sv, [(k_s.at[0], x_s)]),  # k0 S, k0 dS'
+                                (sv, [(b_s.at[l], vw_s.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_s)]))
+    put(e_s, R(beta0 * start_m1, sv) * k0s + bvw)  # rhs
+    put(dr_s, qdo - R(end_m1, sv) * kx0)  # dE
     plgpu.commit_smem()
-    e = _mm(xinv_s, tmp_s, sv)
-    put(e_s, e)
-    kx0 = _mm(k_s.at[0], x_s, sv)  # k0 dS'
+    e, dr = _issue((sv, [(xinv_s, e_s)]), (sv, [(xinv_s.T, dr_s)]))
     re = jnp.sum(e * kx0, axis=1)
-    put(tmp_s, -scale * _mm(qk0_s.T, do_s, sv) - R(end_m1, sv) * kx0)  # dE
-    plgpu.commit_smem()
-    dr = _mm(xinv_s.T, tmp_s, sv)
     rs = jnp.sum(dr * k0s, axis=1)
+    put(e_s, e)
     put(dr_s, dr)
     plgpu.commit_smem()
+    dvws = _issue(*[(sv, [(b_s.at[l].T, dr_s), (qk_s.at[l].T, do_s)]) for l in range(L)],
+                  *[(sv, [(k_s.at[l], x_s)]) for l in range(1, L)])
+    kxs = [kx0, *dvws[L:]]
     rend = jnp.zeros_like(re)
     dbetas = []
     for l in range(L):
-        kx = kx0 if l == 0 else _mm(k_s.at[l], x_s, sv)
-        dvw = _mm(b_s.at[l].T, dr_s, sv) + scale * _mm(qk_s.at[l].T, do_s, sv) + R(end, sv) * kx
+        dvw = dvws[l] + R(end, sv) * kxs[l]
         vl = plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32)
         dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
+        rend = rend + jnp.sum(R(betas[l], sv) * vl * kxs[l], axis=1)
         put(v_s.at[l], R(betas[l], sv) * dvw)  # dv_l
     plgpu.commit_smem()
     for l in range(L):
@@ -181,23 +205,26 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         plgpu.commit_smem()
         return plgpu.load(cs_s.at[i], layout=mc.ROWS)
 
-    kk_m = _mm(k_s.at[0], k_s.at[0].T, sq) * m1m1()
-    dm = -_mm(dr_s, e_s.T, sq)
+    # dR E^T, dO E^T and the raw tiles again (qk0_s and xinv_s are rewritten below: all read first).
+    dm_raw, dqk0_raw, *raw = _issue((sq, [(dr_s, e_s.T)]), (sq, [(do_s, e_s.T)]), *raw_tiles())
+    qk_raw, kk_raw = raw[:L], raw[L:]
+    kk_m = kk_raw[0] * m1m1()
+    dm = -dm_raw
     dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
     w_m1m1 = R(beta0) * dm * kk_m
     put(qk0_s, R(beta0) * dm * m1m1())  # dkk
-    dqk0 = -scale * _mm(do_s, e_s.T, sq)
-    w_tm1 = dqk0 * qk0()
+    dqk0 = -scale * dqk0_raw
+    w_tm1 = dqk0 * qk_raw[0] * t_m1()
     put(xinv_s, dqk0 * t_m1())
     dG = jnp.sum(w_tm1, axis=1)
     dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
     cols_t0_m10 = None  # column sums of sum_l (w_t0,l + w_m10,l), COLS layout
     for l in range(L):
-        dqkl = scale * _mm(do_s, vw_s.at[l].T, sq)
-        w_t0 = dqkl * qkl(l)
+        dqkl_raw, drv = _issue((sq, [(do_s, vw_s.at[l].T)]), (sq, [(dr_s, vw_s.at[l].T)]))
+        dqkl = scale * dqkl_raw
+        w_t0 = dqkl * qk_raw[l] * t_0()
         put(qk_s.at[l], dqkl * t_0())
-        drv = _mm(dr_s, vw_s.at[l].T, sq)
-        b_l = bl(l)
+        b_l = kk_raw[l] * m1_0()
         dbeta0 = dbeta0 + jnp.sum(drv * b_l, axis=1)
         dbl = R(beta0) * drv
         w_m10 = dbl * b_l
@@ -210,45 +237,47 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.commit_smem()
     dG = dG - plgpu.load(cs_s.at[1], layout=mc.ROWS)
 
-    # rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K.
-    qs = _mm(q_s, s_s, sv)
+    # rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K; and
+    # <S, dS'> of this value block: the diagonal of S^T dS' [BV, BV], as a vector over value
+    # columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk.
+    qs, sx = _issue((sv, [(q_s, s_s)]), ((BV, BV), [(s_s.T, x_s)]))
     dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
     dG = dG + scale * jnp.sum(dof * qs, axis=1) * start - rend * end
     dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
-    # <S, dS'> of this value block: the diagonal of S^T dS' [BV, BV], as a vector over value
-    # columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk.
-    sx = _mm(s_s.T, x_s, (BV, BV))
     sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
 
-    # ---- [C, K] outputs in [C, 64] column slices, one float32 accumulator at a time.
-    def store_out(value, dst):
-        plgpu.wait_smem_to_gmem(0)  # the previous output left out_s
-        out_s[...] = value
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_s, dst)
+    # ---- [C, K] outputs in [C, 64] column slices, float32, TMA-stored from out_s slots.
+    n_slots = out_s.shape[0]
+    stores = [0]
 
+    def store_out(value, dst):
+        slot = stores[0] % n_slots
+        stores[0] += 1
+        plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)  # this slot's last store left it
+        out_s[slot] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_s.at[slot], dst)
+
+    plgpu.commit_smem()
     so = (C, 64)
     for kh in range(K // 64):
         kc = pl.ds(kh * 64, 64)
         sl = lambda ref: ref if K == 64 else ref.at[:, kc]  # 64 columns of a [C, K] operand
         st = lambda ref: (ref if K == 64 else ref.at[kc]).T  # ... of ref^T, ref [K, BV]
         q_h, k_h = sl(q_s), [sl(k_s.at[l]) for l in range(L)]
-        dq = R(start * scale, so) * _mm(do_s, st(s_s), so)
-        dq = _mm(xinv_s, k_h[0], so, init=dq)
-        for l in range(L):
-            dq = _mm(qk_s.at[l], k_h[l], so, init=dq)
-        store_out(dq, dq_ref.at[vb, b, rows, h, kc])
+        dq_s, dq_r = _issue((so, [(do_s, st(s_s))]),
+                            (so, [(xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]))
+        store_out(R(start * scale, so) * dq_s + dq_r, dq_ref.at[vb, b, rows, h, kc])
 
-        dk0 = (R(beta0 * start_m1, so) * _mm(dr_s, st(s_s), so)
-               - R(end_m1, so) * _mm(e_s, st(x_s), so))
-        for a, bb in ((qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)):
-            dk0 = _mm(a, bb, so, init=dk0)
+        dk_s, dk_x, dk_r = _issue(
+            (so, [(dr_s, st(s_s))]), (so, [(e_s, st(x_s))]),
+            (so, [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
+             + [(b_s.at[l], k_h[l]) for l in range(L)]))
+        dk0 = R(beta0 * start_m1, so) * dk_s - R(end_m1, so) * dk_x + dk_r
         for l in range(L):
-            dk0 = _mm(b_s.at[l], k_h[l], so, init=dk0)
-        for l in range(L):
-            dkl = R(end, so) * _mm(vw_s.at[l], st(x_s), so)
-            dkl = _mm(qk_s.at[l].T, q_h, so, init=dkl)
-            dkl = _mm(b_s.at[l].T, k_h[0], so, init=dkl)
+            dkl_x, dkl_r = _issue((so, [(vw_s.at[l], st(x_s))]),
+                                  (so, [(qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]))
+            dkl = R(end, so) * dkl_x + dkl_r
             store_out(dkl + dk0 if l == 0 else dkl, dk_ref.at[vb, b, rows, h, l, kc])
 
     dbetas[0] = dbetas[0] + dbeta0
@@ -263,7 +292,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def _check(x: Prepared, starts, cot_end, ainv, block_v):
+def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     if x.q.dtype not in mc.DTYPES or any(t.dtype != x.q.dtype for t in (x.k, x.v)):
@@ -282,7 +311,9 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v):
         if t.shape != (B, H, Tp // C, K, V):
             raise ValueError(f"chunk_grads_backward: `{name}` must be [B, H, N, K, V] = "
                              f"{(B, H, Tp // C, K, V)}, got {t.shape}")
-    need = _smem_bytes(K, block_v, L, x.q.dtype)
+    if out_slots not in (None, 1, 2):
+        raise ValueError(f"chunk_grads_backward: `out_slots` = {out_slots} must be None, 1 or 2")
+    need = _smem_bytes(K, block_v, L, x.q.dtype, _out_slots(K, block_v, L, x.q.dtype, out_slots))
     if need > SMEM_LIMIT:
         raise ValueError(f"chunk_grads_backward: K = {K}, L = {L} needs {need // 1024} KiB of SMEM "
                          f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64")
@@ -307,7 +338,7 @@ def chunk_inverses(x: Prepared):
 
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
-                         block_v=64, interpret=False):
+                         block_v=64, out_slots=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -315,14 +346,17 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     rm1); tv = `mc.token_vectors(x)`; starts, cot_end [B, H, N, K, V] float32 chunk start states
     and end-state cotangents (already 16-bit: used as they are; float32: cast in XLA, a pass over
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
-    (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). Grid (N, H, B * V / block_v).
+    (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). out_slots: float32 [C, 64] staging
+    tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2
+    where SMEM allows, else 1). Grid (N, H, B * V / block_v).
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
-    _check(x, starts, cot_end, ainv, block_v)
+    _check(x, starts, cot_end, ainv, block_v, out_slots)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype
+    out_slots = _out_slots(K, block_v, L, dt, out_slots)
     if ainv is None:
         ainv = chunk_inverses(x)
     all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
@@ -336,10 +370,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         vw_s=mc.smem((L, *sv), dt), do_s=mc.smem(sv, dt), s_s=mc.smem((K, block_v), dt),
         x_s=mc.smem((K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
         qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem(sv, dt),
-        dr_s=mc.smem(sv, dt), tmp_s=mc.smem(sv, dt),
+        dr_s=mc.smem(sv, dt),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
-        ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((C, 64), f32),
+        ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((out_slots, C, 64), f32),
         bar0=plgpu.Barrier(num_arrivals=1 + 2 * L + _N_ROW_VECS + L + 2 + 4),
         bar1=plgpu.Barrier(num_arrivals=4))
     out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),

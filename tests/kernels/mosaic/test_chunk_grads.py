@@ -45,8 +45,11 @@ def _forward_inverse(x):
 
 
 def _reference(x, starts, do, cot_end, *, scale):
-    """`grads.chunk_grads` vmapped over chunks, everything float64 (the same bf16 inputs)."""
-    with jax.enable_x64(True):
+    """`grads.chunk_grads` vmapped over chunks, everything float64 (the same bf16 inputs), on the CPU
+    (float64 GEMMs do not run on the GPU: "not supported by cublasLt")."""
+    cpu = jax.devices("cpu")[0]
+    x, starts, do, cot_end = jax.device_put((x, starts, do, cot_end), cpu)
+    with jax.enable_x64(True), jax.default_device(cpu):
         f64 = jnp.float64
         B, Tp, H, K = x.q.shape
         L = x.k.shape[3]
