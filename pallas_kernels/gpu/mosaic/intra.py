@@ -61,7 +61,9 @@ from pallas_kernels.gpu.mosaic import common as mc
 f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
-BLOCKS = (8, 16, 32)  # supported diagonal block sizes of the inverse
+BLOCKS = (4, 8, 16, 32)  # supported diagonal block sizes of the inverse
+SMS = 132  # H200 streaming multiprocessors
+SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
 
 
@@ -160,32 +162,59 @@ def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
 
 
 def _inverse(m_of, dt, *, block, split):
-    """(I + m)^{-1} [C, C] float32 for strictly lower m = m_of() (float32 registers, formed twice so
-    that it is not live across the substitution; 16-bit operand dtype dt):
-    diagonal blocks by substitution, then doubling X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s
-    Off_s = 0). Off_s X_s is m X_s masked to the off-diagonal s-blocks of the diagonal 2s-blocks (X_s
-    is block diagonal, so only Off_s's entries reach those positions): m is staged in SMEM once
-    for all doublings, and X_s once per doubling, serving as the B operand of m X_s and the A
-    operand of X_s (Off_s X_s). Each SMEM phase is its own `run_scoped` (the memory is reused)."""
+    """(I + m)^{-1} [C, C] float32 for strictly lower m = m_of() (float32 registers, formed once for
+    the substitution and once for the doublings, so that it is not live across the substitution;
+    16-bit operand dtype dt): diagonal blocks by substitution, then doubling
+    X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s Off_s = 0).
+
+    SMEM: each phase is its own `run_scoped` (the memory is reused): the substitution 40 KiB, the
+    doublings two [2, C, C] 16-bit buffers (32 KiB): Off_s into a_s and X_s into b_s, then the
+    link Off_s X_s into a_s while X_s stays in b_s as the A operand of X_s (Off_s X_s)."""
     sq = (C, C)
     x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
                       mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
     if block == C:
         return x
 
-    def doubling(m_s, x_s, l_s):
+    def doubling(a_s, b_s):
         rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
-        _stage(m_s, m_of(), split)
+        m = m_of()
         y, s = x, block
         while s < C:
-            _stage(x_s, y, split)
             off = (lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s))
-            _stage(l_s, jnp.where(off, _staged_product(m_s, x_s, split), 0.0), split)  # Off_s X_s
-            y = y - _staged_product(x_s, l_s, split)
+            a_s.at[0][...] = jnp.where(off, m, 0.0).astype(dt)  # Off_s
+            if split:
+                a_s.at[1][...] = jnp.where(off, m - m.astype(dt).astype(f32), 0.0).astype(dt)
+            _stage(b_s, y, split)  # one commit for both
+            link = _staged_product(a_s, b_s, split)  # Off_s X_s
+            _stage(a_s, link, split)  # the product has read a_s
+            y = y - _staged_product(b_s, a_s, split)
             s *= 2
         return y
 
-    return pl.run_scoped(doubling, *(mc.smem((2, C, C), dt) for _ in range(3)))
+    return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
+
+
+def smem_bytes(L, K, V, *, slots, save_inverse=True):
+    """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
+    and the largest phase's staging buffers (the phases reuse one region)."""
+    inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
+    phases = max(C * C * 2 * 3 + C * C * 4,  # substitution: S, m_diag hi / lo, W (float32)
+                 C * C * 2 * 4,  # doubling: Off_s and X_s (then the link) as hi / lo
+                 L * C * C * 2 + C * C * 2 + C * V * 2,  # Qe
+                 C * C * 2 + C * K * 2 + (C * C * 4 if save_inverse else 0))  # P and X
+    return slots * inputs + phases
+
+
+def default_chunks_per_cta(B, H, N, L, K, V, save_inverse=True):
+    """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
+    allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
+    else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
+    fits = 2 * (smem_bytes(L, K, V, slots=2, save_inverse=save_inverse) + 1024) <= SMEM_PER_SM
+    for cpc in (4, 2):
+        if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
+            return cpc
+    return 1
 
 
 def _masked_exp(keep, diff):
@@ -193,20 +222,23 @@ def _masked_exp(keep, diff):
 
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          chunks_per_cta=1, chunk_size=C, interpret=False):
+          chunks_per_cta=None, chunk_size=C, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
-    block: the inverse's diagonal block size (8, 16 or 32); merge_split: hi/lo 16-bit products in
+    block: the inverse's diagonal block size (4, 8, 16 or 32); merge_split: hi/lo 16-bit products in
     the inverse's doubling (see the module docstring). chunks_per_cta: consecutive chunks one CTA
     walks (a divisor of N), the next chunk's tiles loaded by TMA into a second SMEM slot while the
-    current one is solved; grid (B, N / chunks_per_cta, H).
+    current one is solved; grid (B, N / chunks_per_cta, H); None: `default_chunks_per_cta`.
     """
     if chunk_size != C:
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
+    if chunks_per_cta is None:
+        chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
+                                                x.q.shape[-1], x.v.shape[-1], save_inverse)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -217,6 +249,10 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
+    if smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse) > SMEM_PER_SM - 1024:
+        raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} at L = {L}, K = {K}, V = {V} needs "
+                         f"{smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse) // 1024} KiB of SMEM "
+                         "(two input slots); the H200 has 227 KiB per CTA: use chunks_per_cta = 1")
     n_rows, n_cols = 2, 3 + L  # float32 vectors per slot loaded as ROWS / as COLS
 
     def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,

@@ -93,10 +93,11 @@ def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
 
 
 @pytest.mark.parametrize("L,V,block,merge_split,save_inverse,chunks_per_cta", [
-    (1, 64, 16, True, False, 1), (2, 128, 16, True, True, 1), (3, 64, 32, False, True, 2)])
+    (1, 64, 4, True, False, None), (2, 128, 16, True, True, 1), (3, 64, 32, False, True, 2)])
 def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse, chunks_per_cta):
     """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5);
-    chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot."""
+    chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot;
+    block 4: three substitution steps and four doublings."""
     _, errs = _check(_inputs(L=L, V=V, seed=L), block=block, merge_split=merge_split,
                      save_inverse=save_inverse, chunks_per_cta=chunks_per_cta)
     if save_inverse:
@@ -119,6 +120,16 @@ def test_intra_adversarial_growth_matches_float64_and_triton_intra():
         assert rel(g, as64(t)) < 1e-2, name
 
 
+def test_default_chunks_per_cta_fits_two_ctas_per_sm():
+    """Two input slots only where two CTAs still fit on an H200 SM and the grid fills the SMs."""
+    from pallas_kernels.gpu.mosaic.intra import SMEM_PER_SM, default_chunks_per_cta, smem_bytes
+    assert default_chunks_per_cta(16, 16, 32, 1, 128, 128) == 4  # B * T = 32 K, H = 16, L = 1
+    assert default_chunks_per_cta(16, 16, 32, 2, 128, 128) == 1  # two slots: 173 KiB
+    assert default_chunks_per_cta(1, 2, 4, 1, 128, 128) == 1  # 4 CTAs: keep them apart
+    assert default_chunks_per_cta(32, 16, 2, 1, 64, 64) == 2  # N = 2
+    assert 2 * (smem_bytes(2, 128, 128, slots=1) + 1024) <= SMEM_PER_SM  # two CTAs per SM at L = 2
+
+
 def test_intra_rejects_unsupported_inputs():
     x = _inputs(T=64, L=1)
     tv = _token_vectors(x)
@@ -132,6 +143,9 @@ def test_intra_rejects_unsupported_inputs():
         intra(x, tv, chunk_size=32)
     with pytest.raises(ValueError, match="chunks_per_cta"):
         intra(x, tv, chunks_per_cta=2)  # T = 64: one chunk
+    z = _inputs(T=128, L=3, K=128, V=128)
+    with pytest.raises(ValueError, match="SMEM"):
+        intra(z, _token_vectors(z), chunks_per_cta=2)  # two slots of 3 x 64 KiB
     y = _inputs(T=64, L=5)
     with pytest.raises(ValueError, match="writes"):
         intra(y, _token_vectors(y))
@@ -141,7 +155,8 @@ def test_intra_rejects_unsupported_inputs():
 
 @pytest.mark.parametrize("L,K,V,dtype,opts", [
     (3, 128, 128, jnp.bfloat16, {}),
-    (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False, chunks_per_cta=2))])
+    (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False, chunks_per_cta=2)),
+    (1, 128, 128, jnp.bfloat16, dict(block=8, chunks_per_cta=2))])
 def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
     x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
