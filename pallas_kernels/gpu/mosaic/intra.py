@@ -61,7 +61,7 @@ from pallas_kernels.gpu.mosaic import common as mc
 f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
-BLOCKS = (4, 8, 16, 32)  # supported diagonal block sizes of the inverse
+BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
@@ -171,10 +171,12 @@ def _inverse(m_of, dt, *, block, split):
     doublings two [2, C, C] 16-bit buffers (32 KiB): Off_s into a_s and X_s into b_s, then the
     link Off_s X_s into a_s while X_s stays in b_s as the A operand of X_s (Off_s X_s)."""
     sq = (C, C)
-    x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
-                      mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
-    if block == C:
-        return x
+    if block == 2:  # the 2 x 2 diagonal blocks of (I + m)^{-1} are I - m's: no substitution
+        rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
+        x = jnp.where(rows == cols, 1.0, jnp.where(lax.div(rows, 2) == lax.div(cols, 2), -m_of(), 0.0))
+    else:
+        x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
+                          mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
 
     def doubling(a_s, b_s):
         rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
@@ -228,7 +230,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
-    block: the inverse's diagonal block size (4, 8, 16 or 32); merge_split: hi/lo 16-bit products in
+    block: the inverse's diagonal block size (2, 4, 8, 16 or 32; 2: no substitution, five doublings); merge_split: hi/lo 16-bit products in
     the inverse's doubling (see the module docstring). chunks_per_cta: consecutive chunks one CTA
     walks (a divisor of N), the next chunk's tiles loaded by TMA into a second SMEM slot while the
     current one is solved; grid (B, N / chunks_per_cta, H); None: `default_chunks_per_cta`.

@@ -104,6 +104,15 @@ def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_invers
         assert errs[2] < (1e-4 if merge_split else 1e-2), errs
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("block,merge_split,chunks_per_cta", [(2, True, 2), (8, True, 1), (2, False, 1)])
+def test_intra_blocks_match_float64_chunk_solve(block, merge_split, chunks_per_cta):
+    """block 2: the 2 x 2 diagonal blocks directly, five doublings; block 8: seven substitution steps."""
+    _, errs = _check(_inputs(L=2, V=128, seed=5), block=block, merge_split=merge_split,
+                     chunks_per_cta=chunks_per_cta)
+    assert errs[2] < (1e-4 if merge_split else 1e-2), errs
+
+
 def test_intra_adversarial_growth_matches_float64_and_triton_intra():
     """beta = 1, no decay, nearly parallel keys of alternating sign. The inverse (8-row blocks, three
     hi/lo doublings) stays float32-accurate; P and Qe are as close to float64 as the Triton kernel
@@ -156,7 +165,7 @@ def test_intra_rejects_unsupported_inputs():
 @pytest.mark.parametrize("L,K,V,dtype,opts", [
     (3, 128, 128, jnp.bfloat16, {}),
     (1, 64, 128, jnp.float16, dict(block=32, merge_split=False, save_inverse=False, chunks_per_cta=2)),
-    (1, 128, 128, jnp.bfloat16, dict(block=8, chunks_per_cta=2))])
+    (1, 128, 128, jnp.bfloat16, dict(block=2, chunks_per_cta=2))])
 def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
     x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
@@ -167,7 +176,8 @@ def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block,merge_split,chunks_per_cta", [
-    (8, True, 1), (16, True, 1), (32, True, 1), (16, True, 4), (16, False, 2)])
+    (2, True, 1), (4, True, 1), (8, True, 1), (16, True, 1), (32, True, 1), (16, True, 4), (8, True, 2),
+    (16, False, 2), (16, True, None)])
 def test_intra_on_gpu_matches_float64(block, merge_split, chunks_per_cta):
     """B = 2, T = 500 (8 chunks), H = 4, K = V = 128, L = 2; the adversarial chunks only with the
     hi/lo doubling (one 16-bit product per matmul puts P ~1e-2 off there, see the module docstring)."""
