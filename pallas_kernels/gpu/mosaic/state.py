@@ -41,9 +41,10 @@ product. Twice the CTAs of block_v = 64, but two register -> SMEM -> fence round
 - While the first wgmma (P S) runs, the L write terms are scaled and staged (`overlapped`).
 
 Both: the next chunk's tiles (P, Qe, k_l, v_l, the scalings) are fetched by TMA into the other of
-two SMEM slots while this chunk computes. When two slots do not fit in SMEM (K = 128 with L = 3)
-the kernel falls back to one slot (the fetch is issued after the chunk's last wgmma and waited for
-at the next step's start).
+two SMEM slots while this chunk computes; block_v = 64 takes a ring of three slots where it fits
+(two chunks in flight: a TMA round trip may take longer than one ~1 us step). When two slots do not
+fit in SMEM (K = 128 with L = 3) the kernel falls back to one slot (the fetch is issued after the
+chunk's last wgmma and waited for at the next step's start).
 
 Expected cost (H200, bf16, K = V = 128, bv = 64): per chunk 2 + L small wgmmas (64 x 64 x 128 and
 L x 64 x 128 x 64, ~2.1 MFLOP for L = 1) whose latency sets the step time, not the tensor-core
@@ -142,9 +143,11 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
     kernel's). Grid (B, H, V / block_v), sequential over the N = Tp / 64 chunks in each CTA.
     block_v: value columns per CTA, 32 or 64 (32: twice the CTAs, for long T at small B * H; its wgmma
-    operands use the 64-byte swizzle, `operand_smem`). slots: SMEM slots of the chunk tiles, 2 (the
-    next chunk fetched while this one computes) or 1 (fetched after this one's last wgmma: less
-    SMEM); None = 2 where they fit in SMEM_BUDGET.
+    operands use the 64-byte swizzle, `operand_smem`; the staged kernel, see the module docstring).
+    slots: SMEM slots of the chunk tiles in a ring: 3 (block_v = 64 only: chunks n + 1 and n + 2 in
+    flight while chunk n computes), 2 (chunk n + 1 in flight) or 1 (fetched after this one's last
+    wgmma: least SMEM); None = the most that fit in SMEM_BUDGET (block_v = 64, bf16, K = 128: 3 at
+    L = 1, 2 at L = 2, 1 at L = 3).
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -159,10 +162,12 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     dt = x.k.dtype
     bv = block_v
     smem_bytes = _register_smem_bytes if bv == 64 else _smem_bytes
+    allowed = (1, 2, 3) if bv == 64 else (1, 2)
     if slots is None:
-        slots = 2 if smem_bytes(2, L, K, bv, dt.itemsize) <= SMEM_BUDGET else 1
-    if slots not in (1, 2) or smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
-        raise ValueError(f"state_pass: slots={slots} must be 1 or 2 and fit in {SMEM_BUDGET} bytes of SMEM "
+        slots = max(n for n in allowed if n == 1 or smem_bytes(n, L, K, bv, dt.itemsize) <= SMEM_BUDGET)
+    if slots not in allowed or smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
+        raise ValueError(f"state_pass: slots={slots} must be one of {allowed} at block_v={bv} and fit in "
+                         f"{SMEM_BUDGET} bytes of SMEM "
                          f"(it needs {smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
     # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
@@ -273,7 +278,7 @@ def store_transposed(ref, value):
 def _register_smem_bytes(slots, L, K, bv, itemsize):
     tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
     tiles += slots * ((L + 1) * C + K) * 4  # scalings
-    return tiles + slots * K * bv * 4  # start-state staging (one per slot)
+    return tiles + min(slots, 2) * K * bv * 4  # start-state staging (two alternating, one with one slot)
 
 
 def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
@@ -306,29 +311,30 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
             plgpu.copy_gmem_to_smem(all_ref.at[b, h, n], all_s.at[slot], bar.at[slot])
 
         plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, vs], s_f.at[0], s0_bar)
-        issue(0, 0)
+        for j in range(min(max(slots - 1, 1), N)):  # chunks 0 .. slots - 2 in flight before the walk
+            issue(j, j)
         plgpu.barrier_wait(s0_bar)
         st0 = plgpu.load(s_f.at[0].T, layout=mc.WGMMA)  # S^T [bv, K]
 
         def step(n, st):
-            slot = lax.rem(n, 2) if slots == 2 else 0
+            slot = lax.rem(n, slots)
             plgpu.barrier_wait(bar.at[slot])
-            if slots == 2:
-                @pl.when(n + 1 < N)
+            if slots > 1:  # chunk n + slots - 1 into the slot chunk n - 1 used (its reads are done)
+                @pl.when(n + slots - 1 < N)
                 def _prefetch():
                     plgpu.commit_smem()
-                    issue(n + 1, 1 - slot)
+                    issue(n + slots - 1, lax.rem(n + slots - 1, slots))
 
             cols = lambda i, width: mc.cols_of(plgpu.load(scal_s.at[slot, i], layout=mc.COLS), (bv, width))
             v_t = lambda l: plgpu.load(v_s.at[slot, l].T, layout=mc.WGMMA).astype(f32)  # v_l^T [bv, C]
             st_lo = a_operand(st.astype(dt), st_b, interpret)
-            out = lax.rem(n, 2) if slots == 2 else 0  # the start-state staging buffer of this step
+            out = lax.rem(n, 2) if slots > 1 else 0  # the start-state staging buffer of this step
 
             def scoped(acc_e, acc_s):
                 plgpu.wgmma(acc_e, st_lo, p_s.at[slot].T)  # E^T - Qe^T: the dependent product, first
                 # while it computes: the start state out, the write terms l > 0 into acc_s, Qe's part
                 if with_starts:
-                    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)  # s_f[out] has left
+                    plgpu.wait_smem_to_gmem(min(slots, 2) - 1, wait_read_only=True)  # s_f[out] has left
                     store_transposed(s_f.at[out], st)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(s_f.at[out], starts_ref.at[b, h, n, :, vs])
@@ -363,7 +369,7 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
     scratch = dict(
         p_s=operand((slots, C, K)), qe_s=operand((slots, C, bv)), k_s=operand((slots, L, C, K)),
         v_s=operand((slots, L, C, bv)), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
-        all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((slots, K, bv), f32),
+        all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((min(slots, 2), K, bv), f32),
         bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots), s0_bar=plgpu.Barrier(num_arrivals=1))
     if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
         scratch.update(st_b=operand((bv, K)), u_b=operand((L, bv, C)))
