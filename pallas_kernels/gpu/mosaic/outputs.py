@@ -1,33 +1,41 @@
 """Forward kernel 3 (the chunk outputs) on Mosaic GPU: a drop-in for `split.outputs` at chunk 64.
 
-Grid (B, N, H, V / block_v): one CTA (one warpgroup) per chunk, head and block of value columns,
-all independent. Per chunk (`pallas_kernels.common.chunk_output`, prism-math.md section 3):
+Grid (B, N / chunks_per_cta, H, V / block_v): one CTA (one warpgroup) walks `chunks_per_cta`
+consecutive chunks of one (batch, head) and block of value columns. Per chunk
+(`pallas_kernels.common.chunk_output`, prism-math.md section 3):
 
     E = P S + Qe                                            [C, bv]
     o = scale * (diag(start) q S - (q k0^T . T_m1) E + sum_l (q k_l^T . T_0 . beta_l^cols) v_l)
 
-S = starts[b, h, n] [K, bv] float32 comes by TMA into SMEM and is re-staged as a 16-bit wgmma
-operand; q, k_l, v_l, P, Qe come by TMA as [C, K] / [C, bv] tiles of the caller's layout; the
-per-token vectors (G, Gm1, r, rm1, start, beta_l) from `token_vectors` as rows of two small SMEM
-buffers, one row per register layout. The decay matrices T_m1 / T_0 are formed in registers; the
-gate beta_l folds into the columns of the l-th C x C product, so v_l is read as loaded. All
-matrix products are wgmma (16-bit operands, float32 accumulators); every C x C product is staged in
-SMEM as the A operand of the next product, and E is staged as a B operand. The products of o chain
-into one accumulator (init = diag(start) q S).
+Pipelining. The chunk tiles (q, p, k_l [C, K], qe, v_l [C, bv] of the caller's layout) and the
+per-token vectors (G, Gm1, start, beta_l, r, rm1 from `token_vectors`, one SMEM buffer per register
+layout) come by TMA into one of two SMEM slots: while chunk j computes, chunk j + 1's tiles load
+into the other slot. S = starts[b, h, n] [K, bv] float32 has ONE SMEM buffer outside the slots: it
+is converted to a 16-bit wgmma operand (`s16`) as soon as the chunk starts, and the next chunk's S
+is loaded into the float32 buffer right after (its own barrier), so it is in flight during the rest
+of the chunk. The output o is written into the slot's qe buffer and leaves by TMA while the next
+chunk computes (the slot is only refilled after that store has read it).
 
-SMEM (`smem_bytes`): at K = V = 128 all V columns do not fit (S alone is 64 KiB float32 + 32 KiB
-16-bit), so `default_block_v` gives 64 columns per CTA: ~140 KiB at L = 1, ~170 KiB at L = 2, one
-CTA per SM; at K = V = 64 one CTA holds all columns in ~90 KiB (2 per SM).
+Registers / SMEM per chunk: qe is read into registers as the accumulator init of E = P S + Qe, E is
+written back over qe (a wgmma B operand), then o over E; the L + 1 C x C products (decay-masked
+q k_l^T, gates folded into the columns) pass one at a time through a single [C, C] 16-bit buffer
+as the A operand of their product with E / v_l; o accumulates in registers (one wgmma accumulator
+chain on the GPU).
+
+SMEM (`smem_bytes`): slots * (q, p, k_l [C, K] + qe, v_l [C, bv] 16-bit + vectors) + S float32
+[K, bv] + S 16-bit + one [C, C]: at K = V = 128, block_v = 64: 2 slots ~217 KiB at L = 1 (one CTA
+per SM); at L = 2 two slots do not fit (~237 KiB) and the kernel uses one slot (~147 KiB: the next
+chunk's tiles load after this chunk's last read, S still prefetched). At K = V = 64 two slots of
+all columns take ~90 KiB at L = 1.
 
 Cost: per (chunk, head) 2 [C,K]x[K,V] + (L+1) [C,K]x[K,C] + (L+1) [C,C]x[C,V] wgmmas (~6 MFLOP at
 K = V = 128, L = 1: ~50 GFLOP at B*T = 32K, H = 16, under 0.1 ms of tensor-core time); bytes per
 (chunk, head) q, k_l, p, v_l, qe, o 16-bit (16 KiB each at 128) + S 64 KiB float32: ~160 KiB at
-L = 1, 1.3 GB at B*T = 32K, H = 16, ~0.3 ms at 4.8 TB/s. The kernel is bandwidth-bound (the float32
-start state is 40 % of the bytes; q, k, p are read by both column halves, the second read mostly
-from L2). Nothing is pipelined inside a CTA (one chunk each: TMA in, compute, TMA out); with one
-CTA per SM the load latency is exposed between CTAs, so expect well above the 0.3 ms bytes' time.
-Next step if it shows: several chunks per CTA with the next chunk's tiles prefetched into a
-second slot (that needs the SMEM cut first, e.g. S staged in halves).
+L = 1, 1.3 GB at B*T = 32K, H = 16, ~0.3 ms at 4.8 TB/s: bandwidth-bound once the loads overlap the
+compute (q, k, p are read by both column halves, the second read mostly from L2 as the two halves'
+CTAs run side by side). Phase 1 (one chunk per CTA, nothing overlapped) measured 1.01 ms at L = 1.
+`chunks_per_cta` (default `default_chunks_per_cta`: the most chunks that still leave >= 2 x 132
+CTAs) is the knob to sweep on the device.
 """
 
 from __future__ import annotations
@@ -44,11 +52,14 @@ from pallas_kernels.common import Prepared
 from pallas_kernels.gpu.mosaic import common as mc
 
 C = mc.CHUNK
+f32 = jnp.float32
 SIZES = (64, 128)  # supported K and V (wgmma rows / columns, one register tile each)
-SMEM_LIMIT = 200 * 1024  # bytes of SMEM a CTA may use (an H200 gives 227 KiB)
+SMEM_LIMIT = 220 * 1024  # bytes of SMEM a CTA may use (an H200 gives 227 KiB; some slack)
+SMS = 132  # H200 streaming multiprocessors
+MAX_CHUNKS_PER_CTA = 64
 
 
-def _check(x: Prepared, p, qe, starts, block_v):
+def _check(x: Prepared, p, qe, starts, block_v, chunks_per_cta):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     if x.q.dtype not in mc.DTYPES:
@@ -70,18 +81,40 @@ def _check(x: Prepared, p, qe, starts, block_v):
         raise ValueError(f"mosaic outputs: `starts` has dtype {starts.dtype}, expected float32")
     if block_v not in (64, V) or V % block_v:
         raise ValueError(f"mosaic outputs: block_v = {block_v}; supported 64 or V = {V}")
+    if chunks_per_cta < 1 or N % chunks_per_cta:
+        raise ValueError(f"mosaic outputs: chunks_per_cta = {chunks_per_cta} must be >= 1 and divide the "
+                         f"number of chunks N = {N}")
 
 
-def smem_bytes(K, bv, L, itemsize=2):
-    """SMEM one CTA uses: 16-bit tiles q, k_l, p [C, K], v_l, qe (later o), E [C, bv], S [K, bv],
-    L + 1 products [C, C]; S in float32 [K, bv]; the vectors."""
-    tiles = (2 + L) * C * K + (2 + L) * C * bv + K * bv + (L + 1) * C * C
-    return tiles * itemsize + 4 * K * bv + (8 + L) * C * 4
+def smem_bytes(K, bv, L, slots=2, itemsize=2):
+    """SMEM one CTA uses: per slot 16-bit q, p, k_l [C, K], qe, v_l [C, bv] and the vectors (3 + L
+    float32, 3 int32 rows of C); once: S float32 and 16-bit [K, bv], one 16-bit [C, C] product."""
+    slot = ((2 + L) * C * K + (1 + L) * C * bv) * itemsize + (6 + L) * C * 4
+    return slots * slot + K * bv * (4 + itemsize) + C * C * itemsize
 
 
 def default_block_v(K, V, L):
-    """All V columns in one CTA when that fits the SMEM limit, else 64."""
-    return V if smem_bytes(K, V, L) <= SMEM_LIMIT else 64
+    """The first of (V columns, two slots), (64, two slots), (V, one slot) that fits the SMEM
+    limit, else 64."""
+    for bv, slots in ((V, 2), (64, 2), (V, 1)):
+        if smem_bytes(K, bv, L, slots) <= SMEM_LIMIT:
+            return bv
+    return 64
+
+
+def default_slots(K, bv, L, chunks_per_cta):
+    """2 SMEM slots (the next chunk's tiles load during this chunk) when a CTA walks several
+    chunks and they fit, else 1."""
+    return 2 if chunks_per_cta > 1 and smem_bytes(K, bv, L, slots=2) <= SMEM_LIMIT else 1
+
+
+def default_chunks_per_cta(B, N, H, n_vblocks, *, min_ctas=2 * SMS, max_chunks=MAX_CHUNKS_PER_CTA):
+    """The largest divisor of N (<= max_chunks) that still leaves >= min_ctas CTAs (1 if none)."""
+    best = 1
+    for d in range(1, min(N, max_chunks) + 1):
+        if N % d == 0 and B * H * n_vblocks * (N // d) >= min_ctas:
+            best = d
+    return best
 
 
 def _matmul(a, b, shape, init, interpret):
@@ -92,82 +125,143 @@ def _matmul(a, b, shape, init, interpret):
     return mc.matmul(a, b, shape, init=init)
 
 
-def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, gf_ref, gi_ref, o_ref,
-          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, e_s, a_s, vf_s, vi_s, bar, *, L, bv, scale, interpret):
-    b, n, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
-    rows, cols = pl.ds(n * C, C), pl.ds(vb * bv, bv)
-    copies = [(q_ref.at[b, rows, h], q_s), (p_ref.at[b, rows, h], p_s),
-              (qe_ref.at[b, rows, h, cols], qe_s), (s_ref.at[b, h, n, :, cols], s32_s)]
-    copies += [(k_ref.at[b, rows, h, l], k_s.at[l]) for l in range(L)]
-    copies += [(v_ref.at[b, rows, h, l, cols], v_s[l]) for l in range(L)]
-    # float vectors: 0 G (rows), 1 G (cols), 2 Gm1 (cols), 3 start (rows), 4 + l beta_l (cols)
-    copies += [(gf_ref.at[i, b, h, rows], vf_s.at[i]) for i in range(4)]
-    copies += [(gf_ref.at[4 + l, b, h, rows], vf_s.at[4 + l]) for l in range(L)]
-    # int vectors: 0 r (rows), 1 r (cols), 2 rm1 (cols)
-    copies += [(gi_ref.at[i, b, rows], vi_s.at[i]) for i in range(3)]
-    for src, dst in copies:
-        plgpu.copy_gmem_to_smem(src, dst, bar)
-    plgpu.barrier_wait(bar)
+def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_ref, o_ref,
+          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
+          L, bv, scale, cpc, slots, interpret):
+    b, nb, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
+    cols = pl.ds(vb * bv, bv)
+    dt = q_s.dtype
+    chunk_of = lambda j: nb * cpc + j
 
-    s16_s[...] = s32_s[...].astype(s16_s.dtype)
-    plgpu.commit_smem()
-    e = _matmul(p_s, s16_s, (C, bv), plgpu.load(qe_s, layout=mc.WGMMA).astype(jnp.float32), interpret)
-    e_s[...] = e.astype(e_s.dtype)
+    def issue(j, slot):  # the TMA loads of this CTA's chunk j into `slot`
+        rows = pl.ds(chunk_of(j) * C, C)
+        copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+        copy(q_ref.at[b, rows, h], q_s.at[slot])
+        copy(p_ref.at[b, rows, h], p_s.at[slot])
+        copy(qe_ref.at[b, rows, h, cols], qe_s.at[slot])
+        for l in range(L):
+            copy(k_ref.at[b, rows, h, l], k_s.at[slot * L + l])
+            copy(v_ref.at[b, rows, h, l, cols], v_s.at[slot * L + l])
+        # rows layout: G, start; cols layout: G, Gm1, beta_l; int rows: r; int cols: r, rm1
+        for i in range(2):
+            copy(fr_ref.at[i, b, h, rows], fr_s.at[slot * 2 + i])
+        for i in range(2 + L):
+            copy(fc_ref.at[i, b, h, rows], fc_s.at[slot * (2 + L) + i])
+        copy(ir_ref.at[0, b, rows], ir_s.at[slot])
+        for i in range(2):
+            copy(ic_ref.at[i, b, rows], ic_s.at[slot * 2 + i])
 
-    vec = lambda ref, i, layout: plgpu.load(ref.at[i], layout=layout)
-    G_r, G_c, Gm1_c, start_r = vec(vf_s, 0, mc.ROWS), vec(vf_s, 1, mc.COLS), vec(vf_s, 2, mc.COLS), vec(
-        vf_s, 3, mc.ROWS)
-    r_r, r_c, rm1_c = vec(vi_s, 0, mc.ROWS), vec(vi_s, 1, mc.COLS), vec(vi_s, 2, mc.COLS)
-    sq = (C, C)
-    t_m1 = mc.decay_matrix(G_r, r_r, Gm1_c, rm1_c, sq, strict=False)
-    t_0 = mc.decay_matrix(G_r, r_r, G_c, r_c, sq, strict=False)
-    qk0 = mc.matmul(q_s, k_s.at[0].T, sq)
-    a_s[0][...] = (-(qk0 * t_m1)).astype(a_s[0].dtype)
-    for l in range(L):
-        qk = qk0 if l == 0 else mc.matmul(q_s, k_s.at[l].T, sq)
-        a_s[1 + l][...] = (qk * t_0 * mc.cols_of(vec(vf_s, 4 + l, mc.COLS), sq)).astype(a_s[0].dtype)
-    plgpu.commit_smem()
+    def issue_s(j):
+        plgpu.copy_gmem_to_smem(s_ref.at[b, h, chunk_of(j), :, cols], s32_s, s_bar)
 
-    o = mc.rows_of(start_r, (C, bv)) * mc.matmul(q_s, s16_s, (C, bv))
-    o = _matmul(a_s[0], e_s, (C, bv), o, interpret)
-    for l in range(L):
-        o = _matmul(a_s[1 + l], v_s[l], (C, bv), o, interpret)
-    qe_s[...] = (scale * o).astype(qe_s.dtype)  # qe_s is free (read into registers for E)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qe_s, o_ref.at[b, rows, h, cols])
+    def chunk(j, slot):
+        rows = pl.ds(chunk_of(j) * C, C)
+        plgpu.barrier_wait(s_bar)
+        s16_s[...] = s32_s[...].astype(dt)
+        plgpu.commit_smem()
+
+        @pl.when(j + 1 < cpc)
+        def _prefetch_s():  # S's float32 buffer has been read: the next chunk's S loads meanwhile
+            issue_s(j + 1)
+
+        q, p, qe = q_s.at[slot], p_s.at[slot], qe_s.at[slot]
+        k_l = lambda l: k_s.at[slot * L + l]
+        qe_f = plgpu.load(qe, layout=mc.WGMMA).astype(f32)
+        e = _matmul(p, s16_s, (C, bv), qe_f, interpret)
+        qs = mc.matmul(q, s16_s, (C, bv))
+        qe[...] = e.astype(dt)  # E over Qe (read into registers above): the B operand of the erase term
+        plgpu.commit_smem()
+
+        load = lambda ref, i, layout: plgpu.load(ref.at[i], layout=layout)
+        G_r, start_r = load(fr_s, slot * 2, mc.ROWS), load(fr_s, slot * 2 + 1, mc.ROWS)
+        fc = lambda i: load(fc_s, slot * (2 + L) + i, mc.COLS)
+        G_c, Gm1_c = fc(0), fc(1)
+        r_r = load(ir_s, slot, mc.ROWS)
+        r_c, rm1_c = load(ic_s, slot * 2, mc.COLS), load(ic_s, slot * 2 + 1, mc.COLS)
+        sq = (C, C)
+        t_m1 = mc.decay_matrix(G_r, r_r, Gm1_c, rm1_c, sq, strict=False)
+        t_0 = mc.decay_matrix(G_r, r_r, G_c, r_c, sq, strict=False)
+
+        o = mc.rows_of(start_r, (C, bv)) * qs
+        qk0 = mc.matmul(q, k_l(0).T, sq)
+        a_s[...] = (-(qk0 * t_m1)).astype(dt)
+        plgpu.commit_smem()
+        o = _matmul(a_s, qe, (C, bv), o, interpret)
+        for l in range(L):  # a_s is free again: the product above has been waited for
+            qk = qk0 if l == 0 else mc.matmul(q, k_l(l).T, sq)
+            a_s[...] = (qk * t_0 * mc.cols_of(fc(2 + l), sq)).astype(dt)
+            plgpu.commit_smem()
+            o = _matmul(a_s, v_s.at[slot * L + l], (C, bv), o, interpret)
+        qe[...] = (scale * o).astype(dt)  # o over E (its last reader has finished)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qe, o_ref.at[b, rows, h, cols])  # left in flight
+
+    def refill(j, slot):  # the slot's last readers are done; its o store must have read it too
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.commit_smem()
+        issue(j, slot)
+
+    issue_s(0)
+    issue(0, 0)
+
+    @pl.loop(0, cpc)
+    def _walk(j):
+        slot = lax.rem(j, 2) if slots == 2 else j * 0  # traced: a static 0 breaks run_state lowering
+        plgpu.barrier_wait(bar.at[slot])
+        if slots == 2:
+            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 1 - slot))
+        chunk(j, slot)
+        if slots == 1:
+            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 0))
+
     plgpu.wait_smem_to_gmem(0)
 
 
-def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=None, interpret=False):
+def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=None, chunks_per_cta=None,
+            slots=None, interpret=False):
     """o [B, Tp, H, V] in v's dtype: `split.outputs` at chunk_size = 64 on Mosaic GPU.
 
     x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] in bf16 / f16);
     tv = `token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] from the intra kernel (q's dtype);
     starts [B, H, N, K, V] float32 every chunk's start state. K, V in (64, 128).
-    block_v: value columns per CTA, 64 or V (default: V when the CTA's SMEM fits, else 64:
-    `default_block_v`). 32 columns would let two CTAs share an SM at K = 128 but fail Mosaic's
-    layout inference in jax 0.11.2 (not supported).
-    Grid (B, N, H, V / block_v).
+    block_v: value columns per CTA, 64 or V (default `default_block_v`: all V columns where two
+    slots fit, else 64 where they do, else V with one slot; 32 is not supported).
+    chunks_per_cta: consecutive chunks one CTA walks, a divisor of N (default
+    `default_chunks_per_cta`: >= 2 x 132 CTAs). slots: 1 or 2 SMEM slots for the chunk tiles
+    (default 2 when chunks_per_cta > 1 and they fit, `default_slots`).
+    Grid (B, N / chunks_per_cta, H, V / block_v).
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
+    N = Tp // C
     block_v = default_block_v(K, V, L) if block_v is None else block_v
-    _check(x, p, qe, starts, block_v)
+    if chunks_per_cta is None and not Tp % C and V in SIZES and block_v in (64, V):
+        chunks_per_cta = default_chunks_per_cta(B, N, H, V // block_v)
+    chunks_per_cta = 1 if chunks_per_cta is None else chunks_per_cta
+    _check(x, p, qe, starts, block_v, chunks_per_cta)
+    slots = default_slots(K, block_v, L, chunks_per_cta) if slots is None else slots
+    if slots not in (1, 2) or smem_bytes(K, block_v, L, slots) > SMEM_LIMIT:
+        raise ValueError(f"mosaic outputs: slots = {slots} must be 1 or 2 and fit in {SMEM_LIMIT} bytes of "
+                         f"SMEM (it needs {smem_bytes(K, block_v, L, slots)} at K = {K}, block_v = {block_v}, "
+                         f"L = {L})")
     dt = x.q.dtype
     # One [B, H, Tp] row per (vector, layout): see the module docstring of `common`.
-    gf = jnp.stack([tv.G, tv.G, tv.Gm1, tv.start, *(tv.beta[:, :, l] for l in range(L))])
-    gi = jnp.stack([tv.r, tv.r, tv.rm1])
-    n_copies = 4 + 2 * L + 4 + L + 3
+    fr = jnp.stack([tv.G, tv.start])
+    fc = jnp.stack([tv.G, tv.Gm1, *(tv.beta[:, :, l] for l in range(L))])
+    ir = tv.r[None]
+    ic = jnp.stack([tv.r, tv.rm1])
+    n_copies = 3 + 2 * L + 2 + (2 + L) + 1 + 2
+    bv = block_v
     scratch = dict(
-        q_s=mc.smem((C, K), dt), k_s=mc.smem((L, C, K), dt),
-        v_s=tuple(mc.smem((C, block_v), dt) for _ in range(L)),
-        p_s=mc.smem((C, K), dt), qe_s=mc.smem((C, block_v), dt), s32_s=mc.smem((K, block_v), jnp.float32),
-        s16_s=mc.smem((K, block_v), dt), e_s=mc.smem((C, block_v), dt),
-        a_s=tuple(mc.smem((C, C), dt) for _ in range(L + 1)),
-        vf_s=plgpu.SMEM((4 + L, C), jnp.float32), vi_s=plgpu.SMEM((3, C), jnp.int32),
-        bar=plgpu.Barrier(num_arrivals=n_copies))
-    body = functools.partial(_body, L=L, bv=block_v, scale=scale, interpret=interpret)
+        q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots * L, C, K), dt), v_s=mc.smem((slots * L, C, bv), dt),
+        p_s=mc.smem((slots, C, K), dt), qe_s=mc.smem((slots, C, bv), dt), s32_s=mc.smem((K, bv), f32),
+        s16_s=mc.smem((K, bv), dt), a_s=mc.smem((C, C), dt),
+        fr_s=plgpu.SMEM((slots * 2, C), f32), fc_s=plgpu.SMEM((slots * (2 + L), C), f32),
+        ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
+        bar=plgpu.Barrier(num_arrivals=n_copies, num_barriers=slots), s_bar=plgpu.Barrier(num_arrivals=1))
+    body = functools.partial(_body, L=L, bv=bv, scale=scale, cpc=chunks_per_cta, slots=slots,
+                             interpret=interpret)
     out_type = jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype)
     return mc.kernel(body, name="prism_mosaic_outputs", out_type=out_type, scratch=scratch,
-                     grid=(B, Tp // C, H, V // block_v), grid_names=("b", "n", "h", "v"),
-                     interpret=interpret)(x.q, x.k, x.v, p, qe, starts, gf, gi)
+                     grid=(B, N // chunks_per_cta, H, V // bv), grid_names=("b", "n", "h", "v"),
+                     interpret=interpret)(x.q, x.k, x.v, p, qe, starts, fr, fc, ir, ic)

@@ -1,31 +1,39 @@
 """First step of the backward (each chunk's state map and output cotangent pulled back to its start
 state) on Mosaic GPU: a drop-in for `gpu.pullback.state_pullback` at chunk 64 with the saved inverse.
 
-Grid (B, N, H, V / block_v): one CTA (one warpgroup) per chunk, head and block of Y's value
-columns, all independent (every value block forms P and ek; the first writes them). Per chunk
-(prism-math.md section 3; reference `pallas_kernels.backward._state_pullback`):
+Grid (B, N / chunks_per_cta, H, V / block_v): one CTA (one warpgroup) walks `chunks_per_cta`
+consecutive chunks of one (batch, head) and block of Y's value columns (every value block forms P
+and ek; the first writes them). Per chunk (prism-math.md section 3; reference
+`pallas_kernels.backward._state_pullback`):
 
     P  = Ainv diag(beta0 start_m1) k0                          [C, K]
     ek = diag(end_m1) k0                                       [C, K]
     Y  = scale ((diag(start) q)^T do - P^T ((q k0^T . T_m1)^T do))   [K, V]
 
-q, k0, do [C, K | V] come by TMA from the caller's layout, Ainv [C, C] float32 from the forward's
-save (re-staged in SMEM as a 16-bit wgmma operand), the per-token vectors from `token_vectors` as
-rows of two small SMEM buffers (one row per register layout). The row-scaled k0 and q, the decay
-product and Z = (q k0^T . T_m1)^T do are formed in registers and staged in SMEM as 16-bit wgmma
-operands; the transposed products read `ref.T` views. P and ek are written in the input dtype (the
-reverse pass reads them so); a = exp(G_C) (zeroed across a reset) is `token_vectors`' `all`, no
-kernel work.
+Pipelining. q, k0 [C, K], do [C, bv] (the caller's layout) and the per-token vectors (from
+`token_vectors`, one SMEM buffer per register layout) come by TMA into one of two SMEM slots: while
+chunk j computes, chunk j + 1's tiles load into the other slot. Ainv [C, C] float32 (the forward's
+save) has one SMEM buffer outside the slots: it is converted to a 16-bit wgmma operand as the chunk
+starts, and the next chunk's Ainv loads into the float32 buffer right after (its own barrier). The
+stores (P, ek in the input dtype, Y float32) are left in flight; a buffer is rewritten only after
+its store has read it (`wait_smem_to_gmem(0, wait_read_only=True)`, by then long done).
+
+SMEM reuse within a chunk: after q k0^T (registers, masked by T_m1), the slot's k0 buffer takes
+diag(beta0 start_m1) k0 (the B operand of P) and then ek (stored from there); the 16-bit Ainv
+buffer takes the decay product once P is formed; the slot's q buffer takes diag(start) q and its
+do buffer takes Z = -(q k0^T . T_m1)^T do once both products reading do are done. So a chunk needs
+beyond its slot only Ainv float32 and 16-bit [C, C], P [C, K] and Y [K, bv] float32.
+
+SMEM (`smem_bytes`) at K = V = 128 with all columns per CTA (the default where it fits): two slots
+~100 KiB + ~104 KiB shared = ~204 KiB, one CTA per SM; at K = V = 64 ~90 KiB.
 
 Cost per (chunk, head) at K = V = 128: wgmma [C,C]x[C,K], [C,K]x[K,C], [K,C]x[C,V], [C,C]^T x[C,V],
 [K,C]x[C,V] (~7 MFLOP: ~60 GFLOP at B*T = 32K, H = 16, ~0.1 ms of tensor-core time); bytes in
 3 x 16 KiB (q, k0, do) + 16 KiB (Ainv f32), out 2 x 16 KiB (P, ek) + 64 KiB (Y f32): ~176 KiB,
-1.4 GB at B*T = 32K, H = 16, ~0.3 ms at 4.8 TB/s; bandwidth-bound, the float32 Y write dominates.
-SMEM (`smem_bytes`) ~210 KiB at K = V = 128 with all columns (the default), one CTA per SM; a V
-split (block_v=64, ~162 KiB) does not give two per SM and repeats the P product. Nothing is
-pipelined inside a CTA, so each CTA's TMA load latency is exposed; the next step if timing shows
-it: several chunks per CTA with the next chunk's q, k0, do, Ainv prefetched (needs the SMEM cut,
-e.g. Y stored in two column halves through one buffer).
+1.4 GB at B*T = 32K, H = 16, ~0.3 ms at 4.8 TB/s; bandwidth-bound once loads overlap compute (the
+float32 Y write dominates). Phase 1 (one chunk per CTA, nothing overlapped) measured 0.83 ms at
+L = 1. `chunks_per_cta` (default: the most chunks that still leave >= 2 x 132 CTAs) is the knob to
+sweep on the device.
 """
 
 from __future__ import annotations
@@ -40,28 +48,30 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.common import Prepared
 from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.outputs import default_chunks_per_cta
 
 C = mc.CHUNK
+f32 = jnp.float32
 SIZES = (64, 128)  # supported K and V
+SMEM_LIMIT = 220 * 1024  # bytes of SMEM a CTA may use (an H200 gives 227 KiB; some slack)
 
 
-# Bytes of SMEM a CTA may use (an H200 gives 227 KiB). Splitting V buys no occupancy here (one CTA
-# per SM either way at K = V = 128) and repeats the P product, so all of V up to ~210 KiB.
-SMEM_LIMIT = 216 * 1024
-
-
-def smem_bytes(K, bv, itemsize=2):
-    """SMEM one CTA uses: 16-bit q, k0, w, P, ek [C, K], do, Z [C, bv], Ainv and the decay product
-    [C, C]; float32 Ainv [C, C] and Y [K, bv]; the vectors."""
-    return (itemsize * (5 * C * K + 2 * C * bv + 2 * C * C) + 4 * (C * C + K * bv) + 7 * C * 4)
+def smem_bytes(K, bv, slots=2, itemsize=2):
+    """SMEM one CTA uses: per slot 16-bit q, k0 [C, K], do [C, bv] and 7 vector rows of C; once:
+    Ainv float32 and 16-bit [C, C], P 16-bit [C, K], Y float32 [K, bv]."""
+    slot = (2 * C * K + C * bv) * itemsize + 7 * C * 4
+    return slots * slot + C * C * (4 + itemsize) + C * K * itemsize + K * bv * 4
 
 
 def default_block_v(K, V):
-    """All V columns in one CTA when that fits the SMEM limit, else 64."""
-    return V if smem_bytes(K, V) <= SMEM_LIMIT else 64
+    """The first of (V columns, two slots), (64, two slots), (V, one slot) that fits, else 64."""
+    for bv, slots in ((V, 2), (64, 2), (V, 1)):
+        if smem_bytes(K, bv, slots) <= SMEM_LIMIT:
+            return bv
+    return 64
 
 
-def _check(x: Prepared, do, ainv, block_v):
+def _check(x: Prepared, do, ainv, block_v, chunks_per_cta):
     B, Tp, H, K = x.q.shape
     if x.q.dtype not in mc.DTYPES:
         raise ValueError(f"mosaic state_pullback: q has dtype {x.q.dtype}; supported: bfloat16, float16")
@@ -81,81 +91,144 @@ def _check(x: Prepared, do, ainv, block_v):
                          f"(the forward's saved inverses at chunk {C})")
     if block_v not in (64, V):
         raise ValueError(f"mosaic state_pullback: block_v = {block_v}; supported 64 or V = {V}")
+    if chunks_per_cta < 1 or (Tp // C) % chunks_per_cta:
+        raise ValueError(f"mosaic state_pullback: chunks_per_cta = {chunks_per_cta} must be >= 1 and divide "
+                         f"the number of chunks N = {Tp // C}")
 
 
-def _body(q_ref, k_ref, do_ref, ainv_ref, gf_ref, gi_ref, p_ref, ek_ref, y_ref,
-          q_s, k_s, do_s, ai32_s, ai16_s, w_s, p_s, ek_s, a_s, z_s, y_s, vf_s, vi_s, bar, *, scale, bv):
-    b, n, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
-    rows, cols = pl.ds(n * C, C), pl.ds(vb * bv, bv)
+def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref, ek_ref, y_ref,
+          q_s, k_s, do_s, ai32_s, x16_s, p_s, y_s, fr_s, fc_s, ir_s, ic_s, bar, ai_bar, *,
+          scale, bv, cpc, slots):
+    b, nb, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
+    cols = pl.ds(vb * bv, bv)
     first = vb == 0  # P and ek are formed by every value block, written by the first
-    copies = [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
-              (do_ref.at[b, rows, h, cols], do_s),
-              (ainv_ref.at[b, h, n], ai32_s)]
-    # float vectors: 0 beta0 * start_m1, 1 start, 2 end_m1, 3 G (all rows), 4 Gm1 (cols)
-    copies += [(gf_ref.at[i, b, h, rows], vf_s.at[i]) for i in range(5)]
-    # int vectors: 0 r (rows), 1 rm1 (cols)
-    copies += [(gi_ref.at[i, b, rows], vi_s.at[i]) for i in range(2)]
-    for src, dst in copies:
-        plgpu.copy_gmem_to_smem(src, dst, bar)
-    plgpu.barrier_wait(bar)
+    dt = q_s.dtype
+    chunk_of = lambda j: nb * cpc + j
 
-    vec = lambda ref, i, layout: plgpu.load(ref.at[i], layout=layout)
-    K = k_s.shape[-1]
-    k0 = plgpu.load(k_s, layout=mc.WGMMA).astype(jnp.float32)
-    ai16_s[...] = ai32_s[...].astype(ai16_s.dtype)
-    w_s[...] = (mc.rows_of(vec(vf_s, 0, mc.ROWS), (C, K)) * k0).astype(w_s.dtype)
-    ek_s[...] = (mc.rows_of(vec(vf_s, 2, mc.ROWS), (C, K)) * k0).astype(ek_s.dtype)
-    plgpu.commit_smem()
-    pl.when(first)(lambda: plgpu.copy_smem_to_gmem(ek_s, ek_ref.at[b, h, n]))
-    p_s[...] = mc.matmul(ai16_s, w_s, (C, K)).astype(p_s.dtype)
-    plgpu.commit_smem()
-    pl.when(first)(lambda: plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, h, n]))
+    def issue(j, slot):  # the TMA loads of this CTA's chunk j into `slot`
+        rows = pl.ds(chunk_of(j) * C, C)
+        copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+        copy(q_ref.at[b, rows, h], q_s.at[slot])
+        copy(k_ref.at[b, rows, h, 0], k_s.at[slot])
+        copy(do_ref.at[b, rows, h, cols], do_s.at[slot])
+        # rows: beta0 * start_m1, start, end_m1, G; cols: Gm1; int rows: r; int cols: rm1
+        for i in range(4):
+            copy(fr_ref.at[i, b, h, rows], fr_s.at[slot * 4 + i])
+        copy(fc_ref.at[0, b, h, rows], fc_s.at[slot])
+        copy(ir_ref.at[0, b, rows], ir_s.at[slot])
+        copy(ic_ref.at[0, b, rows], ic_s.at[slot])
 
-    sq = (C, C)
-    t_m1 = mc.decay_matrix(vec(vf_s, 3, mc.ROWS), vec(vi_s, 0, mc.ROWS), vec(vf_s, 4, mc.COLS),
-                           vec(vi_s, 1, mc.COLS), sq, strict=False)
-    a_s[...] = (mc.matmul(q_s, k_s.T, sq) * t_m1).astype(a_s.dtype)
-    # w_s is free again (the P product above has been waited for): it holds diag(start) q now.
-    q = plgpu.load(q_s, layout=mc.WGMMA).astype(jnp.float32)
-    w_s[...] = (mc.rows_of(vec(vf_s, 1, mc.ROWS), (C, K)) * q).astype(w_s.dtype)
-    plgpu.commit_smem()
-    z_s[...] = (-mc.matmul(a_s.T, do_s, (C, bv))).astype(z_s.dtype)
-    plgpu.commit_smem()
-    y = mc.matmul(w_s.T, do_s, (K, bv)) + mc.matmul(p_s.T, z_s, (K, bv))
-    y_s[...] = scale * y
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, h, n, :, cols])
+    def issue_ainv(j):
+        plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, chunk_of(j)], ai32_s, ai_bar)
+
+    def chunk(j, slot):
+        n = chunk_of(j)
+        plgpu.barrier_wait(ai_bar)
+        x16_s[...] = ai32_s[...].astype(dt)
+        plgpu.commit_smem()
+
+        @pl.when(j + 1 < cpc)
+        def _prefetch_ainv():  # Ainv's float32 buffer has been read: the next one loads meanwhile
+            issue_ainv(j + 1)
+
+        q, k, do = q_s.at[slot], k_s.at[slot], do_s.at[slot]
+        row = lambda i: plgpu.load(fr_s.at[slot * 4 + i], layout=mc.ROWS)
+        K = k.shape[-1]
+        sq = (C, C)
+        t_m1 = mc.decay_matrix(row(3), plgpu.load(ir_s.at[slot], layout=mc.ROWS),
+                               plgpu.load(fc_s.at[slot], layout=mc.COLS),
+                               plgpu.load(ic_s.at[slot], layout=mc.COLS), sq, strict=False)
+        k0 = plgpu.load(k, layout=mc.WGMMA).astype(f32)
+        a = mc.matmul(q, k.T, sq) * t_m1
+        k[...] = (mc.rows_of(row(0), (C, K)) * k0).astype(dt)  # diag(beta0 start_m1) k0 over k0
+        plgpu.commit_smem()
+        p = mc.matmul(x16_s, k, (C, K))
+        k[...] = (mc.rows_of(row(2), (C, K)) * k0).astype(dt)  # ek
+        x16_s[...] = a.astype(dt)  # Ainv's 16-bit copy has been read by the P product
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's P and Y have left SMEM
+        p_s[...] = p.astype(dt)
+        plgpu.commit_smem()
+
+        @pl.when(first)
+        def _store_p_ek():
+            plgpu.copy_smem_to_gmem(k, ek_ref.at[b, h, n])
+            plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, h, n])
+
+        z = mc.matmul(x16_s.T, do, (C, bv))
+        q_f = plgpu.load(q, layout=mc.WGMMA).astype(f32)
+        q[...] = (mc.rows_of(row(1), (C, K)) * q_f).astype(dt)  # diag(start) q over q
+        plgpu.commit_smem()
+        y = mc.matmul(q.T, do, (K, bv))
+        do[...] = (-z).astype(dt)  # Z over do (both products reading do are done)
+        plgpu.commit_smem()
+        y = y + mc.matmul(p_s.T, do, (K, bv))
+        y_s[...] = scale * y
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, h, n, :, cols])  # left in flight
+
+    def refill(j, slot):  # the slot's last readers are done; its ek store must have read it too
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.commit_smem()
+        issue(j, slot)
+
+    issue_ainv(0)
+    issue(0, 0)
+
+    @pl.loop(0, cpc)
+    def _walk(j):
+        slot = lax.rem(j, 2) if slots == 2 else j * 0  # traced: a static 0 breaks run_state lowering
+        plgpu.barrier_wait(bar.at[slot])
+        if slots == 2:
+            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 1 - slot))
+        chunk(j, slot)
+        if slots == 1:
+            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 0))
+
     plgpu.wait_smem_to_gmem(0)
 
 
-def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v=None,
-                   interpret=False):
+def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v=None, chunks_per_cta=None,
+                   slots=None, interpret=False):
     """x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K] in bf16 / f16); tv =
     `token_vectors(x)`; do [B, Tp, H, V] (q's dtype); ainv [B, H, N, C, C] float32 the chunks'
     (I + m)^{-1} saved by the forward (required). K, V in (64, 128).
-    block_v: value columns of Y per CTA, 64 or V (default: V when the CTA's SMEM fits,
-    `default_block_v`); every value block forms P and ek, the first writes them.
+    block_v: value columns of Y per CTA, 64 or V (default `default_block_v`: all columns where two
+    slots fit); every value block forms P and ek, the first writes them.
+    chunks_per_cta: consecutive chunks one CTA walks, a divisor of N (default
+    `outputs.default_chunks_per_cta`: >= 2 x 132 CTAs). slots: 1 or 2 SMEM slots for the chunk
+    tiles (default 2 when chunks_per_cta > 1 and they fit).
     Returns p, ek [B, H, N, C, K] in q's dtype, a [B, H, N] float32, y [B, H, N, K, V] float32.
-    Grid (B, N, H, V / block_v)."""
+    Grid (B, N / chunks_per_cta, H, V / block_v)."""
     B, Tp, H, K = x.q.shape
     V = do.shape[-1]
-    block_v = default_block_v(K, V) if block_v is None else block_v
-    _check(x, do, ainv, block_v)
     N = Tp // C
+    block_v = default_block_v(K, V) if block_v is None else block_v
+    if chunks_per_cta is None and not Tp % C and V in SIZES and block_v in (64, V):
+        chunks_per_cta = default_chunks_per_cta(B, N, H, V // block_v)
+    chunks_per_cta = 1 if chunks_per_cta is None else chunks_per_cta
+    _check(x, do, ainv, block_v, chunks_per_cta)
+    if slots is None:
+        slots = 2 if chunks_per_cta > 1 and smem_bytes(K, block_v, 2) <= SMEM_LIMIT else 1
+    if slots not in (1, 2) or smem_bytes(K, block_v, slots) > SMEM_LIMIT:
+        raise ValueError(f"mosaic state_pullback: slots = {slots} must be 1 or 2 and fit in {SMEM_LIMIT} bytes "
+                         f"of SMEM (it needs {smem_bytes(K, block_v, slots)} at K = {K}, block_v = {block_v})")
     dt = x.q.dtype
-    gf = jnp.stack([tv.beta[:, :, 0] * tv.start_m1, tv.start, tv.end_m1, tv.G, tv.Gm1])
-    gi = jnp.stack([tv.r, tv.rm1])
+    bv = block_v
+    fr = jnp.stack([tv.beta[:, :, 0] * tv.start_m1, tv.start, tv.end_m1, tv.G])
+    fc = tv.Gm1[None]
+    ir, ic = tv.r[None], tv.rm1[None]
     scratch = dict(
-        q_s=mc.smem((C, K), dt), k_s=mc.smem((C, K), dt), do_s=mc.smem((C, block_v), dt),
-        ai32_s=mc.smem((C, C), jnp.float32), ai16_s=mc.smem((C, C), dt), w_s=mc.smem((C, K), dt),
-        p_s=mc.smem((C, K), dt), ek_s=mc.smem((C, K), dt), a_s=mc.smem((C, C), dt),
-        z_s=mc.smem((C, block_v), dt), y_s=mc.smem((K, block_v), jnp.float32),
-        vf_s=plgpu.SMEM((5, C), jnp.float32),
-        vi_s=plgpu.SMEM((2, C), jnp.int32), bar=plgpu.Barrier(num_arrivals=4 + 5 + 2))
+        q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots, C, K), dt), do_s=mc.smem((slots, C, bv), dt),
+        ai32_s=mc.smem((C, C), f32), x16_s=mc.smem((C, C), dt), p_s=mc.smem((C, K), dt),
+        y_s=mc.smem((K, bv), f32),
+        fr_s=plgpu.SMEM((slots * 4, C), f32), fc_s=plgpu.SMEM((slots, C), f32),
+        ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots, C), jnp.int32),
+        bar=plgpu.Barrier(num_arrivals=3 + 4 + 3, num_barriers=slots), ai_bar=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, H, N, C, K), dt), jax.ShapeDtypeStruct((B, H, N, C, K), dt),
-                jax.ShapeDtypeStruct((B, H, N, K, V), jnp.float32))
-    body = functools.partial(_body, scale=scale, bv=block_v)
+                jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+    body = functools.partial(_body, scale=scale, bv=bv, cpc=chunks_per_cta, slots=slots)
     p, ek, y = mc.kernel(body, name="prism_mosaic_state_pullback",
-                         out_type=out_type, scratch=scratch, grid=(B, N, H, V // block_v),
-                         grid_names=("b", "n", "h", "v"), interpret=interpret)(x.q, x.k, do, ainv, gf, gi)
+                         out_type=out_type, scratch=scratch, grid=(B, N // chunks_per_cta, H, V // bv),
+                         grid_names=("b", "n", "h", "v"), interpret=interpret)(
+        x.q, x.k, do, ainv, fr, fc, ir, ic)
     return p, ek, tv.all, y

@@ -12,7 +12,8 @@ import pytest
 from pallas_kernels.common import chunk_decays, chunk_output, prepare
 from pallas_kernels.gpu import split
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.outputs import outputs
+from pallas_kernels.gpu.mosaic.outputs import (SMEM_LIMIT, default_block_v, default_chunks_per_cta,
+                                               default_slots, outputs, smem_bytes)
 
 C = mc.CHUNK
 SCALE = 0.3
@@ -44,7 +45,9 @@ def _reference64(x, p, qe, starts):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // C
-    with jax.enable_x64(True):
+    cpu = jax.devices("cpu")[0]  # float64 matmuls do not run on the GPU
+    x, p, qe, starts = jax.device_put((x, p, qe, starts), cpu)
+    with jax.enable_x64(True), jax.default_device(cpu):
         f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32), np.float64))
         chunked = lambda t: jnp.moveaxis(f64(t).reshape(B, N, C, *t.shape[2:]), 3, 1)  # [B, H, N, C, ...]
         q, k, v, beta, p6, qe6 = map(chunked, (x.q, x.k, x.v, x.beta, p, qe))
@@ -67,19 +70,23 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-CASES = [  # (T, V, L, with_s0, resets, block_v)
-    (99, 64, 1, False, False, None),
-    (99, 128, 2, True, True, None),
-    (99, 128, 3, True, True, 64),
+CASES = [  # (T, V, L, with_s0, resets, block_v, chunks_per_cta, slots)
+    (150, 64, 1, True, True, None, 3, None),  # three chunks through two slots (0, 1, 0)
+    (99, 128, 2, True, True, 64, 2, 1),  # two chunks through one slot
+    pytest.param(99, 64, 1, False, False, None, 1, None, marks=pytest.mark.slow),  # one chunk per CTA
+    pytest.param(99, 128, 3, True, True, 64, 2, 2, marks=pytest.mark.slow),
+    pytest.param(150, 128, 2, False, True, None, None, None, marks=pytest.mark.slow),  # the defaults
 ]
 
 
-@pytest.mark.parametrize("T,V,L,with_s0,resets,block_v", CASES)
-def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets, block_v):
+@pytest.mark.parametrize("T,V,L,with_s0,resets,block_v,chunks_per_cta,slots", CASES)
+def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets, block_v, chunks_per_cta,
+                                                        slots):
     x = _inputs(T, 2, 64, V, L, with_s0=with_s0, resets=resets)
     p, qe, starts = _intra_and_starts(x)
     tv = mc.token_vectors(x)
-    got = outputs(x, tv, p, qe, starts, scale=SCALE, block_v=block_v, interpret=True)
+    got = outputs(x, tv, p, qe, starts, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta,
+                  slots=slots, interpret=True)
     assert got.shape == x.q.shape[:3] + (V,) and got.dtype == x.v.dtype
     got = np.asarray(got.astype(jnp.float32))
     assert _rel(got, _reference64(x, p, qe, starts)) < 1e-2
@@ -87,16 +94,36 @@ def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets
     assert _rel(got, triton.astype(jnp.float32)) < 1e-2
 
 
-def test_outputs_lower_for_cuda():
-    for K, V, L, block_v in ((64, 128, 2, 128), (128, 128, 2, None)):
-        x = _inputs(100, 2, K, V, L, with_s0=True, resets=True)
-        p = jnp.zeros(x.q.shape, x.q.dtype)
-        qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
-        starts = jnp.zeros((1, 2, x.q.shape[1] // C, K, V), jnp.float32)
-        tv = mc.token_vectors(x)
-        fn = functools.partial(outputs, scale=SCALE, block_v=block_v, interpret=False)
-        lowered = jax.jit(fn).trace(x, tv, p, qe, starts).lower(lowering_platforms=("cuda",))
-        assert "mosaic_gpu" in lowered.as_text()
+# (K, V, L, block_v, chunks_per_cta): the default configurations at K = V = 128 (L = 1: 64 columns,
+# two slots; L = 2: all columns, one slot), K = 64 (all columns, two slots) and one chunk per CTA.
+LOWERING = [(128, 128, 1, None, 3), (128, 128, 2, None, 3), (64, 128, 2, None, 3),
+            pytest.param(128, 128, 1, 64, 1, marks=pytest.mark.slow),
+            pytest.param(128, 128, 3, None, 3, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("K,V,L,block_v,chunks_per_cta", LOWERING)
+def test_outputs_lower_for_cuda(K, V, L, block_v, chunks_per_cta):
+    x = _inputs(150, 2, K, V, L, with_s0=True, resets=True)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
+    starts = jnp.zeros((1, 2, x.q.shape[1] // C, K, V), jnp.float32)
+    tv = mc.token_vectors(x)
+    fn = functools.partial(outputs, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta, interpret=False)
+    lowered = jax.jit(fn).trace(x, tv, p, qe, starts).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_outputs_defaults():
+    assert default_block_v(128, 128, 1) == 64 and default_slots(128, 64, 1, 8) == 2
+    assert default_block_v(128, 128, 2) == 128 and default_slots(128, 128, 2, 8) == 1
+    assert default_block_v(64, 64, 3) == 64 and default_slots(64, 64, 3, 8) == 2
+    assert default_slots(128, 64, 1, 1) == 1  # one chunk per CTA: nothing to prefetch
+    # B * T = 32K, H = 16, two value blocks: 32 chunks per CTA leaves 512 CTAs
+    assert default_chunks_per_cta(16, 32, 16, 2) == 32 and default_chunks_per_cta(1, 512, 16, 2) == 32
+    assert default_chunks_per_cta(1, 3, 2, 1) == 1  # too few chunks to share out
+    for K, V, L in ((64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 128, 2), (128, 128, 3)):
+        bv = default_block_v(K, V, L)
+        assert smem_bytes(K, bv, L, default_slots(K, bv, L, 2)) <= SMEM_LIMIT
 
 
 def test_outputs_reject_unsupported_inputs():
@@ -111,12 +138,17 @@ def test_outputs_reject_unsupported_inputs():
         outputs(x, tv, p, qe, starts[:, :, :, :32], scale=1.0)
     with pytest.raises(ValueError, match="block_v"):
         outputs(x, tv, p, qe, starts, scale=1.0, block_v=32)
+    with pytest.raises(ValueError, match="chunks_per_cta"):
+        outputs(x, tv, p, qe, starts, scale=1.0, chunks_per_cta=2)
+    with pytest.raises(ValueError, match="slots"):
+        outputs(x, tv, p, qe, starts, scale=1.0, chunks_per_cta=1, slots=3)
 
 
 @pytest.mark.gpu
-def test_outputs_on_gpu_match_float64():
+@pytest.mark.parametrize("L,chunks_per_cta", [(1, None), (1, 4), (2, 4), (1, 1)])
+def test_outputs_on_gpu_match_float64(L, chunks_per_cta):
     ks = jax.random.split(jax.random.PRNGKey(3), 6)
-    B, T, H, K, V, L = 2, 512, 4, 128, 128, 2
+    B, T, H, K, V = 2, 512, 4, 128, 128
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
     k = jax.random.normal(ks[1], (B, T, H, L, K))
     k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
@@ -127,5 +159,7 @@ def test_outputs_on_gpu_match_float64():
     x = prepare(q, k, v, beta, g, jax.random.normal(ks[5], (B, H, K, V)), seg, C)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
     starts, _, _ = split.state_pass(x, p, qe, chunk_size=C)
-    got = outputs(x, mc.token_vectors(x), p, qe, starts, scale=SCALE)
+    got = outputs(x, mc.token_vectors(x), p, qe, starts, scale=SCALE, chunks_per_cta=chunks_per_cta)
     assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, starts)) < 1e-2
+    triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C)
+    assert _rel(got.astype(jnp.float32), triton.astype(jnp.float32)) < 1e-2

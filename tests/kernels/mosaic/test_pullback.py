@@ -14,7 +14,7 @@ from pallas_kernels import backward
 from pallas_kernels.common import prepare
 from pallas_kernels.gpu import pullback, split
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.pullback import state_pullback
+from pallas_kernels.gpu.mosaic.pullback import SMEM_LIMIT, default_block_v, smem_bytes, state_pullback
 
 C = mc.CHUNK
 SCALE = 0.3
@@ -40,7 +40,9 @@ def _reference64(x, do):
     """`backward._state_pullback` per chunk in float64 on the same (16-bit) inputs."""
     B, Tp, H, K = x.q.shape
     N = Tp // C
-    with jax.enable_x64(True):
+    cpu = jax.devices("cpu")[0]  # float64 matmuls do not run on the GPU
+    x, do = jax.device_put((x, do), cpu)
+    with jax.enable_x64(True), jax.default_device(cpu):
         f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32), np.float64))
         ch = lambda t: backward._chunked(f64(t), C)
         rc = lambda t: jnp.broadcast_to(jnp.asarray(t).reshape(B, 1, N, C), (B, H, N, C))
@@ -65,13 +67,22 @@ def _check(got, ref, tol):
         assert _rel(np.asarray(g.astype(jnp.float32)), r) < tol, name
 
 
-@pytest.mark.parametrize("T,V,L,resets,block_v", [(99, 64, 1, False, None), (99, 128, 2, True, None),
-                                                   (99, 128, 3, True, 64)])
-def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets, block_v):
+CASES = [  # (T, V, L, resets, block_v, chunks_per_cta, slots)
+    (150, 64, 1, True, None, 3, None),  # three chunks through two slots (0, 1, 0)
+    (99, 128, 2, True, 64, 2, 1),  # two chunks through one slot, two value blocks
+    pytest.param(99, 64, 1, False, None, 1, None, marks=pytest.mark.slow),  # one chunk per CTA
+    pytest.param(99, 128, 3, True, 64, 2, 2, marks=pytest.mark.slow),
+    pytest.param(150, 128, 1, True, None, None, None, marks=pytest.mark.slow),  # the defaults
+]
+
+
+@pytest.mark.parametrize("T,V,L,resets,block_v,chunks_per_cta,slots", CASES)
+def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets, block_v, chunks_per_cta, slots):
     x, do = _inputs(1, T, 2, 64, V, L, resets=resets)
     ainv = _ainv(x)
     tv = mc.token_vectors(x)
-    got = state_pullback(x, tv, do, scale=SCALE, ainv=ainv, block_v=block_v, interpret=True)
+    got = state_pullback(x, tv, do, scale=SCALE, ainv=ainv, block_v=block_v, chunks_per_cta=chunks_per_cta,
+                         slots=slots, interpret=True)
     assert got[0].dtype == got[1].dtype == x.q.dtype and got[2].dtype == got[3].dtype == jnp.float32
     _check(got, _reference64(x, do), 1e-2)
     triton = pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=SCALE, chunk_size=C,
@@ -79,13 +90,24 @@ def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets, block_
     _check(got, [np.asarray(t, np.float64) for t in triton], 1e-2)
 
 
-def test_pullback_lowers_for_cuda():
-    for K, V, block_v in ((64, 128, 64), (128, 128, None)):
-        x, do = _inputs(1, 100, 2, K, V, 1, resets=True)
-        ainv = jnp.zeros((1, 2, x.q.shape[1] // C, C, C), jnp.float32)
-        fn = functools.partial(state_pullback, scale=SCALE, block_v=block_v, interpret=False)
-        lowered = jax.jit(fn).trace(x, mc.token_vectors(x), do, ainv=ainv).lower(lowering_platforms=("cuda",))
-        assert "mosaic_gpu" in lowered.as_text()
+# (K, V, block_v, chunks_per_cta, slots): the defaults at K = V = 128 (all columns, two slots) and
+# K = 64, 64 columns through one slot, one chunk per CTA.
+LOWERING = [(128, 128, None, 3, None), (64, 128, 64, 3, 1), (128, 128, 64, 1, None)]
+
+
+@pytest.mark.parametrize("K,V,block_v,chunks_per_cta,slots", LOWERING)
+def test_pullback_lowers_for_cuda(K, V, block_v, chunks_per_cta, slots):
+    x, do = _inputs(1, 150, 2, K, V, 1, resets=True)
+    ainv = jnp.zeros((1, 2, x.q.shape[1] // C, C, C), jnp.float32)
+    fn = functools.partial(state_pullback, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta,
+                           slots=slots, interpret=False)
+    lowered = jax.jit(fn).trace(x, mc.token_vectors(x), do, ainv=ainv).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_pullback_defaults():
+    assert default_block_v(128, 128) == 128 and smem_bytes(128, 128, 2) <= SMEM_LIMIT
+    assert default_block_v(64, 64) == 64 and smem_bytes(64, 64, 2) <= SMEM_LIMIT
 
 
 def test_pullback_rejects_unsupported_inputs():
@@ -98,13 +120,21 @@ def test_pullback_rejects_unsupported_inputs():
         state_pullback(x, tv, do, scale=1.0, ainv=None)
     with pytest.raises(ValueError, match="block_v"):
         state_pullback(x, tv, do, scale=1.0, ainv=ainv, block_v=32)
+    with pytest.raises(ValueError, match="chunks_per_cta"):
+        state_pullback(x, tv, do, scale=1.0, ainv=ainv, chunks_per_cta=2)
+    with pytest.raises(ValueError, match="slots"):
+        state_pullback(x, tv, do, scale=1.0, ainv=ainv, chunks_per_cta=1, slots=3)
     with pytest.raises(ValueError, match="sizes"):
         state_pullback(x, tv, jnp.zeros(x.q.shape[:3] + (32,), x.q.dtype), scale=1.0, ainv=ainv)
 
 
 @pytest.mark.gpu
-def test_pullback_on_gpu_matches_float64():
+@pytest.mark.parametrize("chunks_per_cta,block_v", [(None, None), (4, None), (4, 64), (1, None)])
+def test_pullback_on_gpu_matches_float64(chunks_per_cta, block_v):
     x, do = _inputs(2, 512, 4, 128, 128, 2, resets=True, seed=3)
     ainv = split.intra(x, chunk_size=C, inverse="rows", save_inverse=True)[2]
-    got = state_pullback(x, mc.token_vectors(x), do, scale=SCALE, ainv=ainv)
+    got = state_pullback(x, mc.token_vectors(x), do, scale=SCALE, ainv=ainv, block_v=block_v,
+                         chunks_per_cta=chunks_per_cta)
     _check(got, _reference64(x, do), 1e-2)
+    triton = pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=SCALE, chunk_size=C, ainv=ainv)
+    _check(got, [np.asarray(t, np.float64) for t in triton], 1e-2)
