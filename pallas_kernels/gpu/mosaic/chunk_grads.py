@@ -70,7 +70,7 @@ def _mm(a, b, shape, init=None):
     return out if init is None else init + out
 
 
-def _smem_bytes(K, BV, L, dtype, out_slots):
+def _smem_bytes(K, BV, L, dtype, out_slots, reduction_scratch=2048):
     """Bytes of SMEM the kernel allocates (for the check before compiling)."""
     it = jnp.dtype(dtype).itemsize
     tiles = ((1 + L) * C * K  # q, k_l
@@ -79,14 +79,23 @@ def _smem_bytes(K, BV, L, dtype, out_slots):
              + (2 + 2 * L) * C * C  # X, QK0, QK_l, beta0 B_l (later the cotangent operands)
              + 2 * C * BV) * it  # rhs -> E, dE -> dR
     vecs = 4 * ((_N_ROW_VECS + L + 2) * C + (L + _N_OUT_VECS) * C + 2 * C) + 4 * 4 * C
-    return tiles + vecs + out_slots * 4 * C * 64 + 1024  # + float32 [C, 64] output slots, barriers
+    # + float32 [C, 64] output slots, the reduction scratch, barriers and alignment
+    return tiles + vecs + out_slots * 4 * C * 64 + reduction_scratch + 1024
 
 
-def _out_slots(K, BV, L, dtype, out_slots):
+def _out_slots(K, BV, L, dtype, out_slots, reduction_scratch=2048):
     """The output staging slots: as asked, or None = 2 where they fit in SMEM, else 1."""
     if out_slots is not None:
         return out_slots
-    return 2 if _smem_bytes(K, BV, L, dtype, 2) <= SMEM_LIMIT else 1
+    return 2 if _smem_bytes(K, BV, L, dtype, 2, reduction_scratch) <= SMEM_LIMIT else 1
+
+
+def _kernel(body, *, approx_math, reduction_scratch, interpret, **kw):
+    """`mc.kernel` with this kernel's compiler parameters: approx_math (exp by ex2.approx: the decay
+    matrices) and the SMEM scratch for cross-warp reductions (the column sums)."""
+    params = plgpu.CompilerParams(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch)
+    return plgpu.kernel(body, compiler_params=params,
+                        interpret=plgpu.InterpretGPUParams() if interpret else False, **kw)
 
 
 def _issue(*sums):
@@ -164,9 +173,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     raw = _issue(*raw_tiles())
     qk_raw, kk_raw = raw[:L], raw[L:]
     put(qk0_s, -scale * qk_raw[0] * t_m1())
+    d_t0, d_m10 = t_0(), m1_0()
     for l in range(L):
-        put(qk_s.at[l], scale * qk_raw[l] * t_0())
-        put(b_s.at[l], R(beta0) * kk_raw[l] * m1_0())  # diag(beta0) B_l: rhs and dvw_l both want it
+        put(qk_s.at[l], scale * qk_raw[l] * d_t0)
+        put(b_s.at[l], R(beta0) * kk_raw[l] * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
     plgpu.commit_smem()
     plgpu.barrier_wait(bar1)
@@ -208,27 +218,29 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     # dR E^T, dO E^T and the raw tiles again (qk0_s and xinv_s are rewritten below: all read first).
     dm_raw, dqk0_raw, *raw = _issue((sq, [(dr_s, e_s.T)]), (sq, [(do_s, e_s.T)]), *raw_tiles())
     qk_raw, kk_raw = raw[:L], raw[L:]
-    kk_m = kk_raw[0] * m1m1()
+    d_m1m1 = m1m1()
+    kk_m = kk_raw[0] * d_m1m1
     dm = -dm_raw
     dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
     w_m1m1 = R(beta0) * dm * kk_m
-    put(qk0_s, R(beta0) * dm * m1m1())  # dkk
-    dqk0 = -scale * dqk0_raw
-    w_tm1 = dqk0 * qk_raw[0] * t_m1()
-    put(xinv_s, dqk0 * t_m1())
+    put(qk0_s, R(beta0) * dm * d_m1m1)  # dkk
+    dqk0 = -scale * dqk0_raw * t_m1()
+    w_tm1 = dqk0 * qk_raw[0]
+    put(xinv_s, dqk0)
     dG = jnp.sum(w_tm1, axis=1)
     dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
     cols_t0_m10 = None  # column sums of sum_l (w_t0,l + w_m10,l), COLS layout
+    d_t0, d_m10 = t_0(), m1_0()
     for l in range(L):
         dqkl_raw, drv = _issue((sq, [(do_s, vw_s.at[l].T)]), (sq, [(dr_s, vw_s.at[l].T)]))
-        dqkl = scale * dqkl_raw
-        w_t0 = dqkl * qk_raw[l] * t_0()
-        put(qk_s.at[l], dqkl * t_0())
-        b_l = kk_raw[l] * m1_0()
-        dbeta0 = dbeta0 + jnp.sum(drv * b_l, axis=1)
-        dbl = R(beta0) * drv
-        w_m10 = dbl * b_l
-        put(b_s.at[l], dbl * m1_0())  # dA_l
+        dqkl = scale * dqkl_raw * d_t0
+        w_t0 = dqkl * qk_raw[l]
+        put(qk_s.at[l], dqkl)
+        drv_m = drv * d_m10
+        dbeta0 = dbeta0 + jnp.sum(drv_m * kk_raw[l], axis=1)
+        dbl = R(beta0) * drv_m
+        w_m10 = dbl * kk_raw[l]
+        put(b_s.at[l], dbl)  # dA_l
         dG = dG + jnp.sum(w_t0, axis=1)
         dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
         cs = jnp.sum(w_t0 + w_m10, axis=0)
@@ -292,7 +304,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots):
+def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     if x.q.dtype not in mc.DTYPES or any(t.dtype != x.q.dtype for t in (x.k, x.v)):
@@ -311,9 +323,13 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots):
         if t.shape != (B, H, Tp // C, K, V):
             raise ValueError(f"chunk_grads_backward: `{name}` must be [B, H, N, K, V] = "
                              f"{(B, H, Tp // C, K, V)}, got {t.shape}")
+    if reduction_scratch < 0 or reduction_scratch % 128:
+        raise ValueError(f"chunk_grads_backward: `reduction_scratch` = {reduction_scratch} must be a "
+                         f"non-negative multiple of 128 bytes")
     if out_slots not in (None, 1, 2):
         raise ValueError(f"chunk_grads_backward: `out_slots` = {out_slots} must be None, 1 or 2")
-    need = _smem_bytes(K, block_v, L, x.q.dtype, _out_slots(K, block_v, L, x.q.dtype, out_slots))
+    need = _smem_bytes(K, block_v, L, x.q.dtype, _out_slots(K, block_v, L, x.q.dtype, out_slots),
+                       reduction_scratch)
     if need > SMEM_LIMIT:
         raise ValueError(f"chunk_grads_backward: K = {K}, L = {L} needs {need // 1024} KiB of SMEM "
                          f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64")
@@ -338,7 +354,8 @@ def chunk_inverses(x: Prepared):
 
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
-                         block_v=64, out_slots=None, interpret=False):
+                         block_v=64, out_slots=None, approx_math=True, reduction_scratch=2048,
+                         interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -348,15 +365,18 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
     (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). out_slots: float32 [C, 64] staging
     tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2
-    where SMEM allows, else 1). Grid (N, H, B * V / block_v).
+    where SMEM allows, else 1). approx_math: exp by the approximate ex2 instruction (decay matrices;
+    relative error ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp
+    reductions (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
+    Grid (N, H, B * V / block_v).
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
-    _check(x, starts, cot_end, ainv, block_v, out_slots)
+    _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype
-    out_slots = _out_slots(K, block_v, L, dt, out_slots)
+    out_slots = _out_slots(K, block_v, L, dt, out_slots, reduction_scratch)
     if ainv is None:
         ainv = chunk_inverses(x)
     all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
@@ -381,8 +401,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
                 jax.ShapeDtypeStruct((nvb, B, H, L + _N_OUT_VECS, Tp), f32))
     body = functools.partial(_body, L=L, nvb=nvb, scale=scale)
-    dq, dk, dv, dvec = mc.kernel(body, name="prism_chunk_grads_mgpu", out_type=out_type, scratch=scratch,
-                                 grid=(N, H, B * nvb), grid_names=("n", "h", "bv"), interpret=interpret)(
+    dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu", out_type=out_type,
+                               scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
+                               approx_math=approx_math, reduction_scratch=reduction_scratch,
+                               interpret=interpret)(
         x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
         rint)
     dq, dk, dvec = dq.sum(0), dk.sum(0), dvec.sum(0)

@@ -127,6 +127,8 @@ def test_bad_inputs_raise():
                              ainv=ainv)
     with pytest.raises(ValueError, match="ainv"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv[:, :1])
+    with pytest.raises(ValueError, match="out_slots"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, out_slots=3)
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
     x3 = _inputs(K=128, V=64, L=3)[0]
@@ -135,11 +137,14 @@ def test_bad_inputs_raise():
                              ainv=_inputs(K=128, V=64, L=3)[4])
 
 
-@pytest.mark.parametrize("L,K,V", [pytest.param(1, 64, 128, marks=pytest.mark.slow), (2, 128, 128),
-                                   pytest.param(3, 64, 64, marks=pytest.mark.slow)])
-def test_lowers_for_cuda(L, K, V):
+@pytest.mark.parametrize("L,K,V,kw", [
+    pytest.param(1, 64, 128, {}, marks=pytest.mark.slow),
+    (2, 128, 128, {}),  # two output slots
+    (1, 128, 64, {"out_slots": 1, "approx_math": True, "reduction_scratch": 6144}),
+    pytest.param(3, 64, 64, {}, marks=pytest.mark.slow)])
+def test_lowers_for_cuda(L, K, V, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
-    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
+    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
     lowered = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
