@@ -203,8 +203,8 @@ def smem_bytes(L, K, V, *, slots, save_inverse=True):
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
     phases = max(C * C * 2 * 3 + C * C * 4,  # substitution: S, m_diag hi / lo, W (float32)
                  C * C * 2 * 4,  # doubling: Off_s and X_s (then the link) as hi / lo
-                 L * C * C * 2 + C * C * 2 + C * V * 2,  # Qe
-                 C * C * 2 + C * K * 2 + (C * C * 4 if save_inverse else 0))  # P and X
+                 L * C * C * 2,  # Qe's right-hand side (into v_0's tile)
+                 C * C * 2 + C * K * 2 + (C * C * 4 if save_inverse else 0))  # Qe (in v_0's tile), P and X
     return slots * inputs + phases
 
 
@@ -298,37 +298,37 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 gm1_diff = mc.rows_of(gm1_r(), sq) - mc.cols_of(gm1_c(), sq)
                 return jnp.where(lower, kk * mc.rows_of(beta0_r(), sq) * _masked_exp(lower, gm1_diff), 0.0)
 
-            xinv = _inverse(m_of, dt, block=block, split=merge_split)
+            # Qe's right-hand side sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i) on
+            # i < t, first (it does not need X), into the SMEM tile of v_0 (v is not read after it).
+            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across them).
+            v0 = v_s.at[slot * L]
 
-            # Right-hand side of Qe: sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i), i < t.
-            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across
-            # them); a phase that stores by TMA waits for the store to have read its buffers.
-            def qe_phase(prod_s, xq_s, rhs_s):
+            def rhs_phase(prod_s):
                 kks = _matmuls([(k_l(0), k_l(l).T) for l in range(L)], sq)  # issued back to back
                 m1_0 = mc.decay_matrix(gm1_r(), rm1_r(), g_c(), r_c(), sq, strict=True)
                 for l in range(L):
                     prod_s.at[l][...] = (kks[l] * m1_0 * mc.cols_of(beta_c(l), sq)).astype(dt)
                 plgpu.commit_smem()
                 rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
-                rhs_s[...] = rhs.astype(dt)
-                xq_s[...] = (xinv * mc.cols_of(beta_c(0), sq)).astype(dt)
-                plgpu.commit_smem()
-                _to_smem(rhs_s, mc.matmul(xq_s, rhs_s, (C, V)))  # Qe (the product has read rhs_s)
-                plgpu.copy_smem_to_gmem(rhs_s, qe_ref.at[b, rows, h])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                _to_smem(v0, rhs)  # the products have read v
 
-            pl.run_scoped(qe_phase, mc.smem((L, C, C), dt), mc.smem((C, C), dt), mc.smem((C, V), dt))
+            pl.run_scoped(rhs_phase, mc.smem((L, C, C), dt))
 
-            def p_phase(xp_s, p_s, *x_s):  # P and (save_inverse) X: both TMA stores in flight at once
-                _to_smem(xp_s, xinv * mc.cols_of(beta_c(0) * start_m1_c(), sq))
-                _to_smem(p_s, mc.matmul(xp_s, k_l(0), (C, K)))
+            xinv = _inverse(m_of, dt, block=block, split=merge_split)
+
+            def out_phase(xs_s, p_s, *x_s):  # Qe, P and (save_inverse) X: their TMA stores in flight at once
+                _to_smem(xs_s, xinv * mc.cols_of(beta_c(0), sq))
+                _to_smem(v0, mc.matmul(xs_s, v0, (C, V)))  # Qe (the product has read v0 and xs_s)
+                plgpu.copy_smem_to_gmem(v0, qe_ref.at[b, rows, h])
+                _to_smem(xs_s, xinv * mc.cols_of(beta_c(0) * start_m1_c(), sq))
+                _to_smem(p_s, mc.matmul(xs_s, k_l(0), (C, K)))
                 plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
                 if save_inverse:
                     _to_smem(x_s[0], xinv)
                     plgpu.copy_smem_to_gmem(x_s[0], ainv_ref[0].at[b, h, n])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region (and v0) is reused
 
-            pl.run_scoped(p_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
+            pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
                           *([mc.smem((C, C), f32)] if save_inverse else []))
 
         issue(0, 0)
