@@ -14,7 +14,8 @@ block_v = 64 (default; `_register_pass`): X held TRANSPOSED, X^T [bv, K], in flo
 both products take their dependent operand from registers as the wgmma A operand (M = bv = 64):
     W^T = -(X^T ek^T)             A = bf16(X^T) registers, B = ek^T (transposed view of ek's tile)
     X^T <- Y^T + a X^T + W^T P    A = bf16(W^T) registers, B = P's TMA tile as it is
-- Chain per step: cast -> wgmma -> wait -> negate/cast -> wgmma -> wait -> add; no register -> SMEM
+- Chain per step: cast -> wgmma -> wait -> cast -> wgmma -> wait -> subtract (W's sign folded into
+  the last step: X^T <- (Y^T + a X^T) - (X^T ek^T) P); no register -> SMEM
   -> fence round trip on it (the staged path has two per step).
 - While (ek X)^T computes: cot_end[n] leaves by TMA (X^T switched to the WGMMA_TRANSPOSED layout,
   stored through a transposed view of one of two alternating float32 SMEM tiles, so the store never
@@ -183,8 +184,8 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
                 init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA)
                         + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
                 ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
-                plgpu.wgmma(acc_x, a_operand((-ekx).astype(dt), w_b, interpret), p_s.at[slot])
-                return init + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
+                plgpu.wgmma(acc_x, a_operand(ekx.astype(dt), w_b, interpret), p_s.at[slot])  # -(W^T P)
+                return init - lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
 
             return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
 

@@ -343,9 +343,10 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
                                   interpret)
                     plgpu.wgmma(acc_s, u, k_s.at[slot, l])
                 qe_t = plgpu.load(qe_s.at[slot].T, layout=mc.WGMMA).astype(f32)
-                w0 = cols(1, C) * v_t(0) - cols(0, C) * qe_t
+                end_m1 = cols(0, C)  # loaded before the wait: only an FMA and a cast follow E^T
+                w0 = cols(1, C) * v_t(0) - end_m1 * qe_t
                 e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1))
-                u0 = a_operand((w0 - cols(0, C) * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
+                u0 = a_operand((w0 - end_m1 * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
                 plgpu.wgmma(acc_s, u0, k_s.at[slot, 0])
                 decayed = mc.cols_of(plgpu.load(all_s.at[slot], layout=mc.COLS), (bv, K)) * st
                 return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_s, wait_n=0))
