@@ -8,43 +8,54 @@ Drop-in for `pallas_kernels.gpu.split.intra` at chunk_size = 64 with 16-bit inpu
     P  = X diag(beta0 start_m1) k0                                              [C, K]
     Qe = X diag(beta0) sum_l (k0 k_l^T . m1_0) (beta_l v_l)                      [C, V]
 
-One CTA (one warpgroup) does one chunk of one (batch, head): grid (B, N, H).
+One CTA (one warpgroup) walks `chunks_per_cta` consecutive chunks of one (batch, head): grid
+(B, N / chunks_per_cta, H). Per chunk:
 - TMA brings the chunk's L key tiles [C, K], L value tiles [C, V] and its token vectors (from
-  `token_vectors`, head-major float32) into SMEM, all on one barrier; they stay there.
-- k0 k0^T and every k0 k_l^T are wgmma products (16-bit operands, float32 accumulators); m, the
-  decay matrices and X live in float32 registers (WGMMA layout).
+  `token_vectors`, head-major float32) into SMEM, all on one barrier. With chunks_per_cta > 1 the
+  inputs have two slots and the next chunk's loads are issued when a chunk starts, so they run
+  while it is solved. The vectors are loaded into registers where they are used (a COLS vector is
+  16 registers per thread), and m is formed twice (one k0 k0^T wgmma each) rather than kept live
+  across the substitution: the fewer tiles live, the fewer spills.
+- Qe's right-hand side first (it does not need X): the L products k0 k_l^T issued back to back,
+  scaled by m1_0 and beta_l, staged, summed against v_l in one accumulator, and stored in the SMEM
+  tile of v_0 (v is not read again).
 - The inverse, blocked as `common.blocked_unit_lower_inverse`:
   1. the `block` x `block` diagonal blocks (default 16) by `block - 1` steps of column
      substitution, all blocks at once (`_diagonal_block_inverse`): each step reads one row of
      W = S m^T (formed once by a hi + lo pair of wgmma products, staged in float32 SMEM), so the
-     dependent chain is a row reduction within a quad of lanes and a select per step;
-  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two products per doubling;
-     `merge_split=True` (default) multiplies 16-bit high parts and low remainders (three wgmma per
-     product), float32-accurate to ~2e-5; with False one 16-bit product (~5e-4 on random chunks,
-     ~1e-2 on adversarial ones: P then 1e-2 to 3e-2 off float64, so it is not the default).
-- P and Qe: wgmma products with X's columns scaled (beta0 start_m1, resp. beta0) and rounded to
-  the input dtype, as the Triton kernel rounds its operands; the right-hand side of Qe sums the L
-  products (k0 k_l^T . m1_0 . beta_l) v_l in one wgmma accumulator.
-- Stores: P, Qe (input dtype) and X (float32, `save_inverse`) go back by TMA from SMEM.
-- SMEM: the inputs stay for the whole CTA (L C (K + V) 16-bit + vectors); each phase's staging
-  buffers (inverse: 48 KiB; Qe: L C^2 + C^2 + C V 16-bit; P; X) live in their own `run_scoped`, so
-  they share memory: ~105 KiB at K = V = 128, L = 2 (two CTAs per H200 SM), ~73 KiB at L = 1.
+     dependent chain is a row reduction within a quad of lanes and a select per step; block 2
+     takes the 2 x 2 blocks directly (I - m's) with no substitution;
+  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two dependent products per doubling, each
+     operand staged once in SMEM (Off and X, then the link into Off's buffer while X stays as the
+     A operand); `merge_split=True` (default) multiplies 16-bit high parts and low remainders
+     (three wgmma issued back to back into one accumulator), float32-accurate to ~2e-5; with False
+     one 16-bit product (~5e-4 on random chunks, ~1e-2 on adversarial ones: P then 1e-2 to 3e-2
+     off float64, so it is not the default).
+- Qe = (X diag(beta0)) rhs and P = (X diag(beta0 start_m1)) k0 by wgmma, X's scaled columns rounded
+  to the input dtype as the Triton kernel rounds its operands; Qe, P (input dtype) and X (float32,
+  `save_inverse`) go back by TMA with the three stores in flight together, one wait at the end.
+- SMEM: the inputs (slots x (L C (K + V) 16-bit + vectors)) and one region shared by the phases
+  (each its own `run_scoped`): substitution 40 KiB, doublings 32 KiB, right-hand side L C^2
+  16-bit, outputs 40 KiB (`smem_bytes`). At K = V = 128: one slot 74 KiB at L = 1 (three CTAs per
+  SM), 106 KiB at L = 2 (two); two slots 108 KiB at L = 1 (two), 173 KiB at L = 2 (one).
+  `chunks_per_cta=None` takes 4 or 2 where two CTAs with two slots still fit on an SM and the grid
+  still has two CTAs per SM, else 1 (`default_chunks_per_cta`); SMEM beyond 227 KiB is rejected.
+  There is no gate-free variant (X0 = (I + m0)^{-1} of the decay-free m0, X = X0 . exp(Gm1_t -
+  Gm1_i)): it is the same number of dependent steps here, since m's decay is one exp per entry.
 
 Measured in the interpreter (CPU) against the float64 chunk math: X to ~1e-6 (random chunks) and
 ~2e-5 (beta = 1, nearly parallel keys); P and Qe to 3e-3 / 5e-3, the same as the Triton kernel at
 chunk 64 (on the adversarial chunk both are 2e-3 / 4.6e-2 off float64: Qe's rows cancel after the
 bf16 rounding of its operands).
 
-Pipelining: with `chunks_per_cta` > 1 a CTA walks consecutive chunks with the inputs in two SMEM
-slots: the next chunk's TMA loads run while the current chunk is solved (at K = V = 128, L = 2 the
-two slots take 128 KiB: one CTA per SM, against two CTAs per SM that overlap each other's loads
-with chunks_per_cta = 1, the default; the device decides which is faster).
-Expected cost per chunk: ~15 wgmma products of 64 x 64 x {64, 128} (~4 MFLOP: noise), the
-`block - 1` substitution steps (latency-bound, ~100 cycles each), one or more doublings (~6 SMEM
-staging barriers and 6 dependent wgmma each) and ~70 KiB of TMA traffic at L = 2: a few
-microseconds per CTA, so tens of microseconds for B * T = 32 K, H = 16 (8 K chunks over 132 SMs)
-against 1.25 ms for the Triton kernel at chunk 32. Worth sweeping on the device: `block` in
-{8, 16, 32} (fewer doublings against longer substitution chains).
+Expected cost per chunk (block 16, L = 2, hi/lo doubling): 11 wgmma waits (~20 wgmma of
+64 x 64 x {64, 128}: ~5 MFLOP, noise), ~10 SMEM staging commits, 15 substitution steps of ~200
+instructions per thread, one TMA load wait and one TMA store wait, ~100 KiB of HBM traffic. The
+phase-1 kernel took ~60 us per CTA on the H200 (1.9 ms for 8 K chunks at two CTAs per SM), far
+above this count: register spills and the number of separate phases (three TMA store waits, m,
+kk and 7 vectors live across the inverse) are the suspects this version removes. Worth sweeping
+on the device: `block` in {2, 4, 8, 16, 32} (substitution steps against doublings),
+`chunks_per_cta` in {1, 2, 4}, `merge_split` False (half the doubling work, less accurate).
 """
 
 from __future__ import annotations
