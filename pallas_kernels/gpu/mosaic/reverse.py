@@ -54,12 +54,14 @@ f32 = jnp.float32
 C = mc.CHUNK
 
 
-def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
+def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, interpret=False):
     """(cot_end [B, H, N, K, V] float32, ds0 [B, H, K, V] float32).
 
     p, ek [B, H, N, C, K] 16-bit (bf16 / f16, the same); a [B, H, N] float32; y [B, H, N, K, V]
     float32; dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
     (last first) in each CTA. block_v: value columns per CTA, 32 or 64 (32: twice the CTAs).
+    registers: X transposed in registers (`_register_pass`, block_v = 64 only) or the staged kernel;
+    None = registers at block_v = 64.
     """
     B, H, N, Cp, K = p.shape
     V = y.shape[-1]
@@ -72,7 +74,10 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, interpret=False):
     dt = p.dtype
     bv = block_v
     a_rows = jnp.broadcast_to(a[..., None], (B, H, N, K))
-    if bv == 64:
+    registers = bv == 64 if registers is None else registers
+    if registers and bv != 64:
+        raise ValueError(f"reverse_pass: registers=True needs block_v=64 (got block_v={bv})")
+    if registers:
         return _register_pass(p, ek, a_rows, y, dfinal, interpret=interpret)
 
     def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_b, w_s, x_f,

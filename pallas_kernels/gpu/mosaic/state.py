@@ -136,7 +136,7 @@ def _smem_bytes(slots, L, K, bv, itemsize):
 
 
 def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, slots=None,
-               interpret=False):
+               registers=None, interpret=False):
     """(starts [B, H, N, K, V] float32 or None unless `with_starts`, final [B, H, K, V] float32).
 
     x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
@@ -147,7 +147,8 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     slots: SMEM slots of the chunk tiles in a ring: 3 (block_v = 64 only: chunks n + 1 and n + 2 in
     flight while chunk n computes), 2 (chunk n + 1 in flight) or 1 (fetched after this one's last
     wgmma: least SMEM); None = the most that fit in SMEM_BUDGET (block_v = 64, bf16, K = 128: 3 at
-    L = 1, 2 at L = 2, 1 at L = 3).
+    L = 1, 2 at L = 2, 1 at L = 3). registers: the state transposed in registers (`_register_pass`,
+    block_v = 64 only) or the staged kernel; None = registers at block_v = 64.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -161,19 +162,22 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     N = Tp // C
     dt = x.k.dtype
     bv = block_v
-    smem_bytes = _register_smem_bytes if bv == 64 else _smem_bytes
-    allowed = (1, 2, 3) if bv == 64 else (1, 2)
+    registers = bv == 64 if registers is None else registers
+    if registers and bv != 64:
+        raise ValueError(f"state_pass: registers=True needs block_v=64 (got block_v={bv})")
+    smem_bytes = _register_smem_bytes if registers else _smem_bytes
+    allowed = (1, 2, 3) if registers else (1, 2)
     if slots is None:
         slots = max(n for n in allowed if n == 1 or smem_bytes(n, L, K, bv, dt.itemsize) <= SMEM_BUDGET)
     if slots not in allowed or smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
-        raise ValueError(f"state_pass: slots={slots} must be one of {allowed} at block_v={bv} and fit in "
+        raise ValueError(f"state_pass: slots={slots} must be one of {allowed} at block_v={bv}, registers={registers} and fit in "
                          f"{SMEM_BUDGET} bytes of SMEM "
                          f"(it needs {smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
     # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
     scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)
     all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
-    if bv == 64:
+    if registers:
         return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, interpret=interpret)
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,

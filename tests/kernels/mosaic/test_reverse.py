@@ -74,12 +74,13 @@ def test_interpreter_matches_float64_reference(K, V, block_v, T, reset_at, compa
         assert _rel(ds0, np.asarray(tri_ds0, np.float64)) < 1e-2
 
 
-@pytest.mark.parametrize("K, V, block_v", [(64, 64, 64), (128, 128, 64), (128, 64, 32)])
-def test_lowers_for_cuda(K, V, block_v):
+@pytest.mark.parametrize("K, V, block_v, registers", [
+    (64, 64, 64, None), (128, 128, 64, None), (128, 64, 32, None), (128, 128, 64, False)])
+def test_lowers_for_cuda(K, V, block_v, registers):
     B, H, N = 1, 2, 3
     args = (jnp.zeros((B, H, N, C, K), jnp.bfloat16), jnp.zeros((B, H, N, C, K), jnp.bfloat16),
             jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
-    lowered = jax.jit(lambda *a: reverse_pass(*a, block_v=block_v)).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda *a: reverse_pass(*a, block_v=block_v, registers=registers)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
@@ -95,13 +96,15 @@ def test_rejects_unsupported_inputs():
         reverse_pass(p, p.astype(jnp.float16), a, y, dfinal)
     with pytest.raises(ValueError, match="`y`"):
         reverse_pass(p, p, a, y[:, :, :1], dfinal)
+    with pytest.raises(ValueError, match="registers=True needs block_v=64"):
+        reverse_pass(p, p, a, y, dfinal, block_v=32, registers=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v", [64, 32])
-def test_gpu_matches_float64_reference(block_v):
+@pytest.mark.parametrize("block_v, registers", [(64, None), (64, False), (32, None)])
+def test_gpu_matches_float64_reference(block_v, registers):
     inputs = _pullback_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=3)
-    cot, ds0 = reverse_pass(*inputs, block_v=block_v)
+    cot, ds0 = reverse_pass(*inputs, block_v=block_v, registers=registers)
     ref_cot, ref_ds0 = _reference(*inputs)
     assert _rel(cot, ref_cot) < 1e-2
     assert _rel(ds0, ref_ds0) < 1e-2

@@ -104,15 +104,16 @@ def test_without_starts_gives_the_same_final_state():
     assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
 
 
-@pytest.mark.parametrize("L, K, V, block_v, with_starts, slots", [
-    (1, 64, 64, 64, True, None), (1, 128, 128, 64, True, None), (2, 128, 128, 64, False, None),
-    (2, 128, 128, 64, True, 1), (3, 128, 128, 64, True, None), (2, 128, 64, 32, True, None)])
-def test_lowers_for_cuda(L, K, V, block_v, with_starts, slots):
+@pytest.mark.parametrize("L, K, V, block_v, with_starts, slots, registers", [
+    (1, 64, 64, 64, True, None, None), (1, 128, 128, 64, True, None, None), (2, 128, 128, 64, False, None, None),
+    (2, 128, 128, 64, True, 1, None), (3, 128, 128, 64, True, None, None), (2, 128, 64, 32, True, None, None),
+    (2, 128, 128, 64, True, None, False)])  # the last: the staged kernel at block_v = 64
+def test_lowers_for_cuda(L, K, V, block_v, with_starts, slots, registers):
     x = _inputs(K=K, V=V, L=L, reset_at=50)
     p = jnp.zeros(x.q.shape, x.q.dtype)
     qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
     fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, block_v=block_v, with_starts=with_starts,
-                                                 slots=slots))
+                                                 slots=slots, registers=registers))
     lowered = fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
@@ -130,6 +131,8 @@ def test_rejects_unsupported_inputs():
         state_pass(x, tv, p, qe, slots=4)
     with pytest.raises(ValueError, match="slots=3"):  # three slots: the register kernel (block_v = 64) only
         state_pass(x, tv, p, qe, block_v=32, slots=3)
+    with pytest.raises(ValueError, match="registers=True needs block_v=64"):
+        state_pass(x, tv, p, qe, block_v=32, registers=True)
     with pytest.raises(ValueError, match="`qe`"):
         state_pass(x, tv, p, qe[..., :32])
     x96 = _inputs(K=96)
@@ -138,11 +141,12 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v, slots", [(64, None), (64, 2), (64, 1), (32, None)])
-def test_gpu_matches_float64_reference(block_v, slots):
+@pytest.mark.parametrize("block_v, slots, registers", [
+    (64, None, None), (64, 2, None), (64, 1, None), (64, None, False), (32, None, None)])
+def test_gpu_matches_float64_reference(block_v, slots, registers):
     x = _inputs(B=2, T=500, H=4, K=128, V=128, L=2, reset_at=300, seed=11)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots, registers=registers)
     ref_starts, ref_final = _reference(x, p, qe)
     assert _rel(starts, ref_starts) < 1e-2
     assert _rel(final, ref_final) < 1e-2
