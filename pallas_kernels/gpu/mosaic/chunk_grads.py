@@ -4,40 +4,48 @@ Grid (N, H, B * V / 64), one warpgroup per CTA: a CTA owns one chunk of one head
 BV = 64 value columns. It TMA-loads the chunk's q, k_l, v_l, do tiles, its start state S and
 end-state cotangent dS' (16-bit [K, BV]; float32 inputs are cast in XLA), the forward's
 (I + m)^{-1} (cast to 16 bits in XLA: `grads` multiplies it in the matmul dtype too) and the
-per-token vectors of `token_vectors`, then runs `grads.block_step` and `grads.finish` as a straight
-line of wgmmas, every product a [64, 64] tile over a 64 / K / BV contraction, every register
-product that is an operand again staged in 16-bit SMEM. One CTA holds exactly one value block, so
-the [C, C] sums of `grads.Acc` are single wgmmas over BV (dR E^T, dO E^T, dO vw_l^T, dR vw_l^T),
-never carried; `finish` is linear in them, so each CTA writes its share of dq, dk_l, dbeta_l and
-of the per-token decay cotangents and XLA sums the V / 64 shares. At V = 128 the
-value-independent tiles (QK0, QK_l, B_l: 1 + 2L [C, K] x [K, C] products, recomputed in `finish`
-for their float32 values) are formed twice.
+per-token vectors of `token_vectors`, then runs `grads.block_step` and `grads.finish` as wgmma
+products (every product a [64, 64] tile over a 64 / K / BV contraction, every register product
+that is an operand again staged in 16-bit SMEM). One CTA holds exactly one value block, so the
+[C, C] sums of `grads.Acc` are single wgmmas over BV (dR E^T, dO E^T, dO vw_l^T, dR vw_l^T), never
+carried; `finish` is linear in them, so each CTA writes its share of dq, dk_l, dbeta_l and of the
+per-token decay cotangents and XLA sums the V / 64 shares. At V = 128 the value-independent tiles
+(the 2L raw products q k_l^T, k0 k_l^T, formed twice per CTA for their float32 values) are formed
+by both value blocks.
 
-Loads: two barriers; the tiles that QK0 / QK_l / B_l / vw_l need first, S, dS', dO, X behind the
-second (in flight while the [C, C] tiles form). Nothing else is pipelined yet (phase 1): one
-chunk per CTA, SMEM allows one CTA per SM at K = 128 (two at K = 64, L = 1), so a CTA's loads
-overlap only other work of the same CTA; a persistent, double-buffered version needs the SMEM
-below to shrink first.
+Latency: a CTA is a chain of dependent steps, so the products are issued in groups of independent
+accumulators with one wait per group (`_issue`; products that sum chain into one accumulator with
+no wait between). Waits per CTA at L = 1, K = 128: 8 (raw tiles; k0 S, k0 dS', sum B_l vw_l, QK0^T
+dO; E and dR together; dvw_l with q S and S^T dS'; dR E^T, dO E^T and the raw tiles again; dO vw^T
+and dR vw^T; one per 64-column slice of the [C, K] outputs, all of dq / dk_0 / dk_l in one group:
+`fold` moves the row scalings of their state terms into the 16-bit operands). Phase 1 waited ~46
+times. Loads: two barriers; the tiles that the raw products need first, S, dS', dO, X behind the
+second (in flight while the [C, C] tiles form). Outputs: dv_l and the [C, 64] float32 dq / dk
+slices leave by TMA and stay in flight (two staging slots where SMEM allows, `out_slots`).
+`approx_math` (default on) takes exp from ex2.approx for the decay matrices (each formed once per
+phase).
 
-SMEM (16-bit [64, 64] tiles, 8 KiB each; reused: X -> dQK0 . t_m1, QK0 -> dkk, QK_l -> dQK_l . t_0,
-diag(beta0) B_l -> dA_l, v_l -> dv_l, rhs -> dE): q, k_l (1 + L) K / 64; v_l, vw_l 2L; dO 1;
-S, dS' 2 K / 64; X, QK0 2; QK_l, B_l 2L; E, dR, rhs 3; plus a float32 [64, 64] output tile and
-the vectors. K = 128: L = 1 166 KiB, L = 2 214 KiB (L = 3 263 KiB: refused); K = 64: L = 1 134,
-L = 2 174, L = 3 215 KiB. Registers: [64, 64] float32 values (32 / thread) live only between
-their wgmma and their SMEM store or row sum; the [C, K] outputs in [C, 64] column slices, one
-float32 accumulator at a time (dq, dk_0, dk_l), TMA-stored from the float32 tile. Row sums are
-ROWS-layout reductions; the column sums of the decay cotangents are reduced in the COLS layout,
-stored to SMEM and read back as ROWS (one layout per buffer row).
+SMEM (16-bit [64, 64] tiles, 8 KiB each; reused: X -> dQK0 . t_m1, -scale QK0 -> dkk, scale QK_l ->
+dQK_l . t_0, diag(beta0) B_l -> dA_l, v_l -> dv_l, E holds rhs first, dR holds dE first): q, k_l
+(1 + L) K / 64; v_l, vw_l 2L; dO 1; S, dS' 2 K / 64; X, QK0 2; QK_l, B_l 2L; E, dR 2; plus one or
+two float32 [64, 64] output slots, the vectors and Pallas' reduction scratch (`reduction_scratch`,
+2 KiB). K = 128: L = 1 160 KiB (176 with two slots), L = 2 208 (224); L = 3 257 KiB: refused;
+K = 64: L = 1 126, L = 2 166, L = 3 207 KiB. One CTA per SM at K = 128. Registers: [64, 64] float32
+values (32 / thread) live only between their wgmma and their SMEM store or row sum, at most ~5
+accumulators at once. Row sums are ROWS-layout reductions; the column sums of the decay
+cotangents are reduced in the COLS layout, stored to SMEM and read back as ROWS.
 
 Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
 the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
 rend end - re end_m1 + exp(G_C) diag(S^T dS') (<S, dS'> is the trace of one [BV, BV] wgmma;
 BV = C, so its diagonal rides in that per-token output).
 
-Expected cost, K = V = 128, L = 2, per (chunk, head): 2 CTAs x (65 wgmmas of 64 x 64 x 64..128:
-5 tiles, 12 block step, 14 finish, 34 for the [C, K] outputs) ~ 2 x 50 MFLOP, read ~2 x 70 KiB (q, k twice; v, do, S, dS' once), written dq, dk partials
-float32 2 x 2 x 48 KiB (the partial sums over value blocks are the main extra traffic: a
-persistent CTA walking both value blocks with float32 [C, K] accumulators would drop them).
+Expected cost, K = V = 128, L = 2, per (chunk, head): 2 CTAs x (~50 wgmmas of 64 x 64 x 64..128,
+10 waits) ~ 2 x 50 MFLOP, read ~2 x 70 KiB (q, k twice; v, do, S, dS' once), written dq, dk
+partials float32 2 x 2 x 48 KiB. The partial sums over value blocks are the main extra traffic
+(~0.6 ms of HBM at B * T = 32K, H = 16, K = V = 128, L = 1 in the XLA sum): a TMA reduce-add
+(`copy_smem_to_gmem(reduction_op="add")` into a zeroed output) would drop them, but the interpreter
+does not run it and `plgpu.kernel` takes no aliased (pre-zeroed) output.
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ def _issue(*sums):
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale):
+          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale, fold):
     """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
     qk0_s -scale QK0, then dkk; qk_s[l] scale QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then
     dA_l; v_s[l] v_l, then dv_l; e_s the right-hand side, then E; dr_s dE, then dR."""
@@ -193,9 +201,23 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     put(e_s, e)
     put(dr_s, dr)
     plgpu.commit_smem()
+    # q S and S^T dS' (the state terms of dG and dG_C, `state_vectors`) ride along at L = 1, where
+    # the group is small.
+    state_pair = [(sv, [(q_s, s_s)]), ((BV, BV), [(s_s.T, x_s)])]
+
+    def state_vectors(qs, sx):
+        """rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K;
+        <S, dS'> of this value block: the diagonal of S^T dS' [BV, BV], as a vector over value
+        columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk."""
+        dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
+        diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
+        return scale * jnp.sum(dof * qs, axis=1) * start, diag
+
     dvws = _issue(*[(sv, [(b_s.at[l].T, dr_s), (qk_s.at[l].T, do_s)]) for l in range(L)],
-                  *[(sv, [(k_s.at[l], x_s)]) for l in range(1, L)])
-    kxs = [kx0, *dvws[L:]]
+                  *[(sv, [(k_s.at[l], x_s)]) for l in range(1, L)], *(state_pair if L == 1 else []))
+    if L == 1:
+        dG_state, sx_diag = state_vectors(*dvws[1:])
+    kxs = [kx0, *dvws[L:2 * L - 1]]
     rend = jnp.zeros_like(re)
     dbetas = []
     for l in range(L):
@@ -249,14 +271,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.commit_smem()
     dG = dG - plgpu.load(cs_s.at[1], layout=mc.ROWS)
 
-    # rowsum(dO S^T . q) = rowsum(dO . q S): the start-state share of dG, without slicing K; and
-    # <S, dS'> of this value block: the diagonal of S^T dS' [BV, BV], as a vector over value
-    # columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk.
-    qs, sx = _issue((sv, [(q_s, s_s)]), ((BV, BV), [(s_s.T, x_s)]))
-    dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
-    dG = dG + scale * jnp.sum(dof * qs, axis=1) * start - rend * end
+    if L > 1:
+        dG_state, sx_diag = state_vectors(*_issue(*state_pair))
+    dG = dG + dG_state - rend * end
     dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
-    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
 
     # ---- [C, K] outputs in [C, 64] column slices, float32, TMA-stored from out_s slots.
     n_slots = out_s.shape[0]
@@ -270,6 +288,15 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_s.at[slot], dst)
 
+    if fold:
+        # The row scalings of the state terms go into their 16-bit operands (each buffer's last
+        # use), so that every [C, 64] output is one accumulator chain: one wait per slice of K.
+        load = lambda buf: plgpu.load(buf, layout=mc.WGMMA).astype(f32)
+        put(do_s, R(start * scale, sv) * load(do_s))
+        put(dr_s, R(beta0 * start_m1, sv) * load(dr_s))
+        put(e_s, -R(end_m1, sv) * load(e_s))
+        for l in range(L):
+            put(vw_s.at[l], R(end, sv) * load(vw_s.at[l]))
     plgpu.commit_smem()
     so = (C, 64)
     for kh in range(K // 64):
@@ -277,6 +304,16 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         sl = lambda ref: ref if K == 64 else ref.at[:, kc]  # 64 columns of a [C, K] operand
         st = lambda ref: (ref if K == 64 else ref.at[kc]).T  # ... of ref^T, ref [K, BV]
         q_h, k_h = sl(q_s), [sl(k_s.at[l]) for l in range(L)]
+        if fold:
+            dq, dk0, *dks = _issue(
+                (so, [(do_s, st(s_s)), (xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]),
+                (so, [(dr_s, st(s_s)), (e_s, st(x_s)), (qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
+                 + [(b_s.at[l], k_h[l]) for l in range(L)]),
+                *[(so, [(vw_s.at[l], st(x_s)), (qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]) for l in range(L)])
+            store_out(dq, dq_ref.at[vb, b, rows, h, kc])
+            for l in range(L):
+                store_out(dks[l] + dk0 if l == 0 else dks[l], dk_ref.at[vb, b, rows, h, l, kc])
+            continue
         dq_s, dq_r = _issue((so, [(do_s, st(s_s))]),
                             (so, [(xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]))
         store_out(R(start * scale, so) * dq_s + dq_r, dq_ref.at[vb, b, rows, h, kc])
@@ -354,7 +391,7 @@ def chunk_inverses(x: Prepared):
 
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
-                         block_v=64, out_slots=None, approx_math=True, reduction_scratch=2048,
+                         block_v=64, out_slots=None, fold=True, approx_math=True, reduction_scratch=2048,
                          interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
@@ -365,7 +402,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
     (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). out_slots: float32 [C, 64] staging
     tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2
-    where SMEM allows, else 1). approx_math: exp by the approximate ex2 instruction (decay matrices;
+    where SMEM allows, else 1). fold: the row scalings of the state terms of dq / dk (start,
+    beta0 start_m1, end_m1, end) multiplied into their 16-bit operands (dO, dR, E, vw_l) so that each
+    [C, 64] output slice is one chained accumulator (one wgmma wait per slice; one more 16-bit
+    rounding of those operands); False scales the float32 products. approx_math: exp by the approximate ex2 instruction (decay matrices;
     relative error ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp
     reductions (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
     Grid (N, H, B * V / block_v).
@@ -400,7 +440,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                 jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
                 jax.ShapeDtypeStruct((nvb, B, H, L + _N_OUT_VECS, Tp), f32))
-    body = functools.partial(_body, L=L, nvb=nvb, scale=scale)
+    body = functools.partial(_body, L=L, nvb=nvb, scale=scale, fold=fold)
     dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu", out_type=out_type,
                                scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

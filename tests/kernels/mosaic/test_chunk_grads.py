@@ -73,8 +73,8 @@ def _reference(x, starts, do, cot_end, *, scale):
         return [np.asarray(_unchunked(t)) for t in out]
 
 
-def _mosaic(x, starts, do, cot_end, ainv, *, scale, interpret):
-    fn = jax.jit(functools.partial(chunk_grads_backward, scale=scale, interpret=interpret))
+def _mosaic(x, starts, do, cot_end, ainv, *, scale, interpret, **kw):
+    fn = jax.jit(functools.partial(chunk_grads_backward, scale=scale, interpret=interpret, **kw))
     return fn(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
 
 
@@ -99,6 +99,14 @@ def test_interpret_matches_float64_reference(L, K, V, init, reset):
     scale = 0.125
     got = _mosaic(x, starts, do, cot_end, None if (L, V) == (2, 128) else ainv, scale=scale, interpret=True)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
+
+
+@pytest.mark.slow
+def test_interpret_unfolded_matches_float64_reference():
+    """fold=False: the state terms' row scalings applied to the float32 products."""
+    x, starts, do, cot_end, ainv = _inputs(L=2, K=128, V=64, seed=5)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=0.125, interpret=True, fold=False, out_slots=1)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
 @pytest.mark.slow
@@ -140,7 +148,7 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize("L,K,V,kw", [
     pytest.param(1, 64, 128, {}, marks=pytest.mark.slow),
     (2, 128, 128, {}),  # two output slots
-    (1, 128, 64, {"out_slots": 1, "approx_math": True, "reduction_scratch": 6144}),
+    (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
     pytest.param(3, 64, 64, {}, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(L, K, V, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
