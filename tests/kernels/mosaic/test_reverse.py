@@ -108,3 +108,11 @@ def test_gpu_matches_float64_reference(block_v, registers):
     ref_cot, ref_ds0 = _reference(*inputs)
     assert _rel(cot, ref_cot) < 1e-2
     assert _rel(ds0, ref_ds0) < 1e-2
+
+
+def test_lowers_for_cuda_float16():
+    B, H, N, K, V = 1, 2, 3, 128, 128
+    args = (jnp.zeros((B, H, N, C, K), jnp.float16), jnp.zeros((B, H, N, C, K), jnp.float16),
+            jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
+    lowered = jax.jit(reverse_pass).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()

@@ -150,3 +150,11 @@ def test_gpu_matches_float64_reference(block_v, slots, registers):
     ref_starts, ref_final = _reference(x, p, qe)
     assert _rel(starts, ref_starts) < 1e-2
     assert _rel(final, ref_final) < 1e-2
+
+
+def test_lowers_for_cuda_float16():
+    x = _inputs(K=128, V=128, L=2, reset_at=50, dtype=jnp.float16)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    qe = jnp.zeros(x.q.shape[:3] + (128,), x.q.dtype)
+    fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe))
+    assert "mosaic_gpu" in fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",)).as_text()
