@@ -16,17 +16,18 @@ is loaded into the float32 buffer right after (its own barrier), so it is in fli
 of the chunk. The output o is written into the slot's qe buffer and leaves by TMA while the next
 chunk computes (the slot is only refilled after that store has read it).
 
-Registers / SMEM per chunk: qe is read into registers as the accumulator init of E = P S + Qe, E is
-written back over qe (a wgmma B operand), then o over E; the L + 1 C x C products (decay-masked
-q k_l^T, gates folded into the columns) pass one at a time through a single [C, C] 16-bit buffer
-as the A operand of their product with E / v_l; o accumulates in registers (one wgmma accumulator
-chain on the GPU).
+Products per chunk: P S, q S and q k0^T are issued back to back while T_m1 forms in registers
+(one wait); E = P S + Qe is written over the slot's Qe tile (a wgmma B operand); then o's products
+chain in one accumulator: -(q k0^T . T_m1) E, issued first, while T_0 forms, then
+(q k_l^T . T_0 . beta_l^cols) v_l through two alternating [C, C] 16-bit buffers (the gate folds
+into the columns of the product, v_l is read as loaded); diag(start) q S is added at the end. o is
+written over E and leaves by TMA.
 
 SMEM (`smem_bytes`): slots * (q, p, k_l [C, K] + qe, v_l [C, bv] 16-bit + vectors) + S float32
-[K, bv] + S 16-bit + one [C, C]: at K = V = 128, block_v = 64: 2 slots ~217 KiB at L = 1 (one CTA
-per SM); at L = 2 two slots do not fit (~237 KiB) and the kernel uses one slot (~147 KiB: the next
-chunk's tiles load after this chunk's last read, S still prefetched). At K = V = 64 two slots of
-all columns take ~90 KiB at L = 1.
+[K, bv] + S 16-bit + two [C, C]: at K = V = 128, L = 1 two slots of 64 columns take ~196 KiB (one
+CTA per SM); at L = 2 two slots do not fit and the kernel uses one slot of 64 columns (~154 KiB:
+the next chunk's tiles load after this chunk's last read, S still prefetched). At K = V = 64 two
+slots of all columns take ~124 KiB at L = 1.
 
 Cost: per (chunk, head) 2 [C,K]x[K,V] + (L+1) [C,K]x[K,C] + (L+1) [C,C]x[C,V] wgmmas (~6 MFLOP at
 K = V = 128, L = 1: ~50 GFLOP at B*T = 32K, H = 16, under 0.1 ms of tensor-core time); bytes per
@@ -88,9 +89,9 @@ def _check(x: Prepared, p, qe, starts, block_v, chunks_per_cta):
 
 def smem_bytes(K, bv, L, slots=2, itemsize=2):
     """SMEM one CTA uses: per slot 16-bit q, p, k_l [C, K], qe, v_l [C, bv] and the vectors (3 + L
-    float32, 3 int32 rows of C); once: S float32 and 16-bit [K, bv], one 16-bit [C, C] product."""
+    float32, 3 int32 rows of C); once: S float32 and 16-bit [K, bv], two 16-bit [C, C] products."""
     slot = ((2 + L) * C * K + (1 + L) * C * bv) * itemsize + (6 + L) * C * 4
-    return slots * slot + K * bv * (4 + itemsize) + C * C * itemsize
+    return slots * slot + K * bv * (4 + itemsize) + 2 * C * C * itemsize
 
 
 def default_block_v(K, V, L):
@@ -117,17 +118,23 @@ def default_chunks_per_cta(B, N, H, n_vblocks, *, min_ctas=2 * SMS, max_chunks=M
     return best
 
 
-def _matmul(a, b, shape, init, interpret):
-    """`init + a @ b`: chained into the wgmma accumulator on the GPU; the CPU interpreter has no
-    rule for an initialised accumulator (the discharged `wgmma` primitive), so there it adds."""
-    if interpret:
-        return init + mc.matmul(a, b, shape)
-    return mc.matmul(a, b, shape, init=init)
+def _products(operands, meanwhile):
+    """([a_i @ b_i float32 for (a_i, b_i, shape_i) in operands], meanwhile()): the wgmmas are issued
+    back to back, `meanwhile` (register work not touching them) runs while the tensor cores compute,
+    then the accumulators are read (one wait; through an optimization barrier as `common.matmul`)."""
+    def scoped(*accs):
+        for acc, (a, b, _) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+        other = meanwhile()
+        return tuple(acc[...] for acc in accs), other
+
+    outs, other = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _, _, shape in operands))
+    return lax.optimization_barrier(outs), other
 
 
 def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_ref, o_ref,
           q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
-          L, bv, scale, cpc, slots, interpret):
+          L, bv, scale, cpc, slots):
     b, nb, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
     cols = pl.ds(vb * bv, bv)
     dt = q_s.dtype
@@ -166,32 +173,36 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
 
         q, p, qe = q_s.at[slot], p_s.at[slot], qe_s.at[slot]
         k_l = lambda l: k_s.at[slot * L + l]
-        qe_f = plgpu.load(qe, layout=mc.WGMMA).astype(f32)
-        e = _matmul(p, s16_s, (C, bv), qe_f, interpret)
-        qs = mc.matmul(q, s16_s, (C, bv))
-        qe[...] = e.astype(dt)  # E over Qe (read into registers above): the B operand of the erase term
-        plgpu.commit_smem()
-
         load = lambda ref, i, layout: plgpu.load(ref.at[i], layout=layout)
         G_r, start_r = load(fr_s, slot * 2, mc.ROWS), load(fr_s, slot * 2 + 1, mc.ROWS)
         fc = lambda i: load(fc_s, slot * (2 + L) + i, mc.COLS)
-        G_c, Gm1_c = fc(0), fc(1)
         r_r = load(ir_s, slot, mc.ROWS)
         r_c, rm1_c = load(ic_s, slot * 2, mc.COLS), load(ic_s, slot * 2 + 1, mc.COLS)
         sq = (C, C)
-        t_m1 = mc.decay_matrix(G_r, r_r, Gm1_c, rm1_c, sq, strict=False)
-        t_0 = mc.decay_matrix(G_r, r_r, G_c, r_c, sq, strict=False)
 
-        o = mc.rows_of(start_r, (C, bv)) * qs
-        qk0 = mc.matmul(q, k_l(0).T, sq)
-        a_s[...] = (-(qk0 * t_m1)).astype(dt)
+        def meanwhile():  # while P S, q S and q k0^T compute
+            return mc.decay_matrix(G_r, r_r, fc(1), rm1_c, sq, strict=False)
+
+        (ps, qs, qk0), t_m1 = _products([(p, s16_s, (C, bv)), (q, s16_s, (C, bv)), (q, k_l(0).T, sq)], meanwhile)
+        e = ps + plgpu.load(qe, layout=mc.WGMMA).astype(f32)
+        qe[...] = e.astype(dt)  # E over Qe: the B operand of the erase term
+        a_s.at[0][...] = (-(qk0 * t_m1)).astype(dt)
         plgpu.commit_smem()
-        o = _matmul(a_s, qe, (C, bv), o, interpret)
-        for l in range(L):  # a_s is free again: the product above has been waited for
-            qk = qk0 if l == 0 else mc.matmul(q, k_l(l).T, sq)
-            a_s[...] = (qk * t_0 * mc.cols_of(fc(2 + l), sq)).astype(dt)
-            plgpu.commit_smem()
-            o = _matmul(a_s, v_s.at[slot * L + l], (C, bv), o, interpret)
+
+        def o_products(acc):  # one accumulator: -(q k0^T . T_m1) E + sum_l (q k_l^T . T_0 . beta_l) v_l
+            plgpu.wgmma(acc, a_s.at[0], qe)
+            t_0 = mc.decay_matrix(G_r, r_r, fc(0), r_c, sq, strict=False)  # while the first product runs
+            for l in range(L):
+                # q k_l^T for l > 0 waits for the products in flight, so the buffer is free again
+                qk = qk0 if l == 0 else mc.matmul(q, k_l(l).T, sq)
+                buf = a_s.at[(1 + l) % 2]
+                buf[...] = (qk * t_0 * mc.cols_of(fc(2 + l), sq)).astype(dt)
+                plgpu.commit_smem()
+                plgpu.wgmma(acc, buf, v_s.at[slot * L + l])
+            return acc[...]
+
+        o = lax.optimization_barrier(pl.run_scoped(o_products, plgpu.ACC((C, bv), f32)))
+        o = o + mc.rows_of(start_r, (C, bv)) * qs
         qe[...] = (scale * o).astype(dt)  # o over E (its last reader has finished)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qe, o_ref.at[b, rows, h, cols])  # left in flight
@@ -255,12 +266,11 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     scratch = dict(
         q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots * L, C, K), dt), v_s=mc.smem((slots * L, C, bv), dt),
         p_s=mc.smem((slots, C, K), dt), qe_s=mc.smem((slots, C, bv), dt), s32_s=mc.smem((K, bv), f32),
-        s16_s=mc.smem((K, bv), dt), a_s=mc.smem((C, C), dt),
+        s16_s=mc.smem((K, bv), dt), a_s=mc.smem((2, C, C), dt),
         fr_s=plgpu.SMEM((slots * 2, C), f32), fc_s=plgpu.SMEM((slots * (2 + L), C), f32),
         ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
         bar=plgpu.Barrier(num_arrivals=n_copies, num_barriers=slots), s_bar=plgpu.Barrier(num_arrivals=1))
-    body = functools.partial(_body, L=L, bv=bv, scale=scale, cpc=chunks_per_cta, slots=slots,
-                             interpret=interpret)
+    body = functools.partial(_body, L=L, bv=bv, scale=scale, cpc=chunks_per_cta, slots=slots)
     out_type = jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype)
     return mc.kernel(body, name="prism_mosaic_outputs", out_type=out_type, scratch=scratch,
                      grid=(B, N // chunks_per_cta, H, V // bv), grid_names=("b", "n", "h", "v"),

@@ -18,11 +18,14 @@ starts, and the next chunk's Ainv loads into the float32 buffer right after (its
 stores (P, ek in the input dtype, Y float32) are left in flight; a buffer is rewritten only after
 its store has read it (`wait_smem_to_gmem(0, wait_read_only=True)`, by then long done).
 
-SMEM reuse within a chunk: after q k0^T (registers, masked by T_m1), the slot's k0 buffer takes
-diag(beta0 start_m1) k0 (the B operand of P) and then ek (stored from there); the 16-bit Ainv
-buffer takes the decay product once P is formed; the slot's q buffer takes diag(start) q and its
-do buffer takes Z = -(q k0^T . T_m1)^T do once both products reading do are done. So a chunk needs
-beyond its slot only Ainv float32 and 16-bit [C, C], P [C, K] and Y [K, bv] float32.
+Products: P is formed as (Ainv diag(beta0 start_m1)) k0 (the gate scales Ainv's columns as it is
+converted to 16 bits), so P and q k0^T read the loaded k0 tile and are issued back to back while
+the decay matrix T_m1 forms in registers; Z = (q k0^T . T_m1)^T do and (diag(start) q)^T do are
+issued together, then P^T Z chains into the same Y accumulator: three waits per chunk.
+SMEM reuse within a chunk: the slot's k0 buffer takes ek (stored from there), the 16-bit Ainv
+buffer takes the decay product, the slot's q buffer diag(start) q and its do buffer Z once the
+products reading them are done. So a chunk needs beyond its slot only Ainv float32 and 16-bit
+[C, C], P [C, K] and Y [K, bv] float32.
 
 SMEM (`smem_bytes`) at K = V = 128 with all columns per CTA (the default where it fits): two slots
 ~100 KiB + ~104 KiB shared = ~204 KiB, one CTA per SM; at K = V = 64 ~90 KiB.
@@ -71,6 +74,20 @@ def default_block_v(K, V):
     return 64
 
 
+def _products(operands, meanwhile):
+    """([a_i @ b_i float32 for (a_i, b_i, shape_i) in operands], meanwhile()): the wgmmas are issued
+    back to back, `meanwhile` (register work not touching them) runs while the tensor cores compute,
+    then the accumulators are read (one wait; through an optimization barrier as `common.matmul`)."""
+    def scoped(*accs):
+        for acc, (a, b, _) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+        other = meanwhile()
+        return tuple(acc[...] for acc in accs), other
+
+    outs, other = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _, _, shape in operands))
+    return lax.optimization_barrier(outs), other
+
+
 def _check(x: Prepared, do, ainv, block_v, chunks_per_cta):
     B, Tp, H, K = x.q.shape
     if x.q.dtype not in mc.DTYPES:
@@ -111,10 +128,11 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
         copy(q_ref.at[b, rows, h], q_s.at[slot])
         copy(k_ref.at[b, rows, h, 0], k_s.at[slot])
         copy(do_ref.at[b, rows, h, cols], do_s.at[slot])
-        # rows: beta0 * start_m1, start, end_m1, G; cols: Gm1; int rows: r; int cols: rm1
-        for i in range(4):
-            copy(fr_ref.at[i, b, h, rows], fr_s.at[slot * 4 + i])
-        copy(fc_ref.at[0, b, h, rows], fc_s.at[slot])
+        # rows: start, end_m1, G; cols: Gm1, beta0 * start_m1; int rows: r; int cols: rm1
+        for i in range(3):
+            copy(fr_ref.at[i, b, h, rows], fr_s.at[slot * 3 + i])
+        for i in range(2):
+            copy(fc_ref.at[i, b, h, rows], fc_s.at[slot * 2 + i])
         copy(ir_ref.at[0, b, rows], ir_s.at[slot])
         copy(ic_ref.at[0, b, rows], ic_s.at[slot])
 
@@ -123,28 +141,28 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
 
     def chunk(j, slot):
         n = chunk_of(j)
+        q, k, do = q_s.at[slot], k_s.at[slot], do_s.at[slot]
+        row = lambda i: plgpu.load(fr_s.at[slot * 3 + i], layout=mc.ROWS)
+        col = lambda i: plgpu.load(fc_s.at[slot * 2 + i], layout=mc.COLS)
+        K = k.shape[-1]
+        sq = (C, C)
         plgpu.barrier_wait(ai_bar)
-        x16_s[...] = ai32_s[...].astype(dt)
+        # Ainv diag(beta0 start_m1) as the A operand of P = Ainv diag(beta0 start_m1) k0
+        x16_s[...] = (plgpu.load(ai32_s, layout=mc.WGMMA) * mc.cols_of(col(1), sq)).astype(dt)
         plgpu.commit_smem()
 
         @pl.when(j + 1 < cpc)
         def _prefetch_ainv():  # Ainv's float32 buffer has been read: the next one loads meanwhile
             issue_ainv(j + 1)
 
-        q, k, do = q_s.at[slot], k_s.at[slot], do_s.at[slot]
-        row = lambda i: plgpu.load(fr_s.at[slot * 4 + i], layout=mc.ROWS)
-        K = k.shape[-1]
-        sq = (C, C)
-        t_m1 = mc.decay_matrix(row(3), plgpu.load(ir_s.at[slot], layout=mc.ROWS),
-                               plgpu.load(fc_s.at[slot], layout=mc.COLS),
-                               plgpu.load(ic_s.at[slot], layout=mc.COLS), sq, strict=False)
-        k0 = plgpu.load(k, layout=mc.WGMMA).astype(f32)
-        a = mc.matmul(q, k.T, sq) * t_m1
-        k[...] = (mc.rows_of(row(0), (C, K)) * k0).astype(dt)  # diag(beta0 start_m1) k0 over k0
-        plgpu.commit_smem()
-        p = mc.matmul(x16_s, k, (C, K))
-        k[...] = (mc.rows_of(row(2), (C, K)) * k0).astype(dt)  # ek
-        x16_s[...] = a.astype(dt)  # Ainv's 16-bit copy has been read by the P product
+        def meanwhile():  # while q k0^T and P compute
+            return mc.decay_matrix(row(2), plgpu.load(ir_s.at[slot], layout=mc.ROWS), col(0),
+                                   plgpu.load(ic_s.at[slot], layout=mc.COLS), sq, strict=False)
+
+        (qk, p), t_m1 = _products([(q, k.T, sq), (x16_s, k, (C, K))], meanwhile)
+        k[...] = (mc.rows_of(row(1), (C, K)) * plgpu.load(k, layout=mc.WGMMA).astype(f32)).astype(dt)  # ek
+        x16_s[...] = (qk * t_m1).astype(dt)  # the decay product over Ainv (read by the P product)
+        q[...] = (mc.rows_of(row(0), (C, K)) * plgpu.load(q, layout=mc.WGMMA).astype(f32)).astype(dt)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's P and Y have left SMEM
         p_s[...] = p.astype(dt)
         plgpu.commit_smem()
@@ -154,14 +172,16 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
             plgpu.copy_smem_to_gmem(k, ek_ref.at[b, h, n])
             plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, h, n])
 
-        z = mc.matmul(x16_s.T, do, (C, bv))
-        q_f = plgpu.load(q, layout=mc.WGMMA).astype(f32)
-        q[...] = (mc.rows_of(row(1), (C, K)) * q_f).astype(dt)  # diag(start) q over q
-        plgpu.commit_smem()
-        y = mc.matmul(q.T, do, (K, bv))
-        do[...] = (-z).astype(dt)  # Z over do (both products reading do are done)
-        plgpu.commit_smem()
-        y = y + mc.matmul(p_s.T, do, (K, bv))
+        def y_products(acc_y, acc_z):  # Y = (diag(start) q)^T do + P^T Z in one accumulator
+            plgpu.wgmma(acc_z, x16_s.T, do)
+            plgpu.wgmma(acc_y, q.T, do)
+            z = acc_z[...]  # waits for both products: do is free
+            do[...] = (-z).astype(dt)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_y, p_s.T, do)
+            return acc_y[...]
+
+        y = lax.optimization_barrier(pl.run_scoped(y_products, plgpu.ACC((K, bv), f32), plgpu.ACC((C, bv), f32)))
         y_s[...] = scale * y
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, h, n, :, cols])  # left in flight
@@ -214,16 +234,16 @@ def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v
                          f"of SMEM (it needs {smem_bytes(K, block_v, slots)} at K = {K}, block_v = {block_v})")
     dt = x.q.dtype
     bv = block_v
-    fr = jnp.stack([tv.beta[:, :, 0] * tv.start_m1, tv.start, tv.end_m1, tv.G])
-    fc = tv.Gm1[None]
+    fr = jnp.stack([tv.start, tv.end_m1, tv.G])
+    fc = jnp.stack([tv.Gm1, tv.beta[:, :, 0] * tv.start_m1])
     ir, ic = tv.r[None], tv.rm1[None]
     scratch = dict(
         q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots, C, K), dt), do_s=mc.smem((slots, C, bv), dt),
         ai32_s=mc.smem((C, C), f32), x16_s=mc.smem((C, C), dt), p_s=mc.smem((C, K), dt),
         y_s=mc.smem((K, bv), f32),
-        fr_s=plgpu.SMEM((slots * 4, C), f32), fc_s=plgpu.SMEM((slots, C), f32),
+        fr_s=plgpu.SMEM((slots * 3, C), f32), fc_s=plgpu.SMEM((slots * 2, C), f32),
         ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots, C), jnp.int32),
-        bar=plgpu.Barrier(num_arrivals=3 + 4 + 3, num_barriers=slots), ai_bar=plgpu.Barrier(num_arrivals=1))
+        bar=plgpu.Barrier(num_arrivals=3 + 3 + 2 + 2, num_barriers=slots), ai_bar=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, H, N, C, K), dt), jax.ShapeDtypeStruct((B, H, N, C, K), dt),
                 jax.ShapeDtypeStruct((B, H, N, K, V), f32))
     body = functools.partial(_body, scale=scale, bv=bv, cpc=chunks_per_cta, slots=slots)

@@ -95,7 +95,7 @@ def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets
 
 
 # (K, V, L, block_v, chunks_per_cta): the default configurations at K = V = 128 (L = 1: 64 columns,
-# two slots; L = 2: all columns, one slot), K = 64 (all columns, two slots) and one chunk per CTA.
+# two slots; L = 2: 64 columns, one slot), K = 64 (two slots) and one chunk per CTA.
 LOWERING = [(128, 128, 1, None, 3), (128, 128, 2, None, 3), (64, 128, 2, None, 3),
             pytest.param(128, 128, 1, 64, 1, marks=pytest.mark.slow),
             pytest.param(128, 128, 3, None, 3, marks=pytest.mark.slow)]
@@ -115,7 +115,7 @@ def test_outputs_lower_for_cuda(K, V, L, block_v, chunks_per_cta):
 
 def test_outputs_defaults():
     assert default_block_v(128, 128, 1) == 64 and default_slots(128, 64, 1, 8) == 2
-    assert default_block_v(128, 128, 2) == 128 and default_slots(128, 128, 2, 8) == 1
+    assert default_block_v(128, 128, 2) == 64 and default_slots(128, 64, 2, 8) == 1
     assert default_block_v(64, 64, 3) == 64 and default_slots(64, 64, 3, 8) == 2
     assert default_slots(128, 64, 1, 1) == 1  # one chunk per CTA: nothing to prefetch
     # B * T = 32K, H = 16, two value blocks: 32 chunks per CTA leaves 512 CTAs
