@@ -35,7 +35,9 @@ Expected cost (H200, bf16, K = V = 128, bv = 64): per step two dependent small w
 each): latency-bound like the forward state pass; traffic per step 32 KiB of P / ek (16-bit), 32 KiB
 of Y in and 32 KiB of cot_end out (float32), prefetched / overlapped. B * H * V / bv CTAs. Phase 1
 (staged, bv = 64) measured 1.9 us per step at T = 32K; the register path removes the two SMEM round
-trips and fences from the chain (expected ~1 us per step).
+trips and fences from the chain (expected ~1 us per step; ~96 KiB moved per step per CTA puts a
+per-SM bandwidth floor near ~0.8 us). Knobs for the GPU A/B: registers=False (the staged kernel at
+block_v = 64), block_v=32 (staged, twice the CTAs, a third less traffic per CTA and step).
 """
 
 from __future__ import annotations

@@ -53,7 +53,12 @@ pass is latency-bound per CTA: its time is ~N * step latency when B * H * V / bv
 B = 1, H = 16: 32 CTAs, one per SM, so halving bv only shortens the step by the smaller N of its
 wgmmas; the register path removes the two SMEM round trips and fences from the chain instead).
 Phase 1 (staged, bv = 64) measured 2.4 us per step at T = 32K; the register path is expected near
-1 us (two dependent wgmma latencies plus a few hundred ns of register math).
+1 us (two dependent wgmma latencies plus a few hundred ns of register math). Two floors: per step a
+CTA moves ~80 KiB (L = 1: 48 KiB in, 32 KiB of float32 start state out), so ~0.6-0.8 us per step at
+one SM's share of L2 bandwidth; and with many CTAs (T = 2K, B = 16: 512) the pass is HBM-bound:
+~1.3 GB in all (512 MiB of float32 starts, P and k read once per value block) is ~0.3 ms at 4.8 TB/s.
+Knobs for the GPU A/B: registers=False (the staged kernel at the same block_v), block_v=32 (staged,
+twice the CTAs), slots=1 (L = 1: 82 KiB, two CTAs per SM; no prefetch within a CTA).
 """
 
 from __future__ import annotations
