@@ -141,10 +141,11 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v, slots, registers", [
-    (64, None, None), (64, 2, None), (64, 1, None), (64, None, False), (32, None, None)])
-def test_gpu_matches_float64_reference(block_v, slots, registers):
-    x = _inputs(B=2, T=500, H=4, K=128, V=128, L=2, reset_at=300, seed=11)
+@pytest.mark.parametrize("L, block_v, slots, registers", [
+    (2, 64, None, None), (1, 64, None, None), (2, 64, 1, None), (3, 64, None, None), (2, 64, None, False),
+    (2, 32, None, None)])  # slots None: 2 at L = 2, 3 at L = 1, 1 at L = 3 (K = 128)
+def test_gpu_matches_float64_reference(L, block_v, slots, registers):
+    x = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, reset_at=300, seed=11)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
     starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots, registers=registers)
     ref_starts, ref_final = _reference(x, p, qe)
