@@ -13,21 +13,21 @@ layout) come by TMA into one of two SMEM slots: while chunk j computes, chunk j 
 into the other slot. S = starts[b, h, n] [K, bv] float32 has ONE SMEM buffer outside the slots: it
 is converted to a 16-bit wgmma operand (`s16`) as soon as the chunk starts, and the next chunk's S
 is loaded into the float32 buffer right after (its own barrier), so it is in flight during the rest
-of the chunk. The output o is written into the slot's qe buffer and leaves by TMA while the next
-chunk computes (the slot is only refilled after that store has read it).
+of the chunk. The output o is staged in its own buffer and leaves by TMA while the next chunk
+computes (the buffer is rewritten a chunk later, after that store has read it), so a slot is
+refilled without waiting on any store.
 
 Products per chunk: P S, q S and q k0^T are issued back to back while T_m1 forms in registers
 (one wait); E = P S + Qe is written over the slot's Qe tile (a wgmma B operand); then o's products
 chain in one accumulator: -(q k0^T . T_m1) E, issued first, while T_0 forms, then
 (q k_l^T . T_0 . beta_l^cols) v_l through two alternating [C, C] 16-bit buffers (the gate folds
-into the columns of the product, v_l is read as loaded); diag(start) q S is added at the end. o is
-written over E and leaves by TMA.
+into the columns of the product, v_l is read as loaded); diag(start) q S is added at the end.
 
 SMEM (`smem_bytes`): slots * (q, p, k_l [C, K] + qe, v_l [C, bv] 16-bit + vectors) + S float32
-[K, bv] + S 16-bit + two [C, C]: at K = V = 128, L = 1 two slots of 64 columns take ~196 KiB (one
-CTA per SM); at L = 2 two slots do not fit and the kernel uses one slot of 64 columns (~154 KiB:
-the next chunk's tiles load after this chunk's last read, S still prefetched). At K = V = 64 two
-slots of all columns take ~124 KiB at L = 1.
+[K, bv] + S 16-bit + two [C, C] + o [C, bv]: at K = V = 128, L = 1 two slots of 64 columns take
+~204 KiB (one CTA per SM); at L = 2 two slots do not fit and the kernel uses one slot of 64
+columns (~162 KiB: the next chunk's tiles load after this chunk's last read, S still prefetched).
+At K = V = 64 two slots of all columns take ~132 KiB at L = 1.
 
 Cost: per (chunk, head) 2 [C,K]x[K,V] + (L+1) [C,K]x[K,C] + (L+1) [C,C]x[C,V] wgmmas (~6 MFLOP at
 K = V = 128, L = 1: ~50 GFLOP at B*T = 32K, H = 16, under 0.1 ms of tensor-core time); bytes per
@@ -89,9 +89,10 @@ def _check(x: Prepared, p, qe, starts, block_v, chunks_per_cta):
 
 def smem_bytes(K, bv, L, slots=2, itemsize=2):
     """SMEM one CTA uses: per slot 16-bit q, p, k_l [C, K], qe, v_l [C, bv] and the vectors (3 + L
-    float32, 3 int32 rows of C); once: S float32 and 16-bit [K, bv], two 16-bit [C, C] products."""
+    float32, 3 int32 rows of C); once: S float32 and 16-bit [K, bv], two 16-bit [C, C] products,
+    o 16-bit [C, bv]."""
     slot = ((2 + L) * C * K + (1 + L) * C * bv) * itemsize + (6 + L) * C * 4
-    return slots * slot + K * bv * (4 + itemsize) + 2 * C * C * itemsize
+    return slots * slot + K * bv * (4 + itemsize) + (2 * C * C + C * bv) * itemsize
 
 
 def default_block_v(K, V, L):
@@ -133,7 +134,7 @@ def _products(operands, meanwhile):
 
 
 def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_ref, o_ref,
-          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
+          q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, o_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
           L, bv, scale, cpc, slots):
     b, nb, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
     cols = pl.ds(vb * bv, bv)
@@ -203,12 +204,12 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
 
         o = lax.optimization_barrier(pl.run_scoped(o_products, plgpu.ACC((C, bv), f32)))
         o = o + mc.rows_of(start_r, (C, bv)) * qs
-        qe[...] = (scale * o).astype(dt)  # o over E (its last reader has finished)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's o has left o_s
+        o_s[...] = (scale * o).astype(dt)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qe, o_ref.at[b, rows, h, cols])  # left in flight
+        plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, rows, h, cols])  # left in flight
 
-    def refill(j, slot):  # the slot's last readers are done; its o store must have read it too
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    def refill(j, slot):  # the slot's last readers are done (no store reads from a slot)
         plgpu.commit_smem()
         issue(j, slot)
 
@@ -266,7 +267,7 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     scratch = dict(
         q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots * L, C, K), dt), v_s=mc.smem((slots * L, C, bv), dt),
         p_s=mc.smem((slots, C, K), dt), qe_s=mc.smem((slots, C, bv), dt), s32_s=mc.smem((K, bv), f32),
-        s16_s=mc.smem((K, bv), dt), a_s=mc.smem((2, C, C), dt),
+        s16_s=mc.smem((K, bv), dt), a_s=mc.smem((2, C, C), dt), o_s=mc.smem((C, bv), dt),
         fr_s=plgpu.SMEM((slots * 2, C), f32), fc_s=plgpu.SMEM((slots * (2 + L), C), f32),
         ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
         bar=plgpu.Barrier(num_arrivals=n_copies, num_barriers=slots), s_bar=plgpu.Barrier(num_arrivals=1))

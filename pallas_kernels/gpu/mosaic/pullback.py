@@ -186,8 +186,8 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, h, n, :, cols])  # left in flight
 
-    def refill(j, slot):  # the slot's last readers are done; its ek store must have read it too
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    def refill(j, slot):  # the slot's last readers are done; its ek store (older than the last
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # store, Y's) must have read it too
         plgpu.commit_smem()
         issue(j, slot)
 
