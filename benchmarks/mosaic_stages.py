@@ -128,8 +128,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--try", dest="tries", action="append", default=[],
                     help='extra Mosaic rows STAGE:JSON, e.g. intra:{"block": 8} (repeatable)')
+    ap.add_argument("--try-file", help="a file of --try lines (STAGE:JSON, one per line)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
+    if args.try_file:
+        args.tries += [line.strip() for line in open(args.try_file) if line.strip()]
     tries = [(t.split(":", 1)[0], json.loads(t.split(":", 1)[1])) for t in args.tries]
     shape = SMOKE if args.smoke else SHAPE
     if args.smoke:
