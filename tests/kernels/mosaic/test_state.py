@@ -67,7 +67,7 @@ def _rel(a, b):
     (1, 64, 64, 64, True, 80, True),
     (2, 128, 64, 32, False, None, False),
     pytest.param(3, 64, 64, 64, True, 70, False, marks=pytest.mark.slow),  # two slots at L = 3, K = 64
-    (3, 64, 128, 64, True, 20, False),  # K = 128, L = 3: two slots do not fit, the one-slot walk
+    pytest.param(3, 64, 128, 64, True, 20, False, marks=pytest.mark.slow),  # K = 128, L = 3: one slot
 ])
 def test_interpreter_matches_float64_reference(L, V, K, block_v, initial, reset_at, compare_triton):
     T = 150 if L == 3 else 101  # 3 or 2 chunks, odd lengths before padding
@@ -99,7 +99,7 @@ def test_slot_ring_wraps_around(slots):
 def test_without_starts_gives_the_same_final_state():
     x = _inputs(L=2, V=64, reset_at=30, seed=5)
     p, qe = _intra(x)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, with_starts=False, slots=2, interpret=True)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, with_starts=False, slots=1, interpret=True)
     assert starts is None
     assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
 
