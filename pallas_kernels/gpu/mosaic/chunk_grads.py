@@ -23,7 +23,8 @@ times. Loads: two barriers; the tiles that the raw products need first, S, dS', 
 second (in flight while the [C, C] tiles form). Outputs: dv_l and the [C, 64] float32 dq / dk
 slices leave by TMA and stay in flight (two staging slots where they fit in 220 KiB, `out_slots`).
 `approx_math` (default on) takes exp from ex2.approx for the decay matrices (each formed once per
-phase).
+phase). Accuracy in the interpreter against float64 (L = 2, K = V = 64, bf16): dq 2.4e-3 with
+`fold` (1.7e-3 without: dO is rounded once more), dk 3.2e-3, dv 2.0e-3, dbeta 1.7e-3, dg 3.2e-3.
 
 SMEM (16-bit [64, 64] tiles, 8 KiB each; reused: X -> dQK0 . t_m1, -scale QK0 -> dkk, scale QK_l ->
 dQK_l . t_0, diag(beta0) B_l -> dA_l, v_l -> dv_l, E holds rhs first, dR holds dE first): q, k_l
