@@ -173,17 +173,18 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
             n = N - 1 - i
             slot = lax.rem(i, 2)
             plgpu.barrier_wait(bar.at[slot])
-
-            @pl.when(n > 0)
-            def _prefetch():
-                plgpu.commit_smem()
-                issue(n - 1, 1 - slot)
-
             xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
 
             def scoped(acc_w, acc_x):
                 plgpu.wgmma(acc_w, xt_lo, ek_s.at[slot].T)  # (ek X)^T: the dependent product, first
-                # while it computes: cot_end[n] out (two staging tiles alternate), and Y^T + a X^T
+
+                # while it computes: chunk n - 1's TMA prefetch (issued after the wgmma: off the
+                # chain), cot_end[n] out (two staging tiles alternate), and Y^T + a X^T
+                @pl.when(n > 0)
+                def _prefetch():
+                    plgpu.commit_smem()
+                    issue(n - 1, 1 - slot)
+
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # x_f[slot] has left (step i - 2)
                 store_transposed(x_f.at[slot], xt)
                 plgpu.commit_smem()

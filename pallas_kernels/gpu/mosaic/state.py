@@ -328,11 +328,6 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
         def step(n, st):
             slot = lax.rem(n, slots)
             plgpu.barrier_wait(bar.at[slot])
-            if slots > 1:  # chunk n + slots - 1 into the slot chunk n - 1 used (its reads are done)
-                @pl.when(n + slots - 1 < N)
-                def _prefetch():
-                    plgpu.commit_smem()
-                    issue(n + slots - 1, lax.rem(n + slots - 1, slots))
 
             cols = lambda i, width: mc.cols_of(plgpu.load(scal_s.at[slot, i], layout=mc.COLS), (bv, width))
             v_t = lambda l: plgpu.load(v_s.at[slot, l].T, layout=mc.WGMMA).astype(f32)  # v_l^T [bv, C]
@@ -341,7 +336,13 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
 
             def scoped(acc_e, acc_s):
                 plgpu.wgmma(acc_e, st_lo, p_s.at[slot].T)  # E^T - Qe^T: the dependent product, first
-                # while it computes: the start state out, the write terms l > 0 into acc_s, Qe's part
+                if slots > 1:  # chunk n + slots - 1 into the slot chunk n - 1 used (its reads are done)
+                    @pl.when(n + slots - 1 < N)
+                    def _prefetch():
+                        plgpu.commit_smem()
+                        issue(n + slots - 1, lax.rem(n + slots - 1, slots))
+                # while it computes: the TMA prefetch (issued after the wgmma: off the chain), the start
+                # state out, the write terms l > 0 into acc_s, Qe's part
                 if with_starts:
                     plgpu.wait_smem_to_gmem(min(slots, 2) - 1, wait_read_only=True)  # s_f[out] has left
                     store_transposed(s_f.at[out], st)
