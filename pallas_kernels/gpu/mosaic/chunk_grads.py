@@ -344,6 +344,13 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.wait_smem_to_gmem(0)
 
 
+def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
+    """Whether `chunk_grads_backward` takes this key width, write count and dtype (SMEM: L = 3 at
+    K = 128 does not fit); callers fall back to the Triton kernel where it does not."""
+    return (jnp.dtype(dtype) in mc.DTYPES and K in (64, 128) and block_v == 64
+            and _smem_bytes(K, block_v, L, dtype, 1) <= SMEM_LIMIT)
+
+
 def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]

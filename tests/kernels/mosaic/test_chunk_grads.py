@@ -13,7 +13,7 @@ from pallas_kernels.backward import _chunked, _over_chunks, _unchunked, _xla_inv
 from pallas_kernels.common import chunk_decays, mm, prepare
 from pallas_kernels.grads import chunk_grads
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward, chunk_inverses
+from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward, chunk_inverses, supported
 
 C = mc.CHUNK
 
@@ -140,6 +140,7 @@ def test_bad_inputs_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, out_slots=3)
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
+    assert supported(128, 2) and supported(64, 3) and not supported(128, 3) and not supported(128, 1, jnp.float32)
     x3 = _inputs(K=128, V=64, L=3)[0]
     with pytest.raises(ValueError, match="SMEM"):
         chunk_grads_backward(x3, mc.token_vectors(x3), *_inputs(K=128, V=64, L=3)[1:4], scale=1.0,
