@@ -128,7 +128,7 @@ def _issue(*sums):
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale, fold):
+          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale, fold, per_write):
     """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
     qk0_s -scale QK0, then dkk; qk_s[l] scale QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then
     dA_l; v_s[l] v_l, then dv_l; e_s the right-hand side, then E; dr_s dE, then dR."""
@@ -180,14 +180,25 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     raw_tiles = lambda: ([(sq, [(q_s, k_s.at[l].T)]) for l in range(L)]
                          + [(sq, [(k_s.at[0], k_s.at[l].T)]) for l in range(L)])
 
+    raw_pair = lambda l: [(sq, [(q_s, k_s.at[l].T)]), (sq, [(k_s.at[0], k_s.at[l].T)])]
+
     # ---- value-independent tiles (16-bit operands) and the gated values vw_l = beta_l v_l.
-    raw = _issue(*raw_tiles())
-    qk_raw, kk_raw = raw[:L], raw[L:]
-    put(qk0_s, -scale * qk_raw[0] * t_m1())
-    d_t0, d_m10 = t_0(), m1_0()
+    # per_write: one group of two raw tiles per write (2 accumulators live, not 2L).
+    if not per_write:
+        raw = _issue(*raw_tiles())
+        qk_raw, kk_raw = raw[:L], raw[L:]
+        put(qk0_s, -scale * qk_raw[0] * t_m1())
+        d_t0, d_m10 = t_0(), m1_0()
     for l in range(L):
-        put(qk_s.at[l], scale * qk_raw[l] * d_t0)
-        put(b_s.at[l], R(beta0) * kk_raw[l] * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
+        if per_write:
+            qk_l, kk_l = _issue(*raw_pair(l))
+            if l == 0:
+                put(qk0_s, -scale * qk_l * t_m1())
+            d_t0, d_m10 = t_0(), m1_0()
+        else:
+            qk_l, kk_l = qk_raw[l], kk_raw[l]
+        put(qk_s.at[l], scale * qk_l * d_t0)
+        put(b_s.at[l], R(beta0) * kk_l * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
     plgpu.commit_smem()
     plgpu.barrier_wait(bar1)
@@ -240,9 +251,11 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         plgpu.commit_smem()
         return plgpu.load(cs_s.at[i], layout=mc.ROWS)
 
-    # dR E^T, dO E^T and the raw tiles again (qk0_s and xinv_s are rewritten below: all read first).
-    dm_raw, dqk0_raw, *raw = _issue((sq, [(dr_s, e_s.T)]), (sq, [(do_s, e_s.T)]), *raw_tiles())
-    qk_raw, kk_raw = raw[:L], raw[L:]
+    # dR E^T, dO E^T and the raw tiles again (qk0_s and xinv_s are rewritten below: all read first);
+    # per_write: only the l = 0 pair here, each write's pair again in its loop step.
+    dm_raw, dqk0_raw, *raw = _issue((sq, [(dr_s, e_s.T)]), (sq, [(do_s, e_s.T)]),
+                                    *(raw_pair(0) if per_write else raw_tiles()))
+    qk_raw, kk_raw = raw[:len(raw) // 2], raw[len(raw) // 2:]
     d_m1m1 = m1m1()
     kk_m = kk_raw[0] * d_m1m1
     dm = -dm_raw
@@ -255,16 +268,22 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     dG = jnp.sum(w_tm1, axis=1)
     dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
     cols_t0_m10 = None  # column sums of sum_l (w_t0,l + w_m10,l), COLS layout
-    d_t0, d_m10 = t_0(), m1_0()
+    if not per_write:
+        d_t0, d_m10 = t_0(), m1_0()
     for l in range(L):
-        dqkl_raw, drv = _issue((sq, [(do_s, vw_s.at[l].T)]), (sq, [(dr_s, vw_s.at[l].T)]))
+        cot_pair = [(sq, [(do_s, vw_s.at[l].T)]), (sq, [(dr_s, vw_s.at[l].T)])]
+        if per_write:  # the decay matrices formed again at each use: fewer live registers
+            dqkl_raw, drv, qk_l, kk_l = _issue(*cot_pair, *raw_pair(l))
+            d_t0, d_m10 = t_0(), m1_0()
+        else:
+            (dqkl_raw, drv), qk_l, kk_l = _issue(*cot_pair), qk_raw[l], kk_raw[l]
         dqkl = scale * dqkl_raw * d_t0
-        w_t0 = dqkl * qk_raw[l]
+        w_t0 = dqkl * qk_l
         put(qk_s.at[l], dqkl)
         drv_m = drv * d_m10
-        dbeta0 = dbeta0 + jnp.sum(drv_m * kk_raw[l], axis=1)
+        dbeta0 = dbeta0 + jnp.sum(drv_m * kk_l, axis=1)
         dbl = R(beta0) * drv_m
-        w_m10 = dbl * kk_raw[l]
+        w_m10 = dbl * kk_l
         put(b_s.at[l], dbl)  # dA_l
         dG = dG + jnp.sum(w_t0, axis=1)
         dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
@@ -401,8 +420,8 @@ def chunk_inverses(x: Prepared):
 
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
-                         block_v=64, out_slots=None, fold=True, approx_math=True, reduction_scratch=2048,
-                         interpret=False):
+                         block_v=64, out_slots=None, fold=True, per_write=False, approx_math=True,
+                         reduction_scratch=2048, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -415,7 +434,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     where they fit in 220 KiB of SMEM, else 1: at K = 128 two for L = 1 only). fold: the row scalings of the state terms of dq / dk (start,
     beta0 start_m1, end_m1, end) multiplied into their 16-bit operands (dO, dR, E, vw_l) so that each
     [C, 64] output slice is one chained accumulator (one wgmma wait per slice; one more 16-bit
-    rounding of those operands); False scales the float32 products. approx_math: exp by the approximate ex2 instruction (decay matrices;
+    rounding of those operands); False scales the float32 products. per_write: the raw
+    value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
+    l-th step of `finish`) and the decay matrices formed at each use, instead of all 2L raw tiles
+    live at once (128 of ~255 registers per thread at L = 2): fewer live registers at L >= 2, for
+    L - 1 more waits per phase and 2 more wgmmas. approx_math: exp by the approximate ex2 instruction (decay matrices;
     relative error ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp
     reductions (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
     Grid (N, H, B * V / block_v).
@@ -450,7 +473,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                 jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
                 jax.ShapeDtypeStruct((nvb, B, H, L + _N_OUT_VECS, Tp), f32))
-    body = functools.partial(_body, L=L, nvb=nvb, scale=scale, fold=fold)
+    body = functools.partial(_body, L=L, nvb=nvb, scale=scale, fold=fold, per_write=per_write)
     dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu", out_type=out_type,
                                scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

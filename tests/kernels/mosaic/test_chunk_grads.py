@@ -88,16 +88,21 @@ def _assert_close(got, want, tol=1e-2):
         assert err < tol, f"{name}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("L,K,V,init,reset", [
-    (1, 128, 64, True, True),  # K = 128: the [C, 64] output slices
-    (2, 64, 128, True, True),  # two value blocks: the partial sums; ainv=None (solved in XLA)
-    pytest.param(1, 64, 64, False, False, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, False, True, marks=pytest.mark.slow),
-    pytest.param(1, 128, 128, True, False, marks=pytest.mark.slow)])
-def test_interpret_matches_float64_reference(L, K, V, init, reset):
+@pytest.mark.parametrize("L,K,V,init,reset,kw", [
+    (1, 128, 64, True, True, {}),  # K = 128: the [C, 64] output slices
+    # two value blocks: the partial sums; ainv=None (solved in XLA); raw tiles one pair per write
+    (2, 64, 128, True, True, {"per_write": True}),
+    pytest.param(2, 64, 128, True, True, {}, marks=pytest.mark.slow),
+    pytest.param(1, 64, 64, False, False, {}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, False, True, {}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, True, True, {"per_write": True}, marks=pytest.mark.slow),
+    pytest.param(2, 128, 128, True, False, {"per_write": True, "fold": False}, marks=pytest.mark.slow),
+    pytest.param(1, 128, 128, True, False, {}, marks=pytest.mark.slow)])
+def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
     scale = 0.125
-    got = _mosaic(x, starts, do, cot_end, None if (L, V) == (2, 128) else ainv, scale=scale, interpret=True)
+    got = _mosaic(x, starts, do, cot_end, None if (L, V) == (2, 128) else ainv, scale=scale, interpret=True,
+                  **kw)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
 
 
@@ -151,6 +156,9 @@ def test_bad_inputs_raise():
     pytest.param(1, 64, 128, {}, marks=pytest.mark.slow),
     (2, 128, 128, {"out_slots": 2}),  # two output slots at 224 KiB
     (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
+    (2, 128, 128, {"per_write": True}),
+    pytest.param(2, 128, 64, {"per_write": True, "fold": False, "out_slots": 1}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, {"per_write": True}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, {}, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(L, K, V, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
@@ -161,7 +169,8 @@ def test_lowers_for_cuda(L, K, V, kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L,kw", [(1, {}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False})])
+@pytest.mark.parametrize("L,kw", [(1, {}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
+                                  (2, {"per_write": True}), (1, {"per_write": True})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
