@@ -70,45 +70,60 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-CASES = [  # (T, V, L, with_s0, resets, block_v, chunks_per_cta, slots)
-    (150, 64, 1, True, True, None, 3, None),  # three chunks through two slots (0, 1, 0)
-    (99, 128, 2, True, True, 64, 2, 1),  # two chunks through one slot
-    pytest.param(99, 64, 1, False, False, None, 1, None, marks=pytest.mark.slow),  # one chunk per CTA
-    pytest.param(99, 128, 3, True, True, 64, 2, 2, marks=pytest.mark.slow),
-    pytest.param(150, 128, 2, False, True, None, None, None, marks=pytest.mark.slow),  # the defaults
+CASES = [  # (T, V, L, with_s0, resets, block_v, chunks_per_cta, slots, starts16, fold_start)
+    (150, 64, 1, True, True, None, 3, None, False, False),  # three chunks through two slots (0, 1, 0)
+    pytest.param(99, 128, 2, True, True, 64, 2, 1, False, False, marks=pytest.mark.slow),  # one slot
+    (150, 64, 2, True, True, None, 3, 2, True, True),  # 16-bit starts, start folded, two slots
+    pytest.param(150, 128, 2, True, True, 64, 3, 2, True, True, marks=pytest.mark.slow),
+    pytest.param(99, 64, 1, True, True, None, 2, 1, True, False, marks=pytest.mark.slow),  # 16-bit, one slot
+    pytest.param(99, 64, 1, False, False, None, 1, None, False, False, marks=pytest.mark.slow),  # one chunk per CTA
+    pytest.param(99, 128, 3, True, True, 64, 2, 2, False, False, marks=pytest.mark.slow),
+    pytest.param(150, 128, 2, False, True, None, None, None, False, False, marks=pytest.mark.slow),  # defaults
+    pytest.param(150, 64, 1, True, True, None, 3, None, False, True, marks=pytest.mark.slow),  # fold, f32 S
+    pytest.param(150, 128, 3, True, True, None, 3, 1, True, False, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("T,V,L,with_s0,resets,block_v,chunks_per_cta,slots", CASES)
+@pytest.mark.parametrize("T,V,L,with_s0,resets,block_v,chunks_per_cta,slots,starts16,fold_start", CASES)
 def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets, block_v, chunks_per_cta,
-                                                        slots):
+                                                        slots, starts16, fold_start):
     x = _inputs(T, 2, 64, V, L, with_s0=with_s0, resets=resets)
     p, qe, starts = _intra_and_starts(x)
+    s_in = starts.astype(x.q.dtype) if starts16 else starts
     tv = mc.token_vectors(x)
-    got = outputs(x, tv, p, qe, starts, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta,
-                  slots=slots, interpret=True)
+    got = outputs(x, tv, p, qe, s_in, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta,
+                  slots=slots, fold_start=fold_start, interpret=True)
     assert got.shape == x.q.shape[:3] + (V,) and got.dtype == x.v.dtype
     got = np.asarray(got.astype(jnp.float32))
-    assert _rel(got, _reference64(x, p, qe, starts)) < 1e-2
+    assert _rel(got, _reference64(x, p, qe, s_in)) < 1e-2
+    if starts16:
+        return  # the Triton kernel reads float32 starts: compared on the float32 cases
     triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C, interpret=True)
     assert _rel(got, triton.astype(jnp.float32)) < 1e-2
 
 
-# (K, V, L, block_v, chunks_per_cta): the default configurations at K = V = 128 (L = 1: 64 columns,
-# two slots; L = 2: 64 columns, one slot), K = 64 (two slots) and one chunk per CTA.
-LOWERING = [(128, 128, 1, None, 3), (128, 128, 2, None, 3), (64, 128, 2, None, 3),
-            pytest.param(128, 128, 1, 64, 1, marks=pytest.mark.slow),
-            pytest.param(128, 128, 3, None, 3, marks=pytest.mark.slow)]
+# (K, V, L, block_v, chunks_per_cta, slots, starts16, fold_start): the default configurations at
+# K = V = 128 (float32 starts, L = 1: 64 columns, two slots; L = 2: 64 columns, one slot; 16-bit
+# starts: two slots at L = 1 and 2), K = 64 (two slots), one chunk per CTA, the settings to time.
+LOWERING = [(128, 128, 1, None, 3, None, False, False), (128, 128, 2, None, 3, None, False, False),
+            (64, 128, 2, None, 3, None, False, False),
+            (128, 128, 2, None, 3, None, True, False), (128, 128, 2, None, 3, None, True, True),
+            (128, 128, 1, None, 3, 1, True, True),
+            pytest.param(128, 128, 1, None, 3, None, True, False, marks=pytest.mark.slow),
+            pytest.param(128, 128, 2, None, 3, None, False, True, marks=pytest.mark.slow),
+            pytest.param(128, 128, 1, 64, 1, None, False, False, marks=pytest.mark.slow),
+            pytest.param(128, 128, 3, None, 3, None, False, False, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("K,V,L,block_v,chunks_per_cta", LOWERING)
-def test_outputs_lower_for_cuda(K, V, L, block_v, chunks_per_cta):
+@pytest.mark.parametrize("K,V,L,block_v,chunks_per_cta,slots,starts16,fold_start", LOWERING)
+def test_outputs_lower_for_cuda(K, V, L, block_v, chunks_per_cta, slots, starts16, fold_start):
     x = _inputs(150, 2, K, V, L, with_s0=True, resets=True)
     p = jnp.zeros(x.q.shape, x.q.dtype)
     qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
-    starts = jnp.zeros((1, 2, x.q.shape[1] // C, K, V), jnp.float32)
+    starts = jnp.zeros((1, 2, x.q.shape[1] // C, K, V), x.q.dtype if starts16 else jnp.float32)
     tv = mc.token_vectors(x)
-    fn = functools.partial(outputs, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta, interpret=False)
+    fn = functools.partial(outputs, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta, slots=slots,
+                           fold_start=fold_start, interpret=False)
     lowered = jax.jit(fn).trace(x, tv, p, qe, starts).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
@@ -121,9 +136,13 @@ def test_outputs_defaults():
     # B * T = 32K, H = 16, two value blocks: 32 chunks per CTA leaves 512 CTAs
     assert default_chunks_per_cta(16, 32, 16, 2) == 32 and default_chunks_per_cta(1, 512, 16, 2) == 32
     assert default_chunks_per_cta(1, 3, 2, 1) == 1  # too few chunks to share out
+    # 16-bit starts: no float32 S buffer, so two slots fit at L = 2 as well (64 columns)
+    assert default_block_v(128, 128, 2, True) == 64 and default_slots(128, 64, 2, 8, True) == 2
+    assert smem_bytes(128, 64, 1, 1, starts16=True) <= 113 * 1024  # one slot: two CTAs per SM
     for K, V, L in ((64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 128, 2), (128, 128, 3)):
-        bv = default_block_v(K, V, L)
-        assert smem_bytes(K, bv, L, default_slots(K, bv, L, 2)) <= SMEM_LIMIT
+        for s16 in (False, True):
+            bv = default_block_v(K, V, L, s16)
+            assert smem_bytes(K, bv, L, default_slots(K, bv, L, 2, s16), starts16=s16) <= SMEM_LIMIT
 
 
 def test_outputs_reject_unsupported_inputs():
@@ -136,6 +155,8 @@ def test_outputs_reject_unsupported_inputs():
         outputs(x32, tv, p, qe, starts, scale=1.0)
     with pytest.raises(ValueError, match="starts"):
         outputs(x, tv, p, qe, starts[:, :, :, :32], scale=1.0)
+    with pytest.raises(ValueError, match="starts"):  # 16-bit starts must be q's dtype
+        outputs(x, tv, p, qe, starts.astype(jnp.float16), scale=1.0)
     with pytest.raises(ValueError, match="block_v"):
         outputs(x, tv, p, qe, starts, scale=1.0, block_v=32)
     with pytest.raises(ValueError, match="chunks_per_cta"):
@@ -145,8 +166,11 @@ def test_outputs_reject_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L,chunks_per_cta", [(1, None), (1, 4), (2, 4), (1, 1)])
-def test_outputs_on_gpu_match_float64(L, chunks_per_cta):
+@pytest.mark.parametrize("L,chunks_per_cta,starts16,fold_start,slots", [
+    (1, None, False, False, None), (1, 4, False, False, None), (2, 4, False, False, None),
+    (1, 1, False, False, None), (1, None, True, False, None), (2, None, True, False, None),
+    (2, None, True, True, None), (1, None, True, True, 1), (2, None, False, True, None)])
+def test_outputs_on_gpu_match_float64(L, chunks_per_cta, starts16, fold_start, slots):
     ks = jax.random.split(jax.random.PRNGKey(3), 6)
     B, T, H, K, V = 2, 512, 4, 128, 128
     q = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
@@ -159,7 +183,9 @@ def test_outputs_on_gpu_match_float64(L, chunks_per_cta):
     x = prepare(q, k, v, beta, g, jax.random.normal(ks[5], (B, H, K, V)), seg, C)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
     starts, _, _ = split.state_pass(x, p, qe, chunk_size=C)
-    got = outputs(x, mc.token_vectors(x), p, qe, starts, scale=SCALE, chunks_per_cta=chunks_per_cta)
-    assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, starts)) < 1e-2
+    s_in = starts.astype(x.q.dtype) if starts16 else starts
+    got = outputs(x, mc.token_vectors(x), p, qe, s_in, scale=SCALE, chunks_per_cta=chunks_per_cta,
+                  fold_start=fold_start, slots=slots)
+    assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, s_in)) < 1e-2
     triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C)
     assert _rel(got.astype(jnp.float32), triton.astype(jnp.float32)) < 1e-2
