@@ -143,7 +143,7 @@ def auto_backward(n_writes, chunk_size, mm_dtype):
 _MOSAIC_SIZES = (64, 128)
 
 
-def _check_mosaic(q, K, V, chunk_size, platform, stages):
+def _check_mosaic(q, K, V, L, chunk_size, platform, stages):
     """kernel="mosaic"'s requirements, checked before anything compiles; returns the stages tuple."""
     from pallas_kernels.gpu.mosaic.pipeline import check_stages
 
@@ -157,7 +157,7 @@ def _check_mosaic(q, K, V, chunk_size, platform, stages):
                          f"{q.dtype}; float32 runs on kernel='split'")
     if K not in _MOSAIC_SIZES or V not in _MOSAIC_SIZES:
         raise ValueError(f"prism_pallas: kernel='mosaic' supports K, V in {_MOSAIC_SIZES}, got K = {K}, V = {V}")
-    return check_stages(stages)
+    return check_stages(stages, K, L, q.dtype)
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
@@ -192,8 +192,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     block_v=None lets the split state pass use fewer value columns when it has few programs.
     kernel="mosaic": the chunk-64 pipeline of `gpu/mosaic/pipeline.py` (Hopper; 16-bit inputs,
     K, V in (64, 128), chunk_size 64): forward and backward stages in Mosaic GPU (TMA, wgmma);
-    mosaic_stages (a subset of its STAGES, default all) picks which, the rest run the Triton kernels
-    at chunk 64 (bwd options do not apply).
+    mosaic_stages (a subset of its STAGES; None = every stage whose Mosaic kernel takes the shape,
+    `pipeline.supported_stages`) picks which, the rest run the Triton kernels at chunk 64 (bwd
+    options do not apply).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
@@ -202,7 +203,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     if kernel not in ("split", "fused", "mosaic"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split', 'fused' or 'mosaic'")
     if kernel == "mosaic":
-        mosaic_stages = _check_mosaic(q, K, V, chunk_size, platform, mosaic_stages)
+        mosaic_stages = _check_mosaic(q, K, V, k.shape[3], chunk_size, platform, mosaic_stages)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
                          "'blocked' or 'blocked8'")

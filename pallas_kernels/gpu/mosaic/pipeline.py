@@ -19,9 +19,22 @@ from pallas_kernels.gpu.mosaic.common import CHUNK, token_vectors
 STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
 
 
-def check_stages(stages):
-    """`stages` as a tuple of stage names; ValueError for anything else."""
-    stages = STAGES if stages is None else tuple(stages)
+def supported_stages(K, L, dtype):
+    """The stages whose Mosaic kernel takes this key width, write count and dtype: all but the chunk
+    backward at L = 3 with K = 128 (its SMEM plan does not fit) and the intra kernel beyond L = 4."""
+    from pallas_kernels.gpu.mosaic import chunk_grads, intra
+
+    return tuple(s for s in STAGES
+                 if not (s == "grads" and not chunk_grads.supported(K, L, dtype))
+                 and not (s == "intra" and L > intra.MAX_WRITES))
+
+
+def check_stages(stages, K, L, dtype):
+    """`stages` as a tuple of stage names: None = `supported_stages` (the others run on Triton);
+    named stages must exist (ValueError) and their kernels check the shapes themselves."""
+    if stages is None:
+        return supported_stages(K, L, dtype)
+    stages = tuple(stages)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"prism_pallas: `mosaic_stages` has {bad}, expected a subset of {STAGES}")
