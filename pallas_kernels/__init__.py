@@ -62,7 +62,7 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
              save_inverse=False, forward_inverse="rows", state_pieces=1, forward_outputs="kernel",
-             save_starts=True, mosaic_stages=(), **_bwd_block_opts):
+             save_starts=True, mosaic_stages=(), mosaic_options=(), **_bwd_block_opts):
     """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
     and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
     if platform in ("tpu", "tpu-interpret"):
@@ -74,7 +74,7 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
         from pallas_kernels.gpu.mosaic import pipeline
 
         return pipeline.forward(x, scale=scale, stages=mosaic_stages, inverse=forward_inverse,
-                                save_inverse=save_inverse, interpret=platform == "cpu")
+                                save_inverse=save_inverse, interpret=platform == "cpu", options=mosaic_options)
     kw = dict(scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
               num_stages=num_stages, interpret=platform == "cpu")
     if kernel == "fused":
@@ -109,7 +109,8 @@ def _core_bwd(opts, res, cot):
 
         dq, dk, dv, dbeta, dg, ds0 = pipeline.backward(x, starts, ainv, do, dfinal, scale=opts["scale"],
                                                        stages=opts["mosaic_stages"],
-                                                       interpret=opts["platform"] == "cpu")
+                                                       interpret=opts["platform"] == "cpu",
+                                                       options=opts["mosaic_options"])
         return (dq.astype(x.q.dtype), dk.astype(x.k.dtype), dv.astype(x.v.dtype), dbeta.astype(x.beta.dtype),
                 dg.astype(x.g.dtype), None, None, ds0)
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
@@ -163,7 +164,8 @@ def _check_mosaic(q, K, V, L, chunk_size, platform, stages):
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
                  block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="blocked8",
-                 state_pieces=1, bwd_v_split=None, forward_outputs="kernel", mosaic_stages=None):
+                 state_pieces=1, bwd_v_split=None, forward_outputs="kernel", mosaic_stages=None,
+                 mosaic_options=None):
     """PRISM recurrence with fused Pallas kernels. Shapes as in `prism_recurrence`:
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
@@ -194,7 +196,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     K, V in (64, 128), chunk_size 64): forward and backward stages in Mosaic GPU (TMA, wgmma);
     mosaic_stages (a subset of its STAGES; None = every stage whose Mosaic kernel takes the shape,
     `pipeline.supported_stages`) picks which, the rest run the Triton kernels at chunk 64 (bwd
-    options do not apply).
+    options do not apply); mosaic_options {stage: {keyword: value}} passes block sizes and other
+    keywords to those stages' Mosaic kernels.
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
@@ -204,6 +207,9 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split', 'fused' or 'mosaic'")
     if kernel == "mosaic":
         mosaic_stages = _check_mosaic(q, K, V, k.shape[3], chunk_size, platform, mosaic_stages)
+        from pallas_kernels.gpu.mosaic.pipeline import stage_options
+
+        mosaic_options = stage_options(mosaic_options)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
                          "'blocked' or 'blocked8'")
@@ -240,7 +246,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
                 num_warps=num_warps, num_stages=num_stages, kernel=kernel, bwd=bwd,
                 bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
                 state_pieces=state_pieces, bwd_v_split=bwd_v_split, forward_outputs=forward_outputs,
-                mosaic_stages=mosaic_stages if kernel == "mosaic" else ())
+                mosaic_stages=mosaic_stages if kernel == "mosaic" else (),
+                mosaic_options=mosaic_options if kernel == "mosaic" else ())
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

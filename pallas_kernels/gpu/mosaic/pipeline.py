@@ -41,14 +41,31 @@ def check_stages(stages, K, L, dtype):
     return stages
 
 
-def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False):
+def stage_options(options):
+    """{stage: {keyword: value}} (block sizes etc. of the Mosaic kernels) as a hashable tuple; None or
+    {} = the kernels' defaults. ValueError for an unknown stage."""
+    options = options or {}
+    if isinstance(options, tuple):
+        return options
+    bad = [s for s in options if s not in STAGES]
+    if bad:
+        raise ValueError(f"prism_pallas: `mosaic_options` has stages {bad}, expected some of {STAGES}")
+    return tuple(sorted((s, tuple(sorted(kw.items()))) for s, kw in options.items()))
+
+
+def _kw(options, stage):
+    return dict(dict(options or ()).get(stage, ()))
+
+
+def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False,
+            options=()):
     """(o [B, Tp, H, V], final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv [B, H, N, C, C] f32
-    or None) of the padded inputs at chunk 64."""
+    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords)."""
     tv = token_vectors(x) if {"intra", "state", "outputs"} & set(stages) else None
     if "intra" in stages:
         from pallas_kernels.gpu.mosaic.intra import intra
 
-        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret)
+        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret, **_kw(options, "intra"))
     else:
         from pallas_kernels.gpu import split
 
@@ -57,7 +74,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     if "state" in stages:
         from pallas_kernels.gpu.mosaic.state import state_pass
 
-        starts, final = state_pass(x, tv, p, qe, interpret=interpret)
+        starts, final = state_pass(x, tv, p, qe, interpret=interpret, **_kw(options, "state"))
     else:
         from pallas_kernels.gpu import split
 
@@ -65,7 +82,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     if "outputs" in stages:
         from pallas_kernels.gpu.mosaic.outputs import outputs
 
-        o = outputs(x, tv, p, qe, starts, scale=scale, interpret=interpret)
+        o = outputs(x, tv, p, qe, starts, scale=scale, interpret=interpret, **_kw(options, "outputs"))
     else:
         from pallas_kernels.gpu import split
 
@@ -73,7 +90,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     return o, final, starts, ainv
 
 
-def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=False):
+def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=False, options=()):
     """(dq, dk, dv, dbeta, dg, ds0) of the padded inputs from the forward's start states and saved
     inverses; do [B, Tp, H, V], dfinal [B, H, K, V]."""
     tv = token_vectors(x) if {"pullback", "grads"} & set(stages) else None
@@ -81,7 +98,8 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
     if "pullback" in stages:
         from pallas_kernels.gpu.mosaic.pullback import state_pullback
 
-        p, ek, a, y = state_pullback(x, tv, do, scale=scale, ainv=ainv, interpret=interpret)
+        p, ek, a, y = state_pullback(x, tv, do, scale=scale, ainv=ainv, interpret=interpret,
+                                     **_kw(options, "pullback"))
     else:
         from pallas_kernels.gpu.pullback import state_pullback
 
@@ -91,7 +109,8 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
     if "reverse" in stages:
         from pallas_kernels.gpu.mosaic.reverse import reverse_pass
 
-        cot_end, ds0 = reverse_pass(p.astype(mm_dtype), ek.astype(mm_dtype), a, y, dfinal, interpret=interpret)
+        cot_end, ds0 = reverse_pass(p.astype(mm_dtype), ek.astype(mm_dtype), a, y, dfinal, interpret=interpret,
+                                    **_kw(options, "reverse"))
     else:
         from pallas_kernels.gpu.state_bwd import reverse_pass
 
@@ -99,7 +118,8 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
     if "grads" in stages:
         from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
 
-        grads = chunk_grads_backward(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, interpret=interpret)
+        grads = chunk_grads_backward(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, interpret=interpret,
+                                     **_kw(options, "grads"))
     else:
         from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
 

@@ -50,6 +50,8 @@ def test_mosaic_pipeline_interpreted_matches_reference(stages):
     (dict(dtype=jnp.float32), "16-bit"),
     (dict(K=32), "K, V"),
     (dict(mosaic_stages=("intra", "solve")), "mosaic_stages"),
+    (dict(mosaic_options={"inverse": {}}), "mosaic_options"),
+    (dict(mosaic_options={"intra": {"block": 3}}), "block"),  # options reach the stage's kernel
 ])
 def test_mosaic_bad_arguments_fail_before_compiling(kw, match):
     dtype, K = kw.pop("dtype", jnp.bfloat16), kw.pop("K", 64)
