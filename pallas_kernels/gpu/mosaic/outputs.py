@@ -27,7 +27,9 @@ chain in one accumulator: -(q k0^T . T_m1) E, issued first, while T_0 forms, the
 into the columns of the product, v_l is read as loaded); diag(start) q S is added at the end.
 `fold_start=True` instead stages diag(start) q (16-bit) over P's tile and chains (diag(start) q) S
 into o's accumulator: one [C, bv] float32 accumulator (32 registers a thread) less live across
-o's chain and one wgmma fewer in the first group.
+o's chain and one wgmma fewer in the first group. `qk_first=True` issues every q k_l^T in the
+first group (at L > 1 the later ones otherwise each wait for o's chain so far: a dependent wait per
+write); with fold_start the first group at L = 2 holds as many accumulators as the default one.
 
 SMEM (`smem_bytes`): slots * (q, p, k_l [C, K] + qe, v_l [C, bv] 16-bit + vectors) + S float32
 [K, bv] + S 16-bit + two [C, C] + o [C, bv]: at K = V = 128, L = 1 two slots of 64 columns take
@@ -149,7 +151,7 @@ def _products(operands, meanwhile):
 
 def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_ref, o_ref,
           q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, o_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
-          L, bv, scale, cpc, slots, fold_start):
+          L, bv, scale, cpc, slots, fold_start, qk_first):
     b, nb, h, vb = (lax.axis_index(a) for a in ("b", "n", "h", "v"))
     cols = pl.ds(vb * bv, bv)
     dt = q_s.dtype
@@ -197,9 +199,12 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
         def meanwhile():  # while P S, q S and q k0^T compute
             return mc.decay_matrix(G_r, r_r, fc(1), rm1_c, sq, strict=False)
 
-        first = [(p, s16_s, (C, bv))] + ([] if fold_start else [(q, s16_s, (C, bv))]) + [(q, k_l(0).T, sq)]
+        n_qk = L if qk_first else 1
+        first = ([(p, s16_s, (C, bv))] + ([] if fold_start else [(q, s16_s, (C, bv))])
+                 + [(q, k_l(l).T, sq) for l in range(n_qk)])
         outs, t_m1 = _products(first, meanwhile)
-        (ps, qk0), qs = (outs[0], outs[-1]), (None if fold_start else outs[1])
+        ps, qs, qks = outs[0], (None if fold_start else outs[1]), outs[len(outs) - n_qk:]
+        qk0 = qks[0]
         e = ps + plgpu.load(qe, layout=mc.WGMMA).astype(f32)
         qe[...] = e.astype(dt)  # E over Qe: the B operand of the erase term
         a_s.at[0][...] = (-(qk0 * t_m1)).astype(dt)
@@ -217,7 +222,7 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
             t_0 = mc.decay_matrix(G_r, r_r, fc(0), r_c, sq, strict=False)  # while the first product runs
             for l in range(L):
                 # q k_l^T for l > 0 waits for the products in flight, so the buffer is free again
-                qk = qk0 if l == 0 else mc.matmul(q, k_l(l).T, sq)
+                qk = qks[l] if l < n_qk else mc.matmul(q, k_l(l).T, sq)
                 buf = a_s.at[(1 + l) % 2]
                 buf[...] = (qk * t_0 * mc.cols_of(fc(2 + l), sq)).astype(dt)
                 plgpu.commit_smem()
@@ -256,7 +261,7 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
 
 
 def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=None, chunks_per_cta=None,
-            slots=None, fold_start=False, interpret=False):
+            slots=None, fold_start=False, qk_first=False, interpret=False):
     """o [B, Tp, H, V] in v's dtype: `split.outputs` at chunk_size = 64 on Mosaic GPU.
 
     x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] in bf16 / f16);
@@ -269,6 +274,8 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     chunks_per_cta: consecutive chunks one CTA walks, a divisor of N (default
     `default_chunks_per_cta`: >= 2 x 132 CTAs). slots: 1 or 2 SMEM slots for the chunk tiles
     (default 2 when chunks_per_cta > 1 and they fit, `default_slots`).
+    qk_first: every q k_l^T in the first group of products (L - 1 dependent waits fewer in o's chain,
+    (L - 1) [C, C] float32 accumulators more live until o's chain uses them).
     fold_start: diag(start) q S as one more wgmma in o's accumulator ((diag(start) q) rounded to
     16 bits, staged over P's tile) instead of a separate q S accumulator scaled in registers.
     Grid (B, N / chunks_per_cta, H, V / block_v).
@@ -308,7 +315,7 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
         scratch["s32_s"] = mc.smem((K, bv), f32)
         body = _body
     body = functools.partial(body, L=L, bv=bv, scale=scale, cpc=chunks_per_cta, slots=slots,
-                             fold_start=fold_start)
+                             fold_start=fold_start, qk_first=qk_first)
     out_type = jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype)
     return mc.kernel(body, name="prism_mosaic_outputs", out_type=out_type, scratch=scratch,
                      grid=(B, N // chunks_per_cta, H, V // bv), grid_names=("b", "n", "h", "v"),

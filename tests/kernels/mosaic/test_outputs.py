@@ -70,7 +70,8 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-CASES = [  # (T, V, L, with_s0, resets, block_v, chunks_per_cta, slots, starts16, fold_start)
+CASES = [  # (T, V, L, with_s0, resets, block_v, chunks_per_cta, slots, starts16, fold_start); fold_start
+    # cases also set qk_first (every q k_l^T in the first group)
     (150, 64, 1, True, True, None, 3, None, False, False),  # three chunks through two slots (0, 1, 0)
     pytest.param(99, 128, 2, True, True, 64, 2, 1, False, False, marks=pytest.mark.slow),  # one slot
     (150, 64, 2, True, True, None, 3, 2, True, True),  # 16-bit starts, start folded, two slots
@@ -92,7 +93,7 @@ def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets
     s_in = starts.astype(x.q.dtype) if starts16 else starts
     tv = mc.token_vectors(x)
     got = outputs(x, tv, p, qe, s_in, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta,
-                  slots=slots, fold_start=fold_start, interpret=True)
+                  slots=slots, fold_start=fold_start, qk_first=fold_start, interpret=True)
     assert got.shape == x.q.shape[:3] + (V,) and got.dtype == x.v.dtype
     got = np.asarray(got.astype(jnp.float32))
     assert _rel(got, _reference64(x, p, qe, s_in)) < 1e-2
@@ -108,7 +109,7 @@ def test_outputs_interpreter_matches_float64_and_triton(T, V, L, with_s0, resets
 LOWERING = [(128, 128, 1, None, 3, None, False, False), (128, 128, 2, None, 3, None, False, False),
             (64, 128, 2, None, 3, None, False, False),
             (128, 128, 2, None, 3, None, True, False), (128, 128, 2, None, 3, None, True, True),
-            (128, 128, 1, None, 3, 1, True, True),
+            (128, 128, 1, None, 3, 1, True, True), (128, 128, 3, None, 3, None, True, "qk_first"),
             pytest.param(128, 128, 1, None, 3, None, True, False, marks=pytest.mark.slow),
             pytest.param(128, 128, 2, None, 3, None, False, True, marks=pytest.mark.slow),
             pytest.param(128, 128, 1, 64, 1, None, False, False, marks=pytest.mark.slow),
@@ -123,7 +124,7 @@ def test_outputs_lower_for_cuda(K, V, L, block_v, chunks_per_cta, slots, starts1
     starts = jnp.zeros((1, 2, x.q.shape[1] // C, K, V), x.q.dtype if starts16 else jnp.float32)
     tv = mc.token_vectors(x)
     fn = functools.partial(outputs, scale=SCALE, block_v=block_v, chunks_per_cta=chunks_per_cta, slots=slots,
-                           fold_start=fold_start, interpret=False)
+                           fold_start=bool(fold_start), qk_first=fold_start == "qk_first", interpret=False)
     lowered = jax.jit(fn).trace(x, tv, p, qe, starts).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
@@ -169,7 +170,8 @@ def test_outputs_reject_unsupported_inputs():
 @pytest.mark.parametrize("L,chunks_per_cta,starts16,fold_start,slots", [
     (1, None, False, False, None), (1, 4, False, False, None), (2, 4, False, False, None),
     (1, 1, False, False, None), (1, None, True, False, None), (2, None, True, False, None),
-    (2, None, True, True, None), (1, None, True, True, 1), (2, None, False, True, None)])
+    (2, None, True, True, None), (1, None, True, True, 1), (2, None, False, True, None),
+    (2, None, True, "qk_first", None), (2, None, False, "qk_first", None)])
 def test_outputs_on_gpu_match_float64(L, chunks_per_cta, starts16, fold_start, slots):
     ks = jax.random.split(jax.random.PRNGKey(3), 6)
     B, T, H, K, V = 2, 512, 4, 128, 128
@@ -185,7 +187,7 @@ def test_outputs_on_gpu_match_float64(L, chunks_per_cta, starts16, fold_start, s
     starts, _, _ = split.state_pass(x, p, qe, chunk_size=C)
     s_in = starts.astype(x.q.dtype) if starts16 else starts
     got = outputs(x, mc.token_vectors(x), p, qe, s_in, scale=SCALE, chunks_per_cta=chunks_per_cta,
-                  fold_start=fold_start, slots=slots)
+                  fold_start=bool(fold_start), qk_first=fold_start == "qk_first", slots=slots)
     assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, s_in)) < 1e-2
     triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C)
     assert _rel(got.astype(jnp.float32), triton.astype(jnp.float32)) < 1e-2
