@@ -203,7 +203,7 @@ class Run:
 
 
 def forward_key(kw):
-    hashable = lambda v: tuple(v) if isinstance(v, list) else v  # lists come from --variant JSON
+    hashable = lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v  # --variant JSON
     return tuple(sorted((k, hashable(v)) for k, v in kw.items() if k not in BWD_KEYS))
 
 
