@@ -272,7 +272,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         d_t0, d_m10 = t_0(), m1_0()
     for l in range(L):
         cot_pair = [(sq, [(do_s, vw_s.at[l].T)]), (sq, [(dr_s, vw_s.at[l].T)])]
-        if per_write:  # the decay matrices formed again at each use: fewer live registers
+        if per_write == "split":  # groups of two: q k_l^T with dO vw_l^T, then k0 k_l^T with dR vw_l^T
+            dqkl_raw, qk_l = _issue(cot_pair[0], raw_pair(l)[0])
+            d_t0 = t_0()
+        elif per_write:  # the decay matrices formed again at each use: fewer live registers
             dqkl_raw, drv, qk_l, kk_l = _issue(*cot_pair, *raw_pair(l))
             d_t0, d_m10 = t_0(), m1_0()
         else:
@@ -280,12 +283,15 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         dqkl = scale * dqkl_raw * d_t0
         w_t0 = dqkl * qk_l
         put(qk_s.at[l], dqkl)
+        dG = dG + jnp.sum(w_t0, axis=1)
+        if per_write == "split":
+            drv, kk_l = _issue(cot_pair[1], raw_pair(l)[1])
+            d_m10 = m1_0()
         drv_m = drv * d_m10
         dbeta0 = dbeta0 + jnp.sum(drv_m * kk_l, axis=1)
         dbl = R(beta0) * drv_m
         w_m10 = dbl * kk_l
         put(b_s.at[l], dbl)  # dA_l
-        dG = dG + jnp.sum(w_t0, axis=1)
         dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
         cs = jnp.sum(w_t0 + w_m10, axis=0)
         cols_t0_m10 = cs if cols_t0_m10 is None else cols_t0_m10 + cs
@@ -370,7 +376,7 @@ def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
             and _smem_bytes(K, block_v, L, dtype, 1) <= SMEM_LIMIT)
 
 
-def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch):
+def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write=False):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     if x.q.dtype not in mc.DTYPES or any(t.dtype != x.q.dtype for t in (x.k, x.v)):
@@ -392,6 +398,8 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scr
     if reduction_scratch < 0 or reduction_scratch % 128:
         raise ValueError(f"chunk_grads_backward: `reduction_scratch` = {reduction_scratch} must be a "
                          f"non-negative multiple of 128 bytes")
+    if per_write not in (False, True, "split"):
+        raise ValueError(f"chunk_grads_backward: `per_write` = {per_write!r} must be False, True or 'split'")
     if out_slots not in (None, 1, 2):
         raise ValueError(f"chunk_grads_backward: `out_slots` = {out_slots} must be None, 1 or 2")
     need = _smem_bytes(K, block_v, L, x.q.dtype, _out_slots(K, block_v, L, x.q.dtype, out_slots),
@@ -438,14 +446,16 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
     l-th step of `finish`) and the decay matrices formed at each use, instead of all 2L raw tiles
     live at once (128 of ~255 registers per thread at L = 2): fewer live registers at L >= 2, for
-    L - 1 more waits per phase and 2 more wgmmas. approx_math: exp by the approximate ex2 instruction (decay matrices;
-    relative error ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp
+    L - 1 more waits per phase and 2 more wgmmas; "split": as True, and each write's step of
+    `finish` in two groups of two accumulators (L more waits). approx_math: exp by the approximate
+    ex2 instruction (decay matrices; relative error ~1e-7, far below the bf16 operands).
+    reduction_scratch: SMEM bytes for cross-warp
     reductions (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
     Grid (N, H, B * V / block_v).
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
-    _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch)
+    _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype

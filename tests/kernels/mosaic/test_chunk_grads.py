@@ -96,6 +96,7 @@ def _assert_close(got, want, tol=1e-2):
     pytest.param(1, 64, 64, False, False, {}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, False, True, {}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, True, True, {"per_write": True}, marks=pytest.mark.slow),
+    pytest.param(2, 64, 64, True, True, {"per_write": "split"}, marks=pytest.mark.slow),
     pytest.param(2, 128, 128, True, False, {"per_write": True, "fold": False}, marks=pytest.mark.slow),
     pytest.param(1, 128, 128, True, False, {}, marks=pytest.mark.slow)])
 def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
@@ -143,6 +144,8 @@ def test_bad_inputs_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv[:, :1])
     with pytest.raises(ValueError, match="out_slots"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, out_slots=3)
+    with pytest.raises(ValueError, match="per_write"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, per_write="pairs")
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
     assert supported(128, 2) and supported(64, 3) and not supported(128, 3) and not supported(128, 1, jnp.float32)
@@ -157,6 +160,7 @@ def test_bad_inputs_raise():
     (2, 128, 128, {"out_slots": 2}),  # two output slots at 224 KiB
     (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
     (2, 128, 128, {"per_write": True}),
+    (2, 128, 128, {"per_write": "split", "out_slots": 1}),
     pytest.param(2, 128, 64, {"per_write": True, "fold": False, "out_slots": 1}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, {"per_write": True}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, {}, marks=pytest.mark.slow)])
@@ -170,7 +174,7 @@ def test_lowers_for_cuda(L, K, V, kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
-                                  (2, {"per_write": True}), (1, {"per_write": True})])
+                                  (2, {"per_write": True}), (1, {"per_write": True}), (2, {"per_write": "split"})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
