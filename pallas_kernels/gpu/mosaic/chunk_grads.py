@@ -333,14 +333,16 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         st = lambda ref: (ref if K == 64 else ref.at[kc]).T  # ... of ref^T, ref [K, BV]
         q_h, k_h = sl(q_s), [sl(k_s.at[l]) for l in range(L)]
         if fold:
-            dq, dk0, *dks = _issue(
+            # dk_0's own terms and the k0-only terms of every write chain into one accumulator.
+            dkl_pairs = lambda l: [(vw_s.at[l], st(x_s)), (qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]
+            dq, *dks = _issue(
                 (so, [(do_s, st(s_s)), (xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]),
                 (so, [(dr_s, st(s_s)), (e_s, st(x_s)), (qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
-                 + [(b_s.at[l], k_h[l]) for l in range(L)]),
-                *[(so, [(vw_s.at[l], st(x_s)), (qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]) for l in range(L)])
+                 + [(b_s.at[l], k_h[l]) for l in range(L)] + dkl_pairs(0)),
+                *[(so, dkl_pairs(l)) for l in range(1, L)])
             store_out(dq, dq_ref.at[vb, b, rows, h, kc])
             for l in range(L):
-                store_out(dks[l] + dk0 if l == 0 else dks[l], dk_ref.at[vb, b, rows, h, l, kc])
+                store_out(dks[l], dk_ref.at[vb, b, rows, h, l, kc])
             continue
         dq_s, dq_r = _issue((so, [(do_s, st(s_s))]),
                             (so, [(xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]))
