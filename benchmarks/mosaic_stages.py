@@ -59,10 +59,12 @@ def _stage_fns(x, tv, do, scale, interpret):
         if stage == "state":
             from pallas_kernels.gpu.mosaic.state import state_pass
             return jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, interpret=interpret, **kw)), (x, tv, p, qe)
-        if stage == "outputs":
+        if stage == "outputs":  # kw "starts16": the start states handed over in the input dtype
             from pallas_kernels.gpu.mosaic.outputs import outputs
+            kw = dict(kw)
+            s = starts.astype(x.q.dtype) if kw.pop("starts16", False) else starts
             return (jax.jit(lambda x, tv, p, qe, s: outputs(x, tv, p, qe, s, scale=scale, interpret=interpret, **kw)),
-                    (x, tv, p, qe, starts))
+                    (x, tv, p, qe, s))
         if stage == "pullback":
             from pallas_kernels.gpu.mosaic.pullback import state_pullback
             return (jax.jit(lambda x, tv, do, ainv: state_pullback(x, tv, do, scale=scale, ainv=ainv,
