@@ -253,17 +253,25 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     # dR E^T, dO E^T and the raw tiles again (qk0_s and xinv_s are rewritten below: all read first);
     # per_write: only the l = 0 pair here, each write's pair again in its loop step.
-    dm_raw, dqk0_raw, *raw = _issue((sq, [(dr_s, e_s.T)]), (sq, [(do_s, e_s.T)]),
-                                    *(raw_pair(0) if per_write else raw_tiles()))
-    qk_raw, kk_raw = raw[:len(raw) // 2], raw[len(raw) // 2:]
+    # "split": dR E^T with k0 k0^T, then dO E^T with q k0^T (two accumulators per group).
+    dm_pair = [(sq, [(dr_s, e_s.T)]), raw_pair(0)[1]]
+    dqk0_pair = [(sq, [(do_s, e_s.T)]), raw_pair(0)[0]]
+    if per_write == "split":
+        dm_raw, kk_raw0 = _issue(*dm_pair)
+    else:
+        dm_raw, dqk0_raw, *raw = _issue(dm_pair[0], dqk0_pair[0], *(raw_pair(0) if per_write else raw_tiles()))
+        qk_raw, kk_raw = raw[:len(raw) // 2], raw[len(raw) // 2:]
+        qk_raw0, kk_raw0 = qk_raw[0], kk_raw[0]
     d_m1m1 = m1m1()
-    kk_m = kk_raw[0] * d_m1m1
+    kk_m = kk_raw0 * d_m1m1
     dm = -dm_raw
     dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
     w_m1m1 = R(beta0) * dm * kk_m
     put(qk0_s, R(beta0) * dm * d_m1m1)  # dkk
+    if per_write == "split":
+        dqk0_raw, qk_raw0 = _issue(*dqk0_pair)
     dqk0 = -scale * dqk0_raw * t_m1()
-    w_tm1 = dqk0 * qk_raw[0]
+    w_tm1 = dqk0 * qk_raw0
     put(xinv_s, dqk0)
     dG = jnp.sum(w_tm1, axis=1)
     dGm1 = jnp.sum(w_m1m1, axis=1) - colsum(w_m1m1 + w_tm1, 0)
