@@ -227,18 +227,27 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
         return scale * jnp.sum(dof * qs, axis=1) * start, diag
 
-    dvws = _issue(*[(sv, [(b_s.at[l].T, dr_s), (qk_s.at[l].T, do_s)]) for l in range(L)],
-                  *[(sv, [(k_s.at[l], x_s)]) for l in range(1, L)], *(state_pair if L == 1 else []))
-    if L == 1:
-        dG_state, sx_diag = state_vectors(*dvws[1:])
-    kxs = [kx0, *dvws[L:2 * L - 1]]
+    dvw_group = lambda l: (sv, [(b_s.at[l].T, dr_s), (qk_s.at[l].T, do_s)])
+    kx_group = lambda l: (sv, [(k_s.at[l], x_s)])  # k_l dS'
+    per_l = per_write and L > 1  # each write's dvw_l (and k_l dS') in its own group, at its use
+    if not per_l:
+        dvws = _issue(*[dvw_group(l) for l in range(L)], *[kx_group(l) for l in range(1, L)],
+                      *(state_pair if L == 1 else []))
+        if L == 1:
+            dG_state, sx_diag = state_vectors(*dvws[1:])
+        kxs = [kx0, *dvws[L:2 * L - 1]]
     rend = jnp.zeros_like(re)
     dbetas = []
     for l in range(L):
-        dvw = dvws[l] + R(end, sv) * kxs[l]
+        if per_l:
+            dvw_raw, *kx_l = _issue(dvw_group(l), *([kx_group(l)] if l else []))
+            kx = kx_l[0] if l else kx0
+        else:
+            dvw_raw, kx = dvws[l], kxs[l]
+        dvw = dvw_raw + R(end, sv) * kx
         vl = plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32)
         dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(betas[l], sv) * vl * kxs[l], axis=1)
+        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
         put(v_s.at[l], R(betas[l], sv) * dvw)  # dv_l
     plgpu.commit_smem()
     for l in range(L):
