@@ -36,6 +36,21 @@ values (32 / thread) live only between their wgmma and their SMEM store or row s
 accumulators at once. Row sums are ROWS-layout reductions; the column sums of the decay
 cotangents are reduced in the COLS layout, stored to SMEM and read back as ROWS.
 
+Registers and `per_write` (phase 3). Measured on the H200 (phase 2): L = 1 ~34 us per CTA, L = 2
+~90 us (2.7x for ~1.5x the wgmmas), same CTA count and one CTA per SM at both (160 / 208 KiB of
+SMEM). The XLA glue barely depends on L (B * T = 32K, H = 16, K = V = 128: casting float32 starts
+and cot_end to 16 bits moves ~1.5 GiB, ~0.35 ms, and disappears when the caller passes 16-bit
+ones; the sums of the two value-block partials of dq and dk move ~0.75 GiB per K-row of output,
+~0.17 ms for dq, ~0.35 ms for dk at L = 2: ~0.9 ms at L = 2 against ~0.7 at L = 1), so the jump is
+inside the kernel. What grows with L is the live register set of the default path: all 2L raw
+[C, C] tiles in one group, 2L + 2 = 6 float32 [64, 64] accumulators (32 registers per thread each:
+192 of 255) in finish's first group at L = 2, and the 2L raw tiles plus two decay matrices kept
+across finish's loop: spills are likely. `per_write=True` forms one raw pair per write where it is
+used (at most 4 accumulators and 1-2 decay matrices live; each write's dvw_l at its use too) for
+L - 1 more waits per phase; "split" pairs every accumulator with one other (at most 2 live, ~2L
+more waits). The output group is 1 + L chained accumulators (dk_0's terms and write 0's k0 terms
+share one). Settings to time: /work/briefs/try_grads3.txt.
+
 Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
 the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
 rend end - re end_m1 + exp(G_C) diag(S^T dS') (<S, dS'> is the trace of one [BV, BV] wgmma;
@@ -458,8 +473,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
     (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). out_slots: float32 [C, 64] staging
     tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2
-    where they fit in 220 KiB of SMEM, else 1: at K = 128 two for L = 1 only). fold: the row scalings of the state terms of dq / dk (start,
-    beta0 start_m1, end_m1, end) multiplied into their 16-bit operands (dO, dR, E, vw_l) so that each
+    where they fit in 220 KiB of SMEM, else 1: at K = 128 two for L = 1 only). fold: the row
+    scalings of the state terms of dq / dk (start, beta0 start_m1, end_m1, end) multiplied into their 16-bit operands (dO, dR, E, vw_l) so that each
     [C, 64] output slice is one chained accumulator (one wgmma wait per slice; one more 16-bit
     rounding of those operands); False scales the float32 products. per_write: the raw
     value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
