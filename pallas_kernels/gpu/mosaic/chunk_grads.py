@@ -476,8 +476,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     where they fit in 220 KiB of SMEM, else 1: at K = 128 two for L = 1 only). fold: the row
     scalings of the state terms of dq / dk (start, beta0 start_m1, end_m1, end) multiplied into
     their 16-bit operands (dO, dR, E, vw_l) so that each [C, 64] output slice is one chained
-    accumulator (one wgmma wait per slice; one more 16-bit rounding of those operands); False scales the float32 products. per_write: the raw
-    value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
+    accumulator (one wgmma wait per slice; one more 16-bit rounding of those operands); False
+    scales the float32 products. per_write: the raw value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
     l-th step of `finish`) and the decay matrices formed at each use, instead of all 2L raw tiles
     live at once (128 of ~255 registers per thread at L = 2): fewer live registers at L >= 2, for
     L - 1 more waits per phase and 2 more wgmmas; "split": as True, and each write's step of
