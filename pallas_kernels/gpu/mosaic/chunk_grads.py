@@ -477,14 +477,14 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     scalings of the state terms of dq / dk (start, beta0 start_m1, end_m1, end) multiplied into
     their 16-bit operands (dO, dR, E, vw_l) so that each [C, 64] output slice is one chained
     accumulator (one wgmma wait per slice; one more 16-bit rounding of those operands); False
-    scales the float32 products. per_write: the raw value-independent tiles (q k_l^T, k0 k_l^T) issued as one pair per write l (formed again in the
-    l-th step of `finish`) and the decay matrices formed at each use, instead of all 2L raw tiles
-    live at once (128 of ~255 registers per thread at L = 2): fewer live registers at L >= 2, for
-    L - 1 more waits per phase and 2 more wgmmas; "split": as True, and each write's step of
-    `finish` in two groups of two accumulators (L more waits). approx_math: exp by the approximate
-    ex2 instruction (decay matrices; relative error ~1e-7, far below the bf16 operands).
-    reduction_scratch: SMEM bytes for cross-warp
-    reductions (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
+    scales the float32 products. per_write: False (all 2L raw value-independent tiles q k_l^T,
+    k0 k_l^T in one group: 6 accumulators live at L = 2), True (one raw pair per write l, formed
+    where it is used, again in the l-th step of `finish`; decay matrices formed at each use; each
+    write's dvw_l at its use: at most 4 accumulators live, L - 1 more waits per phase, 2 more
+    wgmmas) or "split" (as True, with every group of `finish` cut to two accumulators: ~2L more
+    waits). approx_math: exp by the approximate ex2 instruction (decay matrices; relative error
+    ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp reductions
+    (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
     Grid (N, H, B * V / block_v).
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
