@@ -49,21 +49,24 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.state import (a_operand, accumulate, check_inputs, operand_smem, overlapped,
-                                             store_transposed)
+from pallas_kernels.gpu.mosaic.state import (a_operand, accumulate, check_inputs, operand_smem, out_dtype,
+                                             overlapped, store_transposed)
 
 f32 = jnp.float32
 C = mc.CHUNK
 
 
-def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, interpret=False):
-    """(cot_end [B, H, N, K, V] float32, ds0 [B, H, K, V] float32).
+def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, cot_dtype=None, interpret=False):
+    """(cot_end [B, H, N, K, V] float32 (or `cot_dtype`), ds0 [B, H, K, V] float32).
 
     p, ek [B, H, N, C, K] 16-bit (bf16 / f16, the same); a [B, H, N] float32; y [B, H, N, K, V]
     float32; dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
     (last first) in each CTA. block_v: value columns per CTA, 32 or 64 (32: twice the CTAs).
     registers: X transposed in registers (`_register_pass`, block_v = 64 only) or the staged kernel;
     None = registers at block_v = 64.
+    cot_dtype: None / float32, or p's 16-bit dtype (also as a string, "bfloat16"): cot_end is rounded to
+    it on the way out (X stays float32 in registers; ds0 is float32). Its consumer (the chunk backward)
+    uses it only as a 16-bit wgmma operand: half the bytes written and read.
     """
     B, H, N, Cp, K = p.shape
     V = y.shape[-1]
@@ -74,13 +77,15 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, interpret=F
             raise ValueError(f"reverse_pass: `{name}` must be {shape} {jnp.dtype(dtype)} "
                              f"(got {t.shape} {t.dtype})")
     dt = p.dtype
+    cdt = out_dtype("reverse_pass", "cot_dtype", cot_dtype, dt)
+    low = cdt != jnp.dtype(f32)  # 16-bit cot_end: leaves from the 16-bit copy of X
     bv = block_v
     a_rows = jnp.broadcast_to(a[..., None], (B, H, N, K))
     registers = bv == 64 if registers is None else registers
     if registers and bv != 64:
         raise ValueError(f"reverse_pass: registers=True needs block_v=64 (got block_v={bv})")
     if registers:
-        return _register_pass(p, ek, a_rows, y, dfinal, interpret=interpret)
+        return _register_pass(p, ek, a_rows, y, dfinal, cot_dtype=cdt, interpret=interpret)
 
     def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_b, w_s, x_f,
              bar, x_bar):
@@ -108,11 +113,12 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, interpret=F
                 plgpu.commit_smem()
                 issue(n - 1, 1 - slot)
 
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous cot_end has left x_f
-            x_f[...] = xs
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous cot_end has left x_f / x_b
+            if not low:
+                x_f[...] = xs
             x_b[...] = xs.astype(dt)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(x_f, cot_ref.at[b, h, n, :, vs])
+            plgpu.copy_smem_to_gmem(x_b if low else x_f, cot_ref.at[b, h, n, :, vs])
 
             def meanwhile():  # while ek X computes: Y + a X
                 a_x = mc.rows_of(plgpu.load(a_s.at[slot], layout=mc.ROWS), (K, bv)) * xs
@@ -136,13 +142,13 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, interpret=F
         a_s=plgpu.SMEM((2, K), f32), x_b=operand((K, bv)), w_s=operand((C, bv)),
         x_f=plgpu.SMEM((K, bv), f32), bar=plgpu.Barrier(num_arrivals=4, num_barriers=2),
         x_bar=plgpu.Barrier(num_arrivals=1))
-    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32))
+    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), cdt), jax.ShapeDtypeStruct((B, H, K, V), f32))
     return mc.kernel(body, name="prism_mosaic_reverse", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)
 
 
-def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
+def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
     """The reverse pass at block_v = 64 with X held transposed in registers (module docstring):
 
         W^T = -(X^T ek^T)  [bv, C]    (A = X^T from registers, B = ek^T: transposed view of ek's tile)
@@ -152,9 +158,11 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
     V = y.shape[-1]
     dt = p.dtype
     bv = 64
+    low = jnp.dtype(cot_dtype) != f32  # 16-bit cot_end: staged in x_o, x_f keeps dfinal / ds0
 
     def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_f, bar, x_bar,
-             xt_b=None, w_b=None):
+             xt_b=None, w_b=None, x_o=None):
+        stage = x_o if low else x_f
         b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         vs = pl.ds(vb * bv, bv)
 
@@ -185,10 +193,10 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
                     plgpu.commit_smem()
                     issue(n - 1, 1 - slot)
 
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # x_f[slot] has left (step i - 2)
-                store_transposed(x_f.at[slot], xt)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # stage[slot] has left (step i - 2)
+                store_transposed(stage.at[slot], xt)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(x_f.at[slot], cot_ref.at[b, h, n, :, vs])
+                plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
                 init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA)
                         + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
                 ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
@@ -206,11 +214,13 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, interpret):
 
     scratch = dict(
         p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), f32),
-        a_s=plgpu.SMEM((2, K), f32), x_f=mc.smem((2, K, bv), f32),
+        a_s=plgpu.SMEM((2, K), f32), x_f=mc.smem((1 if low else 2, K, bv), f32),
         bar=plgpu.Barrier(num_arrivals=4, num_barriers=2), x_bar=plgpu.Barrier(num_arrivals=1))
+    if low:
+        scratch.update(x_o=mc.smem((2, K, bv), cot_dtype))
     if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
         scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
-    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32))
+    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), cot_dtype), jax.ShapeDtypeStruct((B, H, K, V), f32))
     return mc.kernel(body, name="prism_mosaic_reverse_registers", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)

@@ -134,15 +134,32 @@ def check_inputs(name, *, dtype, chunk, K, V, block_v):
         raise ValueError(f"{name}: value size V={V} must be a multiple of block_v={block_v}")
 
 
-def _smem_bytes(slots, L, K, bv, itemsize):
+def out_dtype(name, arg, requested, dtype):
+    """The dtype of a per-chunk state output: float32 (requested None or float32) or the inputs' 16-bit
+    `dtype`; `requested` may be a dtype or its name ("bfloat16")."""
+    if requested is None:
+        return jnp.dtype(f32)
+    try:
+        requested = jnp.dtype(requested)
+    except TypeError as e:
+        raise ValueError(f"{name}: `{arg}` must be None, 'float32' or the inputs' dtype {jnp.dtype(dtype)} "
+                         f"(got {requested!r})") from e
+    if requested not in (jnp.dtype(f32), jnp.dtype(dtype)):
+        raise ValueError(f"{name}: `{arg}` must be None, 'float32' or the inputs' dtype {jnp.dtype(dtype)} "
+                         f"(got {requested})")
+    return requested
+
+
+def _smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32):
     tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
     tiles += slots * ((L + 1) * C + K) * 4  # scalings
     return tiles + (L * C * bv + K * bv) * itemsize + K * bv * 4  # u_l, S (16-bit), S (f32)
 
 
 def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, slots=None,
-               registers=None, interpret=False):
-    """(starts [B, H, N, K, V] float32 or None unless `with_starts`, final [B, H, K, V] float32).
+               registers=None, starts_dtype=None, interpret=False):
+    """(starts [B, H, N, K, V] float32 (or `starts_dtype`) or None unless `with_starts`, final [B, H, K, V]
+    float32).
 
     x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
     tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
@@ -154,6 +171,9 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     wgmma: least SMEM); None = the most that fit in SMEM_BUDGET (block_v = 64, bf16, K = 128: 3 at
     L = 1, 2 at L = 2, 1 at L = 3). registers: the state transposed in registers (`_register_pass`,
     block_v = 64 only) or the staged kernel; None = registers at block_v = 64.
+    starts_dtype: None / float32, or the inputs' 16-bit dtype (also as a string, "bfloat16"): the start
+    states are rounded to it on the way out (the state stays float32 in registers; `final` is float32).
+    Its consumers use them only as 16-bit wgmma operands: half the bytes written and read.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -166,6 +186,7 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
             raise ValueError(f"state_pass: `{name}` must be {shape} {x.k.dtype} (got {t.shape} {t.dtype})")
     N = Tp // C
     dt = x.k.dtype
+    sdt = out_dtype("state_pass", "starts_dtype", starts_dtype, dt) if with_starts else jnp.dtype(f32)
     bv = block_v
     registers = bv == 64 if registers is None else registers
     if registers and bv != 64:
@@ -173,17 +194,19 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     smem_bytes = _register_smem_bytes if registers else _smem_bytes
     allowed = (1, 2, 3) if registers else (1, 2)
     if slots is None:
-        slots = max(n for n in allowed if n == 1 or smem_bytes(n, L, K, bv, dt.itemsize) <= SMEM_BUDGET)
-    if slots not in allowed or smem_bytes(slots, L, K, bv, dt.itemsize) > SMEM_BUDGET:
+        slots = max(n for n in allowed if n == 1 or smem_bytes(n, L, K, bv, dt.itemsize, sdt) <= SMEM_BUDGET)
+    if slots not in allowed or smem_bytes(slots, L, K, bv, dt.itemsize, sdt) > SMEM_BUDGET:
         raise ValueError(f"state_pass: slots={slots} must be one of {allowed} at block_v={bv}, registers={registers} and fit in "
                          f"{SMEM_BUDGET} bytes of SMEM "
-                         f"(it needs {smem_bytes(slots, L, K, bv, dt.itemsize)} at L={L}, K={K}, block_v={bv})")
+                         f"(it needs {smem_bytes(slots, L, K, bv, dt.itemsize, sdt)} at L={L}, K={K}, block_v={bv})")
     # [B, H, N, L + 1, C]: per chunk the rows end_m1, end * beta_l; all as a [K] row per chunk
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
     scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)
     all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
     if registers:
-        return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, interpret=interpret)
+        return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, starts_dtype=sdt,
+                              interpret=interpret)
+    low_starts = with_starts and sdt != jnp.dtype(f32)  # the start states leave from s_b, the 16-bit operand
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
              all_s, u_s, s_b, s_f, bar, s0_bar):
@@ -216,12 +239,13 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
                     issue(n + 1, 1 - slot)
 
             if with_starts:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous start state has left s_f
-                s_f[...] = s
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous start state has left s_f / s_b
+                if not low_starts:
+                    s_f[...] = s
             s_b[...] = s.astype(dt)
             plgpu.commit_smem()
             if with_starts:
-                plgpu.copy_smem_to_gmem(s_f, starts_ref.at[b, h, n, :, vs])
+                plgpu.copy_smem_to_gmem(s_b if low_starts else s_f, starts_ref.at[b, h, n, :, vs])
             rows = lambda i: mc.rows_of(plgpu.load(scal_s.at[slot, i], layout=mc.ROWS), (C, bv))
             v_f = lambda l: plgpu.load(v_s.at[slot, l], layout=mc.WGMMA).astype(f32)
 
@@ -259,7 +283,7 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
         s0_bar=plgpu.Barrier(num_arrivals=1))
     out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
     if with_starts:
-        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), sdt))
     outs = mc.kernel(body, name="prism_mosaic_state", out_type=tuple(out_type), scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))
@@ -278,19 +302,20 @@ def a_operand(value, staging, interpret):
 
 
 def store_transposed(ref, value):
-    """ref[...] = value.T for a float32 WGMMA-layout tile `value` [M, N] and an SMEM ref [N, M]: the
-    register layout is switched to WGMMA_TRANSPOSED (one lane shuffle per register pair), which stores
-    through the transposed view."""
-    ref.T[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED)
+    """ref[...] = value.T for a float32 WGMMA-layout tile `value` [M, N] and an SMEM ref [N, M] (float32
+    or 16-bit: the value is rounded to ref's dtype): the register layout is switched to WGMMA_TRANSPOSED
+    (one lane shuffle per register pair), which stores through the transposed view."""
+    ref.T[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED).astype(ref.dtype)
 
 
-def _register_smem_bytes(slots, L, K, bv, itemsize):
+def _register_smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32):
     tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
     tiles += slots * ((L + 1) * C + K) * 4  # scalings
-    return tiles + min(slots, 2) * K * bv * 4  # start-state staging (two alternating, one with one slot)
+    staging = min(slots, 2) * K * bv * jnp.dtype(starts_dtype).itemsize  # start states out (two alternating)
+    return tiles + staging + (K * bv * 4 if jnp.dtype(starts_dtype) != f32 else 0)  # + s0 / final in float32
 
 
-def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
+def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype, interpret):
     """The state pass at block_v = 64 with the state transposed in registers (see the module docstring):
 
         E^T = S^T P^T + Qe^T                        [bv, C]  (A = S^T from registers, B = P^T in SMEM)
@@ -302,10 +327,12 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
     N = Tp // C
     dt = x.k.dtype
     bv = 64
+    low_starts = jnp.dtype(starts_dtype) != f32  # 16-bit start states: staged in s_o, s_f keeps s0 / final
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
-             all_s, s_f, bar, s0_bar, st_b=None, u_b=None):
+             all_s, s_f, bar, s0_bar, st_b=None, u_b=None, s_o=None):
         starts_ref, final_ref = outs if with_starts else (None, outs[0])
+        stage = s_o if low_starts else s_f
         b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         vs = pl.ds(vb * bv, bv)
 
@@ -344,10 +371,10 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
                 # while it computes: the TMA prefetch (issued after the wgmma: off the chain), the start
                 # state out, the write terms l > 0 into acc_s, Qe's part
                 if with_starts:
-                    plgpu.wait_smem_to_gmem(min(slots, 2) - 1, wait_read_only=True)  # s_f[out] has left
-                    store_transposed(s_f.at[out], st)
+                    plgpu.wait_smem_to_gmem(min(slots, 2) - 1, wait_read_only=True)  # stage[out] has left
+                    store_transposed(stage.at[out], st)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(s_f.at[out], starts_ref.at[b, h, n, :, vs])
+                    plgpu.copy_smem_to_gmem(stage.at[out], starts_ref.at[b, h, n, :, vs])
                 for l in range(1, L):
                     u = a_operand((cols(l + 1, C) * v_t(l)).astype(dt), None if u_b is None else u_b.at[l],
                                   interpret)
@@ -380,13 +407,15 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, interpret):
     scratch = dict(
         p_s=operand((slots, C, K)), qe_s=operand((slots, C, bv)), k_s=operand((slots, L, C, K)),
         v_s=operand((slots, L, C, bv)), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
-        all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((min(slots, 2), K, bv), f32),
+        all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((1 if low_starts else min(slots, 2), K, bv), f32),
         bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots), s0_bar=plgpu.Barrier(num_arrivals=1))
+    if low_starts:
+        scratch.update(s_o=mc.smem((min(slots, 2), K, bv), starts_dtype))
     if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
         scratch.update(st_b=operand((bv, K)), u_b=operand((L, bv, C)))
     out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
     if with_starts:
-        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+        out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), starts_dtype))
     outs = mc.kernel(body, name="prism_mosaic_state_registers", out_type=tuple(out_type), scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))

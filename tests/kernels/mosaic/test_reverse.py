@@ -58,14 +58,27 @@ def _rel(a, b):
     (128, 64, 64, 101, 40, False),
 ])
 def test_interpreter_matches_float64_reference(K, V, block_v, T, reset_at, compare_triton):
+    _check_against_reference(K, V, block_v, T, reset_at, compare_triton, also_16bit=compare_triton)
+
+
+def _check_against_reference(K, V, block_v, T, reset_at, compare_triton, *, registers=None, also_16bit=False):
     inputs = _pullback_inputs(K=K, V=V, T=T, reset_at=reset_at, seed=K + V)
     if reset_at is not None:
         assert float(jnp.min(inputs[2])) == 0.0  # the reset chunk's decay is zero
-    cot, ds0 = reverse_pass(*inputs, block_v=block_v, interpret=True)
+    cot, ds0 = reverse_pass(*inputs, block_v=block_v, registers=registers, interpret=True)
     ref_cot, ref_ds0 = _reference(*inputs)
     assert cot.shape == ref_cot.shape and ds0.shape == ref_ds0.shape
     assert _rel(cot, ref_cot) < 1e-2
     assert _rel(ds0, ref_ds0) < 1e-2
+    if also_16bit:  # cot_dtype="bfloat16": cot_end written in bf16 (X float32 inside), ds0 float32
+        cot16, ds0_16 = reverse_pass(*inputs, block_v=block_v, registers=registers, cot_dtype="bfloat16",
+                                     interpret=True)
+        assert cot16.dtype == jnp.bfloat16 and ds0_16.dtype == jnp.float32
+        assert _rel(cot16, ref_cot) < 1e-2
+        assert _rel(ds0_16, ref_ds0) < 1e-2
+        # the float32 pass's values rounded (X is float32 in both)
+        np.testing.assert_array_equal(np.asarray(cot.astype(jnp.bfloat16), np.float32), np.asarray(cot16, np.float32))
+        np.testing.assert_array_equal(np.asarray(ds0), np.asarray(ds0_16))
     if compare_triton:
         p, ek, a, y, dfinal = inputs
         tri_cot, tri_ds0 = triton_reverse_pass(p.astype(jnp.float32), ek.astype(jnp.float32), a, y, dfinal,
@@ -74,14 +87,25 @@ def test_interpreter_matches_float64_reference(K, V, block_v, T, reset_at, compa
         assert _rel(ds0, np.asarray(tri_ds0, np.float64)) < 1e-2
 
 
-@pytest.mark.parametrize("K, V, block_v, registers", [
-    (64, 64, 64, None), (128, 128, 64, None), (128, 64, 32, None), (128, 128, 64, False)])
-def test_lowers_for_cuda(K, V, block_v, registers):
+@pytest.mark.slow
+@pytest.mark.parametrize("K, block_v, registers", [(128, 64, None), (64, 32, None), (64, 64, False)])
+def test_16bit_cot_end_staged_and_wide(K, block_v, registers):
+    """cot_dtype="bfloat16" on the staged kernels (block_v 32 / 64) and the register kernel at K = 128."""
+    _check_against_reference(K, 128, block_v, 150, 100, False, registers=registers, also_16bit=True)
+
+
+@pytest.mark.parametrize("K, V, block_v, registers, cot_dtype", [
+    (64, 64, 64, None, None), (128, 128, 64, None, None), (128, 64, 32, None, None), (128, 128, 64, False, None),
+    (64, 64, 64, None, "bfloat16"), (128, 128, 64, None, "bfloat16"), (128, 64, 32, None, "bfloat16"),
+    (128, 128, 64, False, "bfloat16")])
+def test_lowers_for_cuda(K, V, block_v, registers, cot_dtype):
     B, H, N = 1, 2, 3
     args = (jnp.zeros((B, H, N, C, K), jnp.bfloat16), jnp.zeros((B, H, N, C, K), jnp.bfloat16),
             jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
-    lowered = jax.jit(lambda *a: reverse_pass(*a, block_v=block_v, registers=registers)).trace(*args).lower(lowering_platforms=("cuda",))
+    fn = jax.jit(lambda *a: reverse_pass(*a, block_v=block_v, registers=registers, cot_dtype=cot_dtype))
+    lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+    assert lowered.out_info[0].dtype == (jnp.float32 if cot_dtype is None else jnp.dtype(cot_dtype))
 
 
 def test_rejects_unsupported_inputs():
@@ -98,13 +122,20 @@ def test_rejects_unsupported_inputs():
         reverse_pass(p, p, a, y[:, :, :1], dfinal)
     with pytest.raises(ValueError, match="registers=True needs block_v=64"):
         reverse_pass(p, p, a, y, dfinal, block_v=32, registers=True)
+    with pytest.raises(ValueError, match="`cot_dtype`"):
+        reverse_pass(p, p, a, y, dfinal, cot_dtype="float16")
+    with pytest.raises(ValueError, match="`cot_dtype`"):
+        reverse_pass(p, p, a, y, dfinal, cot_dtype="not_a_dtype")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v, registers", [(64, None), (64, False), (32, None)])
-def test_gpu_matches_float64_reference(block_v, registers):
+@pytest.mark.parametrize("block_v, registers, cot_dtype", [
+    (64, None, None), (64, False, None), (32, None, None), (64, None, "bfloat16"), (64, False, "bfloat16"),
+    (32, None, "bfloat16")])
+def test_gpu_matches_float64_reference(block_v, registers, cot_dtype):
     inputs = _pullback_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=3)
-    cot, ds0 = reverse_pass(*inputs, block_v=block_v, registers=registers)
+    cot, ds0 = reverse_pass(*inputs, block_v=block_v, registers=registers, cot_dtype=cot_dtype)
+    assert cot.dtype == (jnp.float32 if cot_dtype is None else jnp.dtype(cot_dtype))
     ref_cot, ref_ds0 = _reference(*inputs)
     assert _rel(cot, ref_cot) < 1e-2
     assert _rel(ds0, ref_ds0) < 1e-2

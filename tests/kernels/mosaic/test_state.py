@@ -70,14 +70,38 @@ def _rel(a, b):
     pytest.param(3, 64, 128, 64, True, 20, False, marks=pytest.mark.slow),  # K = 128, L = 3: one slot
 ])
 def test_interpreter_matches_float64_reference(L, V, K, block_v, initial, reset_at, compare_triton):
+    _check_against_reference(L, V, K, block_v, initial, reset_at, compare_triton, also_16bit=compare_triton)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("L, V, K, block_v, registers, slots", [
+    (2, 128, 64, 32, None, None), (2, 64, 64, 64, False, None), (1, 128, 128, 64, None, 3), (2, 64, 64, 64, None, 1)])
+def test_16bit_starts_staged_and_slots(L, V, K, block_v, registers, slots):
+    """starts_dtype="bfloat16" on the staged kernels (block_v 32 / 64) and the register kernel's slot rings."""
+    _check_against_reference(L, V, K, block_v, True, 40, False, registers=registers, slots=slots, also_16bit=True)
+
+
+def _check_against_reference(L, V, K, block_v, initial, reset_at, compare_triton, *, registers=None, slots=None,
+                             also_16bit=False):
     T = 150 if L == 3 else 101  # 3 or 2 chunks, odd lengths before padding
     x = _inputs(T=T, K=K, V=V, L=L, initial=initial, reset_at=reset_at, seed=L)
     p, qe = _intra(x)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, interpret=True)
+    tv = mc.token_vectors(x)
+    starts, final = state_pass(x, tv, p, qe, block_v=block_v, registers=registers, slots=slots, interpret=True)
     ref_starts, ref_final = _reference(x, p, qe)
     assert starts.shape == ref_starts.shape and final.shape == ref_final.shape
     assert _rel(starts, ref_starts) < 1e-2
     assert _rel(final, ref_final) < 1e-2
+    if also_16bit:  # starts_dtype = the inputs' dtype: start states written in bf16, final float32
+        starts16, final16 = state_pass(x, tv, p, qe, block_v=block_v, registers=registers, slots=slots,
+                                       starts_dtype="bfloat16", interpret=True)
+        assert starts16.dtype == jnp.bfloat16 and final16.dtype == jnp.float32
+        assert _rel(starts16, ref_starts) < 1e-2
+        assert _rel(final16, ref_final) < 1e-2
+        # the float32 pass's values rounded (the state is float32 in both)
+        np.testing.assert_array_equal(np.asarray(starts.astype(jnp.bfloat16), np.float32),
+                                      np.asarray(starts16, np.float32))
+        np.testing.assert_array_equal(np.asarray(final), np.asarray(final16))
     if compare_triton:
         tri_starts, tri_final, _ = split.state_pass(x, p, qe, chunk_size=C, block_v=64, interpret=True)
         assert _rel(starts, np.asarray(tri_starts, np.float64)) < 1e-2
@@ -104,18 +128,25 @@ def test_without_starts_gives_the_same_final_state():
     assert _rel(final, _reference(x, p, qe)[1]) < 1e-2
 
 
-@pytest.mark.parametrize("L, K, V, block_v, with_starts, slots, registers", [
-    (1, 64, 64, 64, True, None, None), (1, 128, 128, 64, True, None, None), (2, 128, 128, 64, False, None, None),
-    (2, 128, 128, 64, True, 1, None), (3, 128, 128, 64, True, None, None), (2, 128, 64, 32, True, None, None),
-    (2, 128, 128, 64, True, None, False)])  # the last: the staged kernel at block_v = 64
-def test_lowers_for_cuda(L, K, V, block_v, with_starts, slots, registers):
+@pytest.mark.parametrize("L, K, V, block_v, with_starts, slots, registers, starts_dtype", [
+    (1, 64, 64, 64, True, None, None, None), (1, 128, 128, 64, True, None, None, None),
+    (2, 128, 128, 64, False, None, None, None), (2, 128, 128, 64, True, 1, None, None),
+    (3, 128, 128, 64, True, None, None, None), (2, 128, 64, 32, True, None, None, None),
+    (2, 128, 128, 64, True, None, False, None),  # the staged kernel at block_v = 64
+    # 16-bit start states: the register kernel at each slot count, the staged kernels
+    (1, 128, 128, 64, True, None, None, "bfloat16"), (2, 128, 128, 64, True, None, None, "bfloat16"),
+    (2, 128, 128, 64, True, 1, None, "bfloat16"), (3, 128, 128, 64, True, None, None, "bfloat16"),
+    (2, 128, 64, 32, True, None, None, "bfloat16"), (2, 128, 128, 64, True, None, False, "bfloat16")])
+def test_lowers_for_cuda(L, K, V, block_v, with_starts, slots, registers, starts_dtype):
     x = _inputs(K=K, V=V, L=L, reset_at=50)
     p = jnp.zeros(x.q.shape, x.q.dtype)
     qe = jnp.zeros(x.q.shape[:3] + (V,), x.q.dtype)
     fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, block_v=block_v, with_starts=with_starts,
-                                                 slots=slots, registers=registers))
+                                                 slots=slots, registers=registers, starts_dtype=starts_dtype))
     lowered = fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+    if with_starts:
+        assert lowered.out_info[0].dtype == (jnp.float32 if starts_dtype is None else jnp.dtype(starts_dtype))
 
 
 def test_rejects_unsupported_inputs():
@@ -133,6 +164,10 @@ def test_rejects_unsupported_inputs():
         state_pass(x, tv, p, qe, block_v=32, slots=3)
     with pytest.raises(ValueError, match="registers=True needs block_v=64"):
         state_pass(x, tv, p, qe, block_v=32, registers=True)
+    with pytest.raises(ValueError, match="`starts_dtype`"):
+        state_pass(x, tv, p, qe, starts_dtype="float16")
+    with pytest.raises(ValueError, match="`starts_dtype`"):
+        state_pass(x, tv, p, qe, starts_dtype=jnp.int8)
     with pytest.raises(ValueError, match="`qe`"):
         state_pass(x, tv, p, qe[..., :32])
     x96 = _inputs(K=96)
@@ -141,13 +176,17 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L, block_v, slots, registers", [
-    (2, 64, None, None), (1, 64, None, None), (2, 64, 1, None), (3, 64, None, None), (2, 64, None, False),
-    (2, 32, None, None)])  # slots None: 2 at L = 2, 3 at L = 1, 1 at L = 3 (K = 128)
-def test_gpu_matches_float64_reference(L, block_v, slots, registers):
+@pytest.mark.parametrize("L, block_v, slots, registers, starts_dtype", [
+    (2, 64, None, None, None), (1, 64, None, None, None), (2, 64, 1, None, None), (3, 64, None, None, None),
+    (2, 64, None, False, None), (2, 32, None, None, None),  # slots None: 2 at L = 2, 3 at L = 1, 1 at L = 3
+    (2, 64, None, None, "bfloat16"), (1, 64, None, None, "bfloat16"), (3, 64, None, None, "bfloat16"),
+    (2, 64, None, False, "bfloat16"), (2, 32, None, None, "bfloat16")])
+def test_gpu_matches_float64_reference(L, block_v, slots, registers, starts_dtype):
     x = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, reset_at=300, seed=11)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
-    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots, registers=registers)
+    starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots, registers=registers,
+                               starts_dtype=starts_dtype)
+    assert starts.dtype == (jnp.float32 if starts_dtype is None else jnp.dtype(starts_dtype))
     ref_starts, ref_final = _reference(x, p, qe)
     assert _rel(starts, ref_starts) < 1e-2
     assert _rel(final, ref_final) < 1e-2
