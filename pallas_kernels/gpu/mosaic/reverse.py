@@ -38,6 +38,13 @@ of Y in and 32 KiB of cot_end out (float32), prefetched / overlapped. B * H * V 
 trips and fences from the chain (expected ~1 us per step; ~96 KiB moved per step per CTA puts a
 per-SM bandwidth floor near ~0.8 us). Knobs for the GPU A/B: registers=False (the staged kernel at
 block_v = 64), block_v=32 (staged, twice the CTAs, a third less traffic per CTA and step).
+
+16-bit cot_end (`cot_dtype` = p's dtype): X stays float32 in registers and is rounded only on the way
+out (bit-identical to XLA's cast of the float32 cot_end, tested); the chunk backward uses cot_end only
+as a 16-bit wgmma operand. Register kernel: two 16-bit staging tiles plus one float32 tile for dfinal
+in / ds0 out (the same 192 KiB at K = V = 128), 16 KiB out per step instead of 32 (the whole
+pass writes 256 instead of 512 MiB at B*T = 32K, H = 16). Staged kernel: X's 16-bit operand copy
+(x_b) goes out by TMA itself; no float32 copy is written per step.
 """
 
 from __future__ import annotations

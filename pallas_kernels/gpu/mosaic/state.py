@@ -59,6 +59,16 @@ one SM's share of L2 bandwidth; and with many CTAs (T = 2K, B = 16: 512) the pas
 ~1.3 GB in all (512 MiB of float32 starts, P and k read once per value block) is ~0.3 ms at 4.8 TB/s.
 Knobs for the GPU A/B: registers=False (the staged kernel at the same block_v), block_v=32 (staged,
 twice the CTAs), slots=1 (L = 1: 82 KiB, two CTAs per SM; no prefetch within a CTA).
+
+16-bit start states (`starts_dtype` = the inputs' dtype): the state stays float32 in registers and is
+rounded only on the way out; the consumers (outputs kernel, chunk backward) use the starts only as
+16-bit wgmma operands. Register kernel: the two alternating staging tiles become 16-bit (16 KiB each
+at K = V = 128; one float32 tile remains for s0 in and the final state out: the same SMEM as before
+at slots >= 2, 16 KiB more at slots = 1),
+so the per-step store is 16 KiB instead of 32 (per-step traffic ~64 KiB instead of ~80 at L = 1) and
+the whole pass writes half the bytes (256 instead of 512 MiB at B*T = 32K, H = 16). Staged kernel:
+the 16-bit operand copy of S (s_b) goes out by TMA itself; no float32 copy is written per step.
+Rounding in the kernel is the same as XLA's cast of the float32 starts (bit-identical, tested).
 """
 
 from __future__ import annotations
