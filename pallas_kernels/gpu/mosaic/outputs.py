@@ -261,7 +261,7 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
 
 
 def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=None, chunks_per_cta=None,
-            slots=None, fold_start=False, qk_first=False, interpret=False):
+            slots=None, fold_start=None, qk_first=None, interpret=False):
     """o [B, Tp, H, V] in v's dtype: `split.outputs` at chunk_size = 64 on Mosaic GPU.
 
     x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K], v [B, Tp, H, L, V] in bf16 / f16);
@@ -278,12 +278,17 @@ def outputs(x: Prepared, tv: mc.TokenVectors, p, qe, starts, *, scale, block_v=N
     (L - 1) [C, C] float32 accumulators more live until o's chain uses them).
     fold_start: diag(start) q S as one more wgmma in o's accumulator ((diag(start) q) rounded to
     16 bits, staged over P's tile) instead of a separate q S accumulator scaled in registers.
+    fold_start / qk_first None: both on with 16-bit starts, off with float32 ones (H200, L = 2,
+    T = 2K: 16-bit starts 0.76 ms with both, 1.11 without; float32 starts 1.16 ms without, 1.13
+    with both; docs/benchmarks.md, session 4).
     Grid (B, N / chunks_per_cta, H, V / block_v).
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N = Tp // C
     starts16 = starts.dtype == x.q.dtype
+    fold_start = starts16 if fold_start is None else fold_start
+    qk_first = starts16 if qk_first is None else qk_first
     block_v = default_block_v(K, V, L, starts16) if block_v is None else block_v
     if chunks_per_cta is None and not Tp % C and V in SIZES and block_v in (64, V):
         chunks_per_cta = default_chunks_per_cta(B, N, H, V // block_v)
