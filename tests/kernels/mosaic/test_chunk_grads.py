@@ -91,13 +91,13 @@ def _assert_close(got, want, tol=1e-2):
 @pytest.mark.parametrize("L,K,V,init,reset,kw", [
     (1, 128, 64, True, True, {}),  # K = 128: the [C, 64] output slices
     # two value blocks: the partial sums; ainv=None (solved in XLA); raw tiles one pair per write
-    (2, 64, 128, True, True, {"per_write": True}),
-    pytest.param(2, 64, 128, True, True, {}, marks=pytest.mark.slow),
+    (2, 64, 128, True, True, {}),
+    pytest.param(2, 64, 128, True, True, {"per_write": False}, marks=pytest.mark.slow),
     pytest.param(1, 64, 64, False, False, {}, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, False, True, {}, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, True, True, {"per_write": True}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, False, True, {"per_write": False}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, True, True, {}, marks=pytest.mark.slow),
     pytest.param(2, 64, 64, True, True, {"per_write": "split"}, marks=pytest.mark.slow),
-    pytest.param(2, 128, 128, True, False, {"per_write": True, "fold": False}, marks=pytest.mark.slow),
+    pytest.param(2, 128, 128, True, False, {"fold": False}, marks=pytest.mark.slow),
     pytest.param(1, 128, 128, True, False, {}, marks=pytest.mark.slow)])
 def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
@@ -157,13 +157,13 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("L,K,V,kw", [
     pytest.param(1, 64, 128, {}, marks=pytest.mark.slow),
-    (2, 128, 128, {"out_slots": 2}),  # two output slots at 224 KiB
+    (2, 128, 128, {}),  # per_write, two output slots at 224 KiB
     (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
-    (2, 128, 128, {"per_write": True}),
+    (2, 128, 128, {"per_write": False, "out_slots": 1}),
     (2, 128, 128, {"per_write": "split", "out_slots": 1}),
-    pytest.param(2, 128, 64, {"per_write": True, "fold": False, "out_slots": 1}, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, {"per_write": True}, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, {}, marks=pytest.mark.slow)])
+    pytest.param(2, 128, 64, {"fold": False, "out_slots": 1}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, {}, marks=pytest.mark.slow),
+    pytest.param(3, 64, 64, {"per_write": False}, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(L, K, V, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
@@ -174,7 +174,7 @@ def test_lowers_for_cuda(L, K, V, kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
-                                  (2, {"per_write": True}), (1, {"per_write": True}), (2, {"per_write": "split"})])
+                                  (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
