@@ -53,6 +53,13 @@ def stage_options(options):
     return tuple(sorted((s, tuple(sorted(kw.items()))) for s, kw in options.items()))
 
 
+def starts16(stages):
+    """Whether the state pass writes 16-bit start states: only when their readers, the outputs
+    kernel and the chunk backward, are both Mosaic (they use S only as a 16-bit operand; the Triton
+    kernels read float32)."""
+    return {"state", "outputs", "grads"} <= set(stages)
+
+
 def _kw(options, stage):
     return dict(dict(options or ()).get(stage, ()))
 
@@ -60,7 +67,9 @@ def _kw(options, stage):
 def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False,
             options=()):
     """(o [B, Tp, H, V], final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv [B, H, N, C, C] f32
-    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords)."""
+    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords).
+    The start states come back in the inputs' 16-bit dtype when every stage that reads them (outputs,
+    chunk backward) is Mosaic (`starts16`), else float32."""
     tv = token_vectors(x) if {"intra", "state", "outputs"} & set(stages) else None
     if "intra" in stages:
         from pallas_kernels.gpu.mosaic.intra import intra
@@ -74,7 +83,8 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     if "state" in stages:
         from pallas_kernels.gpu.mosaic.state import state_pass
 
-        starts, final = state_pass(x, tv, p, qe, interpret=interpret, **_kw(options, "state"))
+        kw = {"starts_dtype": x.q.dtype if starts16(stages) else None, **_kw(options, "state")}
+        starts, final = state_pass(x, tv, p, qe, interpret=interpret, **kw)
     else:
         from pallas_kernels.gpu import split
 
@@ -109,8 +119,9 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
     if "reverse" in stages:
         from pallas_kernels.gpu.mosaic.reverse import reverse_pass
 
+        kw = {"cot_dtype": mm_dtype if "grads" in stages else None, **_kw(options, "reverse")}
         cot_end, ds0 = reverse_pass(p.astype(mm_dtype), ek.astype(mm_dtype), a, y, dfinal, interpret=interpret,
-                                    **_kw(options, "reverse"))
+                                    **kw)
     else:
         from pallas_kernels.gpu.state_bwd import reverse_pass
 
