@@ -404,6 +404,243 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.wait_smem_to_gmem(0)
 
 
+def _smem_bytes_wg2(K, L, dtype, reduction_scratch=2048):
+    """SMEM bytes of the two-warpgroup kernel (V = 128: two value halves of 64, one per warpgroup)."""
+    it = jnp.dtype(dtype).itemsize
+    shared = ((1 + L) * C * K + (2 + 2 * L) * C * C) * it  # q, k_l; X, QK0, QK_l, B_l
+    half = (2 * L * C * 64 + 3 * C * 64 + 2 * K * 64) * it  # v_l, vw_l, dO, E, dR; S, dS'
+    vecs = 4 * ((_N_ROW_VECS + L) * C + 2 * C + 4 * C + 2 * C + 2 * (L + _N_OUT_VECS) * C)
+    return shared + 2 * half + vecs + 2 * 4 * C * 64 + reduction_scratch + 1024
+
+
+def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
+              dq_ref, dk_ref, dv_ref, dvec_ref,
+              q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
+              rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, barv, sync, *, L, scale):
+    """Two warpgroups, one CTA per (chunk, head, batch) over V = 128; warpgroup w owns value columns
+    [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w], x_s[w], e_s[w], dr_s[w]).
+    Phases, each ended by a barrier both warpgroups arrive at (sync[i]): A value-independent tiles
+    (w = 0: QK0, QK_l; w = 1: diag(beta0) B_l; each its vw_l); B the block step on its own half
+    (E, dR, dv_l, partial row sums into ovec_s[w]); C finish's [C, C] cotangents, each one wgmma
+    chain over both halves (w = 0: dR E^T, dO E^T; w = 1: dO vw_l^T, dR vw_l^T), written over the
+    shared tiles; D each folds its own half's row scalings; E the [C, 64] output slices, alternating
+    between the warpgroups, each one chain over both halves; then both arrive at the last barrier
+    (a warpgroup must not exit while the other still issues wgmma)."""
+    n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    K = q_s.shape[-1]
+    BV = v_s.shape[-1]
+    rows = pl.ds(n * C, C)
+    cols = pl.ds(wg * BV, BV)
+
+    def together(i):
+        plgpu.barrier_arrive(sync.at[i])
+        plgpu.barrier_wait(sync.at[i])
+
+    @pl.when(wg == 0)
+    def _():
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar0)
+        for l in range(L):
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], bar0)
+        for i in range(_N_ROW_VECS + L):
+            plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], bar0)
+        for i in range(2):
+            plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], bar0)
+        for i in range(4):
+            plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], bar0)
+        plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar0)
+
+    for l in range(L):
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[wg, l], barv.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s.at[wg], barv.at[wg])
+    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s.at[wg], barv.at[wg])
+    plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s.at[wg], barv.at[wg])
+    plgpu.barrier_wait(bar0)
+
+    row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
+    G, Gm1 = row(_G), row(_GM1)
+    start_m1, start, end_m1, end = row(_START_M1), row(_START), row(_END_M1), row(_END)
+    betas = [row(_N_ROW_VECS + l) for l in range(L)]
+    beta0 = betas[0]
+    Gc, Gm1c = plgpu.load(cv_s.at[0], layout=mc.COLS), plgpu.load(cv_s.at[1], layout=mc.COLS)
+    r, rm1 = plgpu.load(ri_s.at[0], layout=mc.ROWS), plgpu.load(ri_s.at[1], layout=mc.ROWS)
+    rc, rm1c = plgpu.load(ri_s.at[2], layout=mc.COLS), plgpu.load(ri_s.at[3], layout=mc.COLS)
+    sq, sv = (C, C), (C, BV)
+    R = lambda vec, shape=sq: mc.rows_of(vec, shape)
+    m1m1 = lambda: mc.decay_matrix(Gm1, rm1, Gm1c, rm1c, sq, strict=True)
+    m1_0 = lambda: mc.decay_matrix(Gm1, rm1, Gc, rc, sq, strict=True)
+    t_m1 = lambda: mc.decay_matrix(G, r, Gm1c, rm1c, sq, strict=False)
+    t_0 = lambda: mc.decay_matrix(G, r, Gc, rc, sq, strict=False)
+    load = lambda buf: plgpu.load(buf, layout=mc.WGMMA).astype(f32)
+
+    def put(buf, value):
+        buf[...] = value.astype(buf.dtype)
+
+    def add_vec(w, i, value):
+        ovec_s[w, i] = plgpu.load(ovec_s.at[w, i], layout=mc.ROWS) + value
+
+    # ---- A: value-independent tiles, half each; every warpgroup its own vw_l.
+    @pl.when(wg == 0)
+    def _():
+        for l in range(L):
+            qk_l = mc.matmul(q_s, k_s.at[l].T, sq)
+            if l == 0:
+                put(qk0_s, -scale * qk_l * t_m1())
+            put(qk_s.at[l], scale * qk_l * t_0())
+
+    @pl.when(wg == 1)
+    def _():
+        for l in range(L):
+            put(b_s.at[l], R(beta0) * mc.matmul(k_s.at[0], k_s.at[l].T, sq) * m1_0())
+
+    plgpu.barrier_wait(barv.at[wg])
+    for l in range(L):
+        put(vw_s.at[wg, l], R(betas[l], sv) * load(v_s.at[wg, l]))
+    plgpu.commit_smem()
+    together(0)
+
+    # ---- B: block step on this warpgroup's value half.
+    v_w, vw_w, do_w, s_w, x_w = v_s.at[wg], vw_s.at[wg], do_s.at[wg], s_s.at[wg], x_s.at[wg]
+    e_w, dr_w = e_s.at[wg], dr_s.at[wg]
+    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),
+                                (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
+    put(e_w, R(beta0 * start_m1, sv) * k0s + bvw)
+    put(dr_w, qdo - R(end_m1, sv) * kx0)
+    plgpu.commit_smem()
+    e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
+    re = jnp.sum(e * kx0, axis=1)
+    rs = jnp.sum(dr * k0s, axis=1)
+    put(e_w, e)
+    put(dr_w, dr)
+    plgpu.commit_smem()
+    rend = jnp.zeros_like(re)
+    dbetas = []
+    for l in range(L):
+        dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
+                                *([(sv, [(k_s.at[l], x_w)])] if l else []))
+        kx = kx_l[0] if l else kx0
+        dvw = dvw_raw + R(end, sv) * kx
+        vl = load(v_w.at[l])
+        dbetas.append(jnp.sum(dvw * vl, axis=1))
+        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
+        put(v_w.at[l], R(betas[l], sv) * dvw)  # dv_l
+    plgpu.commit_smem()
+    for l in range(L):
+        plgpu.copy_smem_to_gmem(v_w.at[l], dv_ref.at[b, rows, h, l, cols])
+    qs, sx = _issue((sv, [(q_s, s_w)]), ((BV, BV), [(s_w.T, x_w)]))
+    dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * start
+    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
+    dbetas[0] = dbetas[0] + start_m1 * rs
+    for l in range(L):
+        ovec_s[wg, l] = dbetas[l]
+    ovec_s[wg, L] = dG_state - rend * end
+    ovec_s[wg, L + 1] = beta0 * rs * start_m1 + re * end_m1
+    ovec_s[wg, L + 2] = rend * end - re * end_m1 + sx_diag * row(_ALL)
+    together(1)
+
+    # ---- C: finish's [C, C] cotangents, each a chain over both value halves.
+    def colsum(w, x):
+        cs_s[w] = jnp.sum(x, axis=0)
+        plgpu.commit_smem()
+        return plgpu.load(cs_s.at[w], layout=mc.ROWS)
+
+    halves = (0, 1)
+
+    @pl.when(wg == 0)
+    def _():
+        dm_raw, dqk0_raw, qk_raw0, kk_raw0 = _issue(
+            (sq, [(dr_s.at[w], e_s.at[w].T) for w in halves]), (sq, [(do_s.at[w], e_s.at[w].T) for w in halves]),
+            (sq, [(q_s, k_s.at[0].T)]), (sq, [(k_s.at[0], k_s.at[0].T)]))
+        d_m1m1 = m1m1()
+        kk_m = kk_raw0 * d_m1m1
+        dm = -dm_raw
+        w_m1m1 = R(beta0) * dm * kk_m
+        put(qk0_s, R(beta0) * dm * d_m1m1)  # dkk
+        dqk0 = -scale * dqk0_raw * t_m1()
+        w_tm1 = dqk0 * qk_raw0
+        put(xinv_s, dqk0)
+        add_vec(0, 0, jnp.sum(dm * kk_m, axis=1))
+        add_vec(0, L, jnp.sum(w_tm1, axis=1))
+        add_vec(0, L + 1, jnp.sum(w_m1m1, axis=1) - colsum(0, w_m1m1 + w_tm1))
+
+    @pl.when(wg == 1)
+    def _():
+        dbeta0 = dG = dGm1 = cols = None
+        for l in range(L):
+            dqkl_raw, drv, qk_l, kk_l = _issue(
+                (sq, [(do_s.at[w], vw_s.at[w, l].T) for w in halves]),
+                (sq, [(dr_s.at[w], vw_s.at[w, l].T) for w in halves]),
+                (sq, [(q_s, k_s.at[l].T)]), (sq, [(k_s.at[0], k_s.at[l].T)]))
+            dqkl = scale * dqkl_raw * t_0()
+            w_t0 = dqkl * qk_l
+            put(qk_s.at[l], dqkl)
+            drv_m = drv * m1_0()
+            dbl = R(beta0) * drv_m
+            w_m10 = dbl * kk_l
+            put(b_s.at[l], dbl)  # dA_l
+            terms = (jnp.sum(drv_m * kk_l, axis=1), jnp.sum(w_t0, axis=1), jnp.sum(w_m10, axis=1),
+                     jnp.sum(w_t0 + w_m10, axis=0))
+            if l == 0:
+                dbeta0, dG, dGm1, cols = terms
+            else:
+                dbeta0, dG, dGm1, cols = (a + t for a, t in zip((dbeta0, dG, dGm1, cols), terms))
+        cs_s[1] = cols
+        plgpu.commit_smem()
+        add_vec(1, 0, dbeta0)
+        add_vec(1, L, dG - plgpu.load(cs_s.at[1], layout=mc.ROWS))
+        add_vec(1, L + 1, dGm1)
+
+    plgpu.commit_smem()
+    together(2)
+
+    # ---- D: the state terms' row scalings folded into this half's 16-bit operands.
+    put(do_w, R(start * scale, sv) * load(do_w))
+    put(dr_w, R(beta0 * start_m1, sv) * load(dr_w))
+    put(e_w, -R(end_m1, sv) * load(e_w))
+    for l in range(L):
+        put(vw_w.at[l], R(end, sv) * load(vw_w.at[l]))
+    plgpu.commit_smem()
+    for i in range(L + _N_OUT_VECS):
+        plgpu.copy_smem_to_gmem(ovec_s.at[wg, i], dvec_ref.at[wg, b, h, i, rows])
+    together(3)
+
+    # ---- E: [C, 64] output slices, alternately per warpgroup, one chain over both halves each.
+    so = (C, 64)
+    n_slots = out_s.shape[1]
+    jobs = [(o, kh) for kh in range(K // 64) for o in range(1 + L)]  # o = 0: dq, 1 + l: dk_l
+    for w in halves:
+        @pl.when(wg == w)
+        def _():
+            for i, (o, kh) in enumerate(jobs[w::2]):
+                kc = pl.ds(kh * 64, 64)
+                sl = lambda ref: ref if K == 64 else ref.at[:, kc]
+                st = lambda ref: (ref if K == 64 else ref.at[kc]).T
+                q_h, k_h = sl(q_s), [sl(k_s.at[l]) for l in range(L)]
+                if o == 0:
+                    pairs = ([(do_s.at[u], st(s_s.at[u])) for u in halves] + [(xinv_s, k_h[0])]
+                             + [(qk_s.at[l], k_h[l]) for l in range(L)])
+                    dst = dq_ref.at[b, rows, h, kc]
+                else:
+                    l = o - 1
+                    pairs = ([(vw_s.at[u, l], st(x_s.at[u])) for u in halves]
+                             + [(qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])])
+                    if l == 0:
+                        pairs += ([(dr_s.at[u], st(s_s.at[u])) for u in halves]
+                                  + [(e_s.at[u], st(x_s.at[u])) for u in halves]
+                                  + [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
+                                  + [(b_s.at[j], k_h[j]) for j in range(L)])
+                    dst = dk_ref.at[b, rows, h, l, kc]
+                (value,) = _issue((so, pairs))
+                slot = i % n_slots
+                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                out_s[w, slot] = value
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_s.at[w, slot], dst)
+
+    plgpu.wait_smem_to_gmem(0)
+    together(4)
+
+
 def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
     """Whether `chunk_grads_backward` takes this key width, write count and dtype (SMEM: L = 3 at
     K = 128 does not fit); callers fall back to the Triton kernel where it does not."""
@@ -464,7 +701,7 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, interpret=False):
+                         reduction_scratch=2048, warpgroups=1, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -486,11 +723,21 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     wgmmas) or "split" (as True, with every group of `finish` cut to two accumulators: ~2L more
     waits). approx_math: exp by the approximate ex2 instruction (decay matrices; relative error
     ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp reductions
-    (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`).
-    Grid (N, H, B * V / block_v).
+    (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, or 2
+    (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
+    value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, one
+    output slot per warpgroup: `out_slots`, `fold`, `per_write` do not apply; SMEM: K = 64, L = 1
+    only, ~199 KiB; K = 128 needs 240+ KiB: refused).
+    Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
+    if warpgroups == 2:
+        return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
+                               approx_math=approx_math, reduction_scratch=reduction_scratch,
+                               interpret=interpret)
+    if warpgroups != 1:
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be 1 or 2")
     _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -526,10 +773,71 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                                interpret=interpret)(
         x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
         rint)
-    dq, dk, dvec = dq.sum(0), dk.sum(0), dvec.sum(0)
+    dq, dk = dq.sum(0), dk.sum(0)
+    return (dq, dk, dv, *_token_grads(dvec, L, N))
+
+
+def _token_grads(dvec, L, N):
+    """dbeta [B, Tp, H, L] and dg [B, Tp, H] from the kernel's per-token partials
+    [parts, B, H, L + 3, Tp] (summed over parts here)."""
+    dvec = dvec.sum(0)
+    B, H, _, Tp = dvec.shape
     dbeta = jnp.transpose(dvec[:, :, :L], (0, 3, 1, 2))  # [B, Tp, H, L]
     dG, dGm1, pC = (dvec[:, :, L + i].reshape(B, H, N, C) for i in range(_N_OUT_VECS))
     dGC = pC.sum(-1)
     dg = jnp.flip(jnp.cumsum(jnp.flip(dG + dGm1, -1), -1), -1) - dGm1 + dGC[..., None]
     dg = jnp.moveaxis(dg.reshape(B, H, Tp), 1, 2)
-    return dq, dk, dv, dbeta, dg
+    return dbeta, dg
+
+
+def _token_operands(tv):
+    """The kernel's float32 per-token row vectors [B, H, 7 + L, Tp], column vectors [B, H, 2, Tp]
+    and reset counts [B, 2, Tp]."""
+    all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
+    rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end, all_t], 2),
+                            tv.beta], axis=2)
+    return rvec, jnp.stack([tv.G, tv.Gm1], 2), jnp.stack([tv.r, tv.rm1], 1)
+
+
+def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
+                    reduction_scratch, interpret):
+    """`chunk_grads_backward(warpgroups=2)`: grid (N, H, B), two warpgroups per CTA (`_body_wg2`)."""
+    _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    N, dt = Tp // C, x.q.dtype
+    if V != 2 * block_v:
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 needs V = {2 * block_v} (two value blocks), "
+                         f"got V = {V}")
+    need = _smem_bytes_wg2(K, L, dt, reduction_scratch)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 at K = {K}, L = {L} needs {need // 1024} KiB "
+                         f"of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: K = 64, L = 1")
+    if ainv is None:
+        ainv = chunk_inverses(x)
+    rvec, cvec, rint = _token_operands(tv)
+    sq, sv, sk = (C, C), (C, block_v), (C, K)
+    scratch = dict(
+        q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt), v_s=mc.smem((2, L, *sv), dt),
+        vw_s=mc.smem((2, L, *sv), dt), do_s=mc.smem((2, *sv), dt), s_s=mc.smem((2, K, block_v), dt),
+        x_s=mc.smem((2, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
+        qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((2, *sv), dt),
+        dr_s=mc.smem((2, *sv), dt),
+        rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
+        ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
+        ovec_s=plgpu.SMEM((2, L + _N_OUT_VECS, C), f32), out_s=mc.smem((2, 1, C, 64), f32),
+        bar0=plgpu.Barrier(num_arrivals=1 + L + _N_ROW_VECS + L + 2 + 4 + 1),
+        barv=plgpu.Barrier(num_arrivals=L + 3, num_barriers=2),
+        sync=plgpu.Barrier(num_arrivals=2, num_barriers=5))
+    out_type = (jax.ShapeDtypeStruct((B, Tp, H, K), f32),
+                jax.ShapeDtypeStruct((B, Tp, H, L, K), f32),
+                jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
+                jax.ShapeDtypeStruct((2, B, H, L + _N_OUT_VECS, Tp), f32))
+    body = functools.partial(_body_wg2, L=L, scale=scale)
+    dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu_wg2", out_type=out_type,
+                               scratch_types=scratch, grid=(N, H, B), grid_names=("n", "h", "b"),
+                               num_threads=2, thread_name="wg", approx_math=approx_math,
+                               reduction_scratch=reduction_scratch, interpret=interpret)(
+        x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
+        rint)
+    return (dq, dk, dv, *_token_grads(dvec, L, N))
