@@ -51,6 +51,22 @@ L - 1 more waits per phase; "split" pairs every accumulator with one other (at m
 more waits). The output group is 1 + L chained accumulators (dk_0's terms and write 0's k0 terms
 share one). Settings to time: /work/briefs/try_grads3.txt.
 
+Two warpgroups (`warpgroups=2`, phase 4; `_body_wg2`). Grid (N, H, B), one CTA per chunk and
+head over V = 128, warpgroup w owning value columns [64 w, 64 w + 64]: the value-independent
+[C, C] tiles (QK0, QK_l by w = 0, diag(beta0) B_l by w = 1) are formed once, not per value block;
+the block step runs per half; finish's [C, C] cotangents are single wgmma chains over both halves
+(both in SMEM: no float32 sums across warpgroups needed), split between the warpgroups (w = 0:
+dR E^T, dO E^T; w = 1: each write's dO vw_l^T, dR vw_l^T); the [C, 64] dq / dk slices alternate
+between the warpgroups, each a chain over both halves, written once (no XLA sums of partials;
+only the per-token vectors stay two partials). Five barriers that both warpgroups arrive at
+separate the phases (the last one so that neither exits while the other issues wgmma). SMEM: q,
+k_l and the [C, C] tiles once, v_l, vw_l, dO, E, dR, S, dS' per half; the float32 output slots
+share their bytes with v_l (dead once dv_l is stored): K = 128, L = 1 217 KiB with ONE output
+slot that the two warpgroups take in turns (`turn` barriers: a store waits for the other's to be
+read); K = 64, L = 1 185 KiB with a slot per warpgroup; K = 64, L = 2 refused at the default
+`reduction_scratch` (Mosaic counts 227.1 KiB; 1024 would fit, untested); L = 2 at K = 128 needs
+~282 KiB: refused. The interpreter runs `num_threads=2` (tested there against float64).
+
 Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
 the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
 rend end - re end_m1 + exp(G_C) diag(S^T dS') (<S, dS'> is the trace of one [BV, BV] wgmma;
@@ -404,19 +420,28 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.wait_smem_to_gmem(0)
 
 
-def _smem_bytes_wg2(K, L, dtype, reduction_scratch=2048):
-    """SMEM bytes of the two-warpgroup kernel (V = 128: two value halves of 64, one per warpgroup)."""
+def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048):
+    """SMEM bytes of the two-warpgroup kernel (V = 128: two value halves of 64, one per warpgroup)
+    with `slots` float32 [C, 64] output staging tiles (sharing their bytes with the v_l tiles)."""
     it = jnp.dtype(dtype).itemsize
     shared = ((1 + L) * C * K + (2 + 2 * L) * C * C) * it  # q, k_l; X, QK0, QK_l, B_l
-    half = (2 * L * C * 64 + 3 * C * 64 + 2 * K * 64) * it  # v_l, vw_l, dO, E, dR; S, dS'
+    half = (L * C * 64 + 3 * C * 64 + 2 * K * 64) * it  # vw_l, dO, E, dR; S, dS'
+    union = max(2 * L * C * 64 * it, slots * 4 * C * 64)  # v_l (then dv_l) of both halves | output slots
     vecs = 4 * ((_N_ROW_VECS + L) * C + 2 * C + 4 * C + 2 * C + 2 * (L + _N_OUT_VECS) * C)
-    return shared + 2 * half + vecs + 2 * 4 * C * 64 + reduction_scratch + 1024
+    # + barriers and alignment: Mosaic counted 232536 bytes at K = 64, L = 2 where this sum is 231168
+    return shared + 2 * half + union + vecs + reduction_scratch + 3072
+
+
+def _wg2_slots(K, L, dtype, reduction_scratch=2048):
+    """Output slots of the two-warpgroup kernel: one per warpgroup where they fit, else one shared
+    slot taken in turns."""
+    return 2 if _smem_bytes_wg2(K, L, dtype, 2, reduction_scratch) <= SMEM_LIMIT else 1
 
 
 def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
               dq_ref, dk_ref, dv_ref, dvec_ref,
-              q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-              rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, barv, sync, *, L, scale):
+              q_s, k_s, v_out, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
+              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, *, L, scale):
     """Two warpgroups, one CTA per (chunk, head, batch) over V = 128; warpgroup w owns value columns
     [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w], x_s[w], e_s[w], dr_s[w]).
     Phases, each ended by a barrier both warpgroups arrive at (sync[i]): A value-independent tiles
@@ -425,7 +450,11 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     chain over both halves (w = 0: dR E^T, dO E^T; w = 1: dO vw_l^T, dR vw_l^T), written over the
     shared tiles; D each folds its own half's row scalings; E the [C, 64] output slices, alternating
     between the warpgroups, each one chain over both halves; then both arrive at the last barrier
-    (a warpgroup must not exit while the other still issues wgmma)."""
+    (a warpgroup must not exit while the other still issues wgmma).
+
+    v_out: the v_l tiles (then dv_l) and, once their stores have been read, the float32 output
+    slots: one per warpgroup, or one shared slot (`turn[t]`: output t has left it)."""
+    (v_s,), (out_s,) = v_out
     n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
     K = q_s.shape[-1]
@@ -602,11 +631,12 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     plgpu.commit_smem()
     for i in range(L + _N_OUT_VECS):
         plgpu.copy_smem_to_gmem(ovec_s.at[wg, i], dvec_ref.at[wg, b, h, i, rows])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dv_l left v_s: its bytes become the output slots
     together(3)
 
     # ---- E: [C, 64] output slices, alternately per warpgroup, one chain over both halves each.
     so = (C, 64)
-    n_slots = out_s.shape[1]
+    shared_slot = out_s.shape[0] == 1
     jobs = [(o, kh) for kh in range(K // 64) for o in range(1 + L)]  # o = 0: dq, 1 + l: dk_l
     for w in halves:
         @pl.when(wg == w)
@@ -631,11 +661,18 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                                   + [(b_s.at[j], k_h[j]) for j in range(L)])
                     dst = dk_ref.at[b, rows, h, l, kc]
                 (value,) = _issue((so, pairs))
-                slot = i % n_slots
-                plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                out_s[w, slot] = value
+                t = w + 2 * i  # this output's place in the order of all outputs
+                slot = 0 if shared_slot else w
+                if shared_slot and t:
+                    plgpu.barrier_wait(turn.at[t - 1])  # the other warpgroup's output left the slot
+                else:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_s[slot] = value
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_s.at[w, slot], dst)
+                plgpu.copy_smem_to_gmem(out_s.at[slot], dst)
+                if shared_slot:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    plgpu.barrier_arrive(turn.at[t])
 
     plgpu.wait_smem_to_gmem(0)
     together(4)
@@ -809,26 +846,29 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
     if V != 2 * block_v:
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 needs V = {2 * block_v} (two value blocks), "
                          f"got V = {V}")
-    need = _smem_bytes_wg2(K, L, dt, reduction_scratch)
+    slots = _wg2_slots(K, L, dt, reduction_scratch)
+    need = _smem_bytes_wg2(K, L, dt, slots, reduction_scratch)
     if need > SMEM_LIMIT:
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 at K = {K}, L = {L} needs {need // 1024} KiB "
-                         f"of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: K = 64, L = 1")
+                         f"of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: L = 1 (K = 64, 128)")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
     sq, sv, sk = (C, C), (C, block_v), (C, K)
     scratch = dict(
-        q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt), v_s=mc.smem((2, L, *sv), dt),
+        q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt),
+        v_out=plgpu.RefUnion([mc.smem((2, L, *sv), dt)], [mc.smem((slots, C, 64), f32)]),
         vw_s=mc.smem((2, L, *sv), dt), do_s=mc.smem((2, *sv), dt), s_s=mc.smem((2, K, block_v), dt),
         x_s=mc.smem((2, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
         qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((2, *sv), dt),
         dr_s=mc.smem((2, *sv), dt),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
-        ovec_s=plgpu.SMEM((2, L + _N_OUT_VECS, C), f32), out_s=mc.smem((2, 1, C, 64), f32),
+        ovec_s=plgpu.SMEM((2, L + _N_OUT_VECS, C), f32),
         bar0=plgpu.Barrier(num_arrivals=1 + L + _N_ROW_VECS + L + 2 + 4 + 1),
         barv=plgpu.Barrier(num_arrivals=L + 3, num_barriers=2),
-        sync=plgpu.Barrier(num_arrivals=2, num_barriers=5))
+        sync=plgpu.Barrier(num_arrivals=2, num_barriers=5),
+        turn=plgpu.Barrier(num_arrivals=1, num_barriers=(1 + L) * K // 64))
     out_type = (jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                 jax.ShapeDtypeStruct((B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),

@@ -108,10 +108,11 @@ def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init,reset", [(True, True), (False, False)])
-def test_interpret_two_warpgroups_matches_float64_reference(init, reset):
-    """warpgroups=2: both warpgroups of one CTA, the value halves shared through SMEM."""
-    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=128, init=init, reset=reset, seed=7)
+@pytest.mark.parametrize("K,init,reset", [(64, True, True), (64, False, False), (128, True, True)])
+def test_interpret_two_warpgroups_matches_float64_reference(K, init, reset):
+    """warpgroups=2: both warpgroups of one CTA, the value halves shared through SMEM; K = 128: the
+    two warpgroups take turns in one output slot."""
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=K, V=128, init=init, reset=reset, seed=7)
     got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=2)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
@@ -159,7 +160,7 @@ def test_bad_inputs_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=3)
     with pytest.raises(ValueError, match="V = 128"):  # two warpgroups: two value blocks of 64
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=2)
-    xk = _inputs(K=128, V=128)
+    xk = _inputs(K=128, V=128, L=2)
     with pytest.raises(ValueError, match="SMEM"):
         chunk_grads_backward(xk[0], mc.token_vectors(xk[0]), *xk[1:4], scale=1.0, ainv=xk[4], warpgroups=2)
     with pytest.raises(ValueError, match="block_v"):
@@ -176,7 +177,8 @@ def test_bad_inputs_raise():
     (2, 128, 128, {}),  # per_write, two output slots at 224 KiB
     (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
     pytest.param(2, 128, 128, {"per_write": False, "out_slots": 1}, marks=pytest.mark.slow),
-    (1, 64, 128, {"warpgroups": 2}),  # one CTA over V = 128, two warpgroups
+    (1, 128, 128, {"warpgroups": 2}),  # one CTA over V = 128, two warpgroups, one shared output slot
+    pytest.param(1, 64, 128, {"warpgroups": 2}, marks=pytest.mark.slow),  # an output slot per warpgroup
     (2, 128, 128, {"per_write": "split", "out_slots": 1}),
     pytest.param(2, 128, 64, {"fold": False, "out_slots": 1}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, {}, marks=pytest.mark.slow),
@@ -199,10 +201,11 @@ def test_gpu_matches_float64_reference(L, kw):
 
 
 @pytest.mark.gpu
-def test_gpu_two_warpgroups_matches_float64_reference():
-    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=64, V=128, L=1, seed=13)
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=64 ** -0.5, interpret=False, warpgroups=2)
-    _assert_close(got, _reference(x, starts, do, cot_end, scale=64 ** -0.5))
+@pytest.mark.parametrize("K", [64, 128])
+def test_gpu_two_warpgroups_matches_float64_reference(K):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=128, L=1, seed=13)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=2)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
 @pytest.mark.gpu
