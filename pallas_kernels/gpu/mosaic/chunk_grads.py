@@ -762,9 +762,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp reductions
     (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, or 2
     (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
-    value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, one
-    output slot per warpgroup: `out_slots`, `fold`, `per_write` do not apply; SMEM: K = 64, L = 1
-    only, ~199 KiB; K = 128 needs 240+ KiB: refused).
+    value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, the
+    output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply; SMEM: L = 1 at
+    K = 64 and 128, larger L refused).
     Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
