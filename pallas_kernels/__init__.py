@@ -161,8 +161,34 @@ def _check_mosaic(q, K, V, L, chunk_size, platform, stages):
     return check_stages(stages, K, L, q.dtype)
 
 
-def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, segment_ids=None,
-                 block_v=None, num_warps=None, num_stages=None, kernel="split", bwd="auto",
+def _is_hopper():
+    try:
+        return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+    except RuntimeError:
+        return False
+
+
+def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, hopper=None):
+    """kernel="auto" (the default): "mosaic" on a Hopper GPU for 16-bit inputs with K, V in (64, 128),
+    chunk_size None or 64, no Triton-only option set (`split_options`) and every stage's Mosaic kernel
+    taking the shape (the chunk backward does not at L = 3, K = 128); else "split".
+    H200, bf16, B*T = 32K, H = 16, K = V = 128, fwd+bwd ms (docs/benchmarks.md, session 4): L = 1
+    5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3); L = 3, where
+    the chunk backward falls back to Triton at chunk 64: 42.48 vs 23.90, hence "split" there.
+    hopper: None detects the default device (compute capability 9.x)."""
+    from pallas_kernels.gpu.mosaic.pipeline import STAGES, supported_stages
+
+    if (platform not in ("gpu", "cuda") or split_options or chunk_size not in (None, 64)
+            or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            or K not in _MOSAIC_SIZES or V not in _MOSAIC_SIZES):
+        return "split"
+    if not (_is_hopper() if hopper is None else hopper):
+        return "split"
+    return "mosaic" if supported_stages(K, L, dtype) == STAGES else "split"
+
+
+def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None, segment_ids=None,
+                 block_v=None, num_warps=None, num_stages=None, kernel="auto", bwd="auto",
                  bwd_block_v=None, bwd_num_warps=None, platform=None, forward_inverse="blocked8",
                  state_pieces=1, bwd_v_split=None, forward_outputs="kernel", mosaic_stages=None,
                  mosaic_options=None):
@@ -170,9 +196,12 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
     initial_state [B, H, K, V] or None, segment_ids [B, T] int or None.
-    chunk_size: 32 was fastest on an H200 for bf16, K = V = 128 (docs/benchmarks.md).
+    chunk_size: None = 64 for kernel "mosaic", 32 for the Triton kernels (their fastest on an H200
+    for bf16, K = V = 128; docs/benchmarks.md).
+    kernel: "auto" (default, `auto_kernel`: "mosaic" on Hopper where it is measured faster, else
+    "split"), "split", "fused" or "mosaic" (below).
     Block kwargs: block_v (value columns per program of the sequential state pass), num_warps /
-    num_stages (Triton); kernel: "split" (GPU default: parallel solve, sequential state pass,
+    num_stages (Triton); kernel: "split" (the Triton default: parallel solve, sequential state pass,
     parallel outputs; `gpu/split.py`) or "fused" (one kernel per head, `gpu/forward.py`);
     bwd: "xla" (vmapped `jax.vjp` of the chunk math over all chunks, with the Triton state
     pull-back and reverse-pass kernels), "fused" (the per-chunk pull-back as one Triton kernel,
@@ -202,9 +231,15 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=32, 
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
     platform = _platform(platform)
+    if kernel == "auto":
+        split_options = (bwd != "auto" or block_v is not None or num_warps is not None or state_pieces != 1
+                         or forward_outputs != "kernel" or bwd_block_v is not None or bwd_v_split is not None)
+        kernel = auto_kernel(q.dtype, K, V, L, chunk_size, platform, split_options=split_options)
+    if chunk_size is None:
+        chunk_size = 64 if kernel == "mosaic" else 32
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused", "mosaic"):
-        raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'split', 'fused' or 'mosaic'")
+        raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'auto', 'split', 'fused' or 'mosaic'")
     if kernel == "mosaic":
         mosaic_stages = _check_mosaic(q, K, V, k.shape[3], chunk_size, platform, mosaic_stages)
         from pallas_kernels.gpu.mosaic.pipeline import stage_options

@@ -764,7 +764,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
     value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, the
     output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply; SMEM: L = 1 at
-    K = 64 and 128, larger L refused).
+    K = 64 and 128, larger L refused). EXPERIMENTAL: on the H200 (session 4, L = 1, K = V = 128)
+    it gave dg off by 1.6 (relative L2) while dq, dk, dv, dbeta agreed (2.4e-3 to 2.9e-3): the
+    per-token decay partials of the two warpgroups are suspect; it passes in the interpreter.
     Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).

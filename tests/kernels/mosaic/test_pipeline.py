@@ -70,3 +70,18 @@ def test_supported_stages_leave_out_what_does_not_fit():
 @pytest.mark.parametrize("L", [1, 2, 3])
 def test_gpu_mosaic_pipeline_matches_reference(L):
     _check(None, L=L, T=1000, H=4, K=128, V=128, seed=10 + L, with_state=True, tol=2e-2)
+
+
+def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
+    from pallas_kernels import auto_kernel
+
+    bf16 = jnp.bfloat16
+    assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=True) == "mosaic"
+    assert auto_kernel(jnp.float16, 64, 128, 1, 64, "cuda", hopper=True) == "mosaic"
+    assert auto_kernel(bf16, 128, 128, 3, None, "gpu", hopper=True) == "split"  # chunk backward on Triton
+    assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=False) == "split"  # not Hopper
+    assert auto_kernel(jnp.float32, 128, 128, 2, None, "gpu", hopper=True) == "split"
+    assert auto_kernel(bf16, 128, 128, 2, 32, "gpu", hopper=True) == "split"  # a Triton chunk asked for
+    assert auto_kernel(bf16, 32, 128, 2, None, "gpu", hopper=True) == "split"
+    assert auto_kernel(bf16, 128, 128, 2, None, "gpu", split_options=True, hopper=True) == "split"
+    assert auto_kernel(bf16, 128, 128, 2, None, "cpu", hopper=True) == "split"  # CPU: Triton interpret
