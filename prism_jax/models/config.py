@@ -45,7 +45,7 @@ class PrismLMConfig:
     dtype: str = "float32"           # compute dtype
     param_dtype: str = "float32"
     op_impl: str = "chunk"
-    chunk_size: int | None = None    # None: the op form's default (chunk 64, pallas 32; docs/benchmarks.md)
+    chunk_size: int | None = None    # None: the op form's default (chunk 64; pallas 64 on Hopper, else 32)
     gla_decay: bool = True           # mixer "gla": False fixes the decay to 1 (plain linear attention)
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
