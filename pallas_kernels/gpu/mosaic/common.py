@@ -152,3 +152,20 @@ def matmul(a, b, shape, init=None):
 
         out = pl.run_state(body)(plgpu.ACC.init(init))
     return lax.optimization_barrier(out)
+
+
+def walk_chunks(n, slots, bar, chunk, refill):
+    """`chunk(j, slot)` for j = 0 .. n - 1 of a CTA's consecutive chunks, their tiles TMA-loaded into
+    `slots` (1 or 2) SMEM slots whose load barriers are `bar`: with two slots chunk j + 1's loads
+    (`refill(j + 1, other slot)`) are issued before chunk j computes, with one after it. The caller
+    issues chunk 0's loads into slot 0 first."""
+
+    @pl.loop(0, n)
+    def _walk(j):
+        slot = lax.rem(j, 2) if slots == 2 else j * 0  # traced: a static 0 breaks run_state lowering
+        plgpu.barrier_wait(bar.at[slot])
+        if slots == 2:
+            pl.when(j + 1 < n)(lambda: refill(j + 1, 1 - slot))
+        chunk(j, slot)
+        if slots == 1:
+            pl.when(j + 1 < n)(lambda: refill(j + 1, 0))

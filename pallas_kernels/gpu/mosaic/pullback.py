@@ -194,15 +194,7 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
     issue_ainv(0)
     issue(0, 0)
 
-    @pl.loop(0, cpc)
-    def _walk(j):
-        slot = lax.rem(j, 2) if slots == 2 else j * 0  # traced: a static 0 breaks run_state lowering
-        plgpu.barrier_wait(bar.at[slot])
-        if slots == 2:
-            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 1 - slot))
-        chunk(j, slot)
-        if slots == 1:
-            pl.when(j + 1 < cpc)(lambda: refill(j + 1, 0))
+    mc.walk_chunks(cpc, slots, bar, chunk, refill)
 
     plgpu.wait_smem_to_gmem(0)
 
