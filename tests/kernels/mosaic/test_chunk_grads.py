@@ -109,6 +109,8 @@ def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("K,init,reset", [(64, True, True), (64, False, False), (128, True, True)])
+# Known: one run of these deadlocked in the Mosaic GPU interpreter (CPU idle) twice in session 4
+# (two warpgroups and their barriers interpreted in threads); .ci/run leaves them out.
 def test_interpret_two_warpgroups_matches_float64_reference(K, init, reset):
     """warpgroups=2: both warpgroups of one CTA, the value halves shared through SMEM; K = 128: the
     two warpgroups take turns in one output slot."""
