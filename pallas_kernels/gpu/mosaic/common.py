@@ -169,3 +169,17 @@ def walk_chunks(n, slots, bar, chunk, refill):
         chunk(j, slot)
         if slots == 1:
             pl.when(j + 1 < n)(lambda: refill(j + 1, 0))
+
+
+def products(operands, meanwhile):
+    """([a_i @ b_i float32 for (a_i, b_i, shape_i) in operands], meanwhile()): the wgmmas are issued
+    back to back, `meanwhile` (register work not touching them) runs while the tensor cores compute,
+    then the accumulators are read (one wait; through an optimization barrier as `matmul`)."""
+    def scoped(*accs):
+        for acc, (a, b, _) in zip(accs, operands):
+            plgpu.wgmma(acc, a, b)
+        other = meanwhile()
+        return tuple(acc[...] for acc in accs), other
+
+    outs, other = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _, _, shape in operands))
+    return lax.optimization_barrier(outs), other

@@ -135,20 +135,6 @@ def default_chunks_per_cta(B, N, H, n_vblocks, *, min_ctas=2 * SMS, max_chunks=M
     return best
 
 
-def _products(operands, meanwhile):
-    """([a_i @ b_i float32 for (a_i, b_i, shape_i) in operands], meanwhile()): the wgmmas are issued
-    back to back, `meanwhile` (register work not touching them) runs while the tensor cores compute,
-    then the accumulators are read (one wait; through an optimization barrier as `common.matmul`)."""
-    def scoped(*accs):
-        for acc, (a, b, _) in zip(accs, operands):
-            plgpu.wgmma(acc, a, b)
-        other = meanwhile()
-        return tuple(acc[...] for acc in accs), other
-
-    outs, other = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _, _, shape in operands))
-    return lax.optimization_barrier(outs), other
-
-
 def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_ref, o_ref,
           q_s, k_s, v_s, p_s, qe_s, s32_s, s16_s, a_s, o_s, fr_s, fc_s, ir_s, ic_s, bar, s_bar, *,
           L, bv, scale, cpc, slots, fold_start, qk_first):
@@ -202,7 +188,7 @@ def _body(q_ref, k_ref, v_ref, p_ref, qe_ref, s_ref, fr_ref, fc_ref, ir_ref, ic_
         n_qk = L if qk_first else 1
         first = ([(p, s16_s, (C, bv))] + ([] if fold_start else [(q, s16_s, (C, bv))])
                  + [(q, k_l(l).T, sq) for l in range(n_qk)])
-        outs, t_m1 = _products(first, meanwhile)
+        outs, t_m1 = mc.products(first, meanwhile)
         ps, qs, qks = outs[0], (None if fold_start else outs[1]), outs[len(outs) - n_qk:]
         qk0 = qks[0]
         e = ps + plgpu.load(qe, layout=mc.WGMMA).astype(f32)

@@ -74,20 +74,6 @@ def default_block_v(K, V):
     return 64
 
 
-def _products(operands, meanwhile):
-    """([a_i @ b_i float32 for (a_i, b_i, shape_i) in operands], meanwhile()): the wgmmas are issued
-    back to back, `meanwhile` (register work not touching them) runs while the tensor cores compute,
-    then the accumulators are read (one wait; through an optimization barrier as `common.matmul`)."""
-    def scoped(*accs):
-        for acc, (a, b, _) in zip(accs, operands):
-            plgpu.wgmma(acc, a, b)
-        other = meanwhile()
-        return tuple(acc[...] for acc in accs), other
-
-    outs, other = pl.run_scoped(scoped, *(plgpu.ACC(shape, f32) for _, _, shape in operands))
-    return lax.optimization_barrier(outs), other
-
-
 def _check(x: Prepared, do, ainv, block_v, chunks_per_cta):
     B, Tp, H, K = x.q.shape
     if x.q.dtype not in mc.DTYPES:
@@ -159,7 +145,7 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
             return mc.decay_matrix(row(2), plgpu.load(ir_s.at[slot], layout=mc.ROWS), col(0),
                                    plgpu.load(ic_s.at[slot], layout=mc.COLS), sq, strict=False)
 
-        (qk, p), t_m1 = _products([(q, k.T, sq), (x16_s, k, (C, K))], meanwhile)
+        (qk, p), t_m1 = mc.products([(q, k.T, sq), (x16_s, k, (C, K))], meanwhile)
         k[...] = (mc.rows_of(row(1), (C, K)) * plgpu.load(k, layout=mc.WGMMA).astype(f32)).astype(dt)  # ek
         x16_s[...] = (qk * t_m1).astype(dt)  # the decay product over Ainv (read by the P product)
         q[...] = (mc.rows_of(row(0), (C, K)) * plgpu.load(q, layout=mc.WGMMA).astype(f32)).astype(dt)
