@@ -133,10 +133,32 @@ def _out_slots(K, BV, L, dtype, out_slots, reduction_scratch=2048):
     return 2 if _smem_bytes(K, BV, L, dtype, 2, reduction_scratch) <= _AUTO_SLOT_LIMIT else 1
 
 
+# Mosaic GPU's in-kernel profiler for the next builds, e.g. {"profile_space": 32, "profile_dir": DIR}:
+# each `_Phases` region is timed per CTA (a trace per call in DIR). Set by benchmark scripts only.
+PROFILE: dict = {}
+
+
+class _Phases:
+    """Consecutive named regions of a kernel body (`jax.named_scope`): `phase("tiles")` closes the
+    open region and opens the next, `phase()` closes the last. They only matter under `PROFILE`."""
+
+    def __init__(self):
+        self._scope = None
+
+    def __call__(self, name=None):
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+            self._scope = None
+        if name is not None:
+            self._scope = jax.named_scope(name)
+            self._scope.__enter__()
+
+
 def _kernel(body, *, approx_math, reduction_scratch, interpret, **kw):
     """`mc.kernel` with this kernel's compiler parameters: approx_math (exp by ex2.approx: the decay
     matrices) and the SMEM scratch for cross-warp reductions (the column sums)."""
-    params = plgpu.CompilerParams(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch)
+    params = plgpu.CompilerParams(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch,
+                                  **({} if interpret else PROFILE))
     return plgpu.kernel(body, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else False, **kw)
 
@@ -171,6 +193,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     rows = pl.ds(n * C, C)
     cols = pl.ds(vb * BV, BV)
 
+    phase = _Phases()
+    phase("loads")
     # ---- loads: what the value-independent tiles need behind bar0; S, dS', dO, X behind bar1,
     # still in flight while the [C, C] tiles are formed.
     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar0)
@@ -188,6 +212,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s, bar1)
     plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar1)
     plgpu.barrier_wait(bar0)
+    phase("vectors")
 
     row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
     G, Gm1 = row(_G), row(_GM1)
@@ -214,6 +239,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     raw_pair = lambda l: [(sq, [(q_s, k_s.at[l].T)]), (sq, [(k_s.at[0], k_s.at[l].T)])]
 
+    phase("tiles")
     # ---- value-independent tiles (16-bit operands) and the gated values vw_l = beta_l v_l.
     # per_write: one group of two raw tiles per write (2 accumulators live, not 2L).
     if not per_write:
@@ -232,8 +258,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         put(qk_s.at[l], scale * qk_l * d_t0)
         put(b_s.at[l], R(beta0) * kk_l * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
         put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
+    phase("wait_bar1")
     plgpu.commit_smem()
     plgpu.barrier_wait(bar1)
+    phase("block")
 
     # ---- block step: E, dE, dR, dv_l and the row sums.
     k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_s)]), (sv, [(k_s.at[0], x_s)]),  # k0 S, k0 dS'
@@ -285,6 +313,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     for l in range(L):
         plgpu.copy_smem_to_gmem(v_s.at[l], dv_ref.at[b, rows, h, l, cols])
 
+    phase("finish")
     # ---- finish: the [C, C] cotangents (one wgmma over BV each) and the decay terms.
     def colsum(w, i):
         """Column sums of w [C, C] in the ROWS layout (through SMEM: reduced as COLS, read as ROWS)."""
@@ -353,6 +382,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     dG = dG + dG_state - rend * end
     dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
 
+    phase("outputs")
     # ---- [C, K] outputs in [C, 64] column slices, float32, TMA-stored from out_s slots.
     n_slots = out_s.shape[0]
     stores = [0]
@@ -418,6 +448,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     for i in range(L + _N_OUT_VECS):
         plgpu.copy_smem_to_gmem(ovec_s.at[i], dvec_ref.at[vb, b, h, i, rows])
     plgpu.wait_smem_to_gmem(0)
+    phase()
 
 
 def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048):
@@ -441,7 +472,7 @@ def _wg2_slots(K, L, dtype, reduction_scratch=2048):
 def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
               dq_ref, dk_ref, dv_ref, dvec_ref,
               q_s, k_s, v_out, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, *, L, scale):
+              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, cs_turn, *, L, scale):
     """Two warpgroups, one CTA per (chunk, head, batch) over V = 128; warpgroup w owns value columns
     [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w], x_s[w], e_s[w], dr_s[w]).
     Phases, each ended by a barrier both warpgroups arrive at (sync[i]): A value-independent tiles
@@ -591,6 +622,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
         add_vec(0, 0, jnp.sum(dm * kk_m, axis=1))
         add_vec(0, L, jnp.sum(w_tm1, axis=1))
         add_vec(0, L + 1, jnp.sum(w_m1m1, axis=1) - colsum(0, w_m1m1 + w_tm1))
+        plgpu.barrier_arrive(cs_turn)  # Pallas' reduction scratch is free for warpgroup 1
 
     @pl.when(wg == 1)
     def _():
@@ -608,12 +640,15 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
             w_m10 = dbl * kk_l
             put(b_s.at[l], dbl)  # dA_l
             terms = (jnp.sum(drv_m * kk_l, axis=1), jnp.sum(w_t0, axis=1), jnp.sum(w_m10, axis=1),
-                     jnp.sum(w_t0 + w_m10, axis=0))
+                     w_t0 + w_m10)
             if l == 0:
                 dbeta0, dG, dGm1, cols = terms
             else:
                 dbeta0, dG, dGm1, cols = (a + t for a, t in zip((dbeta0, dG, dGm1, cols), terms))
-        cs_s[1] = cols
+        # A column sum is a cross-warp reduction through Pallas' one reduction scratch: taken only
+        # after warpgroup 0's (concurrent column sums raced on the H200: dg wrong, all else right).
+        plgpu.barrier_wait(cs_turn)
+        cs_s[1] = jnp.sum(cols, axis=0)
         plgpu.commit_smem()
         add_vec(1, 0, dbeta0)
         add_vec(1, L, dG - plgpu.load(cs_s.at[1], layout=mc.ROWS))
@@ -870,7 +905,8 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
         bar0=plgpu.Barrier(num_arrivals=1 + L + _N_ROW_VECS + L + 2 + 4 + 1),
         barv=plgpu.Barrier(num_arrivals=L + 3, num_barriers=2),
         sync=plgpu.Barrier(num_arrivals=2, num_barriers=5),
-        turn=plgpu.Barrier(num_arrivals=1, num_barriers=(1 + L) * K // 64))
+        turn=plgpu.Barrier(num_arrivals=1, num_barriers=(1 + L) * K // 64),
+        cs_turn=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, Tp, H, K), f32),
                 jax.ShapeDtypeStruct((B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
