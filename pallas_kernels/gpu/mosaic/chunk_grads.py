@@ -179,6 +179,45 @@ def _issue(*sums):
     return lax.optimization_barrier(out)
 
 
+class _ChunkVectors:
+    """The chunk's per-token vectors (`rv_s` rows [7 + L, C], `cv_s` columns [2, C], `ri_s` reset
+    counts [4, C]) and its decay matrices, read from SMEM at each use instead of held in registers
+    for the whole kernel: a COLS-layout vector costs 16 registers per thread, a ROWS one 2 (holding
+    them, the kernel sat at 255 registers with ~1.7 KiB of spills, ptxas on the H100)."""
+
+    def __init__(self, rv_s, cv_s, ri_s):
+        self._rv, self._cv, self._ri = rv_s, cv_s, ri_s
+
+    def row(self, i):
+        return plgpu.load(self._rv.at[i], layout=mc.ROWS)
+
+    G = property(lambda self: self.row(_G))
+    Gm1 = property(lambda self: self.row(_GM1))
+    start_m1 = property(lambda self: self.row(_START_M1))
+    start = property(lambda self: self.row(_START))
+    end_m1 = property(lambda self: self.row(_END_M1))
+    end = property(lambda self: self.row(_END))
+    all = property(lambda self: self.row(_ALL))
+    beta0 = property(lambda self: self.beta(0))
+
+    def beta(self, l):
+        return self.row(_N_ROW_VECS + l)
+
+    def _decay(self, prev_rows, prev_cols, strict):
+        """exp(G(m1 if prev_rows)[i] - G(m1 if prev_cols)[j]) on the kept (causal, same document)
+        entries: m1m1, m1_0, t_m1, t_0 of `grads`."""
+        g_rows = self.row(_GM1 if prev_rows else _G)
+        r_rows = plgpu.load(self._ri.at[1 if prev_rows else 0], layout=mc.ROWS)
+        g_cols = plgpu.load(self._cv.at[1 if prev_cols else 0], layout=mc.COLS)
+        r_cols = plgpu.load(self._ri.at[3 if prev_cols else 2], layout=mc.COLS)
+        return mc.decay_matrix(g_rows, r_rows, g_cols, r_cols, (C, C), strict=strict)
+
+    m1m1 = lambda self: self._decay(True, True, True)
+    m1_0 = lambda self: self._decay(True, False, True)
+    t_m1 = lambda self: self._decay(False, True, False)
+    t_0 = lambda self: self._decay(False, False, False)
+
+
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
@@ -214,20 +253,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.barrier_wait(bar0)
     phase("vectors")
 
-    row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
-    G, Gm1 = row(_G), row(_GM1)
-    start_m1, start, end_m1, end = row(_START_M1), row(_START), row(_END_M1), row(_END)
-    betas = [row(_N_ROW_VECS + l) for l in range(L)]
-    beta0 = betas[0]
-    Gc, Gm1c = plgpu.load(cv_s.at[0], layout=mc.COLS), plgpu.load(cv_s.at[1], layout=mc.COLS)
-    r, rm1 = plgpu.load(ri_s.at[0], layout=mc.ROWS), plgpu.load(ri_s.at[1], layout=mc.ROWS)
-    rc, rm1c = plgpu.load(ri_s.at[2], layout=mc.COLS), plgpu.load(ri_s.at[3], layout=mc.COLS)
+    vx = _ChunkVectors(rv_s, cv_s, ri_s)
     sq, sv = (C, C), (C, BV)
     R = lambda vec, shape=sq: mc.rows_of(vec, shape)
-    m1m1 = lambda: mc.decay_matrix(Gm1, rm1, Gm1c, rm1c, sq, strict=True)
-    m1_0 = lambda: mc.decay_matrix(Gm1, rm1, Gc, rc, sq, strict=True)
-    t_m1 = lambda: mc.decay_matrix(G, r, Gm1c, rm1c, sq, strict=False)
-    t_0 = lambda: mc.decay_matrix(G, r, Gc, rc, sq, strict=False)
+    m1m1, m1_0, t_m1, t_0 = vx.m1m1, vx.m1_0, vx.t_m1, vx.t_0
 
     def put(buf, value):
         buf[...] = value.astype(buf.dtype)
@@ -256,8 +285,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         else:
             qk_l, kk_l = qk_raw[l], kk_raw[l]
         put(qk_s.at[l], scale * qk_l * d_t0)
-        put(b_s.at[l], R(beta0) * kk_l * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
-        put(vw_s.at[l], R(betas[l], sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
+        put(b_s.at[l], R(vx.beta0) * kk_l * d_m10)  # diag(beta0) B_l: rhs and dvw_l both want it
+        put(vw_s.at[l], R(vx.beta(l), sv) * plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32))
     phase("wait_bar1")
     plgpu.commit_smem()
     plgpu.barrier_wait(bar1)
@@ -266,8 +295,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     # ---- block step: E, dE, dR, dv_l and the row sums.
     k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_s)]), (sv, [(k_s.at[0], x_s)]),  # k0 S, k0 dS'
                                 (sv, [(b_s.at[l], vw_s.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_s)]))
-    put(e_s, R(beta0 * start_m1, sv) * k0s + bvw)  # rhs
-    put(dr_s, qdo - R(end_m1, sv) * kx0)  # dE
+    put(e_s, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)  # rhs
+    put(dr_s, qdo - R(vx.end_m1, sv) * kx0)  # dE
     plgpu.commit_smem()
     e, dr = _issue((sv, [(xinv_s, e_s)]), (sv, [(xinv_s.T, dr_s)]))
     re = jnp.sum(e * kx0, axis=1)
@@ -285,7 +314,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         columns; BV = C, so it rides in the per-token dG_C output, which XLA sums over the chunk."""
         dof = plgpu.load(do_s, layout=mc.WGMMA).astype(f32)
         diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
-        return scale * jnp.sum(dof * qs, axis=1) * start, diag
+        return scale * jnp.sum(dof * qs, axis=1) * vx.start, diag
 
     dvw_group = lambda l: (sv, [(b_s.at[l].T, dr_s), (qk_s.at[l].T, do_s)])
     kx_group = lambda l: (sv, [(k_s.at[l], x_s)])  # k_l dS'
@@ -304,11 +333,11 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             kx = kx_l[0] if l else kx0
         else:
             dvw_raw, kx = dvws[l], kxs[l]
-        dvw = dvw_raw + R(end, sv) * kx
+        dvw = dvw_raw + R(vx.end, sv) * kx
         vl = plgpu.load(v_s.at[l], layout=mc.WGMMA).astype(f32)
         dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
-        put(v_s.at[l], R(betas[l], sv) * dvw)  # dv_l
+        rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
+        put(v_s.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
     plgpu.commit_smem()
     for l in range(L):
         plgpu.copy_smem_to_gmem(v_s.at[l], dv_ref.at[b, rows, h, l, cols])
@@ -335,9 +364,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     d_m1m1 = m1m1()
     kk_m = kk_raw0 * d_m1m1
     dm = -dm_raw
-    dbeta0 = jnp.sum(dm * kk_m, axis=1) + start_m1 * rs
-    w_m1m1 = R(beta0) * dm * kk_m
-    put(qk0_s, R(beta0) * dm * d_m1m1)  # dkk
+    dbeta0 = jnp.sum(dm * kk_m, axis=1) + vx.start_m1 * rs
+    w_m1m1 = R(vx.beta0) * dm * kk_m
+    put(qk0_s, R(vx.beta0) * dm * d_m1m1)  # dkk
     if per_write == "split":
         dqk0_raw, qk_raw0 = _issue(*dqk0_pair)
     dqk0 = -scale * dqk0_raw * t_m1()
@@ -367,7 +396,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             d_m10 = m1_0()
         drv_m = drv * d_m10
         dbeta0 = dbeta0 + jnp.sum(drv_m * kk_l, axis=1)
-        dbl = R(beta0) * drv_m
+        dbl = R(vx.beta0) * drv_m
         w_m10 = dbl * kk_l
         put(b_s.at[l], dbl)  # dA_l
         dGm1 = dGm1 + jnp.sum(w_m10, axis=1)
@@ -379,8 +408,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     if L > 1:
         dG_state, sx_diag = state_vectors(*_issue(*state_pair))
-    dG = dG + dG_state - rend * end
-    dGm1 = dGm1 + beta0 * rs * start_m1 + re * end_m1
+    dG = dG + dG_state - rend * vx.end
+    dGm1 = dGm1 + vx.beta0 * rs * vx.start_m1 + re * vx.end_m1
 
     phase("outputs")
     # ---- [C, K] outputs in [C, 64] column slices, float32, TMA-stored from out_s slots.
@@ -399,11 +428,11 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         # The row scalings of the state terms go into their 16-bit operands (each buffer's last
         # use), so that every [C, 64] output is one accumulator chain: one wait per slice of K.
         load = lambda buf: plgpu.load(buf, layout=mc.WGMMA).astype(f32)
-        put(do_s, R(start * scale, sv) * load(do_s))
-        put(dr_s, R(beta0 * start_m1, sv) * load(dr_s))
-        put(e_s, -R(end_m1, sv) * load(e_s))
+        put(do_s, R(vx.start * scale, sv) * load(do_s))
+        put(dr_s, R(vx.beta0 * vx.start_m1, sv) * load(dr_s))
+        put(e_s, -R(vx.end_m1, sv) * load(e_s))
         for l in range(L):
-            put(vw_s.at[l], R(end, sv) * load(vw_s.at[l]))
+            put(vw_s.at[l], R(vx.end, sv) * load(vw_s.at[l]))
     plgpu.commit_smem()
     so = (C, 64)
     for kh in range(K // 64):
@@ -425,17 +454,17 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             continue
         dq_s, dq_r = _issue((so, [(do_s, st(s_s))]),
                             (so, [(xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]))
-        store_out(R(start * scale, so) * dq_s + dq_r, dq_ref.at[vb, b, rows, h, kc])
+        store_out(R(vx.start * scale, so) * dq_s + dq_r, dq_ref.at[vb, b, rows, h, kc])
 
         dk_s, dk_x, dk_r = _issue(
             (so, [(dr_s, st(s_s))]), (so, [(e_s, st(x_s))]),
             (so, [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
              + [(b_s.at[l], k_h[l]) for l in range(L)]))
-        dk0 = R(beta0 * start_m1, so) * dk_s - R(end_m1, so) * dk_x + dk_r
+        dk0 = R(vx.beta0 * vx.start_m1, so) * dk_s - R(vx.end_m1, so) * dk_x + dk_r
         for l in range(L):
             dkl_x, dkl_r = _issue((so, [(vw_s.at[l], st(x_s))]),
                                   (so, [(qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]))
-            dkl = R(end, so) * dkl_x + dkl_r
+            dkl = R(vx.end, so) * dkl_x + dkl_r
             store_out(dkl + dk0 if l == 0 else dkl, dk_ref.at[vb, b, rows, h, l, kc])
 
     dbetas[0] = dbetas[0] + dbeta0
@@ -443,7 +472,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         ovec_s[l] = dbetas[l]
     ovec_s[L] = dG
     ovec_s[L + 1] = dGm1
-    ovec_s[L + 2] = rend * end - re * end_m1 + sx_diag * row(_ALL)
+    ovec_s[L + 2] = rend * vx.end - re * vx.end_m1 + sx_diag * vx.all
     plgpu.commit_smem()
     for i in range(L + _N_OUT_VECS):
         plgpu.copy_smem_to_gmem(ovec_s.at[i], dvec_ref.at[vb, b, h, i, rows])
@@ -517,20 +546,10 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s.at[wg], barv.at[wg])
     plgpu.barrier_wait(bar0)
 
-    row = lambda i: plgpu.load(rv_s.at[i], layout=mc.ROWS)
-    G, Gm1 = row(_G), row(_GM1)
-    start_m1, start, end_m1, end = row(_START_M1), row(_START), row(_END_M1), row(_END)
-    betas = [row(_N_ROW_VECS + l) for l in range(L)]
-    beta0 = betas[0]
-    Gc, Gm1c = plgpu.load(cv_s.at[0], layout=mc.COLS), plgpu.load(cv_s.at[1], layout=mc.COLS)
-    r, rm1 = plgpu.load(ri_s.at[0], layout=mc.ROWS), plgpu.load(ri_s.at[1], layout=mc.ROWS)
-    rc, rm1c = plgpu.load(ri_s.at[2], layout=mc.COLS), plgpu.load(ri_s.at[3], layout=mc.COLS)
+    vx = _ChunkVectors(rv_s, cv_s, ri_s)
     sq, sv = (C, C), (C, BV)
     R = lambda vec, shape=sq: mc.rows_of(vec, shape)
-    m1m1 = lambda: mc.decay_matrix(Gm1, rm1, Gm1c, rm1c, sq, strict=True)
-    m1_0 = lambda: mc.decay_matrix(Gm1, rm1, Gc, rc, sq, strict=True)
-    t_m1 = lambda: mc.decay_matrix(G, r, Gm1c, rm1c, sq, strict=False)
-    t_0 = lambda: mc.decay_matrix(G, r, Gc, rc, sq, strict=False)
+    m1m1, m1_0, t_m1, t_0 = vx.m1m1, vx.m1_0, vx.t_m1, vx.t_0
     load = lambda buf: plgpu.load(buf, layout=mc.WGMMA).astype(f32)
 
     def put(buf, value):
@@ -551,11 +570,11 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     @pl.when(wg == 1)
     def _():
         for l in range(L):
-            put(b_s.at[l], R(beta0) * mc.matmul(k_s.at[0], k_s.at[l].T, sq) * m1_0())
+            put(b_s.at[l], R(vx.beta0) * mc.matmul(k_s.at[0], k_s.at[l].T, sq) * m1_0())
 
     plgpu.barrier_wait(barv.at[wg])
     for l in range(L):
-        put(vw_s.at[wg, l], R(betas[l], sv) * load(v_s.at[wg, l]))
+        put(vw_s.at[wg, l], R(vx.beta(l), sv) * load(v_s.at[wg, l]))
     plgpu.commit_smem()
     together(0)
 
@@ -564,8 +583,8 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     e_w, dr_w = e_s.at[wg], dr_s.at[wg]
     k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),
                                 (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
-    put(e_w, R(beta0 * start_m1, sv) * k0s + bvw)
-    put(dr_w, qdo - R(end_m1, sv) * kx0)
+    put(e_w, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)
+    put(dr_w, qdo - R(vx.end_m1, sv) * kx0)
     plgpu.commit_smem()
     e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
     re = jnp.sum(e * kx0, axis=1)
@@ -579,23 +598,23 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
         dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
                                 *([(sv, [(k_s.at[l], x_w)])] if l else []))
         kx = kx_l[0] if l else kx0
-        dvw = dvw_raw + R(end, sv) * kx
+        dvw = dvw_raw + R(vx.end, sv) * kx
         vl = load(v_w.at[l])
         dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(betas[l], sv) * vl * kx, axis=1)
-        put(v_w.at[l], R(betas[l], sv) * dvw)  # dv_l
+        rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
+        put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
     plgpu.commit_smem()
     for l in range(L):
         plgpu.copy_smem_to_gmem(v_w.at[l], dv_ref.at[b, rows, h, l, cols])
     qs, sx = _issue((sv, [(q_s, s_w)]), ((BV, BV), [(s_w.T, x_w)]))
-    dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * start
+    dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * vx.start
     sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
-    dbetas[0] = dbetas[0] + start_m1 * rs
+    dbetas[0] = dbetas[0] + vx.start_m1 * rs
     for l in range(L):
         ovec_s[wg, l] = dbetas[l]
-    ovec_s[wg, L] = dG_state - rend * end
-    ovec_s[wg, L + 1] = beta0 * rs * start_m1 + re * end_m1
-    ovec_s[wg, L + 2] = rend * end - re * end_m1 + sx_diag * row(_ALL)
+    ovec_s[wg, L] = dG_state - rend * vx.end
+    ovec_s[wg, L + 1] = vx.beta0 * rs * vx.start_m1 + re * vx.end_m1
+    ovec_s[wg, L + 2] = rend * vx.end - re * vx.end_m1 + sx_diag * vx.all
     together(1)
 
     # ---- C: finish's [C, C] cotangents, each a chain over both value halves.
@@ -614,8 +633,8 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
         d_m1m1 = m1m1()
         kk_m = kk_raw0 * d_m1m1
         dm = -dm_raw
-        w_m1m1 = R(beta0) * dm * kk_m
-        put(qk0_s, R(beta0) * dm * d_m1m1)  # dkk
+        w_m1m1 = R(vx.beta0) * dm * kk_m
+        put(qk0_s, R(vx.beta0) * dm * d_m1m1)  # dkk
         dqk0 = -scale * dqk0_raw * t_m1()
         w_tm1 = dqk0 * qk_raw0
         put(xinv_s, dqk0)
@@ -636,7 +655,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
             w_t0 = dqkl * qk_l
             put(qk_s.at[l], dqkl)
             drv_m = drv * m1_0()
-            dbl = R(beta0) * drv_m
+            dbl = R(vx.beta0) * drv_m
             w_m10 = dbl * kk_l
             put(b_s.at[l], dbl)  # dA_l
             terms = (jnp.sum(drv_m * kk_l, axis=1), jnp.sum(w_t0, axis=1), jnp.sum(w_m10, axis=1),
@@ -658,11 +677,11 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     together(2)
 
     # ---- D: the state terms' row scalings folded into this half's 16-bit operands.
-    put(do_w, R(start * scale, sv) * load(do_w))
-    put(dr_w, R(beta0 * start_m1, sv) * load(dr_w))
-    put(e_w, -R(end_m1, sv) * load(e_w))
+    put(do_w, R(vx.start * scale, sv) * load(do_w))
+    put(dr_w, R(vx.beta0 * vx.start_m1, sv) * load(dr_w))
+    put(e_w, -R(vx.end_m1, sv) * load(e_w))
     for l in range(L):
-        put(vw_w.at[l], R(end, sv) * load(vw_w.at[l]))
+        put(vw_w.at[l], R(vx.end, sv) * load(vw_w.at[l]))
     plgpu.commit_smem()
     for i in range(L + _N_OUT_VECS):
         plgpu.copy_smem_to_gmem(ovec_s.at[wg, i], dvec_ref.at[wg, b, h, i, rows])
