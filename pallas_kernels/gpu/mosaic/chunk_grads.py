@@ -181,15 +181,37 @@ def _issue(*sums):
 
 class _ChunkVectors:
     """The chunk's per-token vectors (`rv_s` rows [7 + L, C], `cv_s` columns [2, C], `ri_s` reset
-    counts [4, C]) and its decay matrices, read from SMEM at each use instead of held in registers
-    for the whole kernel: a COLS-layout vector costs 16 registers per thread, a ROWS one 2 (holding
-    them, the kernel sat at 255 registers with ~1.7 KiB of spills, ptxas on the H100)."""
+    counts [4, C]) and its decay matrices.
 
-    def __init__(self, rv_s, cv_s, ri_s):
+    hold=False reads each from SMEM at every use: a COLS-layout vector costs 16 registers per thread,
+    a ROWS one 2. Measured on the H100 (B * T = 32K, H = 16, K = V = 128, ptxas reports): the
+    two-warpgroup kernel went from 1092 to 240 bytes of spill stores and from 3.99 to 2.99 ms; the
+    one-warpgroup kernel from 1720 to 996 bytes, yet 4.63 -> 5.30 ms at L = 1 and 10.08 -> 12.11 at
+    L = 2 (ptxas then serialized its wgmmas for registers), so it holds them (hold=True: all loaded
+    once, here)."""
+
+    def __init__(self, rv_s, cv_s, ri_s, *, hold):
         self._rv, self._cv, self._ri = rv_s, cv_s, ri_s
+        self._held = None
+        if hold:
+            self._held = {("r", i): self._load(rv_s, i, mc.ROWS) for i in range(rv_s.shape[0]) if i != _ALL}
+            self._held.update({("c", i): self._load(cv_s, i, mc.COLS) for i in range(2)})
+            self._held.update({("i", i): self._load(ri_s, i, mc.COLS if i >= 2 else mc.ROWS)
+                               for i in range(4)})
+
+    def _get(self, kind, i):
+        if self._held is not None and (kind, i) in self._held:  # exp(G_C) is read where used
+            return self._held[kind, i]
+        ref, layout = {"r": (self._rv, mc.ROWS), "c": (self._cv, mc.COLS),
+                       "i": (self._ri, mc.COLS if i >= 2 else mc.ROWS)}[kind]
+        return self._load(ref, i, layout)
+
+    @staticmethod
+    def _load(ref, i, layout):
+        return plgpu.load(ref.at[i], layout=layout)
 
     def row(self, i):
-        return plgpu.load(self._rv.at[i], layout=mc.ROWS)
+        return self._get("r", i)
 
     G = property(lambda self: self.row(_G))
     Gm1 = property(lambda self: self.row(_GM1))
@@ -207,9 +229,9 @@ class _ChunkVectors:
         """exp(G(m1 if prev_rows)[i] - G(m1 if prev_cols)[j]) on the kept (causal, same document)
         entries: m1m1, m1_0, t_m1, t_0 of `grads`."""
         g_rows = self.row(_GM1 if prev_rows else _G)
-        r_rows = plgpu.load(self._ri.at[1 if prev_rows else 0], layout=mc.ROWS)
-        g_cols = plgpu.load(self._cv.at[1 if prev_cols else 0], layout=mc.COLS)
-        r_cols = plgpu.load(self._ri.at[3 if prev_cols else 2], layout=mc.COLS)
+        r_rows = self._get("i", 1 if prev_rows else 0)
+        g_cols = self._get("c", 1 if prev_cols else 0)
+        r_cols = self._get("i", 3 if prev_cols else 2)
         return mc.decay_matrix(g_rows, r_rows, g_cols, r_cols, (C, C), strict=strict)
 
     m1m1 = lambda self: self._decay(True, True, True)
@@ -253,7 +275,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     plgpu.barrier_wait(bar0)
     phase("vectors")
 
-    vx = _ChunkVectors(rv_s, cv_s, ri_s)
+    vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=True)
     sq, sv = (C, C), (C, BV)
     R = lambda vec, shape=sq: mc.rows_of(vec, shape)
     m1m1, m1_0, t_m1, t_0 = vx.m1m1, vx.m1_0, vx.t_m1, vx.t_0
@@ -492,6 +514,13 @@ def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048):
     return shared + 2 * half + union + vecs + reduction_scratch + 3072
 
 
+def _two_warpgroups_fit(K, L, V, dtype, block_v=64, reduction_scratch=2048):
+    """Whether `warpgroups=2` takes this shape: two value blocks of 64 and the SMEM plan fits."""
+    return (block_v == 64 and V == 2 * block_v and K in (64, 128)
+            and _smem_bytes_wg2(K, L, dtype, _wg2_slots(K, L, dtype, reduction_scratch), reduction_scratch)
+            <= SMEM_LIMIT)
+
+
 def _wg2_slots(K, L, dtype, reduction_scratch=2048):
     """Output slots of the two-warpgroup kernel: one per warpgroup where they fit, else one shared
     slot taken in turns."""
@@ -546,7 +575,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s.at[wg], barv.at[wg])
     plgpu.barrier_wait(bar0)
 
-    vx = _ChunkVectors(rv_s, cv_s, ri_s)
+    vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
     sq, sv = (C, C), (C, BV)
     R = lambda vec, shape=sq: mc.rows_of(vec, shape)
     m1m1, m1_0, t_m1, t_0 = vx.m1m1, vx.m1_0, vx.t_m1, vx.t_0
@@ -792,7 +821,7 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, warpgroups=1, interpret=False):
+                         reduction_scratch=2048, warpgroups=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -814,17 +843,23 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     wgmmas) or "split" (as True, with every group of `finish` cut to two accumulators: ~2L more
     waits). approx_math: exp by the approximate ex2 instruction (decay matrices; relative error
     ~1e-7, far below the bf16 operands). reduction_scratch: SMEM bytes for cross-warp reductions
-    (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, or 2
+    (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, 2
     (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
     value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, the
     output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply; SMEM: L = 1 at
-    K = 64 and 128, larger L refused). EXPERIMENTAL: on the H200 (session 4, L = 1, K = V = 128)
-    it gave dg off by 1.6 (relative L2) while dq, dk, dv, dbeta agreed (2.4e-3 to 2.9e-3): the
-    per-token decay partials of the two warpgroups are suspect; it passes in the interpreter.
+    K = 64 and 128, larger L refused) or None: 2 where it applies (V = 128, L = 1, those three at
+    their defaults, compiled for the GPU), else 1. H100, B * T = 32K, H = 16, K = V = 128, L = 1:
+    2.99 ms against 4.63 for one warpgroup. In the interpreter the two-warpgroup kernel runs only
+    when asked for (its K = 128 test, one output slot taken in turns, does not finish there).
     Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
+    if warpgroups is None:
+        B, Tp, H, K = x.q.shape
+        L, V = x.v.shape[-2:]
+        warpgroups = 2 if (not interpret and out_slots is None and fold is True and per_write is True
+                           and _two_warpgroups_fit(K, L, V, x.q.dtype, block_v, reduction_scratch)) else 1
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
