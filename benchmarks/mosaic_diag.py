@@ -1,0 +1,184 @@
+"""Why a Mosaic GPU kernel is slow: ptxas' register and spill report of every kernel of the op, and
+the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
+
+    python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
+    python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
+
+`ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`; default
+one row with the defaults), a child process runs the whole op's forward and backward once at a small
+shape (B = 2, T = 1024, H = 4, K = V = 128, bf16) with MOSAIC_GPU_DUMP_PTXAS=1, and its ptxas output is
+parsed into a row per kernel: registers per thread, spill store / load bytes, and whether ptxas
+serialized wgmmas for lack of registers (its C7512 note). Spills matter more than usual here: the
+kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
+`profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
+`chunk_grads.PROFILE` set; the per-CTA time of each `_Phases` region (median, mean, max) and of the
+whole CTA. Both need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
+Timing the kernels at the benchmark shape is `benchmarks/mosaic_stages.py`'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_SERIAL = re.compile(r"wgmma\.mma_async instructions are serialized .* function '(\w+)'")
+_SUFFIX = "_mosaic_gpu_kernel"
+
+
+def parse_ptxas(text: str) -> list[dict]:
+    """Rows {kernel, registers, stack, spill_stores, spill_loads, wgmma_serialized} from ptxas' verbose
+    output, one per compiled entry function, in order. A kernel compiled twice gives two rows."""
+    rows, serialized = [], set()
+    for line in text.splitlines():
+        if m := _SERIAL.search(line):
+            serialized.add(m.group(1))
+        elif m := _ENTRY.search(line):
+            rows.append({"kernel": m.group(1).removesuffix(_SUFFIX)})
+        elif rows and (m := _SPILL.search(line)):
+            rows[-1].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif rows and (m := _REGS.search(line)):
+            rows[-1]["registers"] = int(m.group(1))
+    for row in rows:
+        row["wgmma_serialized"] = row["kernel"] + _SUFFIX in serialized
+    return rows
+
+
+def phase_times(events: list[dict]) -> dict:
+    """Per-phase per-CTA durations (us) from one Mosaic GPU profiler trace (Chrome trace events: "B" /
+    "E" pairs per thread id, one id per CTA): {"ctas", "cta_us": (median, mean, max), "phases":
+    {name: (median, mean, max)}}, phases in order of first appearance."""
+    opened, durations, spans = {}, {}, {}
+    for e in events:
+        key = (e["tid"], e["name"])
+        if e["ph"] == "B":
+            opened[key] = e["ts"]
+            spans.setdefault(e["tid"], [e["ts"], e["ts"]])
+        elif e["ph"] == "E":
+            durations.setdefault(e["name"], []).append(e["ts"] - opened.pop(key))
+            spans[e["tid"]][1] = e["ts"]
+    stats = lambda d: (statistics.median(d), statistics.mean(d), max(d))
+    return {"ctas": len(spans), "cta_us": stats([b - a for a, b in spans.values()]) if spans else None,
+            "phases": {name: stats(d) for name, d in durations.items()}}
+
+
+def _child_ptxas(L: int, grads: dict):
+    """(in the child) the whole op's forward and backward once, Mosaic stages with `grads` options."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, HERE)
+    from kernels import inputs
+    from pallas_kernels import prism_pallas
+
+    K = 128
+    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
+    loss = lambda q, k, v: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
+                                                mosaic_options={"grads": grads})[0].astype(jnp.float32) * do)
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+
+def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode:
+        raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
+    return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
+
+
+def profile_rows(L: int, grads: dict) -> dict:
+    """The chunk backward once under the in-kernel profiler; `phase_times` of its trace."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, HERE)
+    from kernels import inputs
+    from pallas_kernels.common import prepare
+    from pallas_kernels.gpu.mosaic import chunk_grads as cg, common as mc
+
+    H, K, V, T = 16, 128, 128, 2048
+    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(3), 1, T, L, H, K, V)
+    x = prepare(q, k, v, beta, g, None, None, mc.CHUNK)
+    N = T // mc.CHUNK
+    ks = jax.random.split(jax.random.PRNGKey(4), 2)
+    starts, cot = ((0.1 * jax.random.normal(kk, (1, H, N, K, V))).astype(jnp.bfloat16) for kk in ks)
+    with tempfile.TemporaryDirectory() as pdir:
+        cg.PROFILE = {"profile_space": 16, "profile_dir": pdir}
+        try:
+            fn = jax.jit(lambda x: cg.chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot,
+                                                           scale=K ** -0.5, ainv=None, **grads))
+            jax.block_until_ready(fn(x))
+            jax.effects_barrier()
+        finally:
+            cg.PROFILE = {}
+        traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
+        if not traces:
+            raise RuntimeError("the profiler wrote no trace")
+        with open(traces[-1]) as f:  # the chunk backward is the only profiled kernel
+            return dict(phase_times(json.load(f)["traceEvents"]), L=L, grads=grads)
+
+
+def _ptxas_table(rows):
+    out = ["| L | grads options | kernel | registers | spill stores / loads B | wgmma serialized |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['L']} | {json.dumps(r['grads'])} | {r['kernel']} | {r.get('registers')} | "
+                   f"{r.get('spill_stores')} / {r.get('spill_loads')} | {'yes' if r['wgmma_serialized'] else ''} |")
+    return "\n".join(out)
+
+
+def _profile_table(res):
+    out = [f"L = {res['L']}, grads {json.dumps(res['grads'])}: {res['ctas']} CTAs, per CTA "
+           f"{res['cta_us'][0]:.2f} us (median)", "", "| phase | median us | mean us | max us |", "|---|---|---|---|"]
+    out += [f"| {n} | {a:.2f} | {b:.2f} | {c:.2f} |" for n, (a, b, c) in res["phases"].items()]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["ptxas", "profile"])
+    ap.add_argument("--writes", default="1,2")
+    ap.add_argument("--grads", action="append", default=[], metavar="JSON",
+                    help="chunk-backward options (mosaic_options['grads']); repeatable")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    grads_list = [json.loads(g) for g in args.grads] or [{}]
+    report = {"mode": args.mode, "rows": []}
+    os.makedirs(args.out, exist_ok=True)
+    for L in (int(w) for w in args.writes.split(",")):
+        for grads in grads_list:
+            try:
+                if args.mode == "ptxas":
+                    rows = ptxas_rows(L, grads)
+                    report["rows"] += rows
+                    print(_ptxas_table(rows), flush=True)
+                else:
+                    res = profile_rows(L, grads)
+                    report["rows"].append(res)
+                    print(_profile_table(res), flush=True)
+            except Exception as e:  # one failing configuration does not stop the others
+                report["rows"].append({"L": L, "grads": grads, "error": repr(e)[:2000]})
+                print(f"L = {L}, grads {json.dumps(grads)}: FAILED {repr(e)[:500]}", flush=True)
+            with open(os.path.join(args.out, "mosaic_diag.json"), "w") as f:
+                json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "_child":
+        _child_ptxas(int(sys.argv[2]), json.loads(sys.argv[3]))
+    else:
+        main()
