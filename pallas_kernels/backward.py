@@ -56,14 +56,21 @@ def _one_chunk(q, k, v, beta, g, r, rm1, s, *, scale, mm_dtype):
     return scale * o, s_new
 
 
-def _state_pullback(q, k0, beta0, g, r, rm1, do, *, scale, mm_dtype):
+def _chunk_inverse(k0, beta0, g, r, rm1, *, mm_dtype):
+    """One chunk's (I + m)^{-1} [C, C] float32, m = diag(beta0) (k0 k0^T . m1m1)."""
+    d = chunk_decays(g, r, rm1)
+    return _xla_inverse(beta0.astype(jnp.float32)[:, None] * mm(k0, k0, dtype=mm_dtype, trans_b=True) * d.m1m1)
+
+
+def _state_pullback(q, k0, beta0, g, r, rm1, do, a_inv=None, *, scale, mm_dtype):
     """Per chunk: (P [C, K], ek [C, K], a [], Y [K, V]) with S_C = a S - ek^T (P S) + (terms not in S)
-    and Y = d<o, do>/dS."""
+    and Y = d<o, do>/dS; a_inv: the chunk's `_chunk_inverse` (None: solved here)."""
     f32 = jnp.float32
+    if a_inv is None:
+        a_inv = _chunk_inverse(k0, beta0, g, r, rm1, mm_dtype=mm_dtype)
     beta0 = beta0.astype(f32)
     dot = functools.partial(mm, dtype=mm_dtype)
     d = chunk_decays(g, r, rm1)
-    a_inv = _xla_inverse(beta0[:, None] * dot(k0, k0, trans_b=True) * d.m1m1)
     p = dot(a_inv, (beta0 * d.start_m1)[:, None] * k0.astype(f32))
     ek = d.end_m1[:, None] * k0.astype(f32)
     qk = dot(q, k0, trans_b=True) * d.t_m1
@@ -73,15 +80,13 @@ def _state_pullback(q, k0, beta0, g, r, rm1, do, *, scale, mm_dtype):
     return p, ek, d.all, y
 
 
-def _explicit_chunk(q, k, v, beta, g, r, rm1, s, do, x, *, scale, mm_dtype):
-    """`grads.chunk_grads` on one chunk in the layout of `_one_chunk` (k [C, L, K], ...), with XLA's
-    triangular solve for (I + m)^{-1}. Returns (dq, dk, dv, dbeta, dg) in that layout, float32."""
+def _explicit_chunk(q, k, v, beta, g, r, rm1, s, do, x, a_inv, *, scale, mm_dtype):
+    """`grads.chunk_grads` on one chunk in the layout of `_one_chunk` (k [C, L, K], ...), a_inv the
+    chunk's `_chunk_inverse`. Returns (dq, dk, dv, dbeta, dg) in that layout, float32."""
     f32 = jnp.float32
     L = k.shape[1]
     ks = [k[:, l] for l in range(L)]
     betas = [beta[:, l].astype(f32) for l in range(L)]
-    d = chunk_decays(g, r, rm1)
-    a_inv = _xla_inverse(betas[0][:, None] * mm(ks[0], ks[0], dtype=mm_dtype, trans_b=True) * d.m1m1)
     dq, dks, dvs, dbetas, dg = chunk_grads(q, ks, [v[:, l] for l in range(L)], betas, g, r, rm1, s, do, x,
                                            a_inv, scale=scale, mm_dtype=mm_dtype)
     return dq, jnp.stack(dks, 1), jnp.stack(dvs, 1), jnp.stack(dbetas, 1), dg
@@ -131,9 +136,12 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
     rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
     r, rm1 = rc(x.r), rc(x.rm1)
 
-    if xla_chunks:
+    if xla_chunks:  # (I + m)^{-1} solved once here for the pull-back and the explicit gradients
+        a_inv = (_over_chunks(functools.partial(_chunk_inverse, mm_dtype=mm_dtype))(k[..., 0, :], beta[..., 0], g,
+                                                                                  r, rm1)
+                 if ainv is None else ainv.astype(jnp.float32))
         pull = _over_chunks(functools.partial(_state_pullback, scale=scale, mm_dtype=mm_dtype))
-        p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c)
+        p, ek, a, y = pull(q, k[..., 0, :], beta[..., 0], g, r, rm1, do_c, a_inv)
     else:
         from pallas_kernels.gpu.pullback import state_pullback
 
@@ -152,7 +160,7 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
 
     if chunk == "explicit-xla":
         fn = _over_chunks(functools.partial(_explicit_chunk, scale=scale, mm_dtype=mm_dtype))
-        grads = fn(q, k, v, beta, g, r, rm1, starts, do_c, cot_end)
+        grads = fn(q, k, v, beta, g, r, rm1, starts, do_c, cot_end, a_inv)
         return (*(_unchunked(t) for t in grads), ds0)
     if chunk in ("explicit-gpu", "explicit-interpret"):
         from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
