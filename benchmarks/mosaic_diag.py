@@ -11,7 +11,7 @@ parsed into a row per kernel: registers per thread, spill store / load bytes, an
 serialized wgmmas for lack of registers (its C7512 note). Spills matter more than usual here: the
 kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
-`chunk_grads.PROFILE` set; the per-CTA time of each `_Phases` region (median, mean, max) and of the
+the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
 whole CTA. Both need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
 Timing the kernels at the benchmark shape is `benchmarks/mosaic_stages.py`'s job.
 """
@@ -117,14 +117,11 @@ def profile_rows(L: int, grads: dict) -> dict:
     ks = jax.random.split(jax.random.PRNGKey(4), 2)
     starts, cot = ((0.1 * jax.random.normal(kk, (1, H, N, K, V))).astype(jnp.bfloat16) for kk in ks)
     with tempfile.TemporaryDirectory() as pdir:
-        cg.PROFILE = {"profile_space": 16, "profile_dir": pdir}
-        try:
-            fn = jax.jit(lambda x: cg.chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot,
-                                                           scale=K ** -0.5, ainv=None, **grads))
-            jax.block_until_ready(fn(x))
-            jax.effects_barrier()
-        finally:
-            cg.PROFILE = {}
+        profile = {"profile_space": 16, "profile_dir": pdir}
+        fn = jax.jit(lambda x: cg.chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot, scale=K ** -0.5,
+                                                       ainv=None, profile=profile, **grads))
+        jax.block_until_ready(fn(x))
+        jax.effects_barrier()
         traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
         if not traces:
             raise RuntimeError("the profiler wrote no trace")

@@ -133,14 +133,9 @@ def _out_slots(K, BV, L, dtype, out_slots, reduction_scratch=2048):
     return 2 if _smem_bytes(K, BV, L, dtype, 2, reduction_scratch) <= _AUTO_SLOT_LIMIT else 1
 
 
-# Mosaic GPU's in-kernel profiler for the next builds, e.g. {"profile_space": 32, "profile_dir": DIR}:
-# each `_Phases` region is timed per CTA (a trace per call in DIR). Set by benchmark scripts only.
-PROFILE: dict = {}
-
-
 class _Phases:
     """Consecutive named regions of a kernel body (`jax.named_scope`): `phase("tiles")` closes the
-    open region and opens the next, `phase()` closes the last. They only matter under `PROFILE`."""
+    open region and opens the next, `phase()` closes the last. They only matter under `profile`."""
 
     def __init__(self):
         self._scope = None
@@ -154,11 +149,12 @@ class _Phases:
             self._scope.__enter__()
 
 
-def _kernel(body, *, approx_math, reduction_scratch, interpret, **kw):
+def _kernel(body, *, approx_math, reduction_scratch, interpret, profile=None, **kw):
     """`mc.kernel` with this kernel's compiler parameters: approx_math (exp by ex2.approx: the decay
-    matrices) and the SMEM scratch for cross-warp reductions (the column sums)."""
+    matrices), the SMEM scratch for cross-warp reductions (the column sums) and Mosaic GPU's in-kernel
+    profiler (`profile`: {"profile_space": ..., "profile_dir": ...}; not in the interpreter)."""
     params = plgpu.CompilerParams(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch,
-                                  **({} if interpret else PROFILE))
+                                  **({} if interpret or not profile else profile))
     return plgpu.kernel(body, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else False, **kw)
 
@@ -821,7 +817,7 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, warpgroups=None, interpret=False):
+                         reduction_scratch=2048, warpgroups=None, profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -851,6 +847,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     their defaults, compiled for the GPU), else 1. H100, B * T = 32K, H = 16, K = V = 128, L = 1:
     2.99 ms against 4.63 for one warpgroup. In the interpreter the two-warpgroup kernel runs only
     when asked for (its K = 128 test, one output slot taken in turns, does not finish there).
+    profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
+    DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
+    body (`benchmarks/mosaic_diag.py profile`).
     Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
@@ -863,7 +862,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
-                               interpret=interpret)
+                               interpret=interpret, profile=profile)
     if warpgroups != 1:
         raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be 1 or 2")
     _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
@@ -898,7 +897,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu", out_type=out_type,
                                scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
-                               interpret=interpret)(
+                               interpret=interpret, profile=profile)(
         x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
         rint)
     dq, dk = dq.sum(0), dk.sum(0)
@@ -928,7 +927,7 @@ def _token_operands(tv):
 
 
 def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
-                    reduction_scratch, interpret):
+                    reduction_scratch, interpret, profile=None):
     """`chunk_grads_backward(warpgroups=2)`: grid (N, H, B), two warpgroups per CTA (`_body_wg2`)."""
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
     B, Tp, H, K = x.q.shape
@@ -969,7 +968,7 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
     dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu_wg2", out_type=out_type,
                                scratch_types=scratch, grid=(N, H, B), grid_names=("n", "h", "b"),
                                num_threads=2, thread_name="wg", approx_math=approx_math,
-                               reduction_scratch=reduction_scratch, interpret=interpret)(
+                               reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)(
         x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
         rint)
     return (dq, dk, dv, *_token_grads(dvec, L, N))
