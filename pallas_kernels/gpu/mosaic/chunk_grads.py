@@ -188,23 +188,16 @@ class _ChunkVectors:
 
     def __init__(self, rv_s, cv_s, ri_s, *, hold):
         self._rv, self._cv, self._ri = rv_s, cv_s, ri_s
-        self._held = None
-        if hold:
-            self._held = {("r", i): self._load(rv_s, i, mc.ROWS) for i in range(rv_s.shape[0]) if i != _ALL}
-            self._held.update({("c", i): self._load(cv_s, i, mc.COLS) for i in range(2)})
-            self._held.update({("i", i): self._load(ri_s, i, mc.COLS if i >= 2 else mc.ROWS)
-                               for i in range(4)})
+        keys = [("r", i) for i in range(rv_s.shape[0]) if i != _ALL] + [("c", 0), ("c", 1)] + [("i", i) for i in range(4)]
+        self._held = {key: self._load(*key) for key in keys} if hold else {}  # exp(G_C): read where used
 
-    def _get(self, kind, i):
-        if self._held is not None and (kind, i) in self._held:  # exp(G_C) is read where used
-            return self._held[kind, i]
+    def _load(self, kind, i):
         ref, layout = {"r": (self._rv, mc.ROWS), "c": (self._cv, mc.COLS),
                        "i": (self._ri, mc.COLS if i >= 2 else mc.ROWS)}[kind]
-        return self._load(ref, i, layout)
-
-    @staticmethod
-    def _load(ref, i, layout):
         return plgpu.load(ref.at[i], layout=layout)
+
+    def _get(self, kind, i):
+        return self._held[kind, i] if (kind, i) in self._held else self._load(kind, i)
 
     def row(self, i):
         return self._get("r", i)
@@ -872,11 +865,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     out_slots = _out_slots(K, block_v, L, dt, out_slots, reduction_scratch)
     if ainv is None:
         ainv = chunk_inverses(x)
-    all_t = jnp.repeat(tv.all, C, axis=-1)  # exp(G_C) on every token of its chunk
-    rvec = jnp.concatenate([jnp.stack([tv.G, tv.Gm1, tv.start_m1, tv.start, tv.end_m1, tv.end, all_t], 2),
-                            tv.beta], axis=2)  # [B, H, 7 + L, Tp]
-    cvec = jnp.stack([tv.G, tv.Gm1], 2)  # [B, H, 2, Tp]
-    rint = jnp.stack([tv.r, tv.rm1], 1)  # [B, 2, Tp]
+    rvec, cvec, rint = _token_operands(tv)
     sq, sv, sk = (C, C), (C, block_v), (C, K)
     scratch = dict(
         q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt), v_s=mc.smem((L, *sv), dt),
