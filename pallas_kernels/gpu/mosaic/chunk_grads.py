@@ -491,54 +491,84 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     phase()
 
 
-def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048):
-    """SMEM bytes of the two-warpgroup kernel (V = 128: two value halves of 64, one per warpgroup)
-    with `slots` float32 [C, 64] output staging tiles (sharing their bytes with the v_l tiles)."""
+SPLITS = ("values", "work")
+
+
+def _halves(split):
+    return 2 if split == "values" else 1
+
+
+def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048, split="values"):
+    """SMEM bytes of the two-warpgroup kernel with `slots` float32 [C, 64] output staging tiles
+    (sharing their bytes with the v_l tiles). split="values": V = 128, two value halves of 64, one
+    per warpgroup; "work": one value block of 64 that both warpgroups share."""
     it = jnp.dtype(dtype).itemsize
+    nh = _halves(split)
     shared = ((1 + L) * C * K + (2 + 2 * L) * C * C) * it  # q, k_l; X, QK0, QK_l, B_l
     half = (L * C * 64 + 3 * C * 64 + 2 * K * 64) * it  # vw_l, dO, E, dR; S, dS'
-    union = max(2 * L * C * 64 * it, slots * 4 * C * 64)  # v_l (then dv_l) of both halves | output slots
+    union = max(nh * L * C * 64 * it, slots * 4 * C * 64)  # v_l (then dv_l) of the halves | output slots
     vecs = 4 * ((_N_ROW_VECS + L) * C + 2 * C + 4 * C + 2 * C + 2 * (L + _N_OUT_VECS) * C)
     # + barriers and alignment: Mosaic counted 232536 bytes at K = 64, L = 2 where this sum is 231168
-    return shared + 2 * half + union + vecs + reduction_scratch + 3072
+    return shared + nh * half + union + vecs + reduction_scratch + 3072
+
+
+def _pick_split(K, L, V, dtype, block_v=64, reduction_scratch=2048):
+    """The two-warpgroup split that takes this shape: "values" where V is two value blocks of 64
+    and its SMEM plan fits, else "work" where V is whole blocks of 64 and its plan fits, else None."""
+    if block_v != 64 or K not in (64, 128) or V % block_v:
+        return None
+    for split in SPLITS:
+        if split == "values" and V != 2 * block_v:
+            continue
+        slots = _wg2_slots(K, L, dtype, reduction_scratch, split)
+        if _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch, split) <= SMEM_LIMIT:
+            return split
+    return None
 
 
 def _two_warpgroups_fit(K, L, V, dtype, block_v=64, reduction_scratch=2048):
-    """Whether `warpgroups=2` takes this shape: two value blocks of 64 and the SMEM plan fits."""
-    return (block_v == 64 and V == 2 * block_v and K in (64, 128)
-            and _smem_bytes_wg2(K, L, dtype, _wg2_slots(K, L, dtype, reduction_scratch), reduction_scratch)
-            <= SMEM_LIMIT)
+    """Whether the default picks `warpgroups=2`: the value split (two value blocks of 64) fits."""
+    return _pick_split(K, L, V, dtype, block_v, reduction_scratch) == "values"
 
 
-def _wg2_slots(K, L, dtype, reduction_scratch=2048):
+def _wg2_slots(K, L, dtype, reduction_scratch=2048, split="values"):
     """Output slots of the two-warpgroup kernel: one per warpgroup where they fit, else one shared
     slot taken in turns."""
-    return 2 if _smem_bytes_wg2(K, L, dtype, 2, reduction_scratch) <= SMEM_LIMIT else 1
+    return 2 if _smem_bytes_wg2(K, L, dtype, 2, reduction_scratch, split) <= SMEM_LIMIT else 1
 
 
 def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
               dq_ref, dk_ref, dv_ref, dvec_ref,
               q_s, k_s, v_out, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, cs_turn, *, L, scale):
-    """Two warpgroups, one CTA per (chunk, head, batch) over V = 128; warpgroup w owns value columns
-    [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w], x_s[w], e_s[w], dr_s[w]).
+              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, cs_turn, *, L, scale, split, nvb):
+    """Two warpgroups per CTA. split="values": one CTA per (chunk, head, batch) over V = 128;
+    warpgroup w owns value columns [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w],
+    x_s[w], e_s[w], dr_s[w]). split="work": one CTA per (chunk, head, batch and 64-column value
+    block), as the one-warpgroup kernel, with one value half (index 0 of those buffers) that both
+    warpgroups share, the steps divided between them.
     Phases, each ended by a barrier both warpgroups arrive at (sync[i]): A value-independent tiles
-    (w = 0: QK0, QK_l; w = 1: diag(beta0) B_l; each its vw_l); B the block step on its own half
-    (E, dR, dv_l, partial row sums into ovec_s[w]); C finish's [C, C] cotangents, each one wgmma
-    chain over both halves (w = 0: dR E^T, dO E^T; w = 1: dO vw_l^T, dR vw_l^T), written over the
-    shared tiles; D each folds its own half's row scalings; E the [C, 64] output slices, alternating
-    between the warpgroups, each one chain over both halves; then both arrive at the last barrier
-    (a warpgroup must not exit while the other still issues wgmma).
+    (w = 0: QK0, QK_l; w = 1: diag(beta0) B_l; "values": each its half's vw_l, "work": vw_l by
+    w = l % 2); B the block step: "values" each on its own half (E, dR, dv_l, partial row sums into
+    ovec_s[w]); "work" w = 0 forms E, w = 1 dR, then write l's dvw_l / dv_l by w = l % 2; C finish's
+    [C, C] cotangents, each one wgmma chain over the halves (w = 0: dR E^T, dO E^T; w = 1: dO
+    vw_l^T, dR vw_l^T), written over the shared tiles; D the row scalings folded into the 16-bit
+    operands ("values": each its own half; "work": w = 0 dO, dR, w = 1 E, vw_l); E the [C, 64]
+    output slices, alternating between the warpgroups, each one chain over the halves; then both
+    arrive at the last barrier (a warpgroup must not exit while the other still issues wgmma).
+    Every per-token output is a partial per warpgroup (dvec part 2 vb + w), summed in XLA.
 
     v_out: the v_l tiles (then dv_l) and, once their stores have been read, the float32 output
     slots: one per warpgroup, or one shared slot (`turn[t]`: output t has left it)."""
     (v_s,), (out_s,) = v_out
-    n, h, b = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("b")
+    n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
+    b, vb = bv // nvb, bv % nvb
     wg = lax.axis_index("wg")
     K = q_s.shape[-1]
     BV = v_s.shape[-1]
+    work = split == "work"
+    halves = (0,) if work else (0, 1)
     rows = pl.ds(n * C, C)
-    cols = pl.ds(wg * BV, BV)
+    cols = pl.ds(vb * BV, BV) if work else pl.ds(wg * BV, BV)
 
     def together(i):
         plgpu.barrier_arrive(sync.at[i])
@@ -557,11 +587,17 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
             plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], bar0)
         plgpu.copy_gmem_to_smem(ainv_ref.at[b, h, n], xinv_s, bar0)
 
-    for l in range(L):
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[wg, l], barv.at[wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s.at[wg], barv.at[wg])
-    plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s.at[wg], barv.at[wg])
-    plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s.at[wg], barv.at[wg])
+    def load_half(u):
+        for l in range(L):
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, cols], v_s.at[u, l], barv.at[u])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, cols], do_s.at[u], barv.at[u])
+        plgpu.copy_gmem_to_smem(s_ref.at[b, h, n, :, cols], s_s.at[u], barv.at[u])
+        plgpu.copy_gmem_to_smem(x_ref.at[b, h, n, :, cols], x_s.at[u], barv.at[u])
+
+    if work:
+        pl.when(wg == 1)(lambda: load_half(0))
+    else:
+        load_half(wg)
     plgpu.barrier_wait(bar0)
 
     vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
@@ -590,49 +626,24 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
         for l in range(L):
             put(b_s.at[l], R(vx.beta0) * mc.matmul(k_s.at[0], k_s.at[l].T, sq) * m1_0())
 
-    plgpu.barrier_wait(barv.at[wg])
-    for l in range(L):
-        put(vw_s.at[wg, l], R(vx.beta(l), sv) * load(v_s.at[wg, l]))
-    plgpu.commit_smem()
-    together(0)
-
-    # ---- B: block step on this warpgroup's value half.
-    v_w, vw_w, do_w, s_w, x_w = v_s.at[wg], vw_s.at[wg], do_s.at[wg], s_s.at[wg], x_s.at[wg]
-    e_w, dr_w = e_s.at[wg], dr_s.at[wg]
-    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),
-                                (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
-    put(e_w, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)
-    put(dr_w, qdo - R(vx.end_m1, sv) * kx0)
-    plgpu.commit_smem()
-    e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
-    re = jnp.sum(e * kx0, axis=1)
-    rs = jnp.sum(dr * k0s, axis=1)
-    put(e_w, e)
-    put(dr_w, dr)
-    plgpu.commit_smem()
-    rend = jnp.zeros_like(re)
-    dbetas = []
-    for l in range(L):
-        dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
-                                *([(sv, [(k_s.at[l], x_w)])] if l else []))
-        kx = kx_l[0] if l else kx0
-        dvw = dvw_raw + R(vx.end, sv) * kx
-        vl = load(v_w.at[l])
-        dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
-        put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
-    plgpu.commit_smem()
-    for l in range(L):
-        plgpu.copy_smem_to_gmem(v_w.at[l], dv_ref.at[b, rows, h, l, cols])
-    qs, sx = _issue((sv, [(q_s, s_w)]), ((BV, BV), [(s_w.T, x_w)]))
-    dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * vx.start
-    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
-    dbetas[0] = dbetas[0] + vx.start_m1 * rs
-    for l in range(L):
-        ovec_s[wg, l] = dbetas[l]
-    ovec_s[wg, L] = dG_state - rend * vx.end
-    ovec_s[wg, L + 1] = vx.beta0 * rs * vx.start_m1 + re * vx.end_m1
-    ovec_s[wg, L + 2] = rend * vx.end - re * vx.end_m1 + sx_diag * vx.all
+    if work:
+        plgpu.barrier_wait(barv.at[0])
+        for l in range(L):
+            pl.when(wg == l % 2)(lambda: put(vw_s.at[0, l], R(vx.beta(l), sv) * load(v_s.at[0, l])))
+        plgpu.commit_smem()
+        together(0)
+        _block_step_work(wg, vx, L, scale, q_s, k_s, v_s.at[0], vw_s.at[0], do_s.at[0], s_s.at[0], x_s.at[0],
+                         xinv_s, qk0_s, qk_s, b_s, e_s.at[0], dr_s.at[0], ovec_s, put, load,
+                         lambda l: dv_ref.at[b, rows, h, l, cols], lambda: together(5))
+    else:
+        plgpu.barrier_wait(barv.at[wg])
+        for l in range(L):
+            put(vw_s.at[wg, l], R(vx.beta(l), sv) * load(v_s.at[wg, l]))
+        plgpu.commit_smem()
+        together(0)
+        _block_step_values(wg, vx, L, scale, q_s, k_s, v_s.at[wg], vw_s.at[wg], do_s.at[wg], s_s.at[wg],
+                           x_s.at[wg], xinv_s, qk0_s, qk_s, b_s, e_s.at[wg], dr_s.at[wg], ovec_s, put, load,
+                           lambda l: dv_ref.at[b, rows, h, l, cols])
     together(1)
 
     # ---- C: finish's [C, C] cotangents, each a chain over both value halves.
@@ -640,8 +651,6 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
         cs_s[w] = jnp.sum(x, axis=0)
         plgpu.commit_smem()
         return plgpu.load(cs_s.at[w], layout=mc.ROWS)
-
-    halves = (0, 1)
 
     @pl.when(wg == 0)
     def _():
@@ -694,15 +703,28 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     plgpu.commit_smem()
     together(2)
 
-    # ---- D: the state terms' row scalings folded into this half's 16-bit operands.
-    put(do_w, R(vx.start * scale, sv) * load(do_w))
-    put(dr_w, R(vx.beta0 * vx.start_m1, sv) * load(dr_w))
-    put(e_w, -R(vx.end_m1, sv) * load(e_w))
-    for l in range(L):
-        put(vw_w.at[l], R(vx.end, sv) * load(vw_w.at[l]))
+    # ---- D: the state terms' row scalings folded into the 16-bit operands ("values": this half's;
+    # "work": w = 0 dO and dR, w = 1 E and vw_l).
+    u = 0 if work else wg
+
+    def fold_do_dr():
+        put(do_s.at[u], R(vx.start * scale, sv) * load(do_s.at[u]))
+        put(dr_s.at[u], R(vx.beta0 * vx.start_m1, sv) * load(dr_s.at[u]))
+
+    def fold_e_vw():
+        put(e_s.at[u], -R(vx.end_m1, sv) * load(e_s.at[u]))
+        for l in range(L):
+            put(vw_s.at[u, l], R(vx.end, sv) * load(vw_s.at[u, l]))
+
+    if work:
+        pl.when(wg == 0)(fold_do_dr)
+        pl.when(wg == 1)(fold_e_vw)
+    else:
+        fold_do_dr()
+        fold_e_vw()
     plgpu.commit_smem()
     for i in range(L + _N_OUT_VECS):
-        plgpu.copy_smem_to_gmem(ovec_s.at[wg, i], dvec_ref.at[wg, b, h, i, rows])
+        plgpu.copy_smem_to_gmem(ovec_s.at[wg, i], dvec_ref.at[2 * vb + wg, b, h, i, rows])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dv_l left v_s: its bytes become the output slots
     together(3)
 
@@ -710,7 +732,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     so = (C, 64)
     shared_slot = out_s.shape[0] == 1
     jobs = [(o, kh) for kh in range(K // 64) for o in range(1 + L)]  # o = 0: dq, 1 + l: dk_l
-    for w in halves:
+    for w in (0, 1):
         @pl.when(wg == w)
         def _():
             for i, (o, kh) in enumerate(jobs[w::2]):
@@ -721,7 +743,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                 if o == 0:
                     pairs = ([(do_s.at[u], st(s_s.at[u])) for u in halves] + [(xinv_s, k_h[0])]
                              + [(qk_s.at[l], k_h[l]) for l in range(L)])
-                    dst = dq_ref.at[b, rows, h, kc]
+                    dst = dq_ref.at[vb, b, rows, h, kc]
                 else:
                     l = o - 1
                     pairs = ([(vw_s.at[u, l], st(x_s.at[u])) for u in halves]
@@ -731,7 +753,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                                   + [(e_s.at[u], st(x_s.at[u])) for u in halves]
                                   + [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
                                   + [(b_s.at[j], k_h[j]) for j in range(L)])
-                    dst = dk_ref.at[b, rows, h, l, kc]
+                    dst = dk_ref.at[vb, b, rows, h, l, kc]
                 (value,) = _issue((so, pairs))
                 t = w + 2 * i  # this output's place in the order of all outputs
                 slot = 0 if shared_slot else w
@@ -748,6 +770,120 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
 
     plgpu.wait_smem_to_gmem(0)
     together(4)
+
+
+def _block_step_values(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xinv_s, qk0_s, qk_s, b_s, e_w,
+                       dr_w, ovec_s, put, load, dv_dst):
+    """Phase B of `_body_wg2` with split="values": the whole block step on warpgroup wg's value half
+    (E, dR, dv_l stored to dv_dst(l), the half's per-token partials into ovec_s[wg])."""
+    sv = (C, v_w.shape[-1])
+    R = lambda vec, shape=(C, C): mc.rows_of(vec, shape)
+    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),
+                                (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
+    put(e_w, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)
+    put(dr_w, qdo - R(vx.end_m1, sv) * kx0)
+    plgpu.commit_smem()
+    e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
+    re = jnp.sum(e * kx0, axis=1)
+    rs = jnp.sum(dr * k0s, axis=1)
+    put(e_w, e)
+    put(dr_w, dr)
+    plgpu.commit_smem()
+    rend = jnp.zeros_like(re)
+    dbetas = []
+    for l in range(L):
+        dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
+                                *([(sv, [(k_s.at[l], x_w)])] if l else []))
+        kx = kx_l[0] if l else kx0
+        dvw = dvw_raw + R(vx.end, sv) * kx
+        vl = load(v_w.at[l])
+        dbetas.append(jnp.sum(dvw * vl, axis=1))
+        rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
+        put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
+    plgpu.commit_smem()
+    for l in range(L):
+        plgpu.copy_smem_to_gmem(v_w.at[l], dv_dst(l))
+    dG_state, sx_diag = _state_terms(vx, scale, q_s, s_w, x_w, do_w, load)
+    dbetas[0] = dbetas[0] + vx.start_m1 * rs
+    for l in range(L):
+        ovec_s[wg, l] = dbetas[l]
+    ovec_s[wg, L] = dG_state - rend * vx.end
+    ovec_s[wg, L + 1] = vx.beta0 * rs * vx.start_m1 + re * vx.end_m1
+    ovec_s[wg, L + 2] = rend * vx.end - re * vx.end_m1 + sx_diag * vx.all
+
+
+def _state_terms(vx, scale, q_s, s_w, x_w, do_w, load):
+    """The start-state share of dG, rowsum(dO . q S) scale start, and the diagonal of S^T dS' [BV, BV]
+    (<S, dS'> of this value block as a vector over value columns: BV = C, so it rides in the per-token
+    dG_C output, which XLA sums over the chunk)."""
+    BV = s_w.shape[-1]
+    qs, sx = _issue(((C, BV), [(q_s, s_w)]), ((BV, BV), [(s_w.T, x_w)]))
+    dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * vx.start
+    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
+    return dG_state, sx_diag
+
+
+def _block_step_work(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xinv_s, qk0_s, qk_s, b_s, e_w,
+                     dr_w, ovec_s, put, load, dv_dst, together):
+    """Phase B of `_body_wg2` with split="work" on the CTA's one value block: w = 0 forms E = X rhs
+    (and re), w = 1 dR = X^T dE (and rs, the state terms); after `together()` (both warpgroups) write
+    l's dvw_l, dbeta_l and dv_l (stored to dv_dst(l)) by w = l % 2. Each warpgroup writes every row
+    of its partial per-token outputs ovec_s[w] (XLA sums the parts)."""
+    sv = (C, v_w.shape[-1])
+    R = lambda vec, shape=(C, C): mc.rows_of(vec, shape)
+    k0 = k_s.at[0]
+    zero = lambda: 0.0 * vx.start  # a ROWS-layout zero: Mosaic GPU stores no splat of C = 64 elements
+
+    def writes(w):
+        """Write l's dvw_l step for l = w, w + 2, ...: (dbeta_l by l, sum of their rend shares)."""
+        rend, dbeta = zero(), {}
+        for l in range(w, L, 2):
+            dvw_raw, kx = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]), (sv, [(k_s.at[l], x_w)]))
+            dvw = dvw_raw + R(vx.end, sv) * kx
+            vl = load(v_w.at[l])
+            dbeta[l] = jnp.sum(dvw * vl, axis=1)
+            rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
+            put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
+        plgpu.commit_smem()
+        for l in range(w, L, 2):
+            plgpu.copy_smem_to_gmem(v_w.at[l], dv_dst(l))
+        return dbeta, rend
+
+    @pl.when(wg == 0)
+    def _():
+        k0s, kx0, bvw = _issue((sv, [(k0, s_w)]), (sv, [(k0, x_w)]),
+                               (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]))
+        put(e_w, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)  # rhs
+        plgpu.commit_smem()
+        (e,) = _issue((sv, [(xinv_s, e_w)]))
+        re = jnp.sum(e * kx0, axis=1)
+        put(e_w, e)
+        plgpu.commit_smem()
+        together()
+        dbeta, rend = writes(0)
+        for l in range(L):
+            ovec_s[0, l] = dbeta.get(l, zero())
+        ovec_s[0, L] = -rend * vx.end
+        ovec_s[0, L + 1] = re * vx.end_m1
+        ovec_s[0, L + 2] = rend * vx.end - re * vx.end_m1
+
+    @pl.when(wg == 1)
+    def _():
+        k0s, kx0, qdo = _issue((sv, [(k0, s_w)]), (sv, [(k0, x_w)]), (sv, [(qk0_s.T, do_w)]))
+        put(dr_w, qdo - R(vx.end_m1, sv) * kx0)  # dE
+        plgpu.commit_smem()
+        (dr,) = _issue((sv, [(xinv_s.T, dr_w)]))
+        rs = jnp.sum(dr * k0s, axis=1)
+        put(dr_w, dr)
+        plgpu.commit_smem()
+        together()
+        dG_state, sx_diag = _state_terms(vx, scale, q_s, s_w, x_w, do_w, load)
+        dbeta, rend = writes(1)
+        for l in range(L):
+            ovec_s[1, l] = dbeta.get(l, zero()) + (vx.start_m1 * rs if l == 0 else 0.0)
+        ovec_s[1, L] = dG_state - rend * vx.end
+        ovec_s[1, L + 1] = vx.beta0 * rs * vx.start_m1
+        ovec_s[1, L + 2] = rend * vx.end + sx_diag * vx.all
 
 
 def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
@@ -810,7 +946,7 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, warpgroups=None, profile=None, interpret=False):
+                         reduction_scratch=2048, warpgroups=None, split=None, profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -855,7 +991,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
-                               interpret=interpret, profile=profile)
+                               interpret=interpret, split=split, profile=profile)
     if warpgroups != 1:
         raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be 1 or 2")
     _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
@@ -916,48 +1052,58 @@ def _token_operands(tv):
 
 
 def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
-                    reduction_scratch, interpret, profile=None):
-    """`chunk_grads_backward(warpgroups=2)`: grid (N, H, B), two warpgroups per CTA (`_body_wg2`)."""
+                    reduction_scratch, interpret, split=None, profile=None):
+    """`chunk_grads_backward(warpgroups=2)`: two warpgroups per CTA (`_body_wg2`); split="values":
+    grid (N, H, B); "work": grid (N, H, B * V / 64); None: `_pick_split`."""
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, dt = Tp // C, x.q.dtype
-    if V != 2 * block_v:
-        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 needs V = {2 * block_v} (two value blocks), "
-                         f"got V = {V}")
-    slots = _wg2_slots(K, L, dt, reduction_scratch)
-    need = _smem_bytes_wg2(K, L, dt, slots, reduction_scratch)
+    if split is None:
+        split = _pick_split(K, L, V, dt, block_v, reduction_scratch) or "work"
+    if split not in SPLITS:
+        raise ValueError(f"chunk_grads_backward: `split` = {split!r} must be None or one of {SPLITS}")
+    if split == "values" and V != 2 * block_v:
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 with split='values' needs V = {2 * block_v} "
+                         f"(two value blocks), got V = {V}")
+    slots = _wg2_slots(K, L, dt, reduction_scratch, split)
+    need = _smem_bytes_wg2(K, L, dt, slots, reduction_scratch, split)
     if need > SMEM_LIMIT:
-        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 at K = {K}, L = {L} needs {need // 1024} KiB "
-                         f"of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: L = 1 (K = 64, 128)")
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 (split={split!r}) at K = {K}, L = {L} needs "
+                         f"{need // 1024} KiB of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: split='values' "
+                         f"at L = 1, split='work' at L <= 2 (K = 64, 128)")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
+    nh = _halves(split)
+    nvb = V // block_v if split == "work" else 1
     sq, sv, sk = (C, C), (C, block_v), (C, K)
     scratch = dict(
         q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt),
-        v_out=plgpu.RefUnion([mc.smem((2, L, *sv), dt)], [mc.smem((slots, C, 64), f32)]),
-        vw_s=mc.smem((2, L, *sv), dt), do_s=mc.smem((2, *sv), dt), s_s=mc.smem((2, K, block_v), dt),
-        x_s=mc.smem((2, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
-        qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((2, *sv), dt),
-        dr_s=mc.smem((2, *sv), dt),
+        v_out=plgpu.RefUnion([mc.smem((nh, L, *sv), dt)], [mc.smem((slots, C, 64), f32)]),
+        vw_s=mc.smem((nh, L, *sv), dt), do_s=mc.smem((nh, *sv), dt), s_s=mc.smem((nh, K, block_v), dt),
+        x_s=mc.smem((nh, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
+        qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((nh, *sv), dt),
+        dr_s=mc.smem((nh, *sv), dt),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
         ovec_s=plgpu.SMEM((2, L + _N_OUT_VECS, C), f32),
         bar0=plgpu.Barrier(num_arrivals=1 + L + _N_ROW_VECS + L + 2 + 4 + 1),
-        barv=plgpu.Barrier(num_arrivals=L + 3, num_barriers=2),
-        sync=plgpu.Barrier(num_arrivals=2, num_barriers=5),
+        barv=plgpu.Barrier(num_arrivals=L + 3, num_barriers=nh),
+        sync=plgpu.Barrier(num_arrivals=2, num_barriers=6),
         turn=plgpu.Barrier(num_arrivals=1, num_barriers=(1 + L) * K // 64),
         cs_turn=plgpu.Barrier(num_arrivals=1))
-    out_type = (jax.ShapeDtypeStruct((B, Tp, H, K), f32),
-                jax.ShapeDtypeStruct((B, Tp, H, L, K), f32),
+    out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
+                jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
                 jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
-                jax.ShapeDtypeStruct((2, B, H, L + _N_OUT_VECS, Tp), f32))
-    body = functools.partial(_body_wg2, L=L, scale=scale)
-    dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu_wg2", out_type=out_type,
-                               scratch_types=scratch, grid=(N, H, B), grid_names=("n", "h", "b"),
+                jax.ShapeDtypeStruct((2 * nvb, B, H, L + _N_OUT_VECS, Tp), f32))
+    body = functools.partial(_body_wg2, L=L, scale=scale, split=split, nvb=nvb)
+    name = "prism_chunk_grads_mgpu_wg2" + ("" if split == "values" else "_work")
+    dq, dk, dv, dvec = _kernel(body, kernel_name=name, out_type=out_type,
+                               scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
                                num_threads=2, thread_name="wg", approx_math=approx_math,
                                reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)(
         x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
         rint)
+    dq, dk = (t[0] if nvb == 1 else t.sum(0) for t in (dq, dk))
     return (dq, dk, dv, *_token_grads(dvec, L, N))

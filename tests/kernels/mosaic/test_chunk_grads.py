@@ -120,6 +120,18 @@ def test_interpret_two_warpgroups_matches_float64_reference(K, init, reset):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("L,K,V,init,reset", [(2, 64, 128, True, True), (1, 64, 64, False, False),
+                                              (3, 64, 64, True, True), (2, 128, 64, True, False)])
+def test_interpret_work_split_matches_float64_reference(L, K, V, init, reset):
+    """warpgroups=2, split="work": one value block of 64 per CTA, E by one warpgroup and dR by the
+    other, the writes alternating; V = 128: the two value blocks' dq / dk partials summed."""
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=3 + L)
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=2,
+                  split="work")
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
+
+
+@pytest.mark.slow
 def test_interpret_unfolded_matches_float64_reference():
     """fold=False: the state terms' row scalings applied to the float32 products."""
     x, starts, do, cot_end, ainv = _inputs(L=2, K=128, V=64, seed=5)
@@ -160,10 +172,16 @@ def test_bad_inputs_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, per_write="pairs")
     with pytest.raises(ValueError, match="warpgroups"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=3)
-    with pytest.raises(ValueError, match="V = 128"):  # two warpgroups: two value blocks of 64
-        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=2)
+    with pytest.raises(ValueError, match="V = 128"):  # the value split: two value blocks of 64
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=2, split="values")
+    with pytest.raises(ValueError, match="split"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=2, split="keys")
     xk = _inputs(K=128, V=128, L=2)
-    with pytest.raises(ValueError, match="SMEM"):
+    with pytest.raises(ValueError, match="SMEM"):  # both value halves at L = 2: ~283 KiB
+        chunk_grads_backward(xk[0], mc.token_vectors(xk[0]), *xk[1:4], scale=1.0, ainv=xk[4], warpgroups=2,
+                             split="values")
+    xk = _inputs(K=128, V=64, L=3)
+    with pytest.raises(ValueError, match="SMEM"):  # the work split at L = 3, K = 128: ~245 KiB
         chunk_grads_backward(xk[0], mc.token_vectors(xk[0]), *xk[1:4], scale=1.0, ainv=xk[4], warpgroups=2)
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
@@ -180,6 +198,7 @@ def test_bad_inputs_raise():
     (1, 128, 64, {"out_slots": 1, "fold": False, "approx_math": False, "reduction_scratch": 6144}),
     pytest.param(2, 128, 128, {"per_write": False, "out_slots": 1}, marks=pytest.mark.slow),
     (1, 128, 128, {"warpgroups": 2}),  # one CTA over V = 128, two warpgroups, one shared output slot
+    (2, 128, 128, {"warpgroups": 2}),  # L = 2: the work split (the value split does not fit)
     pytest.param(1, 64, 128, {"warpgroups": 2}, marks=pytest.mark.slow),  # an output slot per warpgroup
     (2, 128, 128, {"per_write": "split", "out_slots": 1}),
     pytest.param(2, 128, 64, {"fold": False, "out_slots": 1}, marks=pytest.mark.slow),
@@ -216,10 +235,11 @@ def test_gpu_matches_float64_reference(L, kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K", [64, 128])
-def test_gpu_two_warpgroups_matches_float64_reference(K):
-    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=128, L=1, seed=13)
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=2)
+@pytest.mark.parametrize("K,L,split", [(64, 1, "values"), (128, 1, "values"), (128, 1, "work"), (128, 2, "work"),
+                                       (64, 3, "work")])
+def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=128, L=L, seed=13)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=2, split=split)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
