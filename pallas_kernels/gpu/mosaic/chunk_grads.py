@@ -526,11 +526,6 @@ def _pick_split(K, L, V, dtype, block_v=64, reduction_scratch=2048):
     return None
 
 
-def _two_warpgroups_fit(K, L, V, dtype, block_v=64, reduction_scratch=2048):
-    """Whether the default picks `warpgroups=2`: the value split (two value blocks of 64) fits."""
-    return _pick_split(K, L, V, dtype, block_v, reduction_scratch) == "values"
-
-
 def _wg2_slots(K, L, dtype, reduction_scratch=2048, split="values"):
     """Output slots of the two-warpgroup kernel: one per warpgroup where they fit, else one shared
     slot taken in turns."""
@@ -971,11 +966,16 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, 2
     (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
     value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, the
-    output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply; SMEM: L = 1 at
-    K = 64 and 128, larger L refused) or None: 2 where it applies (V = 128, L = 1, those three at
-    their defaults, compiled for the GPU), else 1. H100, B * T = 32K, H = 16, K = V = 128, L = 1:
-    2.99 ms against 4.63 for one warpgroup. In the interpreter the two-warpgroup kernel runs only
-    when asked for (its K = 128 test, one output slot taken in turns, does not finish there).
+    output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply) or None: 2 where a
+    `split` fits (those three at their defaults, compiled for the GPU), else 1. split (two
+    warpgroups only): "values" (one CTA over V = 128, each warpgroup 64 value columns; SMEM: L = 1
+    at K = 64 and 128), "work" (one CTA per 64 value columns as the one-warpgroup kernel, E and dR
+    formed by different warpgroups, the writes' steps alternating between them; SMEM: L <= 2 at
+    K = 128, L <= 3 at K = 64) or None: "values" where it fits, else "work". H100, B * T = 32K,
+    H = 16, K = V = 128, this kernel alone (`benchmarks/mosaic_stages.py`): L = 1 values 3.16 ms,
+    work 3.63, one warpgroup 4.54; L = 2 work 7.18, one warpgroup 10.74. In the interpreter the
+    two-warpgroup kernel runs only when asked for (its K = 128 value-split test, one output slot
+    taken in turns, does not finish there).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -987,7 +987,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         B, Tp, H, K = x.q.shape
         L, V = x.v.shape[-2:]
         warpgroups = 2 if (not interpret and out_slots is None and fold is True and per_write is True
-                           and _two_warpgroups_fit(K, L, V, x.q.dtype, block_v, reduction_scratch)) else 1
+                           and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None) else 1
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
