@@ -65,7 +65,19 @@ share their bytes with v_l (dead once dv_l is stored): K = 128, L = 1 217 KiB wi
 slot that the two warpgroups take in turns (`turn` barriers: a store waits for the other's to be
 read); K = 64, L = 1 185 KiB with a slot per warpgroup; K = 64, L = 2 refused at the default
 `reduction_scratch` (Mosaic counts 227.1 KiB; 1024 would fit, untested); L = 2 at K = 128 needs
-~282 KiB: refused. The interpreter runs `num_threads=2` (tested there against float64).
+~282 KiB: refused (for the value split).
+
+The work split (`split="work"`, session 7; the default where the value split does not fit).
+Grid (N, H, B * V / 64) as the one-warpgroup kernel, one value block of 64 per CTA (index 0 of
+the per-half buffers), its two warpgroups sharing the steps: A as above (QK0, QK_l by w = 0,
+diag(beta0) B_l by w = 1, vw_l by w = l % 2); B w = 0 forms rhs and E = X rhs, w = 1 dE and
+dR = X^T dE (each forms k0 S and k0 dS' itself, for re / rs), then, after a sixth barrier, write
+l's dvw_l, dbeta_l, dv_l by w = l % 2 (the state terms by w = 1); C and E as in the value split with
+one half; D w = 0 folds dO and dR, w = 1 E and vw_l. dq / dk leave as per-value-block partials
+summed in XLA (as the one-warpgroup kernel); the per-token outputs as one partial per warpgroup
+and value block. SMEM at K = 128: L = 1 ~156 KiB, L = 2 ~212 KiB (a slot per warpgroup), L = 3
+~245 KiB: refused. H100, B * T = 32K, H = 16, K = V = 128: L = 2 7.18 ms against 10.74 for one
+warpgroup. The interpreter runs `num_threads=2` (both splits tested there against float64).
 
 Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
 the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
