@@ -316,17 +316,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     phase("block")
 
     # ---- block step: E, dE, dR, dv_l and the row sums.
-    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_s)]), (sv, [(k_s.at[0], x_s)]),  # k0 S, k0 dS'
-                                (sv, [(b_s.at[l], vw_s.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_s)]))
-    put(e_s, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)  # rhs
-    put(dr_s, qdo - R(vx.end_m1, sv) * kx0)  # dE
-    plgpu.commit_smem()
-    e, dr = _issue((sv, [(xinv_s, e_s)]), (sv, [(xinv_s.T, dr_s)]))
-    re = jnp.sum(e * kx0, axis=1)
-    rs = jnp.sum(dr * k0s, axis=1)
-    put(e_s, e)
-    put(dr_s, dr)
-    plgpu.commit_smem()
+    kx0, re, rs = _solve_step(vx, L, k_s, s_s, x_s, vw_s, do_s, b_s, qk0_s, xinv_s, e_s, dr_s, put)
     # q S and S^T dS' (the state terms of dG and dG_C, `state_vectors`) ride along at L = 1, where
     # the group is small.
     state_pair = [(sv, [(q_s, s_s)]), ((BV, BV), [(s_s.T, x_s)])]
@@ -783,33 +773,8 @@ def _block_step_values(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xi
                        dr_w, ovec_s, put, load, dv_dst):
     """Phase B of `_body_wg2` with split="values": the whole block step on warpgroup wg's value half
     (E, dR, dv_l stored to dv_dst(l), the half's per-token partials into ovec_s[wg])."""
-    sv = (C, v_w.shape[-1])
-    R = lambda vec, shape=(C, C): mc.rows_of(vec, shape)
-    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),
-                                (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
-    put(e_w, R(vx.beta0 * vx.start_m1, sv) * k0s + bvw)
-    put(dr_w, qdo - R(vx.end_m1, sv) * kx0)
-    plgpu.commit_smem()
-    e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
-    re = jnp.sum(e * kx0, axis=1)
-    rs = jnp.sum(dr * k0s, axis=1)
-    put(e_w, e)
-    put(dr_w, dr)
-    plgpu.commit_smem()
-    rend = jnp.zeros_like(re)
-    dbetas = []
-    for l in range(L):
-        dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
-                                *([(sv, [(k_s.at[l], x_w)])] if l else []))
-        kx = kx_l[0] if l else kx0
-        dvw = dvw_raw + R(vx.end, sv) * kx
-        vl = load(v_w.at[l])
-        dbetas.append(jnp.sum(dvw * vl, axis=1))
-        rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
-        put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
-    plgpu.commit_smem()
-    for l in range(L):
-        plgpu.copy_smem_to_gmem(v_w.at[l], dv_dst(l))
+    kx0, re, rs = _solve_step(vx, L, k_s, s_w, x_w, vw_w, do_w, b_s, qk0_s, xinv_s, e_w, dr_w, put)
+    dbetas, rend = _write_steps(range(L), vx, k_s, v_w, do_w, x_w, qk_s, b_s, dr_w, put, load, dv_dst, kx0=kx0)
     dG_state, sx_diag = _state_terms(vx, scale, q_s, s_w, x_w, do_w, load)
     dbetas[0] = dbetas[0] + vx.start_m1 * rs
     for l in range(L):
@@ -817,6 +782,49 @@ def _block_step_values(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xi
     ovec_s[wg, L] = dG_state - rend * vx.end
     ovec_s[wg, L + 1] = vx.beta0 * rs * vx.start_m1 + re * vx.end_m1
     ovec_s[wg, L + 2] = rend * vx.end - re * vx.end_m1 + sx_diag * vx.all
+
+
+def _solve_step(vx, L, k_s, s_w, x_w, vw_w, do_w, b_s, qk0_s, xinv_s, e_w, dr_w, put):
+    """E = X rhs and dR = X^T dE of one value block, written over e_w (rhs first) and dr_w (dE
+    first); returns (k0 dS' float32, re = rowsum(E . k0 dS'), rs = rowsum(dR . k0 S))."""
+    sv = (C, e_w.shape[-1])
+    R = lambda vec: mc.rows_of(vec, sv)
+    k0s, kx0, bvw, qdo = _issue((sv, [(k_s.at[0], s_w)]), (sv, [(k_s.at[0], x_w)]),  # k0 S, k0 dS'
+                                (sv, [(b_s.at[l], vw_w.at[l]) for l in range(L)]), (sv, [(qk0_s.T, do_w)]))
+    put(e_w, R(vx.beta0 * vx.start_m1) * k0s + bvw)  # rhs
+    put(dr_w, qdo - R(vx.end_m1) * kx0)  # dE
+    plgpu.commit_smem()
+    e, dr = _issue((sv, [(xinv_s, e_w)]), (sv, [(xinv_s.T, dr_w)]))
+    re = jnp.sum(e * kx0, axis=1)
+    rs = jnp.sum(dr * k0s, axis=1)
+    put(e_w, e)
+    put(dr_w, dr)
+    plgpu.commit_smem()
+    return kx0, re, rs
+
+
+def _write_steps(writes, vx, k_s, v_w, do_w, x_w, qk_s, b_s, dr_w, put, load, dv_dst, kx0=None):
+    """Each listed write's dvw_l = B_l^T dR + QK_l^T dO + end k_l dS', dbeta_l and dv_l (over v_l's
+    tile, then stored to dv_dst(l)); kx0: k0 dS' already formed (else issued with write 0's group).
+    Returns ([dbeta_l per listed write], the sum of their rend shares, or None for no write)."""
+    sv = (C, v_w.shape[-1])
+    R = lambda vec: mc.rows_of(vec, sv)
+    rend, dbetas = None, []
+    for l in writes:
+        reuse = l == 0 and kx0 is not None
+        dvw_raw, *kx_l = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]),
+                                *([] if reuse else [(sv, [(k_s.at[l], x_w)])]))
+        kx = kx0 if reuse else kx_l[0]
+        dvw = dvw_raw + R(vx.end) * kx
+        vl = load(v_w.at[l])
+        dbetas.append(jnp.sum(dvw * vl, axis=1))
+        r_l = jnp.sum(R(vx.beta(l)) * vl * kx, axis=1)
+        rend = r_l if rend is None else rend + r_l
+        put(v_w.at[l], R(vx.beta(l)) * dvw)  # dv_l
+    plgpu.commit_smem()
+    for l in writes:
+        plgpu.copy_smem_to_gmem(v_w.at[l], dv_dst(l))
+    return dbetas, rend
 
 
 def _state_terms(vx, scale, q_s, s_w, x_w, do_w, load):
@@ -842,19 +850,10 @@ def _block_step_work(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xinv
     zero = lambda: 0.0 * vx.start  # a ROWS-layout zero: Mosaic GPU stores no splat of C = 64 elements
 
     def writes(w):
-        """Write l's dvw_l step for l = w, w + 2, ...: (dbeta_l by l, sum of their rend shares)."""
-        rend, dbeta = zero(), {}
-        for l in range(w, L, 2):
-            dvw_raw, kx = _issue((sv, [(b_s.at[l].T, dr_w), (qk_s.at[l].T, do_w)]), (sv, [(k_s.at[l], x_w)]))
-            dvw = dvw_raw + R(vx.end, sv) * kx
-            vl = load(v_w.at[l])
-            dbeta[l] = jnp.sum(dvw * vl, axis=1)
-            rend = rend + jnp.sum(R(vx.beta(l), sv) * vl * kx, axis=1)
-            put(v_w.at[l], R(vx.beta(l), sv) * dvw)  # dv_l
-        plgpu.commit_smem()
-        for l in range(w, L, 2):
-            plgpu.copy_smem_to_gmem(v_w.at[l], dv_dst(l))
-        return dbeta, rend
+        """Write l's steps for l = w, w + 2, ...: ({l: dbeta_l}, the sum of their rend shares)."""
+        ls = range(w, L, 2)
+        dbetas, rend = _write_steps(ls, vx, k_s, v_w, do_w, x_w, qk_s, b_s, dr_w, put, load, dv_dst)
+        return dict(zip(ls, dbetas)), zero() if rend is None else rend
 
     @pl.when(wg == 0)
     def _():
