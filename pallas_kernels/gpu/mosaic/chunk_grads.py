@@ -116,6 +116,36 @@ _G, _GM1, _START_M1, _START, _END_M1, _END, _ALL = range(7)
 _N_ROW_VECS = 7  # then beta_0 .. beta_{L-1}
 # Per-token outputs besides dbeta_l (which come first): dG, dGm1, the dG_C share.
 _N_OUT_VECS = 3
+# CTA orders of the grid (`_grid`) and the ways the value blocks' dq / dk shares are summed.
+ORDERS = ("values", "chunks")
+DQK_SUMS = ("add", "xla")
+
+
+def _grid(N, H, B, nvb, order):
+    """(grid, grid_names). "values": (N * nvb, H, B), the value blocks of one chunk in adjacent CTAs
+    (they read the same q, k_l, X and add into the same dq / dk rows, so both meet in L2); "chunks":
+    (N, H, B * nvb), consecutive chunks in adjacent CTAs."""
+    if order == "values":
+        return (N * nvb, H, B), ("nv", "h", "b")
+    return (N, H, B * nvb), ("n", "h", "bv")
+
+
+def _coords(nvb, order):
+    """(n, h, b, vb) of this CTA under `_grid(..., order)`."""
+    if order == "values":
+        nv = lax.axis_index("nv")
+        return nv // nvb, lax.axis_index("h"), lax.axis_index("b"), nv % nvb
+    bv = lax.axis_index("bv")
+    return lax.axis_index("n"), lax.axis_index("h"), bv // nvb, bv % nvb
+
+
+def _store_share(src, ref, add, vb, *idx):
+    """TMA-stores a [C, 64] float32 share of dq / dk: added into the zeroed output (`add`, TMA
+    reduce-add) or written to value block vb's partial (summed in XLA)."""
+    if add:
+        plgpu.copy_smem_to_gmem(src, ref.at[idx], reduction_op="add")
+    else:
+        plgpu.copy_smem_to_gmem(src, ref.at[(vb, *idx)])
 
 
 def _mm(a, b, shape, init=None):
@@ -244,12 +274,11 @@ class _ChunkVectors:
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale, fold, per_write):
+          rv_s, cv_s, ri_s, cs_s, ovec_s, out_s, bar0, bar1, *, L, nvb, scale, fold, per_write, order, add):
     """SMEM reuse (each buffer keeps one register layout): xinv_s holds X, then dQK0 . t_m1;
     qk0_s -scale QK0, then dkk; qk_s[l] scale QK_l, then dQK_l . t_0; b_s[l] diag(beta0) B_l, then
     dA_l; v_s[l] v_l, then dv_l; e_s the right-hand side, then E; dr_s dE, then dR."""
-    n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
-    b, vb = bv // nvb, bv % nvb
+    n, h, b, vb = _coords(nvb, order)
     K = q_s.shape[-1]
     BV = v_s.shape[-1]
     rows = pl.ds(n * C, C)
@@ -429,13 +458,13 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     n_slots = out_s.shape[0]
     stores = [0]
 
-    def store_out(value, dst):
+    def store_out(value, ref, *idx):
         slot = stores[0] % n_slots
         stores[0] += 1
         plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)  # this slot's last store left it
         out_s[slot] = value
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_s.at[slot], dst)
+        _store_share(out_s.at[slot], ref, add, vb, *idx)
 
     if fold:
         # The row scalings of the state terms go into their 16-bit operands (each buffer's last
@@ -461,13 +490,13 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
                 (so, [(dr_s, st(s_s)), (e_s, st(x_s)), (qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
                  + [(b_s.at[l], k_h[l]) for l in range(L)] + dkl_pairs(0)),
                 *[(so, dkl_pairs(l)) for l in range(1, L)])
-            store_out(dq, dq_ref.at[vb, b, rows, h, kc])
+            store_out(dq, dq_ref, b, rows, h, kc)
             for l in range(L):
-                store_out(dks[l], dk_ref.at[vb, b, rows, h, l, kc])
+                store_out(dks[l], dk_ref, b, rows, h, l, kc)
             continue
         dq_s, dq_r = _issue((so, [(do_s, st(s_s))]),
                             (so, [(xinv_s, k_h[0])] + [(qk_s.at[l], k_h[l]) for l in range(L)]))
-        store_out(R(vx.start * scale, so) * dq_s + dq_r, dq_ref.at[vb, b, rows, h, kc])
+        store_out(R(vx.start * scale, so) * dq_s + dq_r, dq_ref, b, rows, h, kc)
 
         dk_s, dk_x, dk_r = _issue(
             (so, [(dr_s, st(s_s))]), (so, [(e_s, st(x_s))]),
@@ -478,7 +507,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             dkl_x, dkl_r = _issue((so, [(vw_s.at[l], st(x_s))]),
                                   (so, [(qk_s.at[l].T, q_h), (b_s.at[l].T, k_h[0])]))
             dkl = R(vx.end, so) * dkl_x + dkl_r
-            store_out(dkl + dk0 if l == 0 else dkl, dk_ref.at[vb, b, rows, h, l, kc])
+            store_out(dkl + dk0 if l == 0 else dkl, dk_ref, b, rows, h, l, kc)
 
     dbetas[0] = dbetas[0] + dbeta0
     for l in range(L):
@@ -537,7 +566,8 @@ def _wg2_slots(K, L, dtype, reduction_scratch=2048, split="values"):
 def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
               dq_ref, dk_ref, dv_ref, dvec_ref,
               q_s, k_s, v_out, vw_s, do_s, s_s, x_s, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
-              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, cs_turn, *, L, scale, split, nvb):
+              rv_s, cv_s, ri_s, cs_s, ovec_s, bar0, barv, sync, turn, cs_turn, *, L, scale, split, nvb, order,
+              add):
     """Two warpgroups per CTA. split="values": one CTA per (chunk, head, batch) over V = 128;
     warpgroup w owns value columns [64 w, 64 w + 64] (its halves v_s[w], vw_s[w], do_s[w], s_s[w],
     x_s[w], e_s[w], dr_s[w]). split="work": one CTA per (chunk, head, batch and 64-column value
@@ -557,8 +587,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     v_out: the v_l tiles (then dv_l) and, once their stores have been read, the float32 output
     slots: one per warpgroup, or one shared slot (`turn[t]`: output t has left it)."""
     (v_s,), (out_s,) = v_out
-    n, h, bv = lax.axis_index("n"), lax.axis_index("h"), lax.axis_index("bv")
-    b, vb = bv // nvb, bv % nvb
+    n, h, b, vb = _coords(nvb, order)
     wg = lax.axis_index("wg")
     K = q_s.shape[-1]
     BV = v_s.shape[-1]
@@ -740,7 +769,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                 if o == 0:
                     pairs = ([(do_s.at[u], st(s_s.at[u])) for u in halves] + [(xinv_s, k_h[0])]
                              + [(qk_s.at[l], k_h[l]) for l in range(L)])
-                    dst = dq_ref.at[vb, b, rows, h, kc]
+                    dst = (dq_ref, b, rows, h, kc)
                 else:
                     l = o - 1
                     pairs = ([(vw_s.at[u, l], st(x_s.at[u])) for u in halves]
@@ -750,7 +779,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                                   + [(e_s.at[u], st(x_s.at[u])) for u in halves]
                                   + [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
                                   + [(b_s.at[j], k_h[j]) for j in range(L)])
-                    dst = dk_ref.at[vb, b, rows, h, l, kc]
+                    dst = (dk_ref, b, rows, h, l, kc)
                 (value,) = _issue((so, pairs))
                 t = w + 2 * i  # this output's place in the order of all outputs
                 slot = 0 if shared_slot else w
@@ -760,7 +789,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out_s[slot] = value
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_s.at[slot], dst)
+                _store_share(out_s.at[slot], dst[0], add, vb, *dst[1:])
                 if shared_slot:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.barrier_arrive(turn.at[t])
@@ -952,7 +981,8 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, warpgroups=None, split=None, profile=None, interpret=False):
+                         reduction_scratch=2048, warpgroups=None, split=None, order="values", dqk_sum=None,
+                         profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -987,6 +1017,14 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     work 3.63, one warpgroup 4.54; L = 2 work 7.18, one warpgroup 10.74. In the interpreter the
     two-warpgroup kernel runs only when asked for (its K = 128 value-split test, one output slot
     taken in turns, does not finish there).
+    order: the grid's CTA order (`ORDERS`): "values" puts the V / 64 value blocks of one chunk in
+    adjacent CTAs (they read the same q, k_l, X from L2 and their dq / dk shares meet there);
+    "chunks" (sessions 4-7) puts consecutive chunks of one value block side by side. dqk_sum: how the
+    value blocks' dq / dk shares are summed (`DQK_SUMS`): "add" (TMA reduce-add of each [C, 64]
+    float32 share into a zeroed output passed as a `jax.new_ref`: no partials in HBM; float32
+    additions in a run-dependent order), "xla" (a [V / 64, ...] partial per block, summed in XLA) or
+    None: "add" where there are several value blocks and the kernel runs on the GPU (the Mosaic GPU
+    interpreter has no TMA reduction), else "xla".
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -999,10 +1037,18 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         L, V = x.v.shape[-2:]
         warpgroups = 2 if (not interpret and out_slots is None and fold is True and per_write is True
                            and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None) else 1
+    if order not in ORDERS:
+        raise ValueError(f"chunk_grads_backward: `order` = {order!r} must be one of {ORDERS}")
+    if dqk_sum not in (None, *DQK_SUMS):
+        raise ValueError(f"chunk_grads_backward: `dqk_sum` = {dqk_sum!r} must be None or one of {DQK_SUMS}")
+    if dqk_sum == "add" and interpret:
+        raise ValueError("chunk_grads_backward: `dqk_sum`='add' needs interpret=False (the Mosaic GPU "
+                         "interpreter has no TMA reduce-add); use 'xla' or None")
+    sums = dict(order=order, dqk_sum=dqk_sum)
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
-                               interpret=interpret, split=split, profile=profile)
+                               interpret=interpret, split=split, profile=profile, **sums)
     if warpgroups != 1:
         raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be 1 or 2")
     _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
@@ -1025,19 +1071,43 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((out_slots, C, 64), f32),
         bar0=plgpu.Barrier(num_arrivals=1 + 2 * L + _N_ROW_VECS + L + 2 + 4),
         bar1=plgpu.Barrier(num_arrivals=4))
-    out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
-                jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
-                jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
-                jax.ShapeDtypeStruct((nvb, B, H, L + _N_OUT_VECS, Tp), f32))
     body = functools.partial(_body, L=L, nvb=nvb, scale=scale, fold=fold, per_write=per_write)
-    dq, dk, dv, dvec = _kernel(body, kernel_name="prism_chunk_grads_mgpu", out_type=out_type,
-                               scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
-                               approx_math=approx_math, reduction_scratch=reduction_scratch,
-                               interpret=interpret, profile=profile)(
-        x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
-        rint)
-    dq, dk = dq.sum(0), dk.sum(0)
+    dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=nvb, n_vec_parts=nvb,
+                               order=order, dqk_sum=dqk_sum, kernel_name="prism_chunk_grads_mgpu",
+                               scratch_types=scratch, approx_math=approx_math,
+                               reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)
     return (dq, dk, dv, *_token_grads(dvec, L, N))
+
+
+def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, dqk_sum, interpret, **kernel_kw):
+    """Runs the kernel `body` (grid `_grid(..., order)`) on x's q, k, v and `operands` (do, starts,
+    cot_end, ainv in x's dtype; the token operands). Returns dq [B, Tp, H, K], dk [B, Tp, H, L, K]
+    (float32, the value blocks' shares summed as `dqk_sum` says), dv, and the per-token partials
+    [n_vec_parts, B, H, L + 3, Tp]."""
+    B, Tp, H, K = x.q.shape
+    L = x.v.shape[-2]
+    dt = x.q.dtype
+    do, starts, cot_end, ainv, *tok = operands
+    ins = (x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), *tok)
+    dqk_shapes = ((B, Tp, H, K), (B, Tp, H, L, K))
+    rest = (jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
+            jax.ShapeDtypeStruct((n_vec_parts, B, H, L + _N_OUT_VECS, Tp), f32))
+    grid, names = _grid(Tp // C, H, B, nvb, order)
+    if dqk_sum is None:
+        dqk_sum = "add" if nvb > 1 and not interpret else "xla"
+    add = dqk_sum == "add"
+    body = functools.partial(body, order=order, add=add)
+    run = lambda out_type: _kernel(body, out_type=out_type, grid=grid, grid_names=names, interpret=interpret,
+                                   **kernel_kw)
+    if add:
+        # The outputs' HBM is zeroed and handed to the kernel as refs: the shares are added into it.
+        accs = [jax.new_ref(jnp.zeros(shape, f32)) for shape in dqk_shapes]
+        dv, dvec = run(rest)(*ins, *accs)
+        dq, dk = (a[...] for a in accs)
+    else:
+        dq, dk, dv, dvec = run(tuple(jax.ShapeDtypeStruct((nvb, *shape), f32) for shape in dqk_shapes) + rest)(*ins)
+        dq, dk = (t[0] if nvb == 1 else t.sum(0) for t in (dq, dk))
+    return dq, dk, dv, dvec
 
 
 def _token_grads(dvec, L, N):
@@ -1063,7 +1133,7 @@ def _token_operands(tv):
 
 
 def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
-                    reduction_scratch, interpret, split=None, profile=None):
+                    reduction_scratch, interpret, split=None, profile=None, order="values", dqk_sum=None):
     """`chunk_grads_backward(warpgroups=2)`: two warpgroups per CTA (`_body_wg2`); split="values":
     grid (N, H, B); "work": grid (N, H, B * V / 64); None: `_pick_split`."""
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
@@ -1104,17 +1174,10 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
         sync=plgpu.Barrier(num_arrivals=2, num_barriers=6),
         turn=plgpu.Barrier(num_arrivals=1, num_barriers=(1 + L) * K // 64),
         cs_turn=plgpu.Barrier(num_arrivals=1))
-    out_type = (jax.ShapeDtypeStruct((nvb, B, Tp, H, K), f32),
-                jax.ShapeDtypeStruct((nvb, B, Tp, H, L, K), f32),
-                jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
-                jax.ShapeDtypeStruct((2 * nvb, B, H, L + _N_OUT_VECS, Tp), f32))
     body = functools.partial(_body_wg2, L=L, scale=scale, split=split, nvb=nvb)
     name = "prism_chunk_grads_mgpu_wg2" + ("" if split == "values" else "_work")
-    dq, dk, dv, dvec = _kernel(body, kernel_name=name, out_type=out_type,
-                               scratch_types=scratch, grid=(N, H, B * nvb), grid_names=("n", "h", "bv"),
-                               num_threads=2, thread_name="wg", approx_math=approx_math,
-                               reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)(
-        x.q, x.k, x.v, do.astype(dt), starts.astype(dt), cot_end.astype(dt), ainv.astype(dt), rvec, cvec,
-        rint)
-    dq, dk = (t[0] if nvb == 1 else t.sum(0) for t in (dq, dk))
+    dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=nvb,
+                               n_vec_parts=2 * nvb, order=order, dqk_sum=dqk_sum, kernel_name=name,
+                               scratch_types=scratch, num_threads=2, thread_name="wg", approx_math=approx_math,
+                               reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)
     return (dq, dk, dv, *_token_grads(dvec, L, N))

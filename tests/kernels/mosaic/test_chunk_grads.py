@@ -99,6 +99,7 @@ def _assert_close(got, want, tol=1e-2):
     pytest.param(3, 64, 64, True, True, {}, marks=pytest.mark.slow),
     pytest.param(2, 64, 64, True, True, {"per_write": "split"}, marks=pytest.mark.slow),
     pytest.param(2, 128, 128, True, False, {"fold": False}, marks=pytest.mark.slow),
+    (1, 64, 128, True, False, {"order": "chunks"}),  # the sessions-4-to-7 grid order
     pytest.param(1, 128, 128, True, False, {}, marks=pytest.mark.slow)])
 def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
@@ -213,6 +214,30 @@ def test_lowers_for_cuda(L, K, V, kw):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("V,kw,summed_in_kernel", [
+    (128, {}, True), (128, {"warpgroups": 1}, True), (128, {"dqk_sum": "xla"}, False),
+    (64, {}, False), (128, {"order": "chunks", "warpgroups": 2, "split": "work"}, True)])
+def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kernel):
+    """dqk_sum=None on the GPU: with two value blocks dq / dk are zeroed refs the kernel adds into
+    (aliased in the lowered module), with one block or dqk_sum="xla" plain outputs."""
+    x, starts, do, cot_end, ainv = _inputs(L=2, K=64, V=V)
+    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
+    text = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert ("output_operand_alias" in text) == summed_in_kernel
+
+
+def test_bad_order_and_sum_options_raise():
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=128)
+    tv = mc.token_vectors(x)
+    with pytest.raises(ValueError, match="`order`"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, order="rows")
+    with pytest.raises(ValueError, match="`dqk_sum`"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum="atomic")
+    with pytest.raises(ValueError, match="interpret"):
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum="add", interpret=True)
+
+
 @pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg2"), (2, 128, {}, "wg2_work"), (1, 64, {}, "wg2_work"),
                                            (1, 128, {"fold": False}, None), (1, 128, {"warpgroups": 1}, None)])
 def test_defaults_pick_two_warpgroups_where_they_apply(L, V, kw, kernel):
@@ -228,7 +253,8 @@ def test_defaults_pick_two_warpgroups_where_they_apply(L, V, kw, kernel):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (1, {"warpgroups": 1}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
-                                  (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"})])
+                                  (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"}),
+                                  (2, {"order": "chunks", "dqk_sum": "xla"}), (2, {"warpgroups": 1, "dqk_sum": "add"})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
