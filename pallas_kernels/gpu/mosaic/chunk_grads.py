@@ -981,7 +981,7 @@ def chunk_inverses(x: Prepared):
 
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
-                         reduction_scratch=2048, warpgroups=None, split=None, order="values", dqk_sum=None,
+                         reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
                          profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
@@ -1017,14 +1017,15 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     work 3.63, one warpgroup 4.54; L = 2 work 7.18, one warpgroup 10.74. In the interpreter the
     two-warpgroup kernel runs only when asked for (its K = 128 value-split test, one output slot
     taken in turns, does not finish there).
-    order: the grid's CTA order (`ORDERS`): "values" puts the V / 64 value blocks of one chunk in
-    adjacent CTAs (they read the same q, k_l, X from L2 and their dq / dk shares meet there);
-    "chunks" (sessions 4-7) puts consecutive chunks of one value block side by side. dqk_sum: how the
-    value blocks' dq / dk shares are summed (`DQK_SUMS`): "add" (TMA reduce-add of each [C, 64]
-    float32 share into a zeroed output passed as a `jax.new_ref`: no partials in HBM; float32
-    additions in a run-dependent order), "xla" (a [V / 64, ...] partial per block, summed in XLA) or
-    None: "add" where there are several value blocks and the kernel runs on the GPU (the Mosaic GPU
-    interpreter has no TMA reduction), else "xla".
+    order: the grid's CTA order (`ORDERS`): "chunks" (default) puts consecutive chunks of one value
+    block in adjacent CTAs; "values" the V / 64 value blocks of one chunk (they read the same q, k_l,
+    X and add into the same dq / dk rows; slower on the H100: L = 2 work split 8.22 against 7.32 ms
+    with XLA sums, 7.73 against 5.61 with "add"). dqk_sum: how the value blocks' dq / dk shares are
+    summed (`DQK_SUMS`): "add" (TMA reduce-add of each [C, 64] float32 share into a zeroed output
+    passed as a `jax.new_ref`: no partials in HBM; float32 additions in a run-dependent order),
+    "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: "add" where there are several
+    value blocks and the kernel runs on the GPU (the Mosaic GPU interpreter has no TMA reduction),
+    else "xla". H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1133,7 +1134,7 @@ def _token_operands(tv):
 
 
 def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
-                    reduction_scratch, interpret, split=None, profile=None, order="values", dqk_sum=None):
+                    reduction_scratch, interpret, split=None, profile=None, order="chunks", dqk_sum=None):
     """`chunk_grads_backward(warpgroups=2)`: two warpgroups per CTA (`_body_wg2`); split="values":
     grid (N, H, B); "work": grid (N, H, B * V / 64); None: `_pick_split`."""
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)

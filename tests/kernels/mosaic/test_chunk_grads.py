@@ -99,7 +99,7 @@ def _assert_close(got, want, tol=1e-2):
     pytest.param(3, 64, 64, True, True, {}, marks=pytest.mark.slow),
     pytest.param(2, 64, 64, True, True, {"per_write": "split"}, marks=pytest.mark.slow),
     pytest.param(2, 128, 128, True, False, {"fold": False}, marks=pytest.mark.slow),
-    (1, 64, 128, True, False, {"order": "chunks"}),  # the sessions-4-to-7 grid order
+    (1, 64, 128, True, False, {"order": "values"}),  # value blocks of one chunk in adjacent CTAs
     pytest.param(1, 128, 128, True, False, {}, marks=pytest.mark.slow)])
 def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + V)
@@ -216,7 +216,7 @@ def test_lowers_for_cuda(L, K, V, kw):
 
 @pytest.mark.parametrize("V,kw,summed_in_kernel", [
     (128, {}, True), (128, {"warpgroups": 1}, True), (128, {"dqk_sum": "xla"}, False),
-    (64, {}, False), (128, {"order": "chunks", "warpgroups": 2, "split": "work"}, True)])
+    (64, {}, False), (128, {"order": "values", "warpgroups": 2, "split": "work"}, True)])
 def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kernel):
     """dqk_sum=None on the GPU: with two value blocks dq / dk are zeroed refs the kernel adds into
     (aliased in the lowered module), with one block or dqk_sum="xla" plain outputs."""
@@ -254,7 +254,7 @@ def test_defaults_pick_two_warpgroups_where_they_apply(L, V, kw, kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (1, {"warpgroups": 1}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
                                   (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"}),
-                                  (2, {"order": "chunks", "dqk_sum": "xla"}), (2, {"warpgroups": 1, "dqk_sum": "add"})])
+                                  (2, {"dqk_sum": "xla"}), (2, {"order": "values"}), (2, {"warpgroups": 1, "dqk_sum": "add"})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
