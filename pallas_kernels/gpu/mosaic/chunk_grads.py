@@ -79,17 +79,26 @@ and value block. SMEM at K = 128: L = 1 ~156 KiB, L = 2 ~212 KiB (a slot per war
 ~245 KiB: refused. H100, B * T = 32K, H = 16, K = V = 128: L = 2 7.18 ms against 10.74 for one
 warpgroup. The interpreter runs `num_threads=2` (both splits tested there against float64).
 
-Post-processing in XLA (O(T) elementwise): the sum over value blocks; dg = reverse cumsum within
-the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the kernel's per-token
+Summing the value blocks' dq / dk shares (session 8, `dqk_sum`). On the GPU, with two value blocks, dq
+and dk are zeroed float32 arrays handed to the kernel as `jax.new_ref`s (the kernel's operands alias
+them) and every [C, 64] share goes out by TMA reduce-add (`copy_smem_to_gmem(reduction_op="add")`): no
+[V / 64, ...] partials in HBM and no XLA sum over them. H100, L = 2, work split: 7.32 -> 5.61 ms
+(the partials plus their sum had cost ~1.7 ms, more than their ~2 GB of traffic suggests); the whole
+op at L = 2 8.40 -> 7.58 ms. The interpreter has no TMA reduction, so interpret=True keeps the
+partials ("xla"); the two paths differ only in that store (GPU tests run both). The grid keeps
+consecutive chunks of one value block in adjacent CTAs (`order="chunks"`): putting the value blocks of
+one chunk side by side (`order="values"`, to share q, k_l, X and the added rows in L2) was slower,
+8.22 against 7.32 ms with XLA sums and 7.73 against 5.61 with the add.
+
+Post-processing in XLA (O(T) elementwise): the sum over value blocks where dq / dk come as partials;
+dg = reverse cumsum within the chunk of (dG + dGm1) - dGm1 + dG_C, dG_C = sum over the chunk of the
+kernel's per-token
 rend end - re end_m1 + exp(G_C) diag(S^T dS') (<S, dS'> is the trace of one [BV, BV] wgmma;
 BV = C, so its diagonal rides in that per-token output).
 
 Expected cost, K = V = 128, L = 2, per (chunk, head): 2 CTAs x (~50 wgmmas of 64 x 64 x 64..128,
 10 waits) ~ 2 x 50 MFLOP, read ~2 x 70 KiB (q, k twice; v, do, S, dS' once), written dq, dk
-partials float32 2 x 2 x 48 KiB. The partial sums over value blocks are the main extra traffic
-(~0.6 ms of HBM at B * T = 32K, H = 16, K = V = 128, L = 1 in the XLA sum): a TMA reduce-add
-(`copy_smem_to_gmem(reduction_op="add")` into a zeroed output) would drop them, but the interpreter
-does not run it and `plgpu.kernel` takes no aliased (pre-zeroed) output.
+partials float32 2 x 2 x 48 KiB (added in place on the GPU, above).
 """
 
 from __future__ import annotations
