@@ -174,7 +174,8 @@ def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, ho
     taking the shape (the chunk backward does not at L = 3, K = 128); else "split".
     H200, bf16, B*T = 32K, H = 16, K = V = 128, fwd+bwd ms (docs/benchmarks.md, session 4): L = 1
     5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3); L = 3, where
-    the chunk backward falls back to Triton at chunk 64: 42.48 vs 23.90, hence "split" there.
+    the chunk backward falls back to Triton at chunk 64: 42.48 vs 23.90, hence "split" there. Mosaic
+    since then (H100, session 8): L = 1 4.90, L = 2 7.58 (T = 2K) and 8.33 (32K).
     hopper: None detects the default device (compute capability 9.x)."""
     from pallas_kernels.gpu.mosaic.pipeline import STAGES, supported_stages
 
