@@ -778,7 +778,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                 if o == 0:
                     pairs = ([(do_s.at[u], st(s_s.at[u])) for u in halves] + [(xinv_s, k_h[0])]
                              + [(qk_s.at[l], k_h[l]) for l in range(L)])
-                    dst = (dq_ref, b, rows, h, kc)
+                    ref, idx = dq_ref, (b, rows, h, kc)
                 else:
                     l = o - 1
                     pairs = ([(vw_s.at[u, l], st(x_s.at[u])) for u in halves]
@@ -788,7 +788,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                                   + [(e_s.at[u], st(x_s.at[u])) for u in halves]
                                   + [(qk0_s, k_h[0]), (qk0_s.T, k_h[0]), (xinv_s.T, q_h)]
                                   + [(b_s.at[j], k_h[j]) for j in range(L)])
-                    dst = (dk_ref, b, rows, h, l, kc)
+                    ref, idx = dk_ref, (b, rows, h, l, kc)
                 (value,) = _issue((so, pairs))
                 t = w + 2 * i  # this output's place in the order of all outputs
                 slot = 0 if shared_slot else w
@@ -798,7 +798,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out_s[slot] = value
                 plgpu.commit_smem()
-                _store_share(out_s.at[slot], dst[0], add, vb, *dst[1:])
+                _store_share(out_s.at[slot], ref, add, vb, *idx)
                 if shared_slot:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     plgpu.barrier_arrive(turn.at[t])
@@ -1038,7 +1038,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
-    Grid (N, H, B * V / block_v); warpgroups = 2: (N, H, B) x 2 warpgroups.
+    Grid (`_grid`, order "chunks") (N, H, B * V / block_v); the value split (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
     dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
     """
@@ -1145,7 +1145,7 @@ def _token_operands(tv):
 def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_v, approx_math,
                     reduction_scratch, interpret, split=None, profile=None, order="chunks", dqk_sum=None):
     """`chunk_grads_backward(warpgroups=2)`: two warpgroups per CTA (`_body_wg2`); split="values":
-    grid (N, H, B); "work": grid (N, H, B * V / 64); None: `_pick_split`."""
+    grid (N, H, B); "work": grid (N, H, B * V / 64) at order "chunks" (`_grid`); None: `_pick_split`."""
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
