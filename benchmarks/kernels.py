@@ -99,10 +99,15 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def with_vjp(fwd):
+def with_vjp(fwd, keep_output=False):
+    """(args, do) -> input gradients, or (o, gradients) with keep_output: as in a training step, where
+    the output feeds the loss. Without it XLA drops every forward computation that only o needs (our
+    outputs kernel; the backward reads the saved start states) while a peer that forms o inside its
+    state pass keeps that work: `--keep_output` times both sides doing the same work."""
+
     def fwd_bwd(args, do):
         o, pull = jax.vjp(fwd, *args)
-        return pull(do)
+        return (o, pull(do)) if keep_output else pull(do)
 
     return fwd_bwd
 
@@ -207,7 +212,7 @@ def forward_key(kw):
     return tuple(sorted((k, hashable(v)) for k, v in kw.items() if k not in BWD_KEYS))
 
 
-def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None):
+def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None, keep_output=False):
     """One table row: spec = (impl, L, T, variant) with impl in pallas / chunk / jla_gdn and variant a key
     of `variants` (pallas only). `refs` caches the float32 reference of the last (T, L); `gdn` (jitted GDN
     forward) is compared with pallas at L = 1; `timed_forwards` {(forward settings, L, T): row} skips
@@ -248,9 +253,12 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
         del o
         if fkey is not None:
             timed_forwards[fkey] = variant
-    exe, mem = compiled(with_vjp(fwd), xs, do)
+    exe, mem = compiled(with_vjp(fwd, keep_output), xs, do)
     ms = timed(exe, xs, do, reps=reps)
     grads = exe(xs, do)
+    if keep_output:
+        row["fwd_bwd_keeps_output"] = True
+        grads = grads[1]
     errs = {n: rel(a, b) for n, a, b in zip(GRAD_NAMES, grads, grads_ref)}
     row.update(fwd_bwd_ms=ms, fwd_bwd_tflops=3 * flops / (ms * 1e-3) / 1e12, fwd_bwd_mem_gib=mem,
                grad_rel_err=errs, grad_rel_err_max=max(errs.values()))
@@ -359,6 +367,8 @@ def main():
     ap.add_argument("--dplr", action="store_true", help="then the DPLR-interleaved peer (dplr_peer.py, torch)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: interpret mode)")
     ap.add_argument("--fla", action="store_true", help="flash-linear-attention GDN forward only (torch)")
+    ap.add_argument("--keep_output", action="store_true",
+                    help="fwd+bwd returns the output too (a training step's work; see with_vjp)")
     args = ap.parse_args()
     shape = SMOKE if args.smoke else SHAPE
     lengths = [int(t) for t in args.lengths.split(",")] if not args.smoke else [32, 64]
@@ -432,7 +442,7 @@ def main():
                 run.doc["notes"].append(f"breakdown {variant} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         try:
-            row = measure_row(spec, shape, args.reps, refs, variants, gdn, timed_forwards)
+            row = measure_row(spec, shape, args.reps, refs, variants, gdn, timed_forwards, args.keep_output)
             row["seconds"] = round(time.time() - t0, 1)
             run.add("rows", row)
         except Exception as e:

@@ -148,9 +148,21 @@ def _coords(nvb, order):
     return lax.axis_index("n"), lax.axis_index("h"), bv // nvb, bv % nvb
 
 
+def _sum_mode(nvb, dqk_sum, interpret, dtype):
+    """(add, dq / dk dtype): `dqk_sum` None -> TMA reduce-add where there are several value blocks and
+    the kernel runs on the GPU, else "xla"; with one value block the kernel's dq / dk are the whole
+    values and leave in the inputs' 16-bit dtype (the rounding the caller's cast makes anyway: no
+    float32 copy written and cast in XLA), else float32 shares."""
+    if dqk_sum is None:
+        dqk_sum = "add" if nvb > 1 and not interpret else "xla"
+    add = dqk_sum == "add"
+    return add, (dtype if nvb == 1 and not add else f32)
+
+
 def _store_share(src, ref, add, vb, *idx):
-    """TMA-stores a [C, 64] float32 share of dq / dk: added into the zeroed output (`add`, TMA
-    reduce-add) or written to value block vb's partial (summed in XLA)."""
+    """TMA-stores a [C, 64] share of dq / dk: float32, added into the zeroed output (`add`, TMA
+    reduce-add), or written to value block vb's partial (float32 summed in XLA where there are
+    several value blocks, else the whole value in the inputs' 16-bit dtype: `_sum_mode`)."""
     if add:
         plgpu.copy_smem_to_gmem(src, ref.at[idx], reduction_op="add")
     else:
@@ -471,7 +483,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         slot = stores[0] % n_slots
         stores[0] += 1
         plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)  # this slot's last store left it
-        out_s[slot] = value
+        out_s[slot] = value.astype(out_s.dtype)
         plgpu.commit_smem()
         _store_share(out_s.at[slot], ref, add, vb, *idx)
 
@@ -796,7 +808,7 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
                     plgpu.barrier_wait(turn.at[t - 1])  # the other warpgroup's output left the slot
                 else:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                out_s[slot] = value
+                out_s[slot] = value.astype(out_s.dtype)
                 plgpu.commit_smem()
                 _store_share(out_s.at[slot], ref, add, vb, *idx)
                 if shared_slot:
@@ -1040,7 +1052,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     body (`benchmarks/mosaic_diag.py profile`).
     Grid (`_grid`, order "chunks") (N, H, B * V / block_v); the value split (N, H, B) x 2 warpgroups.
     Returns (dq [B, Tp, H, K], dk [B, Tp, H, L, K], dbeta [B, Tp, H, L], dg [B, Tp, H]) float32 and
-    dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg).
+    dv [B, Tp, H, L, V] in v's dtype, as (dq, dk, dv, dbeta, dg); dq and dk in q's 16-bit dtype where
+    one CTA holds all value columns and sums nothing (the value split; V = block_v) and `dqk_sum` is
+    not "add" (`_sum_mode`): the rounding the caller's cast makes anyway, without a float32 copy
+    written and cast in XLA.
     """
     if warpgroups is None:
         B, Tp, H, K = x.q.shape
@@ -1066,6 +1081,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     L, V = x.v.shape[-2:]
     N, nvb, dt = Tp // C, V // block_v, x.q.dtype
     out_slots = _out_slots(K, block_v, L, dt, out_slots, reduction_scratch)
+    add, out_dt = _sum_mode(nvb, dqk_sum, interpret, dt)
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
@@ -1078,22 +1094,22 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         dr_s=mc.smem(sv, dt),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
-        ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((out_slots, C, 64), f32),
+        ovec_s=plgpu.SMEM((L + _N_OUT_VECS, C), f32), out_s=mc.smem((out_slots, C, 64), out_dt),
         bar0=plgpu.Barrier(num_arrivals=1 + 2 * L + _N_ROW_VECS + L + 2 + 4),
         bar1=plgpu.Barrier(num_arrivals=4))
     body = functools.partial(_body, L=L, nvb=nvb, scale=scale, fold=fold, per_write=per_write)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=nvb, n_vec_parts=nvb,
-                               order=order, dqk_sum=dqk_sum, kernel_name="prism_chunk_grads_mgpu",
+                               order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu",
                                scratch_types=scratch, approx_math=approx_math,
                                reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)
     return (dq, dk, dv, *_token_grads(dvec, L, N))
 
 
-def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, dqk_sum, interpret, **kernel_kw):
+def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, add, dqk_dtype, interpret, **kernel_kw):
     """Runs the kernel `body` (grid `_grid(..., order)`) on x's q, k, v and `operands` (do, starts,
     cot_end, ainv in x's dtype; the token operands). Returns dq [B, Tp, H, K], dk [B, Tp, H, L, K]
-    (float32, the value blocks' shares summed as `dqk_sum` says), dv, and the per-token partials
-    [n_vec_parts, B, H, L + 3, Tp]."""
+    (`dqk_dtype`; the value blocks' shares summed as `_sum_mode` says: `add` or in XLA), dv, and the
+    per-token partials [n_vec_parts, B, H, L + 3, Tp]."""
     B, Tp, H, K = x.q.shape
     L = x.v.shape[-2]
     dt = x.q.dtype
@@ -1103,9 +1119,6 @@ def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, dqk_sum, in
     rest = (jax.ShapeDtypeStruct(x.v.shape, x.v.dtype),
             jax.ShapeDtypeStruct((n_vec_parts, B, H, L + _N_OUT_VECS, Tp), f32))
     grid, names = _grid(Tp // C, H, B, nvb, order)
-    if dqk_sum is None:
-        dqk_sum = "add" if nvb > 1 and not interpret else "xla"
-    add = dqk_sum == "add"
     body = functools.partial(body, order=order, add=add)
     run = lambda out_type: _kernel(body, out_type=out_type, grid=grid, grid_names=names, interpret=interpret,
                                    **kernel_kw)
@@ -1115,7 +1128,8 @@ def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, dqk_sum, in
         dv, dvec = run(rest)(*ins, *accs)
         dq, dk = (a[...] for a in accs)
     else:
-        dq, dk, dv, dvec = run(tuple(jax.ShapeDtypeStruct((nvb, *shape), f32) for shape in dqk_shapes) + rest)(*ins)
+        dq, dk, dv, dvec = run(tuple(jax.ShapeDtypeStruct((nvb, *shape), dqk_dtype) for shape in dqk_shapes)
+                               + rest)(*ins)
         dq, dk = (t[0] if nvb == 1 else t.sum(0) for t in (dq, dk))
     return dq, dk, dv, dvec
 
@@ -1168,10 +1182,11 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
     rvec, cvec, rint = _token_operands(tv)
     nh = _halves(split)
     nvb = V // block_v if split == "work" else 1
+    add, out_dt = _sum_mode(nvb, dqk_sum, interpret, dt)
     sq, sv, sk = (C, C), (C, block_v), (C, K)
     scratch = dict(
         q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt),
-        v_out=plgpu.RefUnion([mc.smem((nh, L, *sv), dt)], [mc.smem((slots, C, 64), f32)]),
+        v_out=plgpu.RefUnion([mc.smem((nh, L, *sv), dt)], [mc.smem((slots, C, 64), out_dt)]),
         vw_s=mc.smem((nh, L, *sv), dt), do_s=mc.smem((nh, *sv), dt), s_s=mc.smem((nh, K, block_v), dt),
         x_s=mc.smem((nh, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
         qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((nh, *sv), dt),
@@ -1187,7 +1202,7 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
     body = functools.partial(_body_wg2, L=L, scale=scale, split=split, nvb=nvb)
     name = "prism_chunk_grads_mgpu_wg2" + ("" if split == "values" else "_work")
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=nvb,
-                               n_vec_parts=2 * nvb, order=order, dqk_sum=dqk_sum, kernel_name=name,
+                               n_vec_parts=2 * nvb, order=order, add=add, dqk_dtype=out_dt, kernel_name=name,
                                scratch_types=scratch, num_threads=2, thread_name="wg", approx_math=approx_math,
                                reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)
     return (dq, dk, dv, *_token_grads(dvec, L, N))

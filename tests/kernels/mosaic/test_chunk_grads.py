@@ -227,6 +227,20 @@ def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kern
     assert ("output_operand_alias" in text) == summed_in_kernel
 
 
+@pytest.mark.parametrize("L,V,kw,dtype", [
+    (1, 64, {}, jnp.bfloat16), (2, 64, {"warpgroups": 2}, jnp.bfloat16), (1, 128, {}, jnp.bfloat16),
+    (2, 128, {"dqk_sum": "xla"}, jnp.float32), (2, 128, {}, jnp.float32), (1, 128, {"warpgroups": 1}, jnp.float32),
+    (1, 64, {"dqk_sum": "add"}, jnp.float32)])
+def test_defaults_write_dq_dk_in_16_bits_only_where_nothing_is_summed(L, V, kw, dtype):
+    """One CTA over all value columns (V = 64, or the value split at L = 1, V = 128) writes dq / dk in
+    q's dtype; shares that are summed (two value blocks of 64, in XLA or by the TMA add) stay float32."""
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=V)
+    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
+    dq, dk, dv, dbeta, dg = jax.eval_shape(fn, x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
+    assert (dq.dtype, dk.dtype) == (dtype, dtype)
+    assert (dv.dtype, dbeta.dtype, dg.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+
+
 def test_bad_order_and_sum_options_raise():
     x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=128)
     tv = mc.token_vectors(x)
