@@ -102,14 +102,16 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
 
 def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=False, options=()):
     """(dq, dk, dv, dbeta, dg, ds0) of the padded inputs from the forward's start states and saved
-    inverses; do [B, Tp, H, V], dfinal [B, H, K, V]."""
+    inverses; do [B, Tp, H, V], dfinal [B, H, K, V]. Between Mosaic stages the per-chunk Y of the
+    pull-back and the end-state cotangents travel in the inputs' 16-bit dtype (each rounded once from
+    its float32 accumulator; their readers use them as 16-bit operands or add them to float32)."""
     tv = token_vectors(x) if {"pullback", "grads"} & set(stages) else None
     mm_dtype = x.q.dtype
     if "pullback" in stages:
         from pallas_kernels.gpu.mosaic.pullback import state_pullback
 
-        p, ek, a, y = state_pullback(x, tv, do, scale=scale, ainv=ainv, interpret=interpret,
-                                     **_kw(options, "pullback"))
+        kw = {"y_dtype": mm_dtype if "reverse" in stages else None, **_kw(options, "pullback")}
+        p, ek, a, y = state_pullback(x, tv, do, scale=scale, ainv=ainv, interpret=interpret, **kw)
     else:
         from pallas_kernels.gpu.pullback import state_pullback
 

@@ -52,6 +52,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 from pallas_kernels.common import Prepared
 from pallas_kernels.gpu.mosaic import common as mc
 from pallas_kernels.gpu.mosaic.outputs import default_chunks_per_cta
+from pallas_kernels.gpu.mosaic.state import out_dtype
 
 C = mc.CHUNK
 f32 = jnp.float32
@@ -59,11 +60,11 @@ SIZES = (64, 128)  # supported K and V
 SMEM_LIMIT = 220 * 1024  # bytes of SMEM a CTA may use (an H200 gives 227 KiB; some slack)
 
 
-def smem_bytes(K, bv, slots=2, itemsize=2):
+def smem_bytes(K, bv, slots=2, itemsize=2, y_itemsize=4):
     """SMEM one CTA uses: per slot 16-bit q, k0 [C, K], do [C, bv] and 7 vector rows of C; once:
-    Ainv float32 and 16-bit [C, C], P 16-bit [C, K], Y float32 [K, bv]."""
+    Ainv float32 and 16-bit [C, C], P 16-bit [C, K], Y [K, bv] (float32, or 16-bit: `y_dtype`)."""
     slot = (2 * C * K + C * bv) * itemsize + 7 * C * 4
-    return slots * slot + C * C * (4 + itemsize) + C * K * itemsize + K * bv * 4
+    return slots * slot + C * C * (4 + itemsize) + C * K * itemsize + K * bv * y_itemsize
 
 
 def default_block_v(K, V):
@@ -168,7 +169,7 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
             return acc_y[...]
 
         y = lax.optimization_barrier(pl.run_scoped(y_products, plgpu.ACC((K, bv), f32), plgpu.ACC((C, bv), f32)))
-        y_s[...] = scale * y
+        y_s[...] = (scale * y).astype(y_s.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, y_ref.at[b, h, n, :, cols])  # left in flight
 
@@ -186,7 +187,7 @@ def _body(q_ref, k_ref, do_ref, ainv_ref, fr_ref, fc_ref, ir_ref, ic_ref, p_ref,
 
 
 def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v=None, chunks_per_cta=None,
-                   slots=None, interpret=False):
+                   slots=None, y_dtype=None, interpret=False):
     """x: the padded inputs (q [B, Tp, H, K], k [B, Tp, H, L, K] in bf16 / f16); tv =
     `token_vectors(x)`; do [B, Tp, H, V] (q's dtype); ainv [B, H, N, C, C] float32 the chunks'
     (I + m)^{-1} saved by the forward (required). K, V in (64, 128).
@@ -194,8 +195,12 @@ def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v
     slots fit); every value block forms P and ek, the first writes them.
     chunks_per_cta: consecutive chunks one CTA walks, a divisor of N (default
     `outputs.default_chunks_per_cta`: >= 2 x 132 CTAs). slots: 1 or 2 SMEM slots for the chunk
-    tiles (default 2 when chunks_per_cta > 1 and they fit).
-    Returns p, ek [B, H, N, C, K] in q's dtype, a [B, H, N] float32, y [B, H, N, K, V] float32.
+    tiles (default 2 when chunks_per_cta > 1 and they fit). y_dtype: None / float32, or q's 16-bit
+    dtype: Y (a float32 accumulator) is rounded once on its way out, half the bytes written here and
+    read by the reverse pass (`reverse.reverse_pass` takes either; the pipeline asks for 16 bits when
+    the reverse pass is Mosaic).
+    Returns p, ek [B, H, N, C, K] in q's dtype, a [B, H, N] float32, y [B, H, N, K, V] float32 or
+    `y_dtype`.
     Grid (B, N / chunks_per_cta, H, V / block_v)."""
     B, Tp, H, K = x.q.shape
     V = do.shape[-1]
@@ -211,6 +216,7 @@ def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v
         raise ValueError(f"mosaic state_pullback: slots = {slots} must be 1 or 2 and fit in {SMEM_LIMIT} bytes "
                          f"of SMEM (it needs {smem_bytes(K, block_v, slots)} at K = {K}, block_v = {block_v})")
     dt = x.q.dtype
+    ydt = out_dtype("state_pullback", "y_dtype", y_dtype, dt)
     bv = block_v
     fr = jnp.stack([tv.start, tv.end_m1, tv.G])
     fc = jnp.stack([tv.Gm1, tv.beta[:, :, 0] * tv.start_m1])
@@ -218,12 +224,12 @@ def state_pullback(x: Prepared, tv: mc.TokenVectors, do, *, scale, ainv, block_v
     scratch = dict(
         q_s=mc.smem((slots, C, K), dt), k_s=mc.smem((slots, C, K), dt), do_s=mc.smem((slots, C, bv), dt),
         ai32_s=mc.smem((C, C), f32), x16_s=mc.smem((C, C), dt), p_s=mc.smem((C, K), dt),
-        y_s=mc.smem((K, bv), f32),
+        y_s=mc.smem((K, bv), ydt),
         fr_s=plgpu.SMEM((slots * 3, C), f32), fc_s=plgpu.SMEM((slots * 2, C), f32),
         ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots, C), jnp.int32),
         bar=plgpu.Barrier(num_arrivals=3 + 3 + 2 + 2, num_barriers=slots), ai_bar=plgpu.Barrier(num_arrivals=1))
     out_type = (jax.ShapeDtypeStruct((B, H, N, C, K), dt), jax.ShapeDtypeStruct((B, H, N, C, K), dt),
-                jax.ShapeDtypeStruct((B, H, N, K, V), f32))
+                jax.ShapeDtypeStruct((B, H, N, K, V), ydt))
     body = functools.partial(_body, scale=scale, bv=bv, cpc=chunks_per_cta, slots=slots)
     p, ek, y = mc.kernel(body, name="prism_mosaic_state_pullback",
                          out_type=out_type, scratch=scratch, grid=(B, N // chunks_per_cta, H, V // bv),

@@ -67,7 +67,8 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, cot_dtype=N
     """(cot_end [B, H, N, K, V] float32 (or `cot_dtype`), ds0 [B, H, K, V] float32).
 
     p, ek [B, H, N, C, K] 16-bit (bf16 / f16, the same); a [B, H, N] float32; y [B, H, N, K, V]
-    float32; dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
+    float32 or p's 16-bit dtype (the pull-back's `y_dtype`: read as it is by the register kernel,
+    half the bytes; cast to float32 in XLA for the staged one); dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
     (last first) in each CTA. block_v: value columns per CTA, 32 or 64 (32: twice the CTAs).
     registers: X transposed in registers (`_register_pass`, block_v = 64 only) or the staged kernel;
     None = registers at block_v = 64.
@@ -78,11 +79,12 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, cot_dtype=N
     B, H, N, Cp, K = p.shape
     V = y.shape[-1]
     check_inputs("reverse_pass", dtype=p.dtype, chunk=Cp, K=K, V=V, block_v=block_v)
-    for name, t, shape, dtype in (("ek", ek, p.shape, p.dtype), ("a", a, (B, H, N), f32),
-                                  ("y", y, (B, H, N, K, V), f32), ("dfinal", dfinal, (B, H, K, V), f32)):
-        if t.shape != shape or t.dtype != dtype:
-            raise ValueError(f"reverse_pass: `{name}` must be {shape} {jnp.dtype(dtype)} "
-                             f"(got {t.shape} {t.dtype})")
+    for name, t, shape, dtypes in (("ek", ek, p.shape, (p.dtype,)), ("a", a, (B, H, N), (f32,)),
+                                   ("y", y, (B, H, N, K, V), (f32, p.dtype)),
+                                   ("dfinal", dfinal, (B, H, K, V), (f32,))):
+        if t.shape != shape or t.dtype not in dtypes:
+            raise ValueError(f"reverse_pass: `{name}` must be {shape} "
+                             f"{' or '.join(str(jnp.dtype(d)) for d in dtypes)} (got {t.shape} {t.dtype})")
     dt = p.dtype
     cdt = out_dtype("reverse_pass", "cot_dtype", cot_dtype, dt)
     low = cdt != jnp.dtype(f32)  # 16-bit cot_end: leaves from the 16-bit copy of X
@@ -93,6 +95,7 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, cot_dtype=N
         raise ValueError(f"reverse_pass: registers=True needs block_v=64 (got block_v={bv})")
     if registers:
         return _register_pass(p, ek, a_rows, y, dfinal, cot_dtype=cdt, interpret=interpret)
+    y = y.astype(f32)  # the staged kernel reads Y as float32
 
     def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_b, w_s, x_f,
              bar, x_bar):
@@ -204,7 +207,7 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
                 store_transposed(stage.at[slot], xt)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
-                init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA)
+                init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA).astype(f32)
                         + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
                 ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
                 plgpu.wgmma(acc_x, a_operand(ekx.astype(dt), w_b, interpret), p_s.at[slot])  # -(W^T P)
@@ -220,7 +223,7 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = dict(
-        p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), f32),
+        p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), y.dtype),
         a_s=plgpu.SMEM((2, K), f32), x_f=mc.smem((1 if low else 2, K, bv), f32),
         bar=plgpu.Barrier(num_arrivals=4, num_barriers=2), x_bar=plgpu.Barrier(num_arrivals=1))
     if low:

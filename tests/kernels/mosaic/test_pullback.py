@@ -90,6 +90,22 @@ def test_pullback_interpreter_matches_float64_and_triton(T, V, L, resets, block_
     _check(got, [np.asarray(t, np.float64) for t in triton], 1e-2)
 
 
+@pytest.mark.parametrize("y_dtype", ["bfloat16"])
+def test_pullback_16bit_y_is_the_float32_y_rounded(y_dtype):
+    """y_dtype: Y leaves rounded once from its float32 accumulator, bit for bit the float32 output's
+    rounding; P, ek and a unchanged."""
+    x, do = _inputs(1, 150, 2, 64, 64, 1, resets=True)
+    ainv, tv = _ainv(x), mc.token_vectors(x)
+    run = lambda **kw: state_pullback(x, tv, do, scale=SCALE, ainv=ainv, chunks_per_cta=3, interpret=True, **kw)
+    full, low = run(), run(y_dtype=y_dtype)
+    assert low[3].dtype == jnp.dtype(y_dtype)
+    np.testing.assert_array_equal(np.asarray(full[3].astype(y_dtype), np.float32), np.asarray(low[3], np.float32))
+    for a, b in zip(full[:3], low[:3]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="`y_dtype`"):
+        run(y_dtype="float16")
+
+
 # (K, V, block_v, chunks_per_cta, slots): the defaults at K = V = 128 (all columns, two slots) and
 # K = 64, 64 columns through one slot, one chunk per CTA.
 LOWERING = [(128, 128, None, 3, None), (64, 128, 64, 3, 1), (128, 128, 64, 1, None)]
@@ -129,12 +145,13 @@ def test_pullback_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunks_per_cta,block_v", [(None, None), (4, None), (4, 64), (1, None)])
-def test_pullback_on_gpu_matches_float64(chunks_per_cta, block_v):
+@pytest.mark.parametrize("chunks_per_cta,block_v,y_dtype", [(None, None, None), (4, None, None), (4, 64, None),
+                                                            (1, None, None), (None, None, "bfloat16")])
+def test_pullback_on_gpu_matches_float64(chunks_per_cta, block_v, y_dtype):
     x, do = _inputs(2, 512, 4, 128, 128, 2, resets=True, seed=3)
     ainv = split.intra(x, chunk_size=C, inverse="rows", save_inverse=True)[2]
     got = state_pullback(x, mc.token_vectors(x), do, scale=SCALE, ainv=ainv, block_v=block_v,
-                         chunks_per_cta=chunks_per_cta)
+                         chunks_per_cta=chunks_per_cta, y_dtype=y_dtype)
     _check(got, _reference64(x, do), 1e-2)
     triton = pullback.state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=SCALE, chunk_size=C, ainv=ainv)
     _check(got, [np.asarray(t, np.float64) for t in triton], 1e-2)

@@ -108,6 +108,30 @@ def test_lowers_for_cuda(K, V, block_v, registers, cot_dtype):
     assert lowered.out_info[0].dtype == (jnp.float32 if cot_dtype is None else jnp.dtype(cot_dtype))
 
 
+def test_lowers_for_cuda_with_16bit_y():
+    """Y in the inputs' dtype (the pull-back's y_dtype), read transposed by the register kernel."""
+    B, H, N, K, V = 1, 2, 3, 128, 128
+    args = (jnp.zeros((B, H, N, C, K), jnp.bfloat16), jnp.zeros((B, H, N, C, K), jnp.bfloat16),
+            jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V), jnp.bfloat16), jnp.zeros((B, H, K, V)))
+    lowered = jax.jit(lambda *a: reverse_pass(*a, cot_dtype="bfloat16")).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("K, block_v, registers", [(64, 64, None), (64, 32, None)])
+def test_16bit_y_matches_the_rounded_float32_y(K, block_v, registers):
+    """Y given in bf16 (register kernel: read as it is; staged: cast in XLA) gives the float32 pass's
+    result on the bf16-rounded Y, and stays within the float64 reference's tolerance."""
+    p, ek, a, y, dfinal = _pullback_inputs(K=K, V=64, T=150, reset_at=100, seed=5)
+    y16 = y.astype(jnp.bfloat16)
+    run = lambda y_: reverse_pass(p, ek, a, y_, dfinal, block_v=block_v, registers=registers, interpret=True)
+    (cot16, ds16), (cot_r, ds_r) = run(y16), run(y16.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(cot16), np.asarray(cot_r), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ds16), np.asarray(ds_r), rtol=1e-6, atol=1e-6)
+    ref_cot, ref_ds0 = _reference(p, ek, a, y, dfinal)
+    assert _rel(cot16, ref_cot) < 1e-2 and _rel(ds16, ref_ds0) < 1e-2
+
+
 def test_rejects_unsupported_inputs():
     B, H, N, K, V = 1, 2, 2, 64, 64
     p = jnp.zeros((B, H, N, C, K), jnp.bfloat16)
@@ -120,6 +144,8 @@ def test_rejects_unsupported_inputs():
         reverse_pass(p, p.astype(jnp.float16), a, y, dfinal)
     with pytest.raises(ValueError, match="`y`"):
         reverse_pass(p, p, a, y[:, :, :1], dfinal)
+    with pytest.raises(ValueError, match="`y`"):
+        reverse_pass(p, p, a, y.astype(jnp.float16), dfinal)
     with pytest.raises(ValueError, match="registers=True needs block_v=64"):
         reverse_pass(p, p, a, y, dfinal, block_v=32, registers=True)
     with pytest.raises(ValueError, match="`cot_dtype`"):
@@ -129,12 +155,14 @@ def test_rejects_unsupported_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v, registers, cot_dtype", [
-    (64, None, None), (64, False, None), (32, None, None), (64, None, "bfloat16"), (64, False, "bfloat16"),
-    (32, None, "bfloat16")])
-def test_gpu_matches_float64_reference(block_v, registers, cot_dtype):
+@pytest.mark.parametrize("block_v, registers, cot_dtype, y16", [
+    (64, None, None, False), (64, False, None, False), (32, None, None, False), (64, None, "bfloat16", False),
+    (64, False, "bfloat16", False), (32, None, "bfloat16", False), (64, None, "bfloat16", True)])
+def test_gpu_matches_float64_reference(block_v, registers, cot_dtype, y16):
     inputs = _pullback_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=3)
-    cot, ds0 = reverse_pass(*inputs, block_v=block_v, registers=registers, cot_dtype=cot_dtype)
+    p, ek, a, y, dfinal = inputs
+    cot, ds0 = reverse_pass(p, ek, a, y.astype(jnp.bfloat16) if y16 else y, dfinal, block_v=block_v,
+                            registers=registers, cot_dtype=cot_dtype)
     assert cot.dtype == (jnp.float32 if cot_dtype is None else jnp.dtype(cot_dtype))
     ref_cot, ref_ds0 = _reference(*inputs)
     assert _rel(cot, ref_cot) < 1e-2
