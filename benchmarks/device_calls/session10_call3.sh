@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 10, device call 3 (one GPU): GPU tests of the 16-bit Y (pull-back -> reverse pass); the whole op
-# at L = 1, 2 before (session 8's code, a copy of 0dc7021's packages in .old/) and after this session's
-# changes (16-bit dq / dk out of the value split, 16-bit Y), in one run on one card; the DPLR peer at L = 2.
+# at L = 1, 2 before (session 8's code: a copy of 0dc7021's packages in .old/) and after this session's
+# changes (16-bit dq / dk out of the value split, 16-bit Y), in one run on one card; the intra kernel's
+# inverse block size (2, 4: no substitution) beside its default 16.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl_train/*.whl .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1
@@ -15,5 +16,5 @@ PLAN=mosaic:1:2048,mosaic:2:2048
     --budget_s 110 --plan $PLAN 2>&1 | grep '^| pallas' | sed 's/^/before /')
 PYTHONPATH=/tmp/site:. timeout 150 python3 benchmarks/kernels.py --out "$OUT/new" --reps 20 --budget_s 130 \
     --plan jla_gdn:2048,$PLAN 2>&1 | grep '^| [pj]' | sed 's/^/after /'
-PYTHONPATH=/tmp/site:. XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python3 benchmarks/dplr_peer.py \
-    --out "$OUT" --lengths 2048 --writes 2 --reps 5 --budget_s 180 2>&1 | tail -6
+PYTHONPATH=/tmp/site:. timeout 120 python3 benchmarks/mosaic_stages.py --stages intra --writes 1,2 --lengths 2048 \
+    --reps 10 --out "$OUT" --try 'intra:{"block":2}' --try 'intra:{"block":4}' --try 'intra:{"block":8}' 2>&1 | grep '^|'

@@ -42,8 +42,9 @@ def check_stages(stages, K, L, dtype):
 
 
 def stage_options(options):
-    """{stage: {keyword: value}} (block sizes etc. of the Mosaic kernels) as a hashable tuple; None or
-    {} = the kernels' defaults. ValueError for an unknown stage."""
+    """{stage: {keyword: value}} (block sizes etc. of the Mosaic kernels; for "grads" outside `stages`,
+    those of the Triton chunk backward that stands in: block_v, v_split, num_warps, num_stages) as a
+    hashable tuple; None or {} = the kernels' defaults. ValueError for an unknown stage."""
     options = options or {}
     if isinstance(options, tuple):
         return options
@@ -136,6 +137,7 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
     else:
         from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
 
+        # `options["grads"]` go to the Triton kernel here (block_v, v_split, num_warps, num_stages)
         grads = chunk_grads_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=scale,
-                                     chunk_size=CHUNK, ainv=ainv, interpret=interpret)
+                                     chunk_size=CHUNK, ainv=ainv, interpret=interpret, **_kw(options, "grads"))
     return (*grads, ds0)

@@ -60,6 +60,24 @@ def test_mosaic_bad_arguments_fail_before_compiling(kw, match):
         prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", **{"chunk_size": 64, **kw})
 
 
+def test_grads_options_reach_the_triton_chunk_backward_when_it_stands_in():
+    """With "grads" left out of mosaic_stages, mosaic_options["grads"] are the Triton kernel's block
+    settings: a bad one is refused when the backward is traced (before compiling)."""
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 1, 64, 64, dtype=jnp.bfloat16)
+    stages = tuple(s for s in STAGES if s != "grads")
+
+    def loss(options):
+        def f(q):
+            o, _ = prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64, mosaic_stages=stages,
+                                mosaic_options=options)
+            return jnp.sum(o.astype(jnp.float32))
+        return jax.eval_shape(jax.grad(f), q)
+
+    assert loss({"grads": {"v_split": 2, "block_v": 32}}).shape == q.shape
+    with pytest.raises(ValueError, match="v_split"):
+        loss({"grads": {"v_split": 3}})
+
+
 def test_supported_stages_leave_out_what_does_not_fit():
     assert supported_stages(128, 2, jnp.bfloat16) == STAGES
     assert "grads" not in supported_stages(128, 3, jnp.bfloat16)  # the chunk backward's SMEM plan
