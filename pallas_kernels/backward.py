@@ -111,6 +111,22 @@ def reverse_scan(p, ek, a, y, dfinal):
     return jnp.moveaxis(cot_end, 0, 2), ds0
 
 
+def explicit_xla_grads(x: Prepared, starts, do, cot_end, a_inv, *, scale, chunk_size):
+    """(dq, dk, dv, dbeta, dg) float32 of the padded inputs: the hand-derived `grads.chunk_grads` of
+    every chunk, vmapped in XLA (batched products over all chunks at once). starts, cot_end
+    [B, H, N, K, V] (float32 or 16-bit: both enter as float32), a_inv [B, H, N, C, C] the chunks'
+    (I + m)^{-1} (float32 or 16-bit)."""
+    C = chunk_size
+    B, Tp, H, K = x.q.shape
+    mm_dtype = matmul_dtype(x.q.dtype)
+    q, k, v, beta, g, do_c = (_chunked(t, C) for t in (x.q, x.k, x.v, x.beta, x.g, do))
+    rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
+    f32 = lambda t: t.astype(jnp.float32)
+    fn = _over_chunks(functools.partial(_explicit_chunk, scale=scale, mm_dtype=mm_dtype))
+    grads = fn(q, k, v, beta, g, rc(x.r), rc(x.rm1), f32(starts), do_c, f32(cot_end), f32(a_inv))
+    return tuple(_unchunked(t) for t in grads)
+
+
 _CHUNK_PATHS = ("xla", "gpu", "interpret", "explicit-xla", "explicit-gpu", "explicit-interpret")
 
 
@@ -159,9 +175,7 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, reverse="sca
                                     interpret=reverse == "interpret")
 
     if chunk == "explicit-xla":
-        fn = _over_chunks(functools.partial(_explicit_chunk, scale=scale, mm_dtype=mm_dtype))
-        grads = fn(q, k, v, beta, g, r, rm1, starts, do_c, cot_end, a_inv)
-        return (*(_unchunked(t) for t in grads), ds0)
+        return (*explicit_xla_grads(x, starts, do, cot_end, a_inv, scale=scale, chunk_size=C), ds0)
     if chunk in ("explicit-gpu", "explicit-interpret"):
         from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
 

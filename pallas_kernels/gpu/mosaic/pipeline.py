@@ -17,6 +17,9 @@ from pallas_kernels.common import Prepared
 from pallas_kernels.gpu.mosaic.common import CHUNK, token_vectors
 
 STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
+# What stands in for the chunk backward outside `stages` (mosaic_options["grads"]["impl"]): the Triton
+# kernel at chunk 64, or the same hand-derived gradients vmapped in XLA (`backward.explicit_xla_grads`).
+GRADS_FALLBACKS = ("triton", "xla")
 
 
 def supported_stages(K, L, dtype):
@@ -43,8 +46,9 @@ def check_stages(stages, K, L, dtype):
 
 def stage_options(options):
     """{stage: {keyword: value}} (block sizes etc. of the Mosaic kernels; for "grads" outside `stages`,
-    those of the Triton chunk backward that stands in: block_v, v_split, num_warps, num_stages) as a
-    hashable tuple; None or {} = the kernels' defaults. ValueError for an unknown stage."""
+    "impl" in `GRADS_FALLBACKS` and the Triton chunk backward's block_v, v_split, num_warps,
+    num_stages) as a hashable tuple; None or {} = the kernels' defaults. ValueError for an unknown
+    stage."""
     options = options or {}
     if isinstance(options, tuple):
         return options
@@ -135,9 +139,23 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
         grads = chunk_grads_backward(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, interpret=interpret,
                                      **_kw(options, "grads"))
     else:
-        from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
+        kw = _kw(options, "grads")
+        impl = kw.pop("impl", "triton")
+        if impl not in GRADS_FALLBACKS:
+            raise ValueError(f"prism_pallas: mosaic_options['grads']['impl'] = {impl!r}, expected one of "
+                             f"{GRADS_FALLBACKS} (the chunk backward where its Mosaic kernel does not run)")
+        if impl == "xla":
+            from pallas_kernels.backward import explicit_xla_grads
 
-        # `options["grads"]` go to the Triton kernel here (block_v, v_split, num_warps, num_stages)
-        grads = chunk_grads_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=scale,
-                                     chunk_size=CHUNK, ainv=ainv, interpret=interpret, **_kw(options, "grads"))
+            if ainv is None:
+                from pallas_kernels.gpu.mosaic.chunk_grads import chunk_inverses
+
+                ainv = chunk_inverses(x)
+            grads = explicit_xla_grads(x, starts, do, cot_end, ainv, scale=scale, chunk_size=CHUNK, **kw)
+        else:
+            from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
+
+            # the Triton kernel's block settings (block_v, v_split, num_warps, num_stages)
+            grads = chunk_grads_backward(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=scale,
+                                         chunk_size=CHUNK, ainv=ainv, interpret=interpret, **kw)
     return (*grads, ds0)

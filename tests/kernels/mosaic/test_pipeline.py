@@ -19,17 +19,17 @@ from test_pallas import _grads, make_inputs, rel  # noqa: E402
 CPU_STAGE_SETS = [None, pytest.param((), marks=pytest.mark.slow)]
 
 
-def _check(stages, L, T, H, K, V, seed, with_state, tol):
+def _check(stages, L, T, H, K, V, seed, with_state, tol, options=None):
     q, k, v, beta, g, s0 = make_inputs(seed, 1, T, H, L, K, V, dtype=jnp.bfloat16)
     s0 = s0 if with_state else None
     seg = jnp.asarray((np.arange(T) >= T // 2 + 3)[None], jnp.int32)  # a reset inside a chunk
     w = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, T, H, V))
     args = (q, k, v, beta, g, s0 if s0 is not None else jnp.zeros((1, H, K, V)))
-    gp = _grads("pallas", args, seg, w, chunk_size=64, kernel="mosaic", mosaic_stages=stages)
+    gp = _grads("pallas", args, seg, w, chunk_size=64, kernel="mosaic", mosaic_stages=stages, mosaic_options=options)
     up = [x.astype(jnp.float32) for x in args[:4]] + list(args[4:])
     gr = _grads("reference", up, seg, w, chunk_size=64)
     o, fin = prism_pallas(*args[:5], scale=K ** -0.5, initial_state=args[5], segment_ids=seg, chunk_size=64,
-                          kernel="mosaic", mosaic_stages=stages)
+                          kernel="mosaic", mosaic_stages=stages, mosaic_options=options)
     from prism_jax.ops import prism_recurrence
 
     with jax.default_matmul_precision("highest"):
@@ -74,8 +74,19 @@ def test_grads_options_reach_the_triton_chunk_backward_when_it_stands_in():
         return jax.eval_shape(jax.grad(f), q)
 
     assert loss({"grads": {"v_split": 2, "block_v": 32}}).shape == q.shape
+    assert loss({"grads": {"impl": "xla"}}).shape == q.shape
     with pytest.raises(ValueError, match="v_split"):
         loss({"grads": {"v_split": 3}})
+    with pytest.raises(ValueError, match="impl"):
+        loss({"grads": {"impl": "cuda"}})
+
+
+@pytest.mark.parametrize("L", [3])
+def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
+    """mosaic_options={"grads": {"impl": "xla"}}: the Mosaic stages with the hand-derived chunk backward
+    vmapped in XLA standing in for the Mosaic one (the path for L = 3 at K = 128)."""
+    stages = tuple(s for s in STAGES if s != "grads")
+    _check(stages, L=L, T=93, H=1, K=64, V=64, seed=5, with_state=True, tol=2e-2, options={"grads": {"impl": "xla"}})
 
 
 def test_supported_stages_leave_out_what_does_not_fit():
