@@ -9,9 +9,9 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/old" "$OUT/new" "$OUT/l3"
 nvidia-smi --query-gpu=name --format=csv,noheader
 M='"kernel":"mosaic","chunk_size":64,"mosaic_options":{"grads":'
-PYTHONPATH=/tmp/site:. timeout 170 python3 benchmarks/kernels.py --out "$OUT/l3" --reps 10 --budget_s 160 \
+PYTHONPATH=/tmp/site:. timeout 150 python3 benchmarks/kernels.py --out "$OUT/l3" --reps 10 --budget_s 140 \
     --variant "m3_xla={$M{\"impl\":\"xla\"}}}" --plan m3_xla:3:2048,explicit:3:2048,m3_xla:2:2048 2>&1 | grep '^| pallas'
-(cd .old && PYTHONPATH=/tmp/site:. timeout 100 python3 benchmarks/kernels.py --out "$OUT/old" --reps 20 \
-    --budget_s 90 --plan mosaic:2:2048 2>&1 | grep '^| pallas' | sed 's/^/before /')
-PYTHONPATH=/tmp/site:. timeout 110 python3 benchmarks/kernels.py --out "$OUT/new" --reps 20 --budget_s 100 \
+(cd .old && PYTHONPATH=/tmp/site:. timeout 70 python3 benchmarks/kernels.py --out "$OUT/old" --reps 10 \
+    --budget_s 60 --plan mosaic:2:2048 2>&1 | grep '^| pallas' | sed 's/^/before /')
+PYTHONPATH=/tmp/site:. timeout 80 python3 benchmarks/kernels.py --out "$OUT/new" --reps 10 --budget_s 70 \
     --plan mosaic:2:2048,jla_gdn:2048 2>&1 | grep '^| [pj]' | sed 's/^/after /'
