@@ -171,11 +171,13 @@ def _is_hopper():
 def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, hopper=None):
     """kernel="auto" (the default): "mosaic" on a Hopper GPU for 16-bit inputs with K, V in (64, 128),
     chunk_size None or 64, no Triton-only option set (`split_options`) and every stage's Mosaic kernel
-    taking the shape (the chunk backward does not at L = 3, K = 128); else "split".
+    but the chunk backward's taking the shape (where the chunk backward's does not, L = 3 at K = 128,
+    the hand-derived chunk backward vmapped in XLA stands in: `prism_pallas`); else "split".
     H200, bf16, B*T = 32K, H = 16, K = V = 128, fwd+bwd ms (docs/benchmarks.md, session 4): L = 1
-    5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3); L = 3, where
-    the chunk backward falls back to Triton at chunk 64: 42.48 vs 23.90, hence "split" there. Mosaic
-    since then (H100, session 8): L = 1 4.90, L = 2 7.58 (T = 2K) and 8.33 (32K).
+    5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3). Mosaic since
+    then (H100, session 10): L = 1 3.85, L = 2 7.03 (T = 2K); L = 3 with the XLA chunk backward 22.65
+    vs 27.48 for "split" (one run; 7.17 against 4.95 GiB for the op's fwd+bwd: the XLA backward's
+    intermediates), and 53.07 with the Triton chunk backward at chunk 64 standing in.
     hopper: None detects the default device (compute capability 9.x)."""
     from pallas_kernels.gpu.mosaic.pipeline import STAGES, supported_stages
 
@@ -185,7 +187,7 @@ def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, ho
         return "split"
     if not (_is_hopper() if hopper is None else hopper):
         return "split"
-    return "mosaic" if supported_stages(K, L, dtype) == STAGES else "split"
+    return "mosaic" if set(STAGES) - set(supported_stages(K, L, dtype)) <= {"grads"} else "split"
 
 
 def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None, segment_ids=None,
@@ -226,8 +228,10 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     K, V in (64, 128), chunk_size 64): forward and backward stages in Mosaic GPU (TMA, wgmma);
     mosaic_stages (a subset of its STAGES; None = every stage whose Mosaic kernel takes the shape,
     `pipeline.supported_stages`) picks which, the rest run the Triton kernels at chunk 64 (bwd
-    options do not apply); mosaic_options {stage: {keyword: value}} passes block sizes and other
-    keywords to those stages' Mosaic kernels.
+    options do not apply), except that with mosaic_stages=None a chunk backward left out (L = 3 at
+    K = 128) runs as the hand-derived gradients vmapped in XLA (`mosaic_options={"grads": {"impl":
+    "triton"}}` asks for the Triton kernel); mosaic_options {stage: {keyword: value}} passes block
+    sizes and other keywords to those stages' kernels (`pipeline.stage_options`).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
@@ -242,9 +246,17 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     if kernel not in ("split", "fused", "mosaic"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'auto', 'split', 'fused' or 'mosaic'")
     if kernel == "mosaic":
+        stages_given = mosaic_stages is not None
         mosaic_stages = _check_mosaic(q, K, V, k.shape[3], chunk_size, platform, mosaic_stages)
         from pallas_kernels.gpu.mosaic.pipeline import stage_options
 
+        if not stages_given and "grads" not in mosaic_stages and not isinstance(mosaic_options, tuple):
+            # The chunk backward's Mosaic kernel does not take the shape: the hand-derived one vmapped
+            # in XLA stands in (H100, L = 3, K = 128: 22.65 ms fwd+bwd against 53.07 with the Triton
+            # kernel at chunk 64), unless mosaic_options["grads"] names another.
+            grads = dict((mosaic_options or {}).get("grads", {}))
+            grads.setdefault("impl", "xla")
+            mosaic_options = {**(mosaic_options or {}), "grads": grads}
         mosaic_options = stage_options(mosaic_options)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "

@@ -81,6 +81,22 @@ def test_grads_options_reach_the_triton_chunk_backward_when_it_stands_in():
         loss({"grads": {"impl": "cuda"}})
 
 
+def test_chunk_backward_that_does_not_fit_runs_in_xla_by_default():
+    """L = 3 at K = 128 (no Mosaic chunk backward): with mosaic_stages=None the XLA chunk backward
+    stands in, no Triton chunk-backward kernel is traced; impl "triton" brings that kernel back."""
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 3, 128, 64, dtype=jnp.bfloat16)
+
+    def traced(options):
+        def f(q):
+            o, _ = prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64, mosaic_options=options)
+            return jnp.sum(o.astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(f))(q))
+
+    assert "prism_chunk_grads" not in traced(None)
+    assert "prism_chunk_grads" not in traced({"intra": {"block": 16}})
+    assert "prism_chunk_grads" in traced({"grads": {"impl": "triton"}})
+
+
 @pytest.mark.parametrize("L", [3])
 def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
     """mosaic_options={"grads": {"impl": "xla"}}: the Mosaic stages with the hand-derived chunk backward
@@ -107,7 +123,9 @@ def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
     bf16 = jnp.bfloat16
     assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=True) == "mosaic"
     assert auto_kernel(jnp.float16, 64, 128, 1, 64, "cuda", hopper=True) == "mosaic"
-    assert auto_kernel(bf16, 128, 128, 3, None, "gpu", hopper=True) == "split"  # chunk backward on Triton
+    # L = 3 at K = 128: the chunk backward's Mosaic kernel does not fit; the XLA one stands in
+    assert auto_kernel(bf16, 128, 128, 3, None, "gpu", hopper=True) == "mosaic"
+    assert auto_kernel(bf16, 64, 128, 5, None, "gpu", hopper=True) == "split"  # the intra kernel stops at L = 4
     assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=False) == "split"  # not Hopper
     assert auto_kernel(jnp.float32, 128, 128, 2, None, "gpu", hopper=True) == "split"
     assert auto_kernel(bf16, 128, 128, 2, 32, "gpu", hopper=True) == "split"  # a Triton chunk asked for
