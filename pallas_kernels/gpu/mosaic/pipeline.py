@@ -55,6 +55,14 @@ def stage_options(options):
     bad = [s for s in options if s not in STAGES]
     if bad:
         raise ValueError(f"prism_pallas: `mosaic_options` has stages {bad}, expected some of {STAGES}")
+    grads = dict(options.get("grads", {}))
+    impl = grads.pop("impl", None)
+    if impl is not None and impl not in GRADS_FALLBACKS:
+        raise ValueError(f"prism_pallas: mosaic_options['grads']['impl'] = {impl!r}, expected one of "
+                         f"{GRADS_FALLBACKS} (what stands in for the Mosaic chunk backward)")
+    if impl == "xla" and grads:
+        raise ValueError(f"prism_pallas: mosaic_options['grads'] with impl 'xla' takes no other keywords, "
+                         f"got {sorted(grads)}")
     return tuple(sorted((s, tuple(sorted(kw.items()))) for s, kw in options.items()))
 
 
@@ -139,19 +147,15 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
         grads = chunk_grads_backward(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, interpret=interpret,
                                      **_kw(options, "grads"))
     else:
-        kw = _kw(options, "grads")
-        impl = kw.pop("impl", "triton")
-        if impl not in GRADS_FALLBACKS:
-            raise ValueError(f"prism_pallas: mosaic_options['grads']['impl'] = {impl!r}, expected one of "
-                             f"{GRADS_FALLBACKS} (the chunk backward where its Mosaic kernel does not run)")
-        if impl == "xla":
+        kw = _kw(options, "grads")  # checked by `stage_options`
+        if kw.pop("impl", "triton") == "xla":
             from pallas_kernels.backward import explicit_xla_grads
 
             if ainv is None:
                 from pallas_kernels.gpu.mosaic.chunk_grads import chunk_inverses
 
                 ainv = chunk_inverses(x)
-            grads = explicit_xla_grads(x, starts, do, cot_end, ainv, scale=scale, chunk_size=CHUNK, **kw)
+            grads = explicit_xla_grads(x, starts, do, cot_end, ainv, scale=scale, chunk_size=CHUNK)
         else:
             from pallas_kernels.gpu.chunk_grads import chunk_grads_backward
 
