@@ -257,6 +257,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
             grads = dict((mosaic_options or {}).get("grads", {}))
             grads.setdefault("impl", "xla")
             mosaic_options = {**(mosaic_options or {}), "grads": grads}
+        if ("grads" in mosaic_stages and isinstance(mosaic_options, dict)
+                and "impl" in mosaic_options.get("grads", {})):
+            raise ValueError("prism_pallas: mosaic_options['grads']['impl'] picks what stands in for the Mosaic "
+                             "chunk backward; here it runs (it is in `mosaic_stages`): leave 'impl' out or "
+                             "leave 'grads' out of `mosaic_stages`")
         mosaic_options = stage_options(mosaic_options)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "

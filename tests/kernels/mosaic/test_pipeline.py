@@ -52,8 +52,9 @@ def test_mosaic_pipeline_interpreted_matches_reference(stages):
     (dict(mosaic_stages=("intra", "solve")), "mosaic_stages"),
     (dict(mosaic_options={"inverse": {}}), "mosaic_options"),
     (dict(mosaic_options={"intra": {"block": 3}}), "block"),  # options reach the stage's kernel
-    (dict(mosaic_options={"grads": {"impl": "cuda"}}), "impl"),
-    (dict(mosaic_options={"grads": {"impl": "xla", "v_split": 2}}), "no other keywords"),
+    (dict(mosaic_stages=STAGES[:-1], mosaic_options={"grads": {"impl": "cuda"}}), "expected one of"),
+    (dict(mosaic_stages=STAGES[:-1], mosaic_options={"grads": {"impl": "xla", "v_split": 2}}), "no other keywords"),
+    (dict(mosaic_options={"grads": {"impl": "xla"}}), "stands in"),  # L = 1: the Mosaic chunk backward runs
 ])
 def test_mosaic_bad_arguments_fail_before_compiling(kw, match):
     dtype, K = kw.pop("dtype", jnp.bfloat16), kw.pop("K", 64)
