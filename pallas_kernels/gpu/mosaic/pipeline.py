@@ -1,5 +1,7 @@
 """The chunk-64 GPU pipeline of `prism_pallas(kernel="mosaic")`: six stages, each the Mosaic GPU kernel
-of this package or, for stages left out of `stages`, the Triton kernel with the same contract.
+of this package or, for stages left out of `stages`, the Triton kernel with the same contract (for the
+chunk backward, `options["grads"]["impl"]` may instead pick the hand-derived one vmapped in XLA:
+`GRADS_FALLBACKS`).
 
     forward   intra (solve, P, Qe, saved inverse)  ->  state (sequential chunk walk, start states)
               ->  outputs
