@@ -333,6 +333,15 @@ def default_plan(lengths, writes):
     return plan
 
 
+def parse_variant(item):
+    """--variant NAME=JSON -> (name, prism_pallas kwargs); ValueError naming the item."""
+    name, _, spec = item.partition("=")
+    try:
+        return name, json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--variant {item!r}: expected NAME=<JSON object of prism_pallas kwargs> ({e})")
+
+
 def parse_plan_item(item, variants):
     """-> (impl, L, T, variant). Raises ValueError naming the item when it does not parse."""
     parts = item.split(":")
@@ -374,12 +383,7 @@ def main():
     lengths = [int(t) for t in args.lengths.split(",")] if not args.smoke else [32, 64]
     writes = [int(w) for w in args.writes.split(",")]
     variants = dict(VARIANTS)
-    for item in args.variant:
-        name, _, spec = item.partition("=")
-        try:
-            variants[name] = json.loads(spec)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--variant {item!r}: expected NAME=<JSON object of prism_pallas kwargs> ({e})")
+    variants.update(parse_variant(item) for item in args.variant)
     plan = [parse_plan_item(i, variants) for i in (args.plan.split(",") if args.plan else
                                                    default_plan(lengths, writes))]
     if args.fla:

@@ -3,11 +3,13 @@
     python benchmarks/op_profile.py --out DIR [--rows mosaic:1:2048,mosaic:2:2048,jla_gdn:2048] [--reps 5]
     python benchmarks/op_profile.py --smoke --out /tmp   # CPU: checks the script (host events only)
 
-Each row ("VARIANT:L:T" with VARIANT a key of `kernels.VARIANTS`, "chunk:L:T" or "jla_gdn:T") is compiled
-as one jitted forward + pull-back (returning the output too with --keep_output, `kernels.with_vjp`) (shapes of `kernels.py`: B * T = 32K tokens, H = 16, K = V = 128, bf16), warmed up, then
-run --reps times under `jax.profiler.trace`. The Perfetto trace is read back and every event on the GPU's
-streams is summed by kernel name: per call, each kernel's milliseconds and launches, the Mosaic / Pallas
-kernels and XLA's own (fusions, copies, memsets) apart, and the GPU's busy time against the host clock.
+Each row ("VARIANT:L:T" with VARIANT a key of `kernels.VARIANTS`, "chunk:L:T" or "jla_gdn:T":
+`kernels.parse_plan_item`) is compiled as one jitted forward + pull-back (returning the output too with
+--keep_output, `kernels.with_vjp`; shapes of `kernels.py`: B * T = 32K tokens, H = 16, K = V = 128,
+bf16), warmed up, then run --reps times under `jax.profiler.trace`. The Perfetto trace is read back
+and every event on the GPU's streams is summed by kernel name: per call, each kernel's milliseconds
+and launches, the Mosaic / Pallas kernels and XLA's own (fusions, copies, memsets) apart, and the
+GPU's busy time against the host clock.
 Writes DIR/op_profile.json; prints a markdown table per row.
 """
 
@@ -99,14 +101,15 @@ def profile_row(spec, shape, reps, keep_output=False):
     times = kernel_times(events, lanes, reps)
     ours = sum(ms for n, (ms, _) in times.items() if is_ours(n))
     busy = sum(ms for ms, _ in times.values())
-    return dict(spec=f"{variant or impl}:{L}:{T}", keeps_output=keep_output, wall_ms=wall, gpu_busy_ms=busy, kernels_ms=ours,
-                xla_ms=busy - ours, processes=sorted(set(names.values())),
+    return dict(spec=f"{variant or impl}:{L}:{T}", keeps_output=keep_output, wall_ms=wall, gpu_busy_ms=busy,
+                kernels_ms=ours, xla_ms=busy - ours, processes=sorted(set(names.values())),
                 lanes=sorted({threads.get(pt, "") for pt in lanes or ()}),
                 kernels=[dict(name=n, ms=ms, launches=c) for n, (ms, c) in times.items()])
 
 
 def print_row(r, top):
-    print(f"\n### {r['spec']}{' (output kept)' if r['keeps_output'] else ''}: host {r['wall_ms']:.3f} ms per call, GPU busy {r['gpu_busy_ms']:.3f} "
+    kept = " (output kept)" if r["keeps_output"] else ""
+    print(f"\n### {r['spec']}{kept}: host {r['wall_ms']:.3f} ms per call, GPU busy {r['gpu_busy_ms']:.3f} "
           f"(Pallas / Mosaic kernels {r['kernels_ms']:.3f}, XLA {r['xla_ms']:.3f})\n")
     print("| kernel | ms / call | launches / call |\n|---|---|---|")
     for k in r["kernels"][:top]:
@@ -117,17 +120,11 @@ def print_row(r, top):
 
 
 def parse_row(item):
-    parts = item.split(":")
-    if parts[0] == "jla_gdn" and len(parts) == 2:
-        return ("jla_gdn", 1, int(parts[1]), None)
-    if len(parts) != 3:
-        raise ValueError(f"op_profile: row {item!r} is not VARIANT:L:T, chunk:L:T or jla_gdn:T")
-    name, L, T = parts[0], int(parts[1]), int(parts[2])
-    if name == "chunk":
-        return ("chunk", L, T, None)
-    if name not in kb.VARIANTS:
-        raise ValueError(f"op_profile: row {item!r}: variant {name!r} not in {sorted(kb.VARIANTS)}")
-    return ("pallas", L, T, name)
+    """-> (impl, L, T, variant) as `kernels.parse_plan_item` (its "breakdown" rows are not profiles)."""
+    spec = kb.parse_plan_item(item, kb.VARIANTS)
+    if spec[0] == "breakdown":
+        raise ValueError(f"op_profile: row {item!r}: breakdown rows belong to kernels.py")
+    return spec
 
 
 def main(argv=None):
@@ -140,9 +137,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, the chunk form (CPU)")
     ap.add_argument("--keep_output", action="store_true", help="the output too (kernels.with_vjp)")
     a = ap.parse_args(argv)
-    for item in a.variant:
-        name, _, kw = item.partition("=")
-        kb.VARIANTS[name] = json.loads(kw)
+    kb.VARIANTS.update(kb.parse_variant(item) for item in a.variant)
     shape = kb.SMOKE if a.smoke else kb.SHAPE
     rows = [parse_row(r) for r in ("chunk:2:64" if a.smoke else a.rows).split(",")]
     out = dict(device=str(jax.devices()[0]), shape=shape, reps=a.reps, rows=[])

@@ -231,7 +231,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     options do not apply), except that with mosaic_stages=None a chunk backward left out (L = 3 at
     K = 128) runs as the hand-derived gradients vmapped in XLA (`mosaic_options={"grads": {"impl":
     "triton"}}` asks for the Triton kernel); mosaic_options {stage: {keyword: value}} passes block
-    sizes and other keywords to those stages' kernels (`pipeline.stage_options`).
+    sizes and other keywords to those stages' kernels (`pipeline.resolve_options`).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
@@ -246,23 +246,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     if kernel not in ("split", "fused", "mosaic"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'auto', 'split', 'fused' or 'mosaic'")
     if kernel == "mosaic":
+        from pallas_kernels.gpu.mosaic.pipeline import resolve_options
+
         stages_given = mosaic_stages is not None
         mosaic_stages = _check_mosaic(q, K, V, k.shape[3], chunk_size, platform, mosaic_stages)
-        from pallas_kernels.gpu.mosaic.pipeline import stage_options
-
-        if not stages_given and "grads" not in mosaic_stages and not isinstance(mosaic_options, tuple):
-            # The chunk backward's Mosaic kernel does not take the shape: the hand-derived one vmapped
-            # in XLA stands in (H100, L = 3, K = 128: 22.65 ms fwd+bwd against 53.07 with the Triton
-            # kernel at chunk 64), unless mosaic_options["grads"] names another.
-            grads = dict((mosaic_options or {}).get("grads", {}))
-            grads.setdefault("impl", "xla")
-            mosaic_options = {**(mosaic_options or {}), "grads": grads}
-        if ("grads" in mosaic_stages and isinstance(mosaic_options, dict)
-                and "impl" in mosaic_options.get("grads", {})):
-            raise ValueError("prism_pallas: mosaic_options['grads']['impl'] picks what stands in for the Mosaic "
-                             "chunk backward; here it runs (it is in `mosaic_stages`): leave 'impl' out or "
-                             "leave 'grads' out of `mosaic_stages`")
-        mosaic_options = stage_options(mosaic_options)
+        mosaic_options = resolve_options(mosaic_options, mosaic_stages, stages_given)
     if forward_inverse not in ("rows", "blocked", "blocked8"):
         raise ValueError(f"prism_pallas: `forward_inverse` is {forward_inverse!r}, expected 'rows', "
                          "'blocked' or 'blocked8'")

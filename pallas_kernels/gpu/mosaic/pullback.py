@@ -60,11 +60,12 @@ SIZES = (64, 128)  # supported K and V
 SMEM_LIMIT = 220 * 1024  # bytes of SMEM a CTA may use (an H200 gives 227 KiB; some slack)
 
 
-def smem_bytes(K, bv, slots=2, itemsize=2, y_itemsize=4):
+def smem_bytes(K, bv, slots=2, itemsize=2):
     """SMEM one CTA uses: per slot 16-bit q, k0 [C, K], do [C, bv] and 7 vector rows of C; once:
-    Ainv float32 and 16-bit [C, C], P 16-bit [C, K], Y [K, bv] (float32, or 16-bit: `y_dtype`)."""
+    Ainv float32 and 16-bit [C, C], P 16-bit [C, K], Y [K, bv] counted as float32 (a 16-bit
+    `y_dtype` takes half: the plan that fits with float32 fits with it)."""
     slot = (2 * C * K + C * bv) * itemsize + 7 * C * 4
-    return slots * slot + C * C * (4 + itemsize) + C * K * itemsize + K * bv * y_itemsize
+    return slots * slot + C * C * (4 + itemsize) + C * K * itemsize + K * bv * 4
 
 
 def default_block_v(K, V):

@@ -68,8 +68,9 @@ def reverse_pass(p, ek, a, y, dfinal, *, block_v=64, registers=None, cot_dtype=N
 
     p, ek [B, H, N, C, K] 16-bit (bf16 / f16, the same); a [B, H, N] float32; y [B, H, N, K, V]
     float32 or p's 16-bit dtype (the pull-back's `y_dtype`: read as it is by the register kernel,
-    half the bytes; cast to float32 in XLA for the staged one); dfinal [B, H, K, V] float32. Grid (B, H, V / block_v), sequential over the N chunks
-    (last first) in each CTA. block_v: value columns per CTA, 32 or 64 (32: twice the CTAs).
+    half the bytes; cast to float32 in XLA for the staged one); dfinal [B, H, K, V] float32.
+    Grid (B, H, V / block_v), sequential over the N chunks (last first) in each CTA. block_v: value
+    columns per CTA, 32 or 64 (32: twice the CTAs).
     registers: X transposed in registers (`_register_pass`, block_v = 64 only) or the staged kernel;
     None = registers at block_v = 64.
     cot_dtype: None / float32, or p's 16-bit dtype (also as a string, "bfloat16"): cot_end is rounded to
