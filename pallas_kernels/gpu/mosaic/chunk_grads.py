@@ -778,7 +778,9 @@ def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cve
     # ---- E: [C, 64] output slices, alternately per warpgroup, one chain over both halves each.
     so = (C, 64)
     shared_slot = out_s.shape[0] == 1
-    jobs = [(o, kh) for kh in range(K // 64) for o in range(1 + L)]  # o = 0: dq, 1 + l: dk_l
+    # o = 0: dq, 1 + l: dk_l. dk_0 is the long chain (~3x dq's wgmmas at L = 1): the order runs back
+    # on odd slices of K so that alternating jobs give each warpgroup one dk_0 slice per two slices.
+    jobs = [(o, kh) for kh in range(K // 64) for o in (range(1 + L) if kh % 2 == 0 else reversed(range(1 + L)))]
     for w in (0, 1):
         @pl.when(wg == w)
         def _():
