@@ -3,6 +3,7 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
 
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
+    python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
 
 `ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`; default
 one row with the defaults), a child process runs the whole op's forward and backward once at a small
@@ -12,7 +13,11 @@ serialized wgmmas for lack of registers (its C7512 note). Spills matter more tha
 kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
 the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
-whole CTA. Both need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
+whole CTA (the three-warpgroup kernel names its phases per warpgroup: "wN.name").
+`time`: the chunk backward alone at the benchmark shape (B * T = 32K, T = 2048, H = 16, K = V = 128,
+16-bit start states and cotangents as the pipeline hands them over), median ms per option set, all in
+one process (no Triton stages run to make the inputs, unlike `mosaic_stages.py`).
+All need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
 Timing the kernels at the benchmark shape is `benchmarks/mosaic_stages.py`'s job.
 """
 
@@ -100,24 +105,50 @@ def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
     return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
 
 
-def profile_rows(L: int, grads: dict) -> dict:
-    """The chunk backward once under the in-kernel profiler; `phase_times` of its trace."""
+def _grads_inputs(L: int, B: int, T: int = 2048, H: int = 16, K: int = 128, V: int = 128):
+    """(x, do, starts, cot_end): prepared bf16 inputs and 16-bit per-chunk states for the chunk backward."""
     import jax
     import jax.numpy as jnp
 
     sys.path.insert(0, HERE)
     from kernels import inputs
     from pallas_kernels.common import prepare
-    from pallas_kernels.gpu.mosaic import chunk_grads as cg, common as mc
+    from pallas_kernels.gpu.mosaic import common as mc
 
-    H, K, V, T = 16, 128, 128, 2048
-    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(3), 1, T, L, H, K, V)
+    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(3), B, T, L, H, K, V)
     x = prepare(q, k, v, beta, g, None, None, mc.CHUNK)
     N = T // mc.CHUNK
     ks = jax.random.split(jax.random.PRNGKey(4), 2)
-    starts, cot = ((0.1 * jax.random.normal(kk, (1, H, N, K, V))).astype(jnp.bfloat16) for kk in ks)
+    starts, cot = ((0.1 * jax.random.normal(kk, (B, H, N, K, V))).astype(jnp.bfloat16) for kk in ks)
+    return x, do, starts, cot
+
+
+def time_rows(L: int, grads: dict, reps: int) -> dict:
+    """The chunk backward alone at B * T = 32K, T = 2048: median ms (the saved inverse solved outside)."""
+    import jax
+
+    sys.path.insert(0, HERE)
+    from kernels import timed
+    from pallas_kernels.gpu.mosaic import chunk_grads as cg, common as mc
+
+    x, do, starts, cot = _grads_inputs(L, B=16)
+    tv = jax.jit(mc.token_vectors)(x)
+    ainv = jax.jit(cg.chunk_inverses)(x)
+    fn = jax.jit(lambda x, tv, s, do, c, a: cg.chunk_grads_backward(x, tv, s, do, c, scale=128 ** -0.5, ainv=a,
+                                                                     **grads))
+    return {"L": L, "grads": grads, "ms": timed(fn, x, tv, starts, do, cot, ainv, reps=reps)}
+
+
+def profile_rows(L: int, grads: dict) -> dict:
+    """The chunk backward once under the in-kernel profiler; `phase_times` of its trace."""
+    import jax
+
+    from pallas_kernels.gpu.mosaic import chunk_grads as cg, common as mc
+
+    K = 128
+    x, do, starts, cot = _grads_inputs(L, B=1)
     with tempfile.TemporaryDirectory() as pdir:
-        profile = {"profile_space": 16, "profile_dir": pdir}
+        profile = {"profile_space": 64, "profile_dir": pdir}
         fn = jax.jit(lambda x: cg.chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot, scale=K ** -0.5,
                                                        ainv=None, profile=profile, **grads))
         jax.block_until_ready(fn(x))
@@ -147,7 +178,8 @@ def _profile_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["ptxas", "profile"])
+    ap.add_argument("mode", choices=["ptxas", "profile", "time"])
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
     ap.add_argument("--grads", action="append", default=[], metavar="JSON",
                     help="chunk-backward options (mosaic_options['grads']); repeatable")
@@ -163,6 +195,10 @@ def main(argv=None):
                     rows = ptxas_rows(L, grads)
                     report["rows"] += rows
                     print(_ptxas_table(rows), flush=True)
+                elif args.mode == "time":
+                    res = time_rows(L, grads, args.reps)
+                    report["rows"].append(res)
+                    print(f"| {L} | {json.dumps(grads)} | {res['ms']:.3f} |", flush=True)
                 else:
                     res = profile_rows(L, grads)
                     report["rows"].append(res)

@@ -1005,7 +1005,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         profile=None, interpret=False):
+                         registers=None, profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -1072,12 +1072,22 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         raise ValueError("chunk_grads_backward: `dqk_sum`='add' needs interpret=False (the Mosaic GPU "
                          "interpreter has no TMA reduce-add); use 'xla' or None")
     sums = dict(order=order, dqk_sum=dqk_sum)
+    if warpgroups == 3:
+        from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import chunk_grads_wg3
+        if dqk_sum == "add" or block_v != 64 or out_slots is not None:
+            raise ValueError("chunk_grads_backward: `warpgroups` = 3 (one CTA over all value columns) takes no "
+                             "`dqk_sum`='add', `block_v` or `out_slots`")
+        return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
+                               reduction_scratch=reduction_scratch, registers=registers, order=order,
+                               profile=profile, interpret=interpret)
+    if registers is not None:
+        raise ValueError("chunk_grads_backward: `registers` applies to `warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,
                                interpret=interpret, split=split, profile=profile, **sums)
     if warpgroups != 1:
-        raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be 1 or 2")
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = {warpgroups} must be None, 1, 2 or 3")
     _check(x, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]

@@ -133,6 +133,33 @@ def test_interpret_work_split_matches_float64_reference(L, K, V, init, reset):
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
+@pytest.mark.parametrize("K,V,init,reset", [(64, 64, True, True), (128, 128, True, True), (64, 128, False, False),
+                                         (128, 64, True, False)])
+def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset):
+    """warpgroups=3 (L = 1): the forward / backward / key warpgroups handing tiles over through SMEM
+    barriers, one CTA over all value columns; ainv=None: solved in XLA."""
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=K, V=V, init=init, reset=reset, seed=K + V + init)
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3)
+    assert got[0].dtype == got[1].dtype == jnp.bfloat16  # one CTA holds every value column: 16-bit dq / dk
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
+
+
+@pytest.mark.parametrize("kw,L,match", [({}, 2, "L = 1"), ({"registers": (256, 256, 64)}, 1, "registers"),
+                                        ({"dqk_sum": "add"}, 1, "takes no"), ({"out_slots": 1}, 1, "takes no")])
+def test_three_warpgroups_reject(kw, L, match):
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
+    with pytest.raises(ValueError, match=match):
+        chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=3,
+                             interpret=False, **kw)
+
+
+def test_registers_reject_without_three_warpgroups():
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64)
+    with pytest.raises(ValueError, match="warpgroups"):
+        chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=2,
+                             registers=(168, 168, 168), interpret=False)
+
+
 @pytest.mark.slow
 def test_interpret_unfolded_matches_float64_reference():
     """fold=False: the state terms' row scalings applied to the float32 products."""
@@ -281,6 +308,15 @@ def test_gpu_matches_float64_reference(L, kw):
 def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=128, L=L, seed=13)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=2, split=split)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,V,registers", [(64, 128, None), (128, 128, None), (128, 64, None),
+                                           (128, 128, (176, 184, 152))])
+def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 

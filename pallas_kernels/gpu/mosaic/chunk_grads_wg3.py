@@ -1,0 +1,331 @@
+"""The chunk backward at L = 1 as three specialised warpgroups (`chunk_grads_backward(warpgroups=3)`).
+
+One CTA per (chunk, head, batch) over all V value columns (K, V in {64, 128}). Where the two-warpgroup
+kernels run the same phase on two value halves between CTA-wide barriers, here each warpgroup owns a
+stream of products and hands results to the others through SMEM, one single-use barrier per hand-over,
+so the tensor cores see one warpgroup's products while another does its elementwise work.
+
+At L = 1 the write key is the erase key k, and every [C, C] cotangent that multiplies the same
+[C, K] operand is one tile: the o-side cotangents W = dQK0 . t_m1 + dQK . t_0 (dq gets W k, dk gets
+W^T q) and the key-side D = dkk + dA (dk gets D k + D^T k): 3 [C, C] x [C, K] products for dk where
+the two-warpgroup kernels chain 6.
+
+    WG0 (forward)   q k^T -> -scale QK0, scale QK (qk_ready); [wait B, vw] rhs = beta start_m1 k S
+                    + diag(beta) B vw, E = X rhs (e_ready); dO E^T, dO vw^T -> W over X once dR is
+                    formed (w_ready); its decay cotangents; dq = start scale dO S^T + W k (its row sums
+                    against q give the start-state share of dG).
+    WG1 (backward)  k k^T -> diag(beta) B, vw = beta v (b_ready); [wait QK0] k dS', dE = -QK0^T dO
+                    - end_m1 k dS', dR = X^T dE (dr_ready); dvw = B^T beta dR + QK^T dO + end k dS',
+                    dv, dbeta; [wait E] dR E^T, dR vw^T -> D over QK0 (d_ready); its decay cotangents.
+    WG2 (keys)      the state terms of dk, each its own [C, K] product whose row sums against k are
+                    the decay vectors: vw dS'^T (rend), [wait E] E dS'^T (re), [wait dR] dR S^T (rs);
+                    then [wait W, D] dk = end vw dS'^T - end_m1 E dS'^T + beta start_m1 dR S^T
+                    + W^T q + D k + D^T k; <S, dS'> by rows.
+The [C, K] dq / dk leave in the inputs' 16-bit dtype through dS''s SMEM (x_free: its last reader is
+done); dv through v's. The column sums of the decay cotangents (cross-warp reductions through Pallas'
+one reduction scratch) are taken by WG0, then WG1 (cs_turn). Each warpgroup writes its own partial
+per-token outputs (three parts, summed in XLA by `chunk_grads._token_grads`).
+
+Rounding against the two-warpgroup kernels: re, rs, rend are row sums of [C, K] products of the
+16-bit E, dR, vw (not of float32 [C, V] ones), and W, D are rounded to 16 bits once as sums.
+
+SMEM at K = V = 128, bf16: q, k 32 KiB, v, vw, dO, E, dR 80, S, dS' 64, X, QK0, QK, B 32, vectors
+~8, reduction scratch 2: ~218 KiB (one CTA per SM).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from pallas_kernels.common import Prepared
+from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.chunk_grads import (_ChunkVectors, _N_OUT_VECS, _N_ROW_VECS, _Phases, _coords,
+                                                   _issue, _launch, _store_share, _sum_mode, _token_grads,
+                                                   _token_operands, chunk_inverses, SMEM_LIMIT)
+
+f32 = jnp.float32
+C = mc.CHUNK
+SIZES = (64, 128)
+_PARTS = 3  # per-token output parts: one per warpgroup
+
+
+def smem_bytes(K, V, dtype, reduction_scratch=2048):
+    """SMEM bytes of the kernel at key width K and V value columns (for the check before compiling)."""
+    it = jnp.dtype(dtype).itemsize
+    tiles = (2 * C * K + 5 * C * V + 2 * K * V + 4 * C * C) * it  # q, k; v, vw, dO, E, dR; S, dS'; X, QK0, QK, B
+    vecs = 4 * C * ((_N_ROW_VECS + 1) + 2 + 4 + 4 + _PARTS * (1 + _N_OUT_VECS))
+    return tiles + vecs + reduction_scratch + 1024  # + barriers and alignment
+
+
+def supported(K: int, L: int, V: int, dtype=jnp.bfloat16, reduction_scratch=2048) -> bool:
+    """Whether `chunk_grads_wg3` takes this shape: L = 1, K and V in {64, 128}, 16-bit inputs."""
+    return (L == 1 and K in SIZES and V in SIZES and jnp.dtype(dtype) in mc.DTYPES
+            and smem_bytes(K, V, dtype, reduction_scratch) <= SMEM_LIMIT)
+
+
+def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
+          dq_ref, dk_ref, dv_ref, dvec_ref,
+          q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
+          rv_s, cv_s, ri_s, cs_s, ovec_s,
+          in_a, in_b, in_c, qk_ready, b_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn, done,
+          *, scale, registers, order, add):
+    """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
+    QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
+    (after x_free); v_s v, then dv (WG1 only)."""
+    (x_s,), (dq_s, dk_s) = x_out
+    n, h, b, _ = _coords(1, order)
+    wg = lax.axis_index("wg")
+    K, V = q_s.shape[-1], v_s.shape[-1]
+    rows = pl.ds(n * C, C)
+    vblocks = [pl.ds(i * 64, 64) for i in range(V // 64)]
+    kblocks = [pl.ds(i * 64, 64) for i in range(K // 64)]
+    sq, s64 = (C, C), (C, 64)
+    vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
+    R = lambda vec, shape=s64: mc.rows_of(vec, shape)
+    load = lambda ref: plgpu.load(ref, layout=mc.WGMMA).astype(f32)
+    zero = lambda: 0.0 * vx.start  # a ROWS-layout zero (Mosaic GPU stores no splat of C elements)
+    total = lambda xs: functools.reduce(operator.add, xs)
+
+    def put(buf, value):
+        buf[...] = value.astype(buf.dtype)
+
+    def ready(bar):
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bar)
+
+    def wait(*bars):
+        for bar in bars:
+            plgpu.barrier_wait(bar)
+
+    def colsum(i, w):
+        """Column sums of w [C, C] in the ROWS layout (reduced as COLS, read back through SMEM)."""
+        cs_s[i] = jnp.sum(w, axis=0)
+        plgpu.commit_smem()
+        return plgpu.load(cs_s.at[i], layout=mc.ROWS)
+
+    def rowsum_k(accs):
+        """sum over the key slices of rowsum(acc . k): a [C, K] product's row sums against the key."""
+        return total([jnp.sum(a * load(k_s.at[:, kc]), axis=1) for a, kc in zip(accs, kblocks)])
+
+    def out_vectors(w, *vecs):
+        for i, vec in enumerate(vecs):
+            ovec_s[w, i] = vec
+        plgpu.commit_smem()
+        for i in range(len(vecs)):
+            plgpu.copy_smem_to_gmem(ovec_s.at[w, i], dvec_ref.at[w, b, h, i, rows])
+
+    def set_registers(w):
+        if registers is not None:
+            plgpu.set_max_registers(registers[w], action="increase" if registers[w] > 168 else "decrease")
+
+    @pl.when(wg == 0)
+    def _forward():
+        set_registers(0)
+        for src, dst in [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
+                         (v_ref.at[b, rows, h, 0], v_s), (ainv_ref.at[b, h, n], xinv_s)]:
+            plgpu.copy_gmem_to_smem(src, dst, in_a)
+        for i in range(_N_ROW_VECS + 1):
+            plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], in_a)
+        for i in range(2):
+            plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], in_a)
+        for i in range(4):  # r, rm1 as rows; r, rm1 as columns
+            plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], in_a)
+        plgpu.copy_gmem_to_smem(s_ref.at[b, h, n], s_s, in_b)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_s, in_b)
+        plgpu.copy_gmem_to_smem(x_ref.at[b, h, n], x_s, in_c)
+        phase = _Phases()
+        phase("w0.wait_loads")
+        wait(in_a)
+        phase("w0.qk")
+        (qk_raw,) = _issue((sq, [(q_s, k_s.T)]))
+        put(qk0_s, -scale * qk_raw * vx.t_m1())
+        put(qk_s, scale * qk_raw * vx.t_0())
+        ready(qk_ready)
+        phase("w0.wait_b")
+        wait(in_b, b_ready)
+        phase("w0.rhs_e")
+        coef = R(vx.beta0 * vx.start_m1)
+        for blk in vblocks:
+            ks, bvw = _issue((s64, [(k_s, s_s.at[:, blk])]), (s64, [(b_s, vw_s.at[:, blk])]))
+            put(e_s.at[:, blk], coef * ks + bvw)  # rhs
+        plgpu.commit_smem()
+        es = _issue(*[(s64, [(xinv_s, e_s.at[:, blk])]) for blk in vblocks])
+        for blk, e in zip(vblocks, es):
+            put(e_s.at[:, blk], e)
+        ready(e_ready)
+        phase("w0.dqk")
+        dqk0_raw, dqk_raw = _issue((sq, [(do_s, e_s.T)]), (sq, [(do_s, vw_s.T)]))
+        dqk0 = -scale * dqk0_raw * vx.t_m1()
+        dqk = scale * dqk_raw * vx.t_0()
+        phase("w0.wait_dr")
+        wait(dr_ready)  # X's last reader (WG1's dR) is done
+        put(xinv_s, dqk0 + dqk)  # W
+        ready(w_ready)
+        phase("w0.sums")
+        w_tm1, w_t0 = dqk0 * qk_raw, dqk * qk_raw
+        dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(0, w_t0)
+        dGm1 = -colsum(1, w_tm1)
+        plgpu.barrier_arrive(cs_turn)  # the reduction scratch is WG1's now
+        dG_state = []
+        phase("w0.wait_x")
+        wait(x_free)
+        phase("w0.dq")  # dS' read for the last time: its bytes take dq
+        for kc in kblocks:
+            ds, wk = _issue((s64, [(do_s, s_s.at[kc].T)]), (s64, [(xinv_s, k_s.at[:, kc])]))
+            dG_state.append(jnp.sum(ds * load(q_s.at[:, kc]), axis=1))
+            put(dq_s.at[:, kc], R(vx.start * scale) * ds + wk)
+        plgpu.commit_smem()
+        _store_share(dq_s, dq_ref, add, 0, b, rows, h)
+        phase("w0.out")
+        out_vectors(0, zero(), dG + scale * vx.start * total(dG_state), dGm1, zero())
+        plgpu.wait_smem_to_gmem(0)
+        phase()
+
+    @pl.when(wg == 1)
+    def _backward():
+        set_registers(1)
+        phase = _Phases()
+        phase("w1.wait_loads")
+        wait(in_a)
+        phase("w1.kk")
+        (kk_raw,) = _issue((sq, [(k_s, k_s.T)]))
+        put(b_s, R(vx.beta0, sq) * kk_raw * vx.m1_0())  # diag(beta) B
+        for blk in vblocks:
+            put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
+        ready(b_ready)
+        phase("w1.wait_qk")
+        wait(in_b, in_c, qk_ready)
+        phase("w1.de_dr")
+        kxs = []
+        for blk in vblocks:
+            kx, qdo = _issue((s64, [(k_s, x_s.at[:, blk])]), (s64, [(qk0_s.T, do_s.at[:, blk])]))
+            put(dr_s.at[:, blk], qdo - R(vx.end_m1) * kx)  # dE
+            kxs.append(kx)
+        plgpu.commit_smem()
+        drs = _issue(*[(s64, [(xinv_s.T, dr_s.at[:, blk])]) for blk in vblocks])
+        for blk, dr in zip(vblocks, drs):
+            put(dr_s.at[:, blk], dr)
+        ready(dr_ready)
+        phase("w1.dvw")
+        dbeta = []
+        for blk, kx in zip(vblocks, kxs):
+            (dvw,) = _issue((s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
+            dvw = dvw + R(vx.end) * kx
+            dbeta.append(jnp.sum(dvw * load(v_s.at[:, blk]), axis=1))
+            put(v_s.at[:, blk], R(vx.beta0) * dvw)  # dv
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(v_s, dv_ref.at[b, rows, h, 0])
+        phase("w1.wait_e")
+        wait(e_ready)
+        phase("w1.dm")
+        dm_raw, drv = _issue((sq, [(dr_s, e_s.T)]), (sq, [(dr_s, vw_s.T)]))
+        d_m1m1 = vx.m1m1()
+        dm = -dm_raw
+        dkk = R(vx.beta0, sq) * dm * d_m1m1
+        drv_m = drv * vx.m1_0()
+        da = R(vx.beta0, sq) * drv_m
+        put(qk0_s, dkk + da)  # D (both strictly lower: disjoint from D^T)
+        ready(d_ready)
+        w_m1m1, w_m10 = dkk * kk_raw, da * kk_raw
+        dbeta0 = jnp.sum((dm * d_m1m1 + drv_m) * kk_raw, axis=1)
+        phase("w1.wait_cs")
+        wait(cs_turn)
+        phase("w1.sums")
+        dG = -colsum(2, w_m10)
+        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(3, w_m1m1)
+        out_vectors(1, total(dbeta) + dbeta0, dG, dGm1, zero())
+        plgpu.wait_smem_to_gmem(0)
+        phase()
+
+    @pl.when(wg == 2)
+    def _keys():
+        set_registers(2)
+        phase = _Phases()
+        phase("w2.wait_loads")
+        wait(in_a, in_b, in_c)
+        phase("w2.sx")
+        sx = total([jnp.sum(load(s_s.at[kc]) * load(x_s.at[kc]), axis=1) for kc in kblocks])  # <S, dS'> by rows
+        phase("w2.wait_b")
+        wait(b_ready)
+        phase("w2.vwx")
+        acc = _issue(*[(s64, [(vw_s, x_s.at[kc].T)]) for kc in kblocks])
+        rend = rowsum_k(acc)
+        dk = [R(vx.end) * a for a in acc]
+        phase("w2.wait_e")
+        wait(e_ready)
+        phase("w2.ex")
+        acc = _issue(*[(s64, [(e_s, x_s.at[kc].T)]) for kc in kblocks])
+        re = rowsum_k(acc)
+        dk = [d - R(vx.end_m1) * a for d, a in zip(dk, acc)]
+        phase("w2.wait_dr")
+        wait(dr_ready)  # WG1's k dS' came before dR: dS' is read for the last time
+        plgpu.barrier_arrive(x_free)
+        phase("w2.drs")
+        acc = _issue(*[(s64, [(dr_s, s_s.at[kc].T)]) for kc in kblocks])
+        rs = rowsum_k(acc)
+        dk = [d + R(vx.beta0 * vx.start_m1) * a for d, a in zip(dk, acc)]
+        phase("w2.wait_wd")
+        wait(w_ready, d_ready)
+        phase("w2.dk")
+        acc = _issue(*[(s64, [(xinv_s.T, q_s.at[:, kc]), (qk0_s, k_s.at[:, kc]), (qk0_s.T, k_s.at[:, kc])])
+                       for kc in kblocks])
+        for kc, d, a in zip(kblocks, dk, acc):
+            put(dk_s.at[:, kc], d + a)
+        plgpu.commit_smem()
+        _store_share(dk_s, dk_ref, add, 0, b, rows, h, 0)
+        out_vectors(2, vx.start_m1 * rs, -rend * vx.end, vx.beta0 * rs * vx.start_m1 + re * vx.end_m1,
+                    rend * vx.end - re * vx.end_m1 + sx * vx.all)
+        plgpu.wait_smem_to_gmem(0)
+        phase()
+
+    # A warpgroup must not exit while another still issues wgmma.
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+
+def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
+                    reduction_scratch=2048, registers=None, order="chunks", profile=None, interpret=False):
+    """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
+
+    registers: None, or (WG0, WG1, WG2) register counts per thread set by `setmaxnreg` at each
+    warpgroup's start (launch: 168; the sum at most 512 x 128 / 128), ignored in the interpreter.
+    Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
+    B, Tp, H, K = x.q.shape
+    L, V = x.v.shape[-2:]
+    dt = x.q.dtype
+    if not supported(K, L, V, dt, reduction_scratch):
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 3 takes L = 1 with K, V in {SIZES} and 16-bit "
+                         f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
+    if registers is not None and (len(registers) != 3 or any(r % 8 or not 24 <= r <= 256 for r in registers)
+                                  or sum(registers) > 512):
+        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
+                         f"8 in [24, 256] summing to at most 512")
+    if ainv is None:
+        ainv = chunk_inverses(x)
+    rvec, cvec, rint = _token_operands(tv)
+    add, out_dt = _sum_mode(1, "xla", interpret, dt)
+    sq, sv, sk = (C, C), (C, V), (C, K)
+    one = plgpu.Barrier(num_arrivals=1)
+    scratch = dict(
+        q_s=mc.smem(sk, dt), k_s=mc.smem(sk, dt), v_s=mc.smem(sv, dt), vw_s=mc.smem(sv, dt), do_s=mc.smem(sv, dt),
+        s_s=mc.smem((K, V), dt), x_out=plgpu.RefUnion([mc.smem((K, V), dt)], [mc.smem(sk, dt), mc.smem(sk, dt)]),
+        xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt), qk_s=mc.smem(sq, dt), b_s=mc.smem(sq, dt),
+        e_s=mc.smem(sv, dt), dr_s=mc.smem(sv, dt),
+        rv_s=plgpu.SMEM((_N_ROW_VECS + 1, C), f32), cv_s=plgpu.SMEM((2, C), f32),
+        ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((4, C), f32),
+        ovec_s=plgpu.SMEM((_PARTS, 1 + _N_OUT_VECS, C), f32),
+        in_a=plgpu.Barrier(num_arrivals=4 + _N_ROW_VECS + 1 + 2 + 4), in_b=plgpu.Barrier(num_arrivals=2),
+        in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
+        cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
+    body = functools.partial(_body, scale=scale, registers=None if interpret else registers)
+    dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
+                               order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
+                               scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,
+                               reduction_scratch=reduction_scratch, interpret=interpret, profile=profile)
+    return (dq, dk, dv, *_token_grads(dvec, L, Tp // C))
