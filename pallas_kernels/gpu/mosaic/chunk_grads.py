@@ -1005,7 +1005,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         registers=None, profile=None, interpret=False):
+                         profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -1030,16 +1030,21 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     (the [C, C] column sums; `plgpu.CompilerParams.reduction_scratch_bytes`). warpgroups: 1, 2
     (`_body_wg2`: one CTA per (chunk, head) over V = 128, two warpgroups of 64 value columns, the
     value-independent tiles formed once, no XLA sums of dq / dk; always folded and per write, the
-    output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply) or None: 2 where a
-    `split` fits (those three at their defaults, compiled for the GPU), else 1. split (two
+    output slots in v_l's bytes: `out_slots`, `fold`, `per_write` do not apply), 3 (L = 1, K and V
+    in {64, 128}: `chunk_grads_wg3`, three warpgroups that each own a stream of products and hand
+    tiles over through SMEM barriers; H100, L = 1, 16-bit states, `benchmarks/mosaic_diag.py time`:
+    2.39 ms against 2.54 for the value split in one run) or None: 3 where it takes the shape, else 2
+    where a `split` fits (`out_slots`, `fold`, `per_write`, `block_v` at their defaults, `dqk_sum`
+    not "add", compiled for the GPU), else 1. split (two
     warpgroups only): "values" (one CTA over V = 128, each warpgroup 64 value columns; SMEM: L = 1
     at K = 64 and 128), "work" (one CTA per 64 value columns as the one-warpgroup kernel, E and dR
     formed by different warpgroups, the writes' steps alternating between them; SMEM: L <= 2 at
     K = 128, L <= 3 at K = 64) or None: "values" where it fits, else "work". H100, B * T = 32K,
     H = 16, K = V = 128, this kernel alone (`benchmarks/mosaic_stages.py`): L = 1 values 3.16 ms,
     work 3.63, one warpgroup 4.54; L = 2 work 7.18, one warpgroup 10.74. In the interpreter the
-    two-warpgroup kernel runs only when asked for (its K = 128 value-split test, one output slot
-    taken in turns, does not finish there).
+    multi-warpgroup kernels run only when asked for: each warpgroup is a thread blocking in a host
+    callback at barrier waits, and they deadlock where XLA's CPU thread pool is smaller than the
+    warpgroups plus one (a 2-core machine; the tests set NPROC=8, `tests/conftest.py`).
     order: the grid's CTA order (`ORDERS`): "chunks" (default) puts consecutive chunks of one value
     block in adjacent CTAs; "values" the V / 64 value blocks of one chunk (they read the same q, k_l,
     X and add into the same dq / dk rows; slower on the H100: L = 2 work split 8.22 against 7.32 ms
@@ -1062,8 +1067,15 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     if warpgroups is None:
         B, Tp, H, K = x.q.shape
         L, V = x.v.shape[-2:]
-        warpgroups = 2 if (not interpret and out_slots is None and fold is True and per_write is True
-                           and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None) else 1
+        from pallas_kernels.gpu.mosaic import chunk_grads_wg3
+        defaults = (not interpret and out_slots is None and fold is True and per_write is True and block_v == 64
+                    and dqk_sum != "add")
+        if defaults and chunk_grads_wg3.supported(K, L, V, x.q.dtype, reduction_scratch):
+            warpgroups = 3
+        elif defaults and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None:
+            warpgroups = 2
+        else:
+            warpgroups = 1
     if order not in ORDERS:
         raise ValueError(f"chunk_grads_backward: `order` = {order!r} must be one of {ORDERS}")
     if dqk_sum not in (None, *DQK_SUMS):
@@ -1078,10 +1090,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 (one CTA over all value columns) takes no "
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
-                               reduction_scratch=reduction_scratch, registers=registers, order=order,
-                               profile=profile, interpret=interpret)
-    if registers is not None:
-        raise ValueError("chunk_grads_backward: `registers` applies to `warpgroups` = 3 only")
+                               reduction_scratch=reduction_scratch, order=order, profile=profile,
+                               interpret=interpret)
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

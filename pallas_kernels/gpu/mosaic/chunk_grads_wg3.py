@@ -74,7 +74,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn, done,
-          *, scale, registers, order, add):
+          *, scale, order, add):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -120,13 +120,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         for i in range(len(vecs)):
             plgpu.copy_smem_to_gmem(ovec_s.at[w, i], dvec_ref.at[w, b, h, i, rows])
 
-    def set_registers(w):
-        if registers is not None:
-            plgpu.set_max_registers(registers[w], action="increase" if registers[w] > 168 else "decrease")
-
     @pl.when(wg == 0)
     def _forward():
-        set_registers(0)
         for src, dst in [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
                          (v_ref.at[b, rows, h, 0], v_s), (ainv_ref.at[b, h, n], xinv_s)]:
             plgpu.copy_gmem_to_smem(src, dst, in_a)
@@ -189,7 +184,6 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 1)
     def _backward():
-        set_registers(1)
         phase = _Phases()
         phase("w1.wait_loads")
         wait(in_a)
@@ -245,7 +239,6 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 2)
     def _keys():
-        set_registers(2)
         phase = _Phases()
         phase("w2.wait_loads")
         wait(in_a, in_b, in_c)
@@ -290,11 +283,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
-                    reduction_scratch=2048, registers=None, order="chunks", profile=None, interpret=False):
+                    reduction_scratch=2048, order="chunks", profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
-    registers: None, or (WG0, WG1, WG2) register counts per thread set by `setmaxnreg` at each
-    warpgroup's start (launch: 168; the sum at most 512 x 128 / 128), ignored in the interpreter.
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -302,10 +293,6 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     if not supported(K, L, V, dt, reduction_scratch):
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 3 takes L = 1 with K, V in {SIZES} and 16-bit "
                          f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
-    if registers is not None and (len(registers) != 3 or any(r % 8 or not 24 <= r <= 256 for r in registers)
-                                  or sum(registers) > 512):
-        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
-                         f"8 in [24, 256] summing to at most 512")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
@@ -323,7 +310,7 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         in_a=plgpu.Barrier(num_arrivals=4 + _N_ROW_VECS + 1 + 2 + 4), in_b=plgpu.Barrier(num_arrivals=2),
         in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
-    body = functools.partial(_body, scale=scale, registers=None if interpret else registers)
+    body = functools.partial(_body, scale=scale)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,

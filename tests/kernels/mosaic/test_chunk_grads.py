@@ -111,8 +111,7 @@ def test_interpret_matches_float64_reference(L, K, V, init, reset, kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("K,init,reset", [(64, True, True), (64, False, False), (128, True, True)])
-# Known: one run of these deadlocked in the Mosaic GPU interpreter (CPU idle) twice in session 4
-# (two warpgroups and their barriers interpreted in threads); .ci/run leaves them out.
+# (These deadlocked in the interpreter on 2 cores until tests/conftest.py set NPROC: session 11.)
 def test_interpret_two_warpgroups_matches_float64_reference(K, init, reset):
     """warpgroups=2: both warpgroups of one CTA, the value halves shared through SMEM; K = 128: the
     two warpgroups take turns in one output slot."""
@@ -144,20 +143,13 @@ def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
-@pytest.mark.parametrize("kw,L,match", [({}, 2, "L = 1"), ({"registers": (256, 256, 64)}, 1, "registers"),
-                                        ({"dqk_sum": "add"}, 1, "takes no"), ({"out_slots": 1}, 1, "takes no")])
+@pytest.mark.parametrize("kw,L,match", [({}, 2, "L = 1"), ({"dqk_sum": "add"}, 1, "takes no"),
+                                        ({"out_slots": 1}, 1, "takes no")])
 def test_three_warpgroups_reject(kw, L, match):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
     with pytest.raises(ValueError, match=match):
         chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=3,
                              interpret=False, **kw)
-
-
-def test_registers_reject_without_three_warpgroups():
-    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64)
-    with pytest.raises(ValueError, match="warpgroups"):
-        chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=2,
-                             registers=(168, 168, 168), interpret=False)
 
 
 @pytest.mark.slow
@@ -279,16 +271,18 @@ def test_bad_order_and_sum_options_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum="add", interpret=True)
 
 
-@pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg2"), (2, 128, {}, "wg2_work"), (1, 64, {}, "wg2_work"),
+@pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg3"), (1, 64, {}, "wg3"), (2, 128, {}, "wg2_work"),
+                                           (1, 128, {"warpgroups": 2}, "wg2"), (1, 64, {"warpgroups": 2}, "wg2_work"),
                                            (1, 128, {"fold": False}, None), (1, 128, {"warpgroups": 1}, None)])
-def test_defaults_pick_two_warpgroups_where_they_apply(L, V, kw, kernel):
-    """warpgroups=None compiles a two-warpgroup kernel wherever a split fits (the value split at L = 1,
-    V = 128, else the work split), at the default options: checked on the CUDA lowering's kernel name."""
+def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
+    """warpgroups=None compiles the three-warpgroup kernel at L = 1, else a two-warpgroup kernel wherever
+    a split fits (the work split at L = 2), at the default options: checked on the CUDA lowering's kernel
+    name."""
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
     text = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
         lowering_platforms=("cuda",)).as_text()
-    found = set(re.findall(r"prism_chunk_grads_mgpu(_wg2(?:_work)?)?_mosaic_gpu", text))
+    found = set(re.findall(r"prism_chunk_grads_mgpu(_wg3|_wg2(?:_work)?)?_mosaic_gpu", text))
     assert found == {"_" + kernel if kernel else ""}, found
 
 
@@ -312,11 +306,10 @@ def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V,registers", [(64, 128, None), (128, 128, None), (128, 64, None),
-                                           (128, 128, (176, 184, 152))])
-def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers):
+@pytest.mark.parametrize("K,V", [(64, 128), (128, 128), (128, 64)])
+def test_gpu_three_warpgroups_matches_float64_reference(K, V):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17)
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
