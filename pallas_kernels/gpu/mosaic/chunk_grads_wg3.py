@@ -45,7 +45,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.common import Prepared
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.chunk_grads import (_ChunkVectors, _N_OUT_VECS, _N_ROW_VECS, _Phases, _coords,
+from pallas_kernels.gpu.mosaic.chunk_grads import (_ChunkVectors, _N_OUT_VECS, _N_ROW_VECS, _Phases, _check, _coords,
                                                    _issue, _launch, _store_share, _sum_mode, _token_grads,
                                                    _token_operands, chunk_inverses, SMEM_LIMIT)
 
@@ -293,6 +293,7 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     if not supported(K, L, V, dt, reduction_scratch):
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 3 takes L = 1 with K, V in {SIZES} and 16-bit "
                          f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
+    _check(x, starts, cot_end, ainv, 64, 1, reduction_scratch)
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)

@@ -192,7 +192,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="per_write"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, per_write="pairs")
     with pytest.raises(ValueError, match="warpgroups"):
-        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=3)
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=4)
+    with pytest.raises(ValueError, match="ainv"):  # the three-warpgroup kernel checks the same
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv[:, :1], warpgroups=3)
     with pytest.raises(ValueError, match="V = 128"):  # the value split: two value blocks of 64
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, warpgroups=2, split="values")
     with pytest.raises(ValueError, match="split"):
