@@ -167,10 +167,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(0, w_t0)
         dGm1 = -colsum(1, w_tm1)
         plgpu.barrier_arrive(cs_turn)  # the reduction scratch is WG1's now
-        dG_state = []
         phase("w0.wait_x")
-        wait(x_free)
-        phase("w0.dq")  # dS' read for the last time: its bytes take dq
+        wait(x_free)  # dS' read for the last time: its bytes take dq
+        phase("w0.dq")
+        dG_state = []
         for kc in kblocks:
             ds, wk = _issue((s64, [(do_s, s_s.at[kc].T)]), (s64, [(xinv_s, k_s.at[:, kc])]))
             dG_state.append(jnp.sum(ds * load(q_s.at[:, kc]), axis=1))
