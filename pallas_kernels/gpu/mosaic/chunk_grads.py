@@ -1010,7 +1010,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         profile=None, interpret=False):
+                         registers=None, profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -1059,6 +1059,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: "add" where there are several
     value blocks and the kernel runs on the GPU (the Mosaic GPU interpreter has no TMA reduction),
     else "xla". H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
+    registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg
+    (`chunk_grads_wg3`), None: the launch share (168) for each.
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1095,8 +1097,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 (one CTA over all value columns) takes no "
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
-                               reduction_scratch=reduction_scratch, order=order, profile=profile,
-                               interpret=interpret)
+                               reduction_scratch=reduction_scratch, registers=registers, order=order,
+                               profile=profile, interpret=interpret)
+    if registers is not None:
+        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets) applies to `warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

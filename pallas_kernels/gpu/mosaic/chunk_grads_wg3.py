@@ -53,6 +53,10 @@ f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)
 _PARTS = 3  # per-token output parts: one per warpgroup
+# setmaxnreg moves registers only within the CTA's launch allocation: 384 threads get 168 registers
+# each (65536 / 384, rounded down to a multiple of 8), so the three budgets may sum to 3 * 168 at most;
+# a warpgroup whose increase cannot be met waits for registers forever.
+LAUNCH_REGISTERS = 168
 
 
 def smem_bytes(K, V, dtype, reduction_scratch=2048):
@@ -74,7 +78,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn, done,
-          *, scale, order, add):
+          *, scale, registers, order, add):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -120,17 +124,22 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         for i in range(len(vecs)):
             plgpu.copy_smem_to_gmem(ovec_s.at[w, i], dvec_ref.at[w, b, h, i, rows])
 
+    def set_registers(w):
+        if registers is not None and registers[w] != LAUNCH_REGISTERS:
+            plgpu.set_max_registers(registers[w], action="increase" if registers[w] > LAUNCH_REGISTERS else "decrease")
+
     @pl.when(wg == 0)
     def _forward():
+        set_registers(0)
         for src, dst in [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
                          (v_ref.at[b, rows, h, 0], v_s), (ainv_ref.at[b, h, n], xinv_s)]:
             plgpu.copy_gmem_to_smem(src, dst, in_a)
-        for i in range(_N_ROW_VECS + 1):
-            plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, i, rows], rv_s.at[i], in_a)
-        for i in range(2):
-            plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, i, rows], cv_s.at[i], in_a)
-        for i in range(4):  # r, rm1 as rows; r, rm1 as columns
-            plgpu.copy_gmem_to_smem(ri_ref.at[b, i % 2, rows], ri_s.at[i], in_a)
+        # One copy per array of per-token vectors ([n, C] boxes), not one per vector: a single thread
+        # issues every copy, and the warpgroups wait on the last.
+        plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, :, rows], rv_s, in_a)
+        plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, :, rows], cv_s, in_a)
+        for i in (0, 2):  # r, rm1 as rows; r, rm1 as columns
+            plgpu.copy_gmem_to_smem(ri_ref.at[b, :, rows], ri_s.at[pl.ds(i, 2)], in_a)
         plgpu.copy_gmem_to_smem(s_ref.at[b, h, n], s_s, in_b)
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_s, in_b)
         plgpu.copy_gmem_to_smem(x_ref.at[b, h, n], x_s, in_c)
@@ -184,6 +193,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 1)
     def _backward():
+        set_registers(1)
         phase = _Phases()
         phase("w1.wait_loads")
         wait(in_a)
@@ -239,6 +249,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 2)
     def _keys():
+        set_registers(2)
         phase = _Phases()
         phase("w2.wait_loads")
         wait(in_a, in_b, in_c)
@@ -283,8 +294,12 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
-                    reduction_scratch=2048, order="chunks", profile=None, interpret=False):
+                    reduction_scratch=2048, registers=None, order="chunks", profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
+
+    registers: None, or (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg`
+    as it starts: multiples of 8 in [24, 256] summing to at most 3 * LAUNCH_REGISTERS (504); ignored
+    in the interpreter.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -294,6 +309,13 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 3 takes L = 1 with K, V in {SIZES} and 16-bit "
                          f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
     _check(x, starts, cot_end, ainv, 64, 1, reduction_scratch)
+    if registers is not None:
+        registers = tuple(registers)
+        if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
+                or sum(registers) > 3 * LAUNCH_REGISTERS):
+            raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
+                             f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS} "
+                             f"(3 x {LAUNCH_REGISTERS}, the launch share of 384 threads)")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
@@ -308,10 +330,10 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         rv_s=plgpu.SMEM((_N_ROW_VECS + 1, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((4, C), f32),
         ovec_s=plgpu.SMEM((_PARTS, 1 + _N_OUT_VECS, C), f32),
-        in_a=plgpu.Barrier(num_arrivals=4 + _N_ROW_VECS + 1 + 2 + 4), in_b=plgpu.Barrier(num_arrivals=2),
+        in_a=plgpu.Barrier(num_arrivals=4 + 1 + 1 + 2), in_b=plgpu.Barrier(num_arrivals=2),
         in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
-    body = functools.partial(_body, scale=scale)
+    body = functools.partial(_body, scale=scale, registers=None if interpret else registers)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,

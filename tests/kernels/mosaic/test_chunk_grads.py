@@ -144,7 +144,10 @@ def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset)
 
 
 @pytest.mark.parametrize("kw,L,match", [({}, 2, "L = 1"), ({"dqk_sum": "add"}, 1, "takes no"),
-                                        ({"out_slots": 1}, 1, "takes no")])
+                                        ({"out_slots": 1}, 1, "takes no"),
+                                        ({"registers": (176, 184, 152)}, 1, "at most 504"),  # 512: would hang
+                                        ({"registers": (168, 170, 160)}, 1, "multiples of 8"),
+                                        ({"registers": (168, 168)}, 1, "registers")])
 def test_three_warpgroups_reject(kw, L, match):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
     with pytest.raises(ValueError, match=match):
@@ -308,10 +311,11 @@ def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V", [(64, 128), (128, 128), (128, 64)])
-def test_gpu_three_warpgroups_matches_float64_reference(K, V):
+@pytest.mark.parametrize("K,V,registers", [(64, 128, None), (128, 128, None), (128, 64, None),
+                                           (128, 128, (152, 208, 144))])
+def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17)
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
@@ -324,3 +328,10 @@ def test_gpu_matches_triton_kernel():
     want = triton_chunk_grads(x.q, x.k, x.v, x.beta, x.g, x.r, x.rm1, starts, do, cot_end, scale=0.1,
                               chunk_size=C, ainv=ainv)
     _assert_close(got, [np.asarray(jnp.asarray(t, jnp.float32)) for t in want])
+
+
+def test_registers_reject_without_three_warpgroups():
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64)
+    with pytest.raises(ValueError, match="warpgroups` = 3 only"):
+        chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=2,
+                             registers=(168, 168, 168), interpret=False)
