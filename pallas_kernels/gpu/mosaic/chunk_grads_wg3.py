@@ -57,6 +57,11 @@ _PARTS = 3  # per-token output parts: one per warpgroup
 # each (65536 / 384, rounded down to a multiple of 8), so the three budgets may sum to 3 * 168 at most;
 # a warpgroup whose increase cannot be met waits for registers forever.
 LAUNCH_REGISTERS = 168
+# (WG0, WG1, WG2) at registers=None and K = V = 128. WG1 (the backward side) is the critical path and holds the most
+# [C, C] tiles. H100, L = 1, the chunk backward alone (benchmarks/mosaic_diag.py time, session 12, two
+# runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share; (144, 216, 144)
+# 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
+DEFAULT_REGISTERS = (152, 208, 144)
 
 
 def smem_bytes(K, V, dtype, reduction_scratch=2048):
@@ -297,9 +302,10 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
                     reduction_scratch=2048, registers=None, order="chunks", profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
-    registers: None, or (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg`
-    as it starts: multiples of 8 in [24, 256] summing to at most 3 * LAUNCH_REGISTERS (504); ignored
-    in the interpreter.
+    registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
+    starts: multiples of 8 in [24, 256] summing to at most 3 * LAUNCH_REGISTERS (504; 168 each: no
+    setmaxnreg), or None: DEFAULT_REGISTERS at K = V = 128 (where they were measured), else the
+    launch share; ignored in the interpreter.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -309,13 +315,14 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         raise ValueError(f"chunk_grads_backward: `warpgroups` = 3 takes L = 1 with K, V in {SIZES} and 16-bit "
                          f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
     _check(x, starts, cot_end, ainv, 64, 1, reduction_scratch)
-    if registers is not None:
-        registers = tuple(registers)
-        if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
-                or sum(registers) > 3 * LAUNCH_REGISTERS):
-            raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
-                             f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS} "
-                             f"(3 x {LAUNCH_REGISTERS}, the launch share of 384 threads)")
+    if registers is None:  # the budgets were measured at K = V = 128 only
+        registers = DEFAULT_REGISTERS if K == V == 128 else (LAUNCH_REGISTERS,) * 3
+    registers = tuple(registers)
+    if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
+            or sum(registers) > 3 * LAUNCH_REGISTERS):
+        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
+                         f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS} "
+                         f"(3 x {LAUNCH_REGISTERS}, the launch share of 384 threads)")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
