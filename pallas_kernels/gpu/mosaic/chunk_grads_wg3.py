@@ -62,10 +62,10 @@ _PARTS = 3  # per-token output parts: one per warpgroup
 # each (65536 / 384, rounded down to a multiple of 8), so the three budgets may sum to 3 * 168 at most;
 # a warpgroup whose increase cannot be met waits for registers forever.
 LAUNCH_REGISTERS = 168
-# (WG0, WG1, WG2) at registers=None and K = V = 128. WG1 (the backward side) is the critical path and holds the most
-# [C, C] tiles. H100, L = 1, the chunk backward alone (benchmarks/mosaic_diag.py time, session 12, two
-# runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share; (144, 216, 144)
-# 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
+# (WG0, WG1, WG2) at registers=None and K = V = 128. WG1 (the backward side) is the critical path and
+# holds the most [C, C] tiles. H100, L = 1, the chunk backward alone (benchmarks/mosaic_diag.py time,
+# session 12, two runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share;
+# (144, 216, 144) 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
 DEFAULT_REGISTERS = (152, 208, 144)
 
 
@@ -136,7 +136,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     def set_registers(w):
         if registers is not None and registers[w] != LAUNCH_REGISTERS:
-            plgpu.set_max_registers(registers[w], action="increase" if registers[w] > LAUNCH_REGISTERS else "decrease")
+            grow = registers[w] > LAUNCH_REGISTERS
+            plgpu.set_max_registers(registers[w], action="increase" if grow else "decrease")
 
     @pl.when(wg == 0)
     def _forward():
