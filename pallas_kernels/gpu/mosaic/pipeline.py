@@ -65,8 +65,7 @@ def stage_options(options):
     if impl == "xla" and grads:
         raise ValueError(f"prism_pallas: mosaic_options['grads'] with impl 'xla' takes no other keywords, "
                          f"got {sorted(grads)}")
-    hashable = lambda v: tuple(v) if isinstance(v, list) else v  # e.g. grads' `registers` given as JSON
-    return tuple(sorted((s, tuple(sorted((k, hashable(v)) for k, v in kw.items()))) for s, kw in options.items()))
+    return tuple(sorted((s, tuple(sorted(kw.items()))) for s, kw in options.items()))
 
 
 def resolve_options(options, stages, stages_given):

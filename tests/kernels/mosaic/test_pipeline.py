@@ -100,8 +100,10 @@ def test_chunk_backward_that_does_not_fit_runs_in_xla_by_default():
 
 def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference():
     """The chunk backward the GPU takes by default at L = 1 (three warpgroups; the interpreter takes
-    one unless asked) inside the whole op, forward and gradients."""
-    _check(None, L=1, T=93, H=1, K=64, V=64, seed=4, with_state=True, tol=2e-2, options={"grads": {"warpgroups": 3}})
+    one unless asked) inside the whole op, forward and gradients; register budgets given as a list, as
+    a JSON config gives them (the interpreter ignores them)."""
+    _check(None, L=1, T=93, H=1, K=64, V=64, seed=4, with_state=True, tol=2e-2,
+           options={"grads": {"warpgroups": 3, "registers": [152, 208, 144]}})
 
 
 @pytest.mark.parametrize("L", [3])
