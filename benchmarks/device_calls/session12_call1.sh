@@ -3,7 +3,9 @@
 # chunk backward (per-token vectors packed into one TMA copy per array; setmaxnreg budgets); the chunk
 # backward alone before (.old: a copy of the previous commit's packages) / after, and with register budgets
 # (each option set its own process: a hang loses one row), and .exp (the raw q k^T, k k^T formed again
-# where used instead of held across waits).
+# where used instead of held across waits). Both folders were made here and carried (git-ignored):
+# mkdir .old && git archive 2d10924 pallas_kernels prism_jax benchmarks | tar -x -C .old; .exp the same
+# packages with that change (WG0 issues q k^T again before its decay sums, WG1 k k^T with dR E^T).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
