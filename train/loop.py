@@ -198,13 +198,14 @@ def ensure_data(config, workdir: pathlib.Path) -> pathlib.Path:
     if config.data.data_dir:
         return pathlib.Path(config.data.data_dir)
     data_dir = workdir / "data"
-    if not (data_dir / prepare_lib.META_FILE).exists():
-        if jax.process_index() == 0:
-            prepare_lib.prepare(data_dir, tokenizer=config.data.tokenizer, val_permille=config.data.val_permille)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
+    if jax.process_index() == 0 and not (data_dir / prepare_lib.META_FILE).exists():
+        prepare_lib.prepare(data_dir, tokenizer=config.data.tokenizer, val_permille=config.data.val_permille)
+    if jax.process_count() > 1:
+        # Every process syncs, whatever it finds on disk: a process that saw process 0's data already
+        # written and skipped the sync would meet process 0 at its next collective instead.
+        from jax.experimental import multihost_utils  # noqa: PLC0415
 
-            multihost_utils.sync_global_devices("prism_jax_prepare_data")
+        multihost_utils.sync_global_devices("prism_jax_prepare_data")
     return data_dir
 
 
