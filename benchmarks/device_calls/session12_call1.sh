@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 12, device call 1 (one H100; nine failed starts took most of the device time): GPU tests of the three-warpgroup
+# Session 12, device call 1 (one H100; 11 failed starts and 7 refusals before it took 22 of 30 device minutes): GPU tests of the three-warpgroup
 # chunk backward (per-token vectors packed into one TMA copy per array; setmaxnreg budgets); the chunk
 # backward alone before (.old: a copy of the previous commit's packages) / after, and with register budgets
 # (each option set its own process: a hang loses one row), and .exp (the raw q k^T, k k^T formed again

@@ -1061,8 +1061,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     else "xla". H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
     registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg
     (`chunk_grads_wg3`; (168, 168, 168): the launch share, no setmaxnreg), None: the three-warpgroup
-    kernel's `DEFAULT_REGISTERS` (152, 208, 144) at K = V = 128 (H100: 2.15-2.23 ms against
-    2.40-2.51 alone), else the launch share.
+    kernel's `DEFAULT_REGISTERS` at K = V = 128, else the launch share.
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).

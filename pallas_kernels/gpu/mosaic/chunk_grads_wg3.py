@@ -343,7 +343,8 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         rv_s=plgpu.SMEM((_N_ROW_VECS + 1, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((4, C), f32),
         ovec_s=plgpu.SMEM((_PARTS, 1 + _N_OUT_VECS, C), f32),
-        in_a=plgpu.Barrier(num_arrivals=4 + 1 + 1 + 2), in_b=plgpu.Barrier(num_arrivals=2),
+        in_a=plgpu.Barrier(num_arrivals=4 + 2 + 2),  # q, k, v, X; rvec, cvec; ri twice
+        in_b=plgpu.Barrier(num_arrivals=2),
         in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
     body = functools.partial(_body, scale=scale, registers=None if interpret else registers)

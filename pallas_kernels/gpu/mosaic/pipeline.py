@@ -65,7 +65,8 @@ def stage_options(options):
     if impl == "xla" and grads:
         raise ValueError(f"prism_pallas: mosaic_options['grads'] with impl 'xla' takes no other keywords, "
                          f"got {sorted(grads)}")
-    return tuple(sorted((s, tuple(sorted(kw.items()))) for s, kw in options.items()))
+    frozen = lambda v: tuple(v) if isinstance(v, list) else v  # JSON configs give lists (grads' `registers`)
+    return tuple(sorted((s, tuple(sorted((k, frozen(v)) for k, v in kw.items()))) for s, kw in options.items()))
 
 
 def resolve_options(options, stages, stages_given):

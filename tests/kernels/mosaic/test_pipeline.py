@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import prism_pallas
-from pallas_kernels.gpu.mosaic.pipeline import STAGES, supported_stages
+from pallas_kernels.gpu.mosaic.pipeline import STAGES, stage_options, supported_stages
 
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -112,6 +112,13 @@ def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
     vmapped in XLA standing in for the Mosaic one (the path for L = 3 at K = 128)."""
     stages = tuple(s for s in STAGES if s != "grads")
     _check(stages, L=L, T=93, H=1, K=64, V=64, seed=5, with_state=True, tol=2e-2, options={"grads": {"impl": "xla"}})
+
+
+def test_stage_options_are_hashable_with_json_lists():
+    """The options travel in the hashable `_Opts` of the custom_vjp: list values become tuples."""
+    opts = stage_options({"grads": {"registers": [152, 208, 144]}})
+    assert dict(dict(opts)["grads"])["registers"] == (152, 208, 144)
+    hash(opts)
 
 
 def test_supported_stages_leave_out_what_does_not_fit():
