@@ -4,6 +4,7 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
+    python benchmarks/mosaic_diag.py {profile,time} --kernel intra [--opts '{"block": 2}' ...]
 
 `ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`; default
 one row with the defaults), a child process runs the whole op's forward and backward once at a small
@@ -14,6 +15,8 @@ kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in 
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
 the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
 whole CTA (the three-warpgroup kernel names its phases per warpgroup: "wN.name").
+`--kernel intra` profiles / times the intra kernel (solve, P, Qe) instead, at the benchmark shape in both
+modes, with `--opts` (an alias of `--grads`) as its keyword arguments.
 `time`: the chunk backward alone at the benchmark shape (B * T = 32K, T = 2048, H = 16, K = V = 128,
 16-bit start states and cotangents as the pipeline hands them over), median ms per option set, all in
 one process (no Triton stages run to make the inputs, unlike `mosaic_stages.py`).
@@ -169,8 +172,49 @@ def _ptxas_table(rows):
     return "\n".join(out)
 
 
+def _intra_inputs(L: int):
+    """(x, tv): prepared bf16 inputs at the benchmark shape (B * T = 32K, T = 2048, H = 16, K = V = 128)."""
+    import jax
+
+    from pallas_kernels.gpu.mosaic import common as mc
+
+    x = _grads_inputs(L, B=16)[0]
+    return x, jax.jit(mc.token_vectors)(x)
+
+
+def intra_time_rows(L: int, opts: dict, reps: int) -> dict:
+    """The intra kernel alone at the benchmark shape: median ms."""
+    import jax
+
+    sys.path.insert(0, HERE)
+    from kernels import timed
+    from pallas_kernels.gpu.mosaic.intra import intra
+
+    x, tv = _intra_inputs(L)
+    fn = jax.jit(lambda x, tv: intra(x, tv, **opts))
+    return {"L": L, "grads": opts, "kernel": "intra", "ms": timed(fn, x, tv, reps=reps)}
+
+
+def intra_profile_rows(L: int, opts: dict) -> dict:
+    """The intra kernel once under the in-kernel profiler at the benchmark shape; `phase_times`."""
+    import jax
+
+    from pallas_kernels.gpu.mosaic.intra import intra
+
+    x, tv = _intra_inputs(L)
+    with tempfile.TemporaryDirectory() as pdir:
+        fn = jax.jit(lambda x, tv: intra(x, tv, profile={"profile_space": 128, "profile_dir": pdir}, **opts))
+        jax.block_until_ready(fn(x, tv))
+        jax.effects_barrier()
+        traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
+        if not traces:
+            raise RuntimeError("the profiler wrote no trace")
+        with open(traces[-1]) as f:
+            return dict(phase_times(json.load(f)["traceEvents"]), L=L, grads=opts, kernel="intra")
+
+
 def _profile_table(res):
-    out = [f"L = {res['L']}, grads {json.dumps(res['grads'])}: {res['ctas']} CTAs, per CTA "
+    out = [f"L = {res['L']}, options {json.dumps(res['grads'])}: {res['ctas']} CTAs, per CTA "
            f"{res['cta_us'][0]:.2f} us (median)", "", "| phase | median us | mean us | max us |", "|---|---|---|---|"]
     out += [f"| {n} | {a:.2f} | {b:.2f} | {c:.2f} |" for n, (a, b, c) in res["phases"].items()]
     return "\n".join(out)
@@ -181,8 +225,10 @@ def main(argv=None):
     ap.add_argument("mode", choices=["ptxas", "profile", "time"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
-    ap.add_argument("--grads", action="append", default=[], metavar="JSON",
-                    help="chunk-backward options (mosaic_options['grads']); repeatable")
+    ap.add_argument("--kernel", choices=["grads", "intra"], default="grads",
+                    help="the chunk backward (default) or the intra kernel (profile, time)")
+    ap.add_argument("--grads", "--opts", dest="grads", action="append", default=[], metavar="JSON",
+                    help="the kernel's options (for grads: mosaic_options['grads']); repeatable")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     grads_list = [json.loads(g) for g in args.grads] or [{}]
@@ -196,11 +242,11 @@ def main(argv=None):
                     report["rows"] += rows
                     print(_ptxas_table(rows), flush=True)
                 elif args.mode == "time":
-                    res = time_rows(L, grads, args.reps)
+                    res = (intra_time_rows if args.kernel == "intra" else time_rows)(L, grads, args.reps)
                     report["rows"].append(res)
                     print(f"| {L} | {json.dumps(grads)} | {res['ms']:.3f} |", flush=True)
                 else:
-                    res = profile_rows(L, grads)
+                    res = (intra_profile_rows if args.kernel == "intra" else profile_rows)(L, grads)
                     report["rows"].append(res)
                     print(_profile_table(res), flush=True)
             except Exception as e:  # one failing configuration does not stop the others

@@ -100,12 +100,14 @@ def smem(shape, dtype):
                                                 plgpu.SwizzleTransform(swizzle)))
 
 
-def kernel(body, *, name, out_type, scratch, grid, grid_names, interpret=False, **threads):
+def kernel(body, *, name, out_type, scratch, grid, grid_names, interpret=False, profile=None, **threads):
     """`plgpu.kernel` with this package's compiler parameters; interpret=True runs it on CPU
-    (`plgpu.InterpretGPUParams`)."""
+    (`plgpu.InterpretGPUParams`). profile: None, or the in-kernel profiler's settings
+    ({"profile_space": ..., "profile_dir": ...}; ignored by the interpreter), which time the body's
+    `jax.named_scope` regions."""
     return plgpu.kernel(
         body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
-        compiler_params=plgpu.CompilerParams(), kernel_name=name,
+        compiler_params=plgpu.CompilerParams(**({} if interpret or not profile else profile)), kernel_name=name,
         interpret=plgpu.InterpretGPUParams() if interpret else False, **threads)
 
 

@@ -186,8 +186,9 @@ def _inverse(m_of, dt, *, block, split):
         rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
         x = jnp.where(rows == cols, 1.0, jnp.where(lax.div(rows, 2) == lax.div(cols, 2), -m_of(), 0.0))
     else:
-        x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
-                          mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
+        with jax.named_scope("diagonal"):
+            x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
+                              mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
 
     def doubling(a_s, b_s):
         rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
@@ -205,7 +206,8 @@ def _inverse(m_of, dt, *, block, split):
             s *= 2
         return y
 
-    return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
+    with jax.named_scope("doubling"):
+        return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
 def smem_bytes(L, K, V, *, slots, save_inverse=True):
@@ -235,7 +237,7 @@ def _masked_exp(keep, diff):
 
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          chunks_per_cta=None, chunk_size=C, interpret=False):
+          chunks_per_cta=None, chunk_size=C, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
@@ -245,6 +247,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     the inverse's doubling (see the module docstring). chunks_per_cta: consecutive chunks one CTA
     walks (a divisor of N), the next chunk's tiles loaded by TMA into a second SMEM slot while the
     current one is solved; grid (B, N / chunks_per_cta, H); None: `default_chunks_per_cta`.
+    profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
+    ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
+    (`benchmarks/mosaic_diag.py profile --kernel intra`).
     """
     if chunk_size != C:
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
@@ -323,7 +328,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
                 _to_smem(v0, rhs)  # the products have read v
 
-            pl.run_scoped(rhs_phase, mc.smem((L, C, C), dt))
+            with jax.named_scope("rhs"):
+                pl.run_scoped(rhs_phase, mc.smem((L, C, C), dt))
 
             xinv = _inverse(m_of, dt, block=block, split=merge_split)
 
@@ -339,18 +345,21 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     plgpu.copy_smem_to_gmem(x_s[0], ainv_ref[0].at[b, h, n])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region (and v0) is reused
 
-            pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
-                          *([mc.smem((C, C), f32)] if save_inverse else []))
+            with jax.named_scope("out"):
+                pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
+                              *([mc.smem((C, C), f32)] if save_inverse else []))
 
         issue(0, 0)
         if chunks_per_cta == 1:
-            plgpu.barrier_wait(bar.at[0])
+            with jax.named_scope("wait"):
+                plgpu.barrier_wait(bar.at[0])
             chunk(0, 0)
         else:
             @pl.loop(0, chunks_per_cta)
             def _walk(j):
                 slot = lax.rem(j, 2)
-                plgpu.barrier_wait(bar.at[slot])
+                with jax.named_scope("wait"):
+                    plgpu.barrier_wait(bar.at[slot])
 
                 @pl.when(j + 1 < chunks_per_cta)
                 def _prefetch():  # the other slot's last readers (chunk j - 1) are done
@@ -370,6 +379,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     if save_inverse:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
     outs = mc.kernel(body, name="prism_intra_mosaic", out_type=tuple(out_type), scratch=scratch,
-                     grid=(B, N // chunks_per_cta, H), grid_names=("b", "n", "h"), interpret=interpret)(
+                     grid=(B, N // chunks_per_cta, H), grid_names=("b", "n", "h"), profile=profile,
+                     interpret=interpret)(
         x.k, x.v, tv.G, tv.Gm1, tv.r, tv.rm1, tv.start_m1, tv.beta)
     return outs[0], outs[1], (outs[2] if save_inverse else None)
