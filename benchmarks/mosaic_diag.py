@@ -2,6 +2,7 @@
 the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
 
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
+    python benchmarks/mosaic_diag.py sass [--writes 1] [--grads JSON ...] [--out DIR]
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
     python benchmarks/mosaic_diag.py {profile,time} --kernel intra [--opts '{"block": 2}' ...]
@@ -12,6 +13,9 @@ shape (B = 2, T = 1024, H = 4, K = V = 128, bf16) with MOSAIC_GPU_DUMP_PTXAS=1, 
 parsed into a row per kernel: registers per thread, spill store / load bytes, and whether ptxas
 serialized wgmmas for lack of registers (its C7512 note). Spills matter more than usual here: the
 kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
+`sass`: the same child with MOSAIC_GPU_DUMP_SASS=1: the SASS instruction count of every kernel (straight-line
+code that outgrows the SMs' instruction caches is fetched again for every chunk); the raw dump goes to
+DIR/sass_L{L}.txt.gz.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
 the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
 whole CTA (the three-warpgroup kernel names its phases per warpgroup: "wN.name").
@@ -106,6 +110,39 @@ def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
+
+
+_SASS_FUNC = re.compile(r"(?:Function\s*:\s*|\.text\.)(\w+)")
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+\S")
+
+
+def count_sass(text: str) -> list[dict]:
+    """Rows {kernel, instructions} from a SASS listing: instruction lines ("/*0a10*/  FFMA ...") counted
+    under the last function header ("Function : name" or ".text.name") seen."""
+    rows = []
+    for line in text.splitlines():
+        if m := _SASS_FUNC.search(line):
+            rows.append({"kernel": m.group(1).removesuffix(_SUFFIX), "instructions": 0})
+        elif _SASS_INSTR.search(line):
+            if not rows:
+                rows.append({"kernel": "?", "instructions": 0})
+            rows[-1]["instructions"] += 1
+    return [r for r in rows if r["instructions"]]
+
+
+def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict]:
+    import gzip
+
+    env = dict(os.environ, MOSAIC_GPU_DUMP_SASS="1", PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
+    text = proc.stdout + proc.stderr
+    with gzip.open(os.path.join(out, f"sass_L{L}.txt.gz"), "wt") as f:
+        f.write(text)
+    if proc.returncode:
+        raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
+    return [dict(row, L=L, grads=grads) for row in count_sass(text)]
 
 
 def _grads_inputs(L: int, B: int, T: int = 2048, H: int = 16, K: int = 128, V: int = 128):
@@ -222,7 +259,7 @@ def _profile_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["ptxas", "profile", "time"])
+    ap.add_argument("mode", choices=["ptxas", "sass", "profile", "time"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
     ap.add_argument("--kernel", choices=["grads", "intra"], default="grads",
@@ -241,6 +278,10 @@ def main(argv=None):
                     rows = ptxas_rows(L, grads)
                     report["rows"] += rows
                     print(_ptxas_table(rows), flush=True)
+                elif args.mode == "sass":
+                    rows = sass_rows(L, grads, args.out)
+                    report["rows"] += rows
+                    print("\n".join(f"| {L} | {r['kernel']} | {r['instructions']} |" for r in rows), flush=True)
                 elif args.mode == "time":
                     res = (intra_time_rows if args.kernel == "intra" else time_rows)(L, grads, args.reps)
                     report["rows"].append(res)
