@@ -62,9 +62,11 @@ def check_blocks(K, V, chunk_size, block_v, platform, itemsize=2):
 
 def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, num_stages, kernel, bwd,
              save_inverse=False, forward_inverse="rows", state_pieces=1, forward_outputs="kernel",
-             save_starts=True, mosaic_stages=(), mosaic_options=(), **_bwd_block_opts):
+             save_starts=True, mosaic_stages=(), mosaic_options=(), resets=True, **_bwd_block_opts):
     """(o, final, starts, ainv): ainv [B, H, N, C, C] the chunks' (I + m)^{-1} when `save_inverse`
-    and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them)."""
+    and the kernel can keep them (the split GPU kernels), else None (the backward recomputes them).
+    resets: whether x may hold document resets (segment_ids given); the Mosaic intra kernel skips
+    their correction without them."""
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
@@ -74,7 +76,8 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
         from pallas_kernels.gpu.mosaic import pipeline
 
         return pipeline.forward(x, scale=scale, stages=mosaic_stages, inverse=forward_inverse,
-                                save_inverse=save_inverse, interpret=platform == "cpu", options=mosaic_options)
+                                save_inverse=save_inverse, interpret=platform == "cpu", options=mosaic_options,
+                                resets=resets)
     kw = dict(scale=scale, chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
               num_stages=num_stages, interpret=platform == "cpu")
     if kernel == "fused":
@@ -288,7 +291,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
                 bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, forward_inverse=forward_inverse,
                 state_pieces=state_pieces, bwd_v_split=bwd_v_split, forward_outputs=forward_outputs,
                 mosaic_stages=mosaic_stages if kernel == "mosaic" else (),
-                mosaic_options=mosaic_options if kernel == "mosaic" else ())
+                mosaic_options=mosaic_options if kernel == "mosaic" else (), resets=segment_ids is not None)
     o, final = _core(_Opts(opts), *x)
     return o[:, :T], final
 

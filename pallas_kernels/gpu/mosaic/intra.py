@@ -148,22 +148,27 @@ def _staged_product(a_s, b_s, split):
     return _matmul_sum(pairs, (C, C))
 
 
-def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
+def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold):
     """The inverses of the `block` x `block` diagonal blocks of I + m (strictly lower m [C, C]
-    float32 registers), zero elsewhere, by column substitution on all blocks at once.
+    float32 registers), zero elsewhere, by column substitution on all blocks at once. With `hold`,
+    on return the [2, C, C] 16-bit buffer m_s holds m `_stage`d (with `split`) for the doublings.
 
     Column j = blk * block + c of X = (I + m)^{-1} is e_j - sum_{i > j} X[:, i] m[i, j] (from
     X (I + m) = I), for c = block - 1 down to 0. Step c reads, for each i, w_c[i] = m[i, blk(i) *
     block + c] along columns: the rows of W = S m_diag^T with S[c, j] = [j % block == c], one
     hi + lo pair of 16-bit wgmma products (S is exact in 16 bits), staged in the float32 SMEM
     buffer w_s and read back row by row. The dependent chain is then a row reduction (within a
-    quad of lanes) and a select per step, with no cross-warp reduction."""
+    quad of lanes) and a select per step, with no cross-warp reduction. m_diag is staged in m_s and
+    (`hold`) replaced there by the whole m once W is formed, before the substitution: m is not live
+    across it."""
     sq = (C, C)
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     same_block = lax.div(rows, block) == lax.div(cols, block)
     a_s.at[0][...] = jnp.where(lax.rem(cols, block) == rows, 1.0, 0.0).astype(a_s.dtype)
-    _stage(b_s, jnp.where(same_block, m, 0.0), True)
-    _to_smem(w_s, _matmul_sum([(a_s.at[0], b_s.at[0].T), (a_s.at[0], b_s.at[1].T)], sq))
+    _stage(m_s, jnp.where(same_block, m, 0.0), True)
+    _to_smem(w_s, _matmul_sum([(a_s.at[0], m_s.at[0].T), (a_s.at[0], m_s.at[1].T)], sq))
+    if hold:
+        _stage(m_s, m, split)  # the product has read m_diag
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
     for c in range(block - 2, -1, -1):  # the last column of each block is e_j
         w = plgpu.load(w_s.at[c], layout=mc.COLS)
@@ -172,37 +177,46 @@ def _diagonal_block_inverse(m, a_s, b_s, w_s, *, block):
     return x
 
 
-def _inverse(m_of, dt, *, block, split):
-    """(I + m)^{-1} [C, C] float32 for strictly lower m = m_of() (float32 registers, formed once for
-    the substitution and once for the doublings, so that it is not live across the substitution;
-    16-bit operand dtype dt): diagonal blocks by substitution, then doubling
+def _inverse(m0, dt, *, block, split, m_s=None, m_of=None):
+    """X0 = (I + m0)^{-1} [C, C] float32 for the gate-free strictly lower m0 (float32 registers, not
+    live after the diagonal blocks): diagonal blocks by substitution, then doubling
     X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s Off_s = 0).
 
-    SMEM: each phase is its own `run_scoped` (the memory is reused): the substitution 40 KiB, the
-    doublings two [2, C, C] 16-bit buffers (32 KiB): Off_s into a_s and X_s into b_s, then the
-    link Off_s X_s into a_s while X_s stays in b_s as the A operand of X_s (Off_s X_s)."""
+    With m_s (the caller's [2, C, C] 16-bit buffer, held through the doublings) m0 is staged there
+    once and Off_s X_s is the product m0 X_s masked to Off_s's blocks afterwards (X_s is block
+    diagonal, so on those blocks m0 X_s only meets Off_s). Without it, m_of() forms m0 again after
+    the substitution and Off_s is staged for each doubling (16 KiB less SMEM, one more wgmma wait).
+    SMEM beside m_s, each phase its own `run_scoped` (the memory is reused): the substitution 24 KiB
+    (S, W; 40 KiB with m_diag's own buffer without m_s), the doublings 32 KiB (X_s and the link as
+    hi / lo; without m_s Off_s first takes the link's buffer)."""
     sq = (C, C)
-    if block == 2:  # the 2 x 2 diagonal blocks of (I + m)^{-1} are I - m's: no substitution
-        rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
-        x = jnp.where(rows == cols, 1.0, jnp.where(lax.div(rows, 2) == lax.div(cols, 2), -m_of(), 0.0))
+    rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
+    if block == 2:  # the 2 x 2 diagonal blocks of (I + m0)^{-1} are I - m0's: no substitution
+        x = jnp.where(rows == cols, 1.0, jnp.where(lax.div(rows, 2) == lax.div(cols, 2), -m0, 0.0))
+        if m_s is not None:
+            _stage(m_s, m0, split)
     else:
-        with jax.named_scope("diagonal"):
-            x = pl.run_scoped(lambda a_s, b_s, w_s: _diagonal_block_inverse(m_of(), a_s, b_s, w_s, block=block),
-                              mc.smem((1, C, C), dt), mc.smem((2, C, C), dt), plgpu.SMEM((C, C), f32))
+        def diagonal(a_s, w_s, *b_s):
+            return _diagonal_block_inverse(m0, a_s, m_s if m_s is not None else b_s[0], w_s, block=block,
+                                           split=split, hold=m_s is not None)
 
-    def doubling(a_s, b_s):
-        rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
-        m = m_of()
+        with jax.named_scope("diagonal"):
+            x = pl.run_scoped(diagonal, mc.smem((1, C, C), dt), plgpu.SMEM((C, C), f32),
+                              *([mc.smem((2, C, C), dt)] if m_s is None else []))
+
+    def doubling(xs_s, link_s):
+        m = m_of() if m_s is None else None
         y, s = x, block
         while s < C:
             off = (lax.div(rows, 2 * s) == lax.div(cols, 2 * s)) & (lax.div(rows, s) != lax.div(cols, s))
-            a_s.at[0][...] = jnp.where(off, m, 0.0).astype(dt)  # Off_s
-            if split:
-                a_s.at[1][...] = jnp.where(off, m - m.astype(dt).astype(f32), 0.0).astype(dt)
-            _stage(b_s, y, split)  # one commit for both
-            link = _staged_product(a_s, b_s, split)  # Off_s X_s
-            _stage(a_s, link, split)  # the product has read a_s
-            y = y - _staged_product(b_s, a_s, split)
+            _stage(xs_s, y, split)
+            if m_s is None:
+                _stage(link_s, jnp.where(off, m, 0.0), split)  # Off_s
+                link = _staged_product(link_s, xs_s, split)
+            else:
+                link = jnp.where(off, _staged_product(m_s, xs_s, split), 0.0)
+            _stage(link_s, link, split)  # Off_s X_s (the product has read Off_s)
+            y = y - _staged_product(xs_s, link_s, split)
             s *= 2
         return y
 
@@ -210,43 +224,57 @@ def _inverse(m_of, dt, *, block, split):
         return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
-def smem_bytes(L, K, V, *, slots, save_inverse=True):
+def smem_bytes(L, K, V, *, slots, save_inverse=True, hold_m=True):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
-    and the largest phase's staging buffers (the phases reuse one region)."""
+    and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
+    inverse (`_inverse`'s m_s)."""
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
-    phases = max(C * C * 2 * 3 + C * C * 4,  # substitution: S, m_diag hi / lo, W (float32)
-                 C * C * 2 * 4,  # doubling: Off_s and X_s (then the link) as hi / lo
-                 L * C * C * 2,  # Qe's right-hand side (into v_0's tile)
-                 C * C * 2 + C * K * 2 + (C * C * 4 if save_inverse else 0))  # Qe (in v_0's tile), P and X
-    return slots * inputs + phases
+    solve = max(C * C * 2 * 4,  # doubling: X_s and the link as hi / lo
+                C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
+                (L - 1) * C * C * 2)  # the right-hand side of the writes l >= 1
+    solve += C * C * 2 * 2 if hold_m else 0
+    out = C * C * 2 * (2 + (L > 1)) + (C * C * 4 if save_inverse else 0)  # X's scalings, Z; X (P, Qe: in k0, v0)
+    return slots * inputs + max(solve, out)
 
 
-def default_chunks_per_cta(B, H, N, L, K, V, save_inverse=True):
+def _fits(L, K, V, slots, save_inverse, hold_m):
+    """Whether two CTAs fit on an SM."""
+    return 2 * (smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse, hold_m=hold_m) + 1024) <= SMEM_PER_SM
+
+
+def default_hold_m(L, K, V, save_inverse=True):
+    """Hold the staged m0 through the inverse where two one-slot CTAs still fit on an SM."""
+    return _fits(L, K, V, 1, save_inverse, True)
+
+
+def default_chunks_per_cta(B, H, N, L, K, V, save_inverse=True, hold_m=True):
     """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
     allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
     else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
-    fits = 2 * (smem_bytes(L, K, V, slots=2, save_inverse=save_inverse) + 1024) <= SMEM_PER_SM
+    fits = _fits(L, K, V, 2, save_inverse, hold_m)
     for cpc in (4, 2):
         if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
             return cpc
     return 1
 
 
-def _masked_exp(keep, diff):
-    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
-
-
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          chunks_per_cta=None, chunk_size=C, profile=None, interpret=False):
+          chunks_per_cta=None, chunk_size=C, resets=True, hold_m=None, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
-    block: the inverse's diagonal block size (2, 4, 8, 16 or 32; 2: no substitution, five doublings); merge_split: hi/lo 16-bit products in
-    the inverse's doubling (see the module docstring). chunks_per_cta: consecutive chunks one CTA
+    block: the inverse's diagonal block size (2, 4, 8, 16 or 32; 2: no substitution, five
+    doublings); merge_split: hi/lo 16-bit products in the inverse's doubling (see the module
+    docstring). chunks_per_cta: consecutive chunks one CTA
     walks (a divisor of N), the next chunk's tiles loaded by TMA into a second SMEM slot while the
     current one is solved; grid (B, N / chunks_per_cta, H); None: `default_chunks_per_cta`.
+    resets: whether the inputs may hold document resets (`prepare(..., segment_ids)`); False drops
+    the reset columns' correction of Qe (one product per chunk), which is then wrong where a reset
+    falls inside or at the start of a chunk. hold_m: m0 staged once and held in SMEM through the
+    inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
+    one-slot CTAs still fit on an SM).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -254,9 +282,11 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     if chunk_size != C:
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
+    if hold_m is None:
+        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], save_inverse)
     if chunks_per_cta is None:
         chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
-                                                x.q.shape[-1], x.v.shape[-1], save_inverse)
+                                                x.q.shape[-1], x.v.shape[-1], save_inverse, hold_m)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -267,10 +297,11 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
-    if smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse) > SMEM_PER_SM - 1024:
-        raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} at L = {L}, K = {K}, V = {V} needs "
-                         f"{smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse) // 1024} KiB of SMEM "
-                         "(two input slots); the H200 has 227 KiB per CTA: use chunks_per_cta = 1")
+    need = smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse, hold_m=hold_m)
+    if need > SMEM_PER_SM - 1024:
+        raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta}, hold_m = {hold_m} at L = {L}, K = {K}, "
+                         f"V = {V} needs {need // 1024} KiB of SMEM; the H200 has 227 KiB per CTA: use "
+                         "chunks_per_cta = 1 or hold_m = False")
     n_rows, n_cols = 2, 3 + L  # float32 vectors per slot loaded as ROWS / as COLS
 
     def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,
@@ -297,6 +328,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             n = nb * chunks_per_cta + j
             rows = pl.ds(n * C, C)
             k_l = lambda l: k_s.at[slot * L + l]
+            v_l = lambda l: v_s.at[slot * L + l]
             # The vectors are loaded from SMEM where they are used (a COLS vector takes 16 registers
             # per thread): nothing but the tiles in use stays live across the inverse.
             load_r = lambda buf, i: plgpu.load(buf.at[i], layout=mc.ROWS)
@@ -306,47 +338,68 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             beta_c = lambda l: load_c(vc_s, slot * n_cols + 3 + l)
             rm1_r = lambda: load_r(ir_s, slot)
             rm1_c, r_c = (lambda: load_c(ic_s, slot * 2)), (lambda: load_c(ic_s, slot * 2 + 1))
+            lower = lambda: mc.iota(sq, 0) > mc.iota(sq, 1)
+            same = lambda: mc.rows_of(rm1_r(), sq) == mc.cols_of(rm1_c(), sq)
+            m1_0 = lambda: mc.decay_matrix(gm1_r(), rm1_r(), g_c(), r_c(), sq, strict=True)
+            m0_of = lambda kk: jnp.where(lower() & same(), kk * mc.rows_of(beta0_r(), sq), 0.0)
 
-            def m_of():  # beta0_t (k0 k0^T)_ti exp(Gm1_t - Gm1_i) on i < t, same segment
-                ri, ci = mc.iota(sq, 0), mc.iota(sq, 1)
-                lower = (ri > ci) & (mc.rows_of(rm1_r(), sq) == mc.cols_of(rm1_c(), sq))
-                kk = mc.matmul(k_l(0), k_l(0).T, sq)
-                gm1_diff = mc.rows_of(gm1_r(), sq) - mc.cols_of(gm1_c(), sq)
-                return jnp.where(lower, kk * mc.rows_of(beta0_r(), sq) * _masked_exp(lower, gm1_diff), 0.0)
-
-            # Qe's right-hand side sum_l (k0 k_l^T . m1_0 . beta_l) v_l, m1_0 = exp(Gm1_t - G_i) on
-            # i < t, first (it does not need X), into the SMEM tile of v_0 (v is not read after it).
-            # Each phase's staging buffers live in their own `run_scoped` (SMEM is reused across them).
-            v0 = v_s.at[slot * L]
-
-            def rhs_phase(prod_s):
+            def solve_phase(*m_s):
+                """X0, with the right-hand side of the writes l >= 1 in v_1's tile."""
                 kks = _matmuls([(k_l(0), k_l(l).T) for l in range(L)], sq)  # issued back to back
-                m1_0 = mc.decay_matrix(gm1_r(), rm1_r(), g_c(), r_c(), sq, strict=True)
-                for l in range(L):
-                    prod_s.at[l][...] = (kks[l] * m1_0 * mc.cols_of(beta_c(l), sq)).astype(dt)
+                if L > 1:  # sum_{l >= 1} (k0 k_l^T . m1_0 . beta_l) v_l into v_1's tile (not read again)
+                    def rhs_phase(prod_s):
+                        for l in range(1, L):
+                            prod_s.at[l - 1][...] = (kks[l] * m1_0() * mc.cols_of(beta_c(l), sq)).astype(dt)
+                        plgpu.commit_smem()
+                        _to_smem(v_l(1), _matmul_sum([(prod_s.at[l - 1], v_l(l)) for l in range(1, L)], (C, V)))
+
+                    with jax.named_scope("rhs"):
+                        pl.run_scoped(rhs_phase, mc.smem((L - 1, C, C), dt))
+                return _inverse(m0_of(kks[0]), dt, block=block, split=merge_split, m_s=m_s[0] if hold_m else None,
+                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)))
+
+            x0 = pl.run_scoped(solve_phase, *([mc.smem((2, C, C), dt)] if hold_m else []))
+
+            def out_phase(xp_s, z_s, *more):  # P, Qe and (save_inverse) X: their TMA stores in flight at once
+                more = list(more)
+                xb_s = more.pop(0) if L > 1 else None
+                z = -x0  # (I - X0) off the diagonal
+                if resets:  # + X0 D0: the write columns of reset tokens, which m0 masks (module docstring)
+                    with jax.named_scope("resets"):
+                        kk = mc.matmul(k_l(0), k_l(0).T, sq)
+                        new = (lower() & (mc.rows_of(rm1_r(), sq) == mc.cols_of(r_c(), sq))
+                               & (mc.rows_of(rm1_r(), sq) != mc.cols_of(rm1_c(), sq)))
+                        z_s[...] = jnp.where(new, kk * mc.rows_of(beta0_r(), sq), 0.0).astype(dt)
+                        _to_smem(xp_s, x0)
+                        z = z + mc.matmul(xp_s, z_s, sq)  # the product has read both
+                x = x0 * mc.decay_matrix(gm1_r(), rm1_r(), gm1_c(), rm1_c(), sq, strict=False)
+                xp_s[...] = (x * mc.cols_of(beta_c(0) * start_m1_c(), sq)).astype(dt)
+                z_s[...] = (z * m1_0() * mc.cols_of(beta_c(0), sq)).astype(dt)
+                if L > 1:
+                    xb_s[...] = (x * mc.cols_of(beta_c(0), sq)).astype(dt)
                 plgpu.commit_smem()
-                rhs = _matmul_sum([(prod_s.at[l], v_s.at[slot * L + l]) for l in range(L)], (C, V))
-                _to_smem(v0, rhs)  # the products have read v
 
-            with jax.named_scope("rhs"):
-                pl.run_scoped(rhs_phase, mc.smem((L, C, C), dt))
+                def products(p_acc, qe_acc):
+                    plgpu.wgmma(p_acc, xp_s, k_l(0))
+                    plgpu.wgmma(qe_acc, z_s, v_l(0))
+                    if L > 1:
+                        plgpu.wgmma(qe_acc, xb_s, v_l(1))
+                    return p_acc[...], qe_acc[...]
 
-            xinv = _inverse(m_of, dt, block=block, split=merge_split)
-
-            def out_phase(xs_s, p_s, *x_s):  # Qe, P and (save_inverse) X: their TMA stores in flight at once
-                _to_smem(xs_s, xinv * mc.cols_of(beta_c(0), sq))
-                _to_smem(v0, mc.matmul(xs_s, v0, (C, V)))  # Qe (the product has read v0 and xs_s)
-                plgpu.copy_smem_to_gmem(v0, qe_ref.at[b, rows, h])
-                _to_smem(xs_s, xinv * mc.cols_of(beta_c(0) * start_m1_c(), sq))
-                _to_smem(p_s, mc.matmul(xs_s, k_l(0), (C, K)))
-                plgpu.copy_smem_to_gmem(p_s, p_ref.at[b, rows, h])
+                p, qe = lax.optimization_barrier(pl.run_scoped(products, plgpu.ACC((C, K), f32),
+                                                               plgpu.ACC((C, V), f32)))
+                _to_smem(v_l(0), qe)  # the products have read v_0 and k_0
+                plgpu.copy_smem_to_gmem(v_l(0), qe_ref.at[b, rows, h])
+                _to_smem(k_l(0), p)
+                plgpu.copy_smem_to_gmem(k_l(0), p_ref.at[b, rows, h])
                 if save_inverse:
-                    _to_smem(x_s[0], xinv)
-                    plgpu.copy_smem_to_gmem(x_s[0], ainv_ref[0].at[b, h, n])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region (and v0) is reused
+                    _to_smem(more[0], x)
+                    plgpu.copy_smem_to_gmem(more[0], ainv_ref[0].at[b, h, n])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region and the slot are reused
 
             with jax.named_scope("out"):
-                pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, K), dt),
+                pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, C), dt),
+                              *([mc.smem((C, C), dt)] if L > 1 else []),
                               *([mc.smem((C, C), f32)] if save_inverse else []))
 
         issue(0, 0)

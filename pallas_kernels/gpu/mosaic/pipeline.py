@@ -100,16 +100,18 @@ def _kw(options, stage):
 
 
 def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False,
-            options=()):
+            options=(), resets=True):
     """(o [B, Tp, H, V], final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv [B, H, N, C, C] f32
-    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords).
+    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords);
+    resets: whether x may hold document resets (the intra kernel's `resets`).
     The start states come back in the inputs' 16-bit dtype when every stage that reads them (outputs,
     chunk backward) is Mosaic (`starts16`), else float32."""
     tv = token_vectors(x) if {"intra", "state", "outputs"} & set(stages) else None
     if "intra" in stages:
         from pallas_kernels.gpu.mosaic.intra import intra
 
-        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret, **_kw(options, "intra"))
+        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
+                            **{"resets": resets, **_kw(options, "intra")})
     else:
         from pallas_kernels.gpu import split
 

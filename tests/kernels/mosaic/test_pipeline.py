@@ -19,10 +19,10 @@ from test_pallas import _grads, make_inputs, rel  # noqa: E402
 CPU_STAGE_SETS = [None, pytest.param((), marks=pytest.mark.slow)]
 
 
-def _check(stages, L, T, H, K, V, seed, with_state, tol, options=None):
+def _check(stages, L, T, H, K, V, seed, with_state, tol, options=None, segments=True):
     q, k, v, beta, g, s0 = make_inputs(seed, 1, T, H, L, K, V, dtype=jnp.bfloat16)
     s0 = s0 if with_state else None
-    seg = jnp.asarray((np.arange(T) >= T // 2 + 3)[None], jnp.int32)  # a reset inside a chunk
+    seg = jnp.asarray((np.arange(T) >= T // 2 + 3)[None], jnp.int32) if segments else None  # a reset inside a chunk
     w = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, T, H, V))
     args = (q, k, v, beta, g, s0 if s0 is not None else jnp.zeros((1, H, K, V)))
     gp = _grads("pallas", args, seg, w, chunk_size=64, kernel="mosaic", mosaic_stages=stages, mosaic_options=options)
@@ -98,6 +98,11 @@ def test_chunk_backward_that_does_not_fit_runs_in_xla_by_default():
     assert "prism_chunk_grads" in traced({"grads": {"impl": "triton"}})
 
 
+def test_mosaic_pipeline_without_documents_matches_reference():
+    """No segment_ids: the intra kernel leaves out the reset columns' correction of Qe."""
+    _check(None, L=1, T=93, H=1, K=64, V=64, seed=6, with_state=False, tol=2e-2, segments=False)
+
+
 def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference():
     """The chunk backward the GPU takes by default at L = 1 (three warpgroups; the interpreter takes
     one unless asked) inside the whole op, forward and gradients; register budgets given as a list, as
@@ -128,9 +133,9 @@ def test_supported_stages_leave_out_what_does_not_fit():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L", [1, 2, 3])
-def test_gpu_mosaic_pipeline_matches_reference(L):
-    _check(None, L=L, T=1000, H=4, K=128, V=128, seed=10 + L, with_state=True, tol=2e-2)
+@pytest.mark.parametrize("L,segments", [(1, True), (2, True), (3, True), (1, False), (2, False)])
+def test_gpu_mosaic_pipeline_matches_reference(L, segments):
+    _check(None, L=L, T=1000, H=4, K=128, V=128, seed=10 + L, with_state=True, tol=2e-2, segments=segments)
 
 
 def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
@@ -148,3 +153,18 @@ def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
     assert auto_kernel(bf16, 32, 128, 2, None, "gpu", hopper=True) == "split"
     assert auto_kernel(bf16, 128, 128, 2, None, "gpu", split_options=True, hopper=True) == "split"
     assert auto_kernel(bf16, 128, 128, 2, None, "cpu", hopper=True) == "split"  # CPU: Triton interpret
+
+
+@pytest.mark.parametrize("segments", [True, False])
+def test_intra_is_told_whether_documents_reset(monkeypatch, segments):
+    """The intra kernel leaves out the reset columns' correction of Qe only without segment_ids."""
+    from pallas_kernels.gpu.mosaic import intra as intra_mod
+
+    seen = []
+    real = intra_mod.intra
+    monkeypatch.setattr(intra_mod, "intra", lambda *a, **kw: seen.append(kw["resets"]) or real(*a, **kw))
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 1, 64, 64, dtype=jnp.bfloat16)
+    seg = jnp.asarray((np.arange(70) >= 20)[None], jnp.int32) if segments else None
+    jax.eval_shape(lambda: prism_pallas(q, k, v, beta, g, scale=0.125, segment_ids=seg, chunk_size=64,
+                                        kernel="mosaic", platform="cpu"))
+    assert seen == [segments]
