@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session 13, device call 1 (one GPU): GPU tests of the reworked intra kernel (gate-free inverse, Qe from
 # (I - X0) without the right-hand side product at the first write, m0 held through the inverse); the
-# intra kernel alone before (old_s13/: the packages of a01c3d0, made with `mkdir old_s13 && git archive
-# a01c3d0 pallas_kernels prism_jax benchmarks | tar -x -C old_s13`, untracked so that it travels) and
+# intra kernel alone before (old_s13/: the packages of 3a4aee5, made with `mkdir old_s13 && git archive
+# 3a4aee5 pallas_kernels prism_jax benchmarks | tar -x -C old_s13`, untracked so that it travels) and
 # after, with its knobs; its per-region profile; the whole op at L = 1, 2 beside the peer.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
