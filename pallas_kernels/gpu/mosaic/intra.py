@@ -8,54 +8,60 @@ Drop-in for `pallas_kernels.gpu.split.intra` at chunk_size = 64 with 16-bit inpu
     P  = X diag(beta0 start_m1) k0                                              [C, K]
     Qe = X diag(beta0) sum_l (k0 k_l^T . m1_0) (beta_l v_l)                      [C, V]
 
+computed as (the gate-free form, as FlashQLA / jax-linear-attention solve Gated DeltaNet's inverse):
+
+    m0 = diag(beta0) (k0 k0^T)            strictly lower, same segment (no decay)
+    X0 = (I + m0)^{-1},   X = X0 . exp(Gm1_t - Gm1_i)      (m = D m0 D^-1 with D = diag(exp(Gm1)))
+    Qe = Z v_0 + X diag(beta0) sum_{l >= 1} (k0 k_l^T . m1_0) (beta_l v_l)
+    Z  = ((I - X0) + X0 D0) . m1_0 . beta_0 (columns)
+
+For the first write k_0 = k0, so its right-hand side is m (up to the columns' decay), and X m =
+I - X: Z needs no product with X. m1_0[t, i] = exp(Gm1_t - G_i) <= 1 bounds every factor (the
+gated form would need exp(-g_i), which overflows). D0 = diag(beta0) (k0 k0^T) on the columns of
+tokens that start a document (m0 masks them: the count before t matches the count up to i but not
+the count before i); it is zero without segment_ids, so `resets=False` drops its extra k0 k0^T and
+X0 D0 products. The (I - X0) form also avoids the cancellation of X R on nearly parallel keys: on
+the adversarial chunk of the tests Qe is 3.5e-3 off float64 at L = 1, against 4.9e-2 for X R.
+
 One CTA (one warpgroup) walks `chunks_per_cta` consecutive chunks of one (batch, head): grid
 (B, N / chunks_per_cta, H). Per chunk:
 - TMA brings the chunk's L key tiles [C, K], L value tiles [C, V] and its token vectors (from
   `token_vectors`, head-major float32) into SMEM, all on one barrier. With chunks_per_cta > 1 the
   inputs have two slots and the next chunk's loads are issued when a chunk starts, so they run
   while it is solved. The vectors are loaded into registers where they are used (a COLS vector is
-  16 registers per thread), and m is formed twice (one k0 k0^T wgmma each) rather than kept live
-  across the substitution: the fewer tiles live, the fewer spills.
-- Qe's right-hand side first (it does not need X): the L products k0 k_l^T issued back to back,
-  scaled by m1_0 and beta_l, staged, summed against v_l in one accumulator, and stored in the SMEM
-  tile of v_0 (v is not read again).
-- The inverse, blocked as `common.blocked_unit_lower_inverse`:
+  16 registers per thread).
+- The L products k0 k_l^T issued back to back (one wait); for L > 1 the right-hand side of the
+  writes l >= 1 is scaled, staged, summed against v_l in one accumulator and stored in v_1's tile.
+- X0, blocked as `common.blocked_unit_lower_inverse`:
   1. the `block` x `block` diagonal blocks (default 16) by `block - 1` steps of column
      substitution, all blocks at once (`_diagonal_block_inverse`): each step reads one row of
-     W = S m^T (formed once by a hi + lo pair of wgmma products, staged in float32 SMEM), so the
+     W = S m0^T (formed once by a hi + lo pair of wgmma products, staged in float32 SMEM), so the
      dependent chain is a row reduction within a quad of lanes and a select per step; block 2
-     takes the 2 x 2 blocks directly (I - m's) with no substitution;
-  2. doubling to 2 * block, ..., 64: X <- X - X (Off X), two dependent products per doubling, each
-     operand staged once in SMEM (Off and X, then the link into Off's buffer while X stays as the
-     A operand); `merge_split=True` (default) multiplies 16-bit high parts and low remainders
-     (three wgmma issued back to back into one accumulator), float32-accurate to ~2e-5; with False
-     one 16-bit product (~5e-4 on random chunks, ~1e-2 on adversarial ones: P then 1e-2 to 3e-2
-     off float64, so it is not the default).
-- Qe = (X diag(beta0)) rhs and P = (X diag(beta0 start_m1)) k0 by wgmma, X's scaled columns rounded
-  to the input dtype as the Triton kernel rounds its operands; Qe, P (input dtype) and X (float32,
-  `save_inverse`) go back by TMA with the three stores in flight together, one wait at the end.
-- SMEM: the inputs (slots x (L C (K + V) 16-bit + vectors)) and one region shared by the phases
-  (each its own `run_scoped`): substitution 40 KiB, doublings 32 KiB, right-hand side L C^2
-  16-bit, outputs 40 KiB (`smem_bytes`). At K = V = 128: one slot 74 KiB at L = 1 (three CTAs per
-  SM), 106 KiB at L = 2 (two); two slots 108 KiB at L = 1 (two), 173 KiB at L = 2 (one).
-  `chunks_per_cta=None` takes 4 or 2 where two CTAs with two slots still fit on an SM and the grid
-  still has two CTAs per SM, else 1 (`default_chunks_per_cta`); SMEM beyond 227 KiB is rejected.
-  There is no gate-free variant (X0 = (I + m0)^{-1} of the decay-free m0, X = X0 . exp(Gm1_t -
-  Gm1_i)): it is the same number of dependent steps here, since m's decay is one exp per entry.
+     takes the 2 x 2 blocks directly (I - m0's) with no substitution;
+  2. doubling to 2 * block, ..., 64: X0 <- X0 - X0 (Off X0), two dependent products per doubling.
+     With `hold_m` m0 is staged once (hi / lo) and held in SMEM, and Off X0 is m0 X0 masked to
+     Off's blocks; without it m0 is formed again by a k0 k0^T wgmma and Off staged per doubling.
+     `merge_split=True` (default) multiplies 16-bit high parts and low remainders (three wgmma
+     issued back to back into one accumulator), float32-accurate to ~2e-5; with False one 16-bit
+     product (~5e-4 on random chunks, ~1e-2 on adversarial ones, so it is not the default).
+- X = X0 . decay; X diag(beta0 start_m1), Z (and X diag(beta0) for L > 1) rounded to the input
+  dtype as the Triton kernel rounds its operands; P and Qe by wgmma into two accumulators, one
+  wait; P goes back from k0's tile, Qe from v0's, X (float32, `save_inverse`) from its own, the
+  three TMA stores in flight together.
+- SMEM (`smem_bytes`): the inputs (slots x (L C (K + V) 16-bit + vectors)), m0 (16 KiB, `hold_m`)
+  and one region shared by the phases (each its own `run_scoped`): substitution 24 KiB (40 without
+  hold_m), doublings 32 KiB, right-hand side (L - 1) C^2 16-bit, outputs 32-40 KiB. At K = V = 128:
+  one slot 82 KiB at L = 1 with m0 held (two CTAs per SM), 106 KiB at L = 2 without (two). hold_m=None
+  holds m0 where two one-slot CTAs still fit (`default_hold_m`); chunks_per_cta=None takes 4 or 2
+  where two CTAs with two slots still fit on an SM and the grid still has two CTAs per SM, else 1
+  (`default_chunks_per_cta`); SMEM beyond 227 KiB is rejected.
 
 Measured in the interpreter (CPU) against the float64 chunk math: X to ~1e-6 (random chunks) and
-~2e-5 (beta = 1, nearly parallel keys); P and Qe to 3e-3 / 5e-3, the same as the Triton kernel at
-chunk 64 (on the adversarial chunk both are 2e-3 / 4.6e-2 off float64: Qe's rows cancel after the
-bf16 rounding of its operands).
+~3e-5 (beta = 1, nearly parallel keys); P and Qe to 3e-3 / 5e-3 on random chunks.
 
-Expected cost per chunk (block 16, L = 2, hi/lo doubling): 11 wgmma waits (~20 wgmma of
-64 x 64 x {64, 128}: ~5 MFLOP, noise), ~10 SMEM staging commits, 15 substitution steps of ~200
-instructions per thread, one TMA load wait and one TMA store wait, ~100 KiB of HBM traffic. The
-phase-1 kernel took ~60 us per CTA on the H200 (1.9 ms for 8 K chunks at two CTAs per SM), far
-above this count: register spills and the number of separate phases (three TMA store waits, m,
-kk and 7 vectors live across the inverse) are the suspects this version removes. Worth sweeping
-on the device: `block` in {2, 4, 8, 16, 32} (substitution steps against doublings),
-`chunks_per_cta` in {1, 2, 4}, `merge_split` False (half the doubling work, less accurate).
+Cost per chunk at L = 1 (block 16, hold_m, no resets): 7 wgmma waits (k0 k0^T; W; two per
+doubling; P and Qe), against 11 before this form (the first write's right-hand side, m formed
+three times, Qe's product after P's).
 """
 
 from __future__ import annotations
