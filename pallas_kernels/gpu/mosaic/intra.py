@@ -239,7 +239,8 @@ def smem_bytes(L, K, V, *, slots, save_inverse=True, hold_m=True):
                 C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
                 (L - 1) * C * C * 2)  # the right-hand side of the writes l >= 1
     solve += C * C * 2 * 2 if hold_m else 0
-    out = C * C * 2 * (2 + (L > 1)) + (C * C * 4 if save_inverse else 0)  # X's scalings, Z; X (P, Qe: in k0, v0)
+    # X's scalings, Z; X or the reset correction (float32; P and Qe go out from k0's and v0's tiles)
+    out = C * C * 2 * (2 + (L > 1)) + C * C * 4
     return slots * inputs + max(solve, out)
 
 
@@ -371,13 +372,25 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 xb_s = more.pop(0) if L > 1 else None
                 z = -x0  # (I - X0) off the diagonal
                 if resets:  # + X0 D0: the write columns of reset tokens, which m0 masks (module docstring)
-                    with jax.named_scope("resets"):
-                        kk = mc.matmul(k_l(0), k_l(0).T, sq)
-                        new = (lower() & (mc.rows_of(rm1_r(), sq) == mc.cols_of(r_c(), sq))
-                               & (mc.rows_of(rm1_r(), sq) != mc.cols_of(rm1_c(), sq)))
-                        z_s[...] = jnp.where(new, kk * mc.rows_of(beta0_r(), sq), 0.0).astype(dt)
-                        _to_smem(xp_s, x0)
-                        z = z + mc.matmul(xp_s, z_s, sq)  # the product has read both
+                    corr_s = more[0]  # X's buffer, written after
+                    # Only a chunk with a reset inside or at its first token has a nonzero D0.
+                    has_reset = ic_s[slot * 2 + 1, C - 1] != ic_s[slot * 2, 0]
+
+                    @pl.when(has_reset)
+                    def _correction():
+                        with jax.named_scope("resets"):
+                            kk = mc.matmul(k_l(0), k_l(0).T, sq)
+                            new = (lower() & (mc.rows_of(rm1_r(), sq) == mc.cols_of(r_c(), sq))
+                                   & (mc.rows_of(rm1_r(), sq) != mc.cols_of(rm1_c(), sq)))
+                            z_s[...] = jnp.where(new, kk * mc.rows_of(beta0_r(), sq), 0.0).astype(dt)
+                            _to_smem(xp_s, x0)
+                            corr_s[...] = mc.matmul(xp_s, z_s, sq)  # the product has read both
+
+                    @pl.when(jnp.logical_not(has_reset))
+                    def _no_correction():
+                        corr_s[...] = x0 * 0.0
+
+                    z = corr_s[...] + z  # each thread reads back what it wrote (one layout)
                 x = x0 * mc.decay_matrix(gm1_r(), rm1_r(), gm1_c(), rm1_c(), sq, strict=False)
                 xp_s[...] = (x * mc.cols_of(beta_c(0) * start_m1_c(), sq)).astype(dt)
                 z_s[...] = (z * m1_0() * mc.cols_of(beta_c(0), sq)).astype(dt)
@@ -406,7 +419,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             with jax.named_scope("out"):
                 pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, C), dt),
                               *([mc.smem((C, C), dt)] if L > 1 else []),
-                              *([mc.smem((C, C), f32)] if save_inverse else []))
+                              *([mc.smem((C, C), f32)] if save_inverse or resets else []))
 
         issue(0, 0)
         if chunks_per_cta == 1:
