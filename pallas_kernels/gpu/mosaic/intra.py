@@ -82,6 +82,9 @@ BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
+# The reset columns' correction of Qe only in chunks with a reset: interpreter-tested and lowered for
+# CUDA, not yet run on a GPU (docs/benchmarks.md, session 13), so every chunk takes it by default.
+RESET_CHUNKS_ONLY = False
 
 
 def _check(x: Prepared, tv: mc.TokenVectors, block: int):
@@ -266,7 +269,8 @@ def default_chunks_per_cta(B, H, N, L, K, V, save_inverse=True, hold_m=True):
 
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
-          chunks_per_cta=None, chunk_size=C, resets=True, hold_m=None, profile=None, interpret=False):
+          chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
+          profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
@@ -279,7 +283,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     current one is solved; grid (B, N / chunks_per_cta, H); None: `default_chunks_per_cta`.
     resets: whether the inputs may hold document resets (`prepare(..., segment_ids)`); False drops
     the reset columns' correction of Qe (one product per chunk), which is then wrong where a reset
-    falls inside or at the start of a chunk. hold_m: m0 staged once and held in SMEM through the
+    falls inside or at the start of a chunk. reset_chunks_only: the correction only in chunks with
+    a reset inside or at their first token (a scalar read and `pl.when`), else in every chunk.
+    hold_m: m0 staged once and held in SMEM through the
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
     one-slot CTAs still fit on an SM).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
@@ -372,25 +378,30 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 xb_s = more.pop(0) if L > 1 else None
                 z = -x0  # (I - X0) off the diagonal
                 if resets:  # + X0 D0: the write columns of reset tokens, which m0 masks (module docstring)
-                    corr_s = more[0]  # X's buffer, written after
-                    # Only a chunk with a reset inside or at its first token has a nonzero D0.
-                    has_reset = ic_s[slot * 2 + 1, C - 1] != ic_s[slot * 2, 0]
-
-                    @pl.when(has_reset)
-                    def _correction():
+                    def correction():
                         with jax.named_scope("resets"):
                             kk = mc.matmul(k_l(0), k_l(0).T, sq)
                             new = (lower() & (mc.rows_of(rm1_r(), sq) == mc.cols_of(r_c(), sq))
                                    & (mc.rows_of(rm1_r(), sq) != mc.cols_of(rm1_c(), sq)))
                             z_s[...] = jnp.where(new, kk * mc.rows_of(beta0_r(), sq), 0.0).astype(dt)
                             _to_smem(xp_s, x0)
-                            corr_s[...] = mc.matmul(xp_s, z_s, sq)  # the product has read both
+                            return mc.matmul(xp_s, z_s, sq)  # the product has read both
 
-                    @pl.when(jnp.logical_not(has_reset))
-                    def _no_correction():
-                        corr_s[...] = x0 * 0.0
+                    if reset_chunks_only:  # only a chunk with a reset inside or at its first token has D0 != 0
+                        corr_s = more[0]  # X's buffer, written after
+                        has_reset = ic_s[slot * 2 + 1, C - 1] != ic_s[slot * 2, 0]
 
-                    z = corr_s[...] + z  # each thread reads back what it wrote (one layout)
+                        @pl.when(has_reset)
+                        def _correction():
+                            corr_s[...] = correction()
+
+                        @pl.when(jnp.logical_not(has_reset))
+                        def _no_correction():
+                            corr_s[...] = x0 * 0.0
+
+                        z = plgpu.load(corr_s, layout=mc.WGMMA) + z  # each thread reads what it wrote
+                    else:
+                        z = correction() + z
                 x = x0 * mc.decay_matrix(gm1_r(), rm1_r(), gm1_c(), rm1_c(), sq, strict=False)
                 xp_s[...] = (x * mc.cols_of(beta_c(0) * start_m1_c(), sq)).astype(dt)
                 z_s[...] = (z * m1_0() * mc.cols_of(beta_c(0), sq)).astype(dt)
