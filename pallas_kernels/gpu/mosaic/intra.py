@@ -82,8 +82,8 @@ BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
-# The reset columns' correction of Qe only in chunks with a reset: interpreter-tested and lowered for
-# CUDA, not yet run on a GPU (docs/benchmarks.md, session 13), so every chunk takes it by default.
+# The reset columns' correction of Qe only in chunks with a reset: it passed its GPU tests but showed no
+# clear gain in session 13 (docs/benchmarks.md), so every chunk takes the correction by default.
 RESET_CHUNKS_ONLY = False
 
 
