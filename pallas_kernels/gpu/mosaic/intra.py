@@ -233,7 +233,7 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None):
         return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
-def smem_bytes(L, K, V, *, slots, save_inverse=True, hold_m=True):
+def smem_bytes(L, K, V, *, slots, hold_m=True):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
     and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
     inverse (`_inverse`'s m_s)."""
@@ -242,26 +242,27 @@ def smem_bytes(L, K, V, *, slots, save_inverse=True, hold_m=True):
                 C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
                 (L - 1) * C * C * 2)  # the right-hand side of the writes l >= 1
     solve += C * C * 2 * 2 if hold_m else 0
-    # X's scalings, Z; X or the reset correction (float32; P and Qe go out from k0's and v0's tiles)
+    # X's scalings, Z; X or the reset correction (float32, counted either way; P and Qe go out from k0's
+    # and v0's tiles)
     out = C * C * 2 * (2 + (L > 1)) + C * C * 4
     return slots * inputs + max(solve, out)
 
 
-def _fits(L, K, V, slots, save_inverse, hold_m):
+def _fits(L, K, V, slots, hold_m):
     """Whether two CTAs fit on an SM."""
-    return 2 * (smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse, hold_m=hold_m) + 1024) <= SMEM_PER_SM
+    return 2 * (smem_bytes(L, K, V, slots=slots, hold_m=hold_m) + 1024) <= SMEM_PER_SM
 
 
-def default_hold_m(L, K, V, save_inverse=True):
+def default_hold_m(L, K, V):
     """Hold the staged m0 through the inverse where two one-slot CTAs still fit on an SM."""
-    return _fits(L, K, V, 1, save_inverse, True)
+    return _fits(L, K, V, 1, True)
 
 
-def default_chunks_per_cta(B, H, N, L, K, V, save_inverse=True, hold_m=True):
+def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True):
     """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
     allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
     else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
-    fits = _fits(L, K, V, 2, save_inverse, hold_m)
+    fits = _fits(L, K, V, 2, hold_m)
     for cpc in (4, 2):
         if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
             return cpc
@@ -296,10 +297,10 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
     if hold_m is None:
-        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], save_inverse)
+        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1])
     if chunks_per_cta is None:
         chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
-                                                x.q.shape[-1], x.v.shape[-1], save_inverse, hold_m)
+                                                x.q.shape[-1], x.v.shape[-1], hold_m)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -310,7 +311,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
-    need = smem_bytes(L, K, V, slots=slots, save_inverse=save_inverse, hold_m=hold_m)
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m)
     if need > SMEM_PER_SM - 1024:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta}, hold_m = {hold_m} at L = {L}, K = {K}, "
                          f"V = {V} needs {need // 1024} KiB of SMEM; the H200 has 227 KiB per CTA: use "
