@@ -157,7 +157,7 @@ def _staged_product(a_s, b_s, split):
     return _matmul_sum(pairs, (C, C))
 
 
-def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold):
+def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, pairs=False):
     """The inverses of the `block` x `block` diagonal blocks of I + m (strictly lower m [C, C]
     float32 registers), zero elsewhere, by column substitution on all blocks at once. With `hold`,
     on return the [2, C, C] 16-bit buffer m_s holds m `_stage`d (with `split`) for the doublings.
@@ -169,7 +169,12 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold):
     buffer w_s and read back row by row. The dependent chain is then a row reduction (within a
     quad of lanes) and a select per step, with no cross-warp reduction. m_diag is staged in m_s and
     (`hold`) replaced there by the whole m once W is formed, before the substitution: m is not live
-    across it."""
+    across it.
+
+    pairs: columns c and c - 1 in one step, halving the dependent chain: both row reductions a, b
+    against the same x (independent), then column c gets -a and column c - 1 gets -(b - a mu_c)
+    with mu_c[r] = m[c, c - 1] of row r's block (the term column c's update adds to b), a third
+    reduction that does not depend on x."""
     sq = (C, C)
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     same_block = lax.div(rows, block) == lax.div(cols, block)
@@ -179,14 +184,23 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold):
     if hold:
         _stage(m_s, m, split)  # the product has read m_diag
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
-    for c in range(block - 2, -1, -1):  # the last column of each block is e_j
+    col_in_block = lax.rem(cols, block)
+    c = block - 2  # the last column of each block is e_j
+    while c >= 0:
         w = plgpu.load(w_s.at[c], layout=mc.COLS)
-        contrib = jnp.sum(x * mc.cols_of(w, sq), axis=1)
-        x = x - jnp.where(same_block & (lax.rem(cols, block) == c), mc.rows_of(contrib, sq), 0.0)
+        a = jnp.sum(x * mc.cols_of(w, sq), axis=1)
+        if pairs and c >= 1:
+            w1 = mc.cols_of(plgpu.load(w_s.at[c - 1], layout=mc.COLS), sq)
+            b = jnp.sum(x * w1, axis=1)
+            mu = jnp.sum(jnp.where(cols == lax.div(rows, block) * block + c, w1, 0.0), axis=1)
+            b = b - a * mu
+            x = x - jnp.where(same_block & (col_in_block == c - 1), mc.rows_of(b, sq), 0.0)
+        x = x - jnp.where(same_block & (col_in_block == c), mc.rows_of(a, sq), 0.0)
+        c -= 2 if pairs else 1
     return x
 
 
-def _inverse(m0, dt, *, block, split, m_s=None, m_of=None):
+def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, pairs=False):
     """X0 = (I + m0)^{-1} [C, C] float32 for the gate-free strictly lower m0 (float32 registers, not
     live after the diagonal blocks): diagonal blocks by substitution, then doubling
     X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s Off_s = 0).
@@ -207,7 +221,7 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None):
     else:
         def diagonal(a_s, w_s, *b_s):
             return _diagonal_block_inverse(m0, a_s, m_s if m_s is not None else b_s[0], w_s, block=block,
-                                           split=split, hold=m_s is not None)
+                                           split=split, hold=m_s is not None, pairs=pairs)
 
         with jax.named_scope("diagonal"):
             x = pl.run_scoped(diagonal, mc.smem((1, C, C), dt), plgpu.SMEM((C, C), f32),
@@ -271,7 +285,7 @@ def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True):
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
           chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
-          profile=None, interpret=False):
+          pair_steps=False, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
@@ -288,7 +302,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     a reset inside or at their first token (a scalar read and `pl.when`), else in every chunk.
     hold_m: m0 staged once and held in SMEM through the
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
-    one-slot CTAs still fit on an SM).
+    one-slot CTAs still fit on an SM). pair_steps: the diagonal blocks' substitution solves two
+    columns per dependent step (`_diagonal_block_inverse`'s pairs; not yet timed on a GPU).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -370,7 +385,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     with jax.named_scope("rhs"):
                         pl.run_scoped(rhs_phase, mc.smem((L - 1, C, C), dt))
                 return _inverse(m0_of(kks[0]), dt, block=block, split=merge_split, m_s=m_s[0] if hold_m else None,
-                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)))
+                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)), pairs=pair_steps)
 
             x0 = pl.run_scoped(solve_phase, *([mc.smem((2, C, C), dt)] if hold_m else []))
 
