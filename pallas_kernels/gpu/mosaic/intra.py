@@ -79,6 +79,7 @@ f32 = jnp.float32
 C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
 BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
+STEP_COLUMNS = (1, 2, 4)  # substitution columns per dependent step
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
@@ -157,7 +158,7 @@ def _staged_product(a_s, b_s, split):
     return _matmul_sum(pairs, (C, C))
 
 
-def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, pairs=False):
+def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, step_columns=1):
     """The inverses of the `block` x `block` diagonal blocks of I + m (strictly lower m [C, C]
     float32 registers), zero elsewhere, by column substitution on all blocks at once. With `hold`,
     on return the [2, C, C] 16-bit buffer m_s holds m `_stage`d (with `split`) for the doublings.
@@ -171,10 +172,10 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, pairs=False
     (`hold`) replaced there by the whole m once W is formed, before the substitution: m is not live
     across it.
 
-    pairs: columns c and c - 1 in one step, halving the dependent chain: both row reductions a, b
-    against the same x (independent), then column c gets -a and column c - 1 gets -(b - a mu_c)
-    with mu_c[r] = m[c, c - 1] of row r's block (the term column c's update adds to b), a third
-    reduction that does not depend on x."""
+    step_columns: columns c, c - 1, ... solved in one dependent step. Their row reductions a_t run
+    against the same x (independent), then y_t = a_t - sum_{u < t} y_u mu_ut, with mu_ut[r] =
+    m[c_u, c_t] in row r's block (what column c_u's update adds to a_t; reductions that do not
+    depend on x), and column c_t gets -y_t: 15 steps at block 16 become 8 (2 columns) or 4 (4)."""
     sq = (C, C)
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     same_block = lax.div(rows, block) == lax.div(cols, block)
@@ -185,22 +186,24 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, pairs=False
         _stage(m_s, m, split)  # the product has read m_diag
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
     col_in_block = lax.rem(cols, block)
+    block_start = lax.div(rows, block) * block
     c = block - 2  # the last column of each block is e_j
     while c >= 0:
-        w = plgpu.load(w_s.at[c], layout=mc.COLS)
-        a = jnp.sum(x * mc.cols_of(w, sq), axis=1)
-        if pairs and c >= 1:
-            w1 = mc.cols_of(plgpu.load(w_s.at[c - 1], layout=mc.COLS), sq)
-            b = jnp.sum(x * w1, axis=1)
-            mu = jnp.sum(jnp.where(cols == lax.div(rows, block) * block + c, w1, 0.0), axis=1)
-            b = b - a * mu
-            x = x - jnp.where(same_block & (col_in_block == c - 1), mc.rows_of(b, sq), 0.0)
-        x = x - jnp.where(same_block & (col_in_block == c), mc.rows_of(a, sq), 0.0)
-        c -= 2 if pairs else 1
+        cs = [c - t for t in range(step_columns) if c - t >= 0]  # this step's columns, descending
+        ws = [mc.cols_of(plgpu.load(w_s.at[ct], layout=mc.COLS), sq) for ct in cs]
+        a = [jnp.sum(x * w, axis=1) for w in ws]
+        y = []
+        for t, w in enumerate(ws):
+            for u in range(t):
+                a[t] = a[t] - y[u] * jnp.sum(jnp.where(cols == block_start + cs[u], w, 0.0), axis=1)
+            y.append(a[t])
+        for ct, yt in zip(cs, y):
+            x = x - jnp.where(same_block & (col_in_block == ct), mc.rows_of(yt, sq), 0.0)
+        c -= len(cs)
     return x
 
 
-def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, pairs=False):
+def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1):
     """X0 = (I + m0)^{-1} [C, C] float32 for the gate-free strictly lower m0 (float32 registers, not
     live after the diagonal blocks): diagonal blocks by substitution, then doubling
     X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s Off_s = 0).
@@ -221,7 +224,7 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, pairs=False):
     else:
         def diagonal(a_s, w_s, *b_s):
             return _diagonal_block_inverse(m0, a_s, m_s if m_s is not None else b_s[0], w_s, block=block,
-                                           split=split, hold=m_s is not None, pairs=pairs)
+                                           split=split, hold=m_s is not None, step_columns=step_columns)
 
         with jax.named_scope("diagonal"):
             x = pl.run_scoped(diagonal, mc.smem((1, C, C), dt), plgpu.SMEM((C, C), f32),
@@ -285,7 +288,7 @@ def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True):
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
           chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
-          pair_steps=False, profile=None, interpret=False):
+          step_columns=1, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
 
@@ -302,8 +305,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     a reset inside or at their first token (a scalar read and `pl.when`), else in every chunk.
     hold_m: m0 staged once and held in SMEM through the
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
-    one-slot CTAs still fit on an SM). pair_steps: the diagonal blocks' substitution solves two
-    columns per dependent step (`_diagonal_block_inverse`'s pairs; not yet timed on a GPU).
+    one-slot CTAs still fit on an SM). step_columns: 1, 2 or 4 columns of the diagonal blocks'
+    substitution per dependent step (`_diagonal_block_inverse`; 2 and 4 not yet timed on a GPU).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -311,6 +314,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     if chunk_size != C:
         raise ValueError(f"mosaic intra: chunk_size = {chunk_size}; only {C} is supported")
     _check(x, tv, block)
+    if step_columns not in STEP_COLUMNS:
+        raise ValueError(f"mosaic intra: step_columns = {step_columns!r}; supported: {STEP_COLUMNS}")
     if hold_m is None:
         hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1])
     if chunks_per_cta is None:
@@ -385,7 +390,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     with jax.named_scope("rhs"):
                         pl.run_scoped(rhs_phase, mc.smem((L - 1, C, C), dt))
                 return _inverse(m0_of(kks[0]), dt, block=block, split=merge_split, m_s=m_s[0] if hold_m else None,
-                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)), pairs=pair_steps)
+                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)), step_columns=step_columns)
 
             x0 = pl.run_scoped(solve_phase, *([mc.smem((2, C, C), dt)] if hold_m else []))
 

@@ -92,24 +92,29 @@ def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
     return out, errs
 
 
-@pytest.mark.parametrize("L,V,block,merge_split,save_inverse,chunks_per_cta,resets,hold_m", [
-    (1, 64, 4, True, False, None, True, None), (2, 128, 16, True, True, 1, True, False),
-    (3, 64, 32, False, True, 2, True, True), (1, 128, 16, True, True, 2, False, False),
-    (2, 64, 8, True, True, 1, False, True), (1, 64, 2, True, True, 1, True, True),
-    (1, 64, 16, True, True, 2, "chunks", True), (2, 64, 16, True, False, 1, "chunks", False),
-    (1, 64, 16, True, True, 1, "pairs", True), (2, 64, 8, True, True, 1, "pairs", False)])
-def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse, chunks_per_cta, resets, hold_m):
+H0, H1 = dict(hold_m=False), dict(hold_m=True)
+ONLY = dict(reset_chunks_only=True)
+
+
+@pytest.mark.parametrize("L,V,block,merge_split,save_inverse,chunks_per_cta,resets,opts", [
+    (1, 64, 4, True, False, None, True, {}), (2, 128, 16, True, True, 1, True, H0),
+    (3, 64, 32, False, True, 2, True, H1), (1, 128, 16, True, True, 2, False, H0),
+    (2, 64, 8, True, True, 1, False, H1), (1, 64, 2, True, True, 1, True, H1),
+    (1, 64, 16, True, True, 2, True, {**ONLY, **H1}), (2, 64, 16, True, False, 1, True, {**ONLY, **H0}),
+    (1, 64, 16, True, True, 1, True, dict(step_columns=2, **H1)),
+    (2, 64, 8, True, True, 1, True, dict(step_columns=2, **H0)),
+    (1, 64, 16, True, True, 2, True, dict(step_columns=4, **H0)), (3, 64, 32, True, True, 1, True, dict(step_columns=4))])
+def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse, chunks_per_cta, resets, opts):
     """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5);
     chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot;
     block 4: three substitution steps and four doublings; block 2: none, five doublings; resets:
     documents end inside a chunk and at a chunk's first token (the reset columns' correction of Qe),
-    else none (and none corrected); "chunks": corrected only in the chunks with a reset (the first of
-    the three has none); "pairs": with resets, two substitution columns per step (block 16: seven
-    pairs and one single column; block 8: three and one); hold_m: m0 staged once (True) or formed
-    again (False)."""
-    _, errs = _check(_inputs(L=L, V=V, seed=L, resets=bool(resets)), block=block, merge_split=merge_split,
-                     save_inverse=save_inverse, chunks_per_cta=chunks_per_cta, resets=bool(resets), hold_m=hold_m,
-                     reset_chunks_only=resets == "chunks", pair_steps=resets == "pairs")
+    else none (and none corrected); reset_chunks_only: corrected only in the chunks with a reset
+    (the first of the three has none); step_columns 2 at block 16: seven pairs of substitution
+    columns and one single column, at block 8: three and one; 4 at block 16: three groups of 4 and
+    one of 3; hold_m: m0 staged once (True) or formed again (False)."""
+    _, errs = _check(_inputs(L=L, V=V, seed=L, resets=resets), block=block, merge_split=merge_split,
+                     save_inverse=save_inverse, chunks_per_cta=chunks_per_cta, resets=resets, **opts)
     if save_inverse:
         assert errs[2] < (1e-4 if merge_split else 1e-2), errs
 
@@ -165,6 +170,8 @@ def test_intra_rejects_unsupported_inputs():
         intra(x._replace(k=jnp.zeros((*x.k.shape[:-1], 32), x.k.dtype)), tv)
     with pytest.raises(ValueError, match="block"):
         intra(x, tv, block=64)
+    with pytest.raises(ValueError, match="step_columns"):
+        intra(x, tv, step_columns=3)
     with pytest.raises(ValueError, match="chunk_size"):
         intra(x, tv, chunk_size=32)
     with pytest.raises(ValueError, match="chunks_per_cta"):
@@ -186,7 +193,7 @@ def test_intra_rejects_unsupported_inputs():
     (2, 64, 64, jnp.bfloat16, dict(resets=False, hold_m=True, chunks_per_cta=2)),
     (1, 128, 128, jnp.bfloat16, dict(resets=False, hold_m=False, block=8)),
     (1, 128, 128, jnp.bfloat16, dict(reset_chunks_only=True, chunks_per_cta=2)),
-    (1, 128, 128, jnp.bfloat16, dict(pair_steps=True, resets=False))])
+    (1, 128, 128, jnp.bfloat16, dict(step_columns=4, resets=False))])
 def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
     x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
@@ -229,14 +236,15 @@ def test_intra_reset_columns_need_their_correction():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L,resets,hold_m", [(1, False, None), (1, True, None), (1, False, False), (2, False, None),
-                                             (2, True, None), (2, False, True), (1, "chunks", None), (2, "chunks", None),
-                                             (1, "pairs", None), (2, "pairs", None)])
-def test_intra_on_gpu_without_and_with_documents(L, resets, hold_m):
+@pytest.mark.parametrize("L,resets,opts", [
+    (1, False, {}), (1, True, {}), (1, False, H0), (2, False, {}), (2, True, {}), (2, False, H1), (1, True, ONLY),
+    (2, True, ONLY), (1, True, dict(step_columns=2)), (2, True, dict(step_columns=2)), (1, True, dict(step_columns=4))],
+    ids=lambda v: ("chunks" if v.get("reset_chunks_only") else f"cols{v.get('step_columns', 1)}-hold{v.get('hold_m')}")
+    if isinstance(v, dict) else None)
+def test_intra_on_gpu_without_and_with_documents(L, resets, opts):
     """K = V = 128: m0 held or formed again (`default_hold_m`: held at L = 1 only), with and without the
-    reset columns' correction (inputs with documents only where it is on; "chunks": only in the chunks
-    that have a reset; "pairs": with resets, two substitution columns per step)."""
-    _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=13, resets=bool(resets)), interpret=False,
-                     resets=bool(resets), hold_m=hold_m, reset_chunks_only=resets == "chunks",
-                     pair_steps=resets == "pairs")
+    reset columns' correction (inputs with documents only where it is on; reset_chunks_only: only in
+    the chunks that have a reset); 2 or 4 substitution columns per step."""
+    _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=13, resets=resets), interpret=False,
+                     resets=resets, **opts)
     assert errs[2] < 1e-4, errs
