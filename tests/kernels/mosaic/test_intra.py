@@ -103,7 +103,8 @@ ONLY = dict(reset_chunks_only=True)
     (1, 64, 16, True, True, 2, True, {**ONLY, **H1}), (2, 64, 16, True, False, 1, True, {**ONLY, **H0}),
     (1, 64, 16, True, True, 1, True, dict(step_columns=2, **H1)),
     (2, 64, 8, True, True, 1, True, dict(step_columns=2, **H0)),
-    (1, 64, 16, True, True, 2, True, dict(step_columns=4, **H0)), (3, 64, 32, True, True, 1, True, dict(step_columns=4))])
+    (1, 64, 16, True, True, 2, True, dict(step_columns=4, **H0)),
+    (3, 64, 32, True, True, 1, True, dict(step_columns=4))])
 def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_inverse, chunks_per_cta, resets, opts):
     """merge_split=False: one 16-bit product per doubling matmul (the inverse to ~4e-3, not ~1e-5);
     chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot;
