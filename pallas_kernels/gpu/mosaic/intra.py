@@ -83,9 +83,10 @@ STEP_COLUMNS = (1, 2, 4)  # substitution columns per dependent step
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
-# The reset columns' correction of Qe only in chunks with a reset: it passed its GPU tests but showed no
-# clear gain in session 13 (docs/benchmarks.md), so every chunk takes the correction by default.
-RESET_CHUNKS_ONLY = False
+# The reset columns' correction of Qe only in chunks with a reset (it passed its GPU tests; on reset-free
+# chunks it timed as no correction, while the correction in every chunk cost 0.2 ms at L = 1 on an H200:
+# docs/benchmarks.md, session 13).
+RESET_CHUNKS_ONLY = True
 
 
 def _check(x: Prepared, tv: mc.TokenVectors, block: int):
@@ -302,7 +303,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     resets: whether the inputs may hold document resets (`prepare(..., segment_ids)`); False drops
     the reset columns' correction of Qe (one product per chunk), which is then wrong where a reset
     falls inside or at the start of a chunk. reset_chunks_only: the correction only in chunks with
-    a reset inside or at their first token (a scalar read and `pl.when`), else in every chunk.
+    a reset inside or at their first token (a scalar read and `pl.when`; the default), else in
+    every chunk.
     hold_m: m0 staged once and held in SMEM through the
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
     one-slot CTAs still fit on an SM). step_columns: 1, 2 or 4 columns of the diagonal blocks'

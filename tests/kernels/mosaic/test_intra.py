@@ -93,14 +93,14 @@ def _check(x, interpret=True, tol=1e-2, save_inverse=True, **kw):
 
 
 H0, H1 = dict(hold_m=False), dict(hold_m=True)
-ONLY = dict(reset_chunks_only=True)
+EVERY, ONLY = dict(reset_chunks_only=False), dict(reset_chunks_only=True)
 
 
 @pytest.mark.parametrize("L,V,block,merge_split,save_inverse,chunks_per_cta,resets,opts", [
     (1, 64, 4, True, False, None, True, {}), (2, 128, 16, True, True, 1, True, H0),
     (3, 64, 32, False, True, 2, True, H1), (1, 128, 16, True, True, 2, False, H0),
     (2, 64, 8, True, True, 1, False, H1), (1, 64, 2, True, True, 1, True, H1),
-    (1, 64, 16, True, True, 2, True, {**ONLY, **H1}), (2, 64, 16, True, False, 1, True, {**ONLY, **H0}),
+    (1, 64, 16, True, True, 2, True, {**ONLY, **H1}), (2, 64, 16, True, False, 1, True, {**EVERY, **H0}),
     (1, 64, 16, True, True, 1, True, dict(step_columns=2, **H1)),
     (2, 64, 8, True, True, 1, True, dict(step_columns=2, **H0)),
     (1, 64, 16, True, True, 2, True, dict(step_columns=4, **H0)),
@@ -110,10 +110,10 @@ def test_intra_matches_float64_chunk_solve(L, V, block, merge_split, save_invers
     chunks_per_cta=2: both chunks in one CTA, the second prefetched into the other SMEM slot;
     block 4: three substitution steps and four doublings; block 2: none, five doublings; resets:
     documents end inside a chunk and at a chunk's first token (the reset columns' correction of Qe),
-    else none (and none corrected); reset_chunks_only: corrected only in the chunks with a reset
-    (the first of the three has none); step_columns 2 at block 16: seven pairs of substitution
-    columns and one single column, at block 8: three and one; 4 at block 16: three groups of 4 and
-    one of 3; hold_m: m0 staged once (True) or formed again (False)."""
+    else none (and none corrected); reset_chunks_only (the default): corrected only in the chunks
+    with a reset (the first of the three has none), else in every chunk; step_columns 2 at block
+    16: seven pairs of substitution columns and one single column, at block 8: three and one; 4 at
+    block 16: three groups of 4 and one of 3; hold_m: m0 staged once (True) or formed again (False)."""
     _, errs = _check(_inputs(L=L, V=V, seed=L, resets=resets), block=block, merge_split=merge_split,
                      save_inverse=save_inverse, chunks_per_cta=chunks_per_cta, resets=resets, **opts)
     if save_inverse:
@@ -236,16 +236,21 @@ def test_intra_reset_columns_need_their_correction():
         assert rel(right, want) < 1e-2
 
 
+def _gpu_id(opts):
+    if opts.get("reset_chunks_only") is False:
+        return "every"
+    return f"cols{opts.get('step_columns', 1)}-hold{opts.get('hold_m')}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,resets,opts", [
-    (1, False, {}), (1, True, {}), (1, False, H0), (2, False, {}), (2, True, {}), (2, False, H1), (1, True, ONLY),
-    (2, True, ONLY), (1, True, dict(step_columns=2)), (2, True, dict(step_columns=2)), (1, True, dict(step_columns=4))],
-    ids=lambda v: ("chunks" if v.get("reset_chunks_only") else f"cols{v.get('step_columns', 1)}-hold{v.get('hold_m')}")
-    if isinstance(v, dict) else None)
+    (1, False, {}), (1, True, {}), (1, False, H0), (2, False, {}), (2, True, {}), (2, False, H1), (1, True, EVERY),
+    (2, True, EVERY), (1, True, dict(step_columns=2)), (2, True, dict(step_columns=2)),
+    (1, True, dict(step_columns=4))], ids=lambda v: _gpu_id(v) if isinstance(v, dict) else None)
 def test_intra_on_gpu_without_and_with_documents(L, resets, opts):
     """K = V = 128: m0 held or formed again (`default_hold_m`: held at L = 1 only), with and without the
-    reset columns' correction (inputs with documents only where it is on; reset_chunks_only: only in
-    the chunks that have a reset); 2 or 4 substitution columns per step."""
+    reset columns' correction (inputs with documents only where it is on; by default only in the
+    chunks that have a reset, "every": in every chunk); 2 or 4 substitution columns per step."""
     _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=13, resets=resets), interpret=False,
                      resets=resets, **opts)
     assert errs[2] < 1e-4, errs
