@@ -102,11 +102,16 @@ def _child_ptxas(L: int, grads: dict):
     jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
 
 
-def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", PYTHONPATH=os.pathsep.join(
+def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float):
+    """`_child_ptxas` in a fresh process with the Mosaic GPU dump variable `dump_var` set; its result."""
+    env = dict(os.environ, **{dump_var: "1"}, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
+    return subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
                           env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
+    proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTXAS", timeout_s)
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
@@ -133,10 +138,7 @@ def count_sass(text: str) -> list[dict]:
 def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict]:
     import gzip
 
-    env = dict(os.environ, MOSAIC_GPU_DUMP_SASS="1", PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
-                          env=env, capture_output=True, text=True, timeout=timeout_s)
+    proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_SASS", timeout_s)
     text = proc.stdout + proc.stderr
     with gzip.open(os.path.join(out, f"sass_L{L}.txt.gz"), "wt") as f:
         f.write(text)
@@ -179,6 +181,21 @@ def time_rows(L: int, grads: dict, reps: int) -> dict:
     return {"L": L, "grads": grads, "ms": timed(fn, x, tv, starts, do, cot, ainv, reps=reps)}
 
 
+def _profiled(run, space: int) -> dict:
+    """`phase_times` of the trace Mosaic GPU's profiler writes while `run(profile)` runs one profiled
+    kernel (profile: the kernel's profiler settings)."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as pdir:
+        jax.block_until_ready(run({"profile_space": space, "profile_dir": pdir}))
+        jax.effects_barrier()
+        traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
+        if not traces:
+            raise RuntimeError("the profiler wrote no trace")
+        with open(traces[-1]) as f:
+            return phase_times(json.load(f)["traceEvents"])
+
+
 def profile_rows(L: int, grads: dict) -> dict:
     """The chunk backward once under the in-kernel profiler; `phase_times` of its trace."""
     import jax
@@ -187,17 +204,9 @@ def profile_rows(L: int, grads: dict) -> dict:
 
     K = 128
     x, do, starts, cot = _grads_inputs(L, B=1)
-    with tempfile.TemporaryDirectory() as pdir:
-        profile = {"profile_space": 64, "profile_dir": pdir}
-        fn = jax.jit(lambda x: cg.chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot, scale=K ** -0.5,
-                                                       ainv=None, profile=profile, **grads))
-        jax.block_until_ready(fn(x))
-        jax.effects_barrier()
-        traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
-        if not traces:
-            raise RuntimeError("the profiler wrote no trace")
-        with open(traces[-1]) as f:  # the chunk backward is the only profiled kernel
-            return dict(phase_times(json.load(f)["traceEvents"]), L=L, grads=grads)
+    run = lambda profile: jax.jit(lambda x: cg.chunk_grads_backward(
+        x, mc.token_vectors(x), starts, do, cot, scale=K ** -0.5, ainv=None, profile=profile, **grads))(x)
+    return dict(_profiled(run, 64), L=L, grads=grads)
 
 
 def _ptxas_table(rows):
@@ -239,15 +248,8 @@ def intra_profile_rows(L: int, opts: dict) -> dict:
     from pallas_kernels.gpu.mosaic.intra import intra
 
     x, tv = _intra_inputs(L)
-    with tempfile.TemporaryDirectory() as pdir:
-        fn = jax.jit(lambda x, tv: intra(x, tv, profile={"profile_space": 128, "profile_dir": pdir}, **opts))
-        jax.block_until_ready(fn(x, tv))
-        jax.effects_barrier()
-        traces = sorted(glob.glob(os.path.join(pdir, "*.json")))
-        if not traces:
-            raise RuntimeError("the profiler wrote no trace")
-        with open(traces[-1]) as f:
-            return dict(phase_times(json.load(f)["traceEvents"]), L=L, grads=opts, kernel="intra")
+    run = lambda profile: jax.jit(lambda x, tv: intra(x, tv, profile=profile, **opts))(x, tv)
+    return dict(_profiled(run, 128), L=L, grads=opts, kernel="intra")
 
 
 def _profile_table(res):

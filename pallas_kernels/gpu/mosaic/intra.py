@@ -187,7 +187,7 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, step_column
         _stage(m_s, m, split)  # the product has read m_diag
     x = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
     col_in_block = lax.rem(cols, block)
-    block_start = lax.div(rows, block) * block
+    block_start = lax.div(rows, block) * block if step_columns > 1 else None
     c = block - 2  # the last column of each block is e_j
     while c >= 0:
         cs = [c - t for t in range(step_columns) if c - t >= 0]  # this step's columns, descending
@@ -384,8 +384,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 kks = _matmuls([(k_l(0), k_l(l).T) for l in range(L)], sq)  # issued back to back
                 if L > 1:  # sum_{l >= 1} (k0 k_l^T . m1_0 . beta_l) v_l into v_1's tile (not read again)
                     def rhs_phase(prod_s):
+                        decay = m1_0()
                         for l in range(1, L):
-                            prod_s.at[l - 1][...] = (kks[l] * m1_0() * mc.cols_of(beta_c(l), sq)).astype(dt)
+                            prod_s.at[l - 1][...] = (kks[l] * decay * mc.cols_of(beta_c(l), sq)).astype(dt)
                         plgpu.commit_smem()
                         _to_smem(v_l(1), _matmul_sum([(prod_s.at[l - 1], v_l(l)) for l in range(1, L)], (C, V)))
 
