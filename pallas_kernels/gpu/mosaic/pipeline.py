@@ -22,6 +22,9 @@ STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
 # What stands in for the chunk backward outside `stages` (mosaic_options["grads"]["impl"]): the Triton
 # kernel at chunk 64, or the same hand-derived gradients vmapped in XLA (`backward.explicit_xla_grads`).
 GRADS_FALLBACKS = ("triton", "xla")
+# The outputs written by the state pass from per-chunk factors formed in XLA (`output_factors`;
+# mosaic_options["outputs"]["fused"]) instead of by the outputs kernel: not yet timed on a GPU.
+FUSED_OUTPUTS = False
 
 
 def supported_stages(K, L, dtype):
@@ -117,10 +120,21 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
 
         p, qe, ainv = split.intra(x, chunk_size=CHUNK, inverse=inverse, save_inverse=save_inverse,
                                   interpret=interpret)
+    out_kw = _kw(options, "outputs")
+    fused = out_kw.pop("fused", FUSED_OUTPUTS) and {"state", "outputs"} <= set(stages)
+    if fused and out_kw:
+        raise ValueError(f"prism_pallas: mosaic_options['outputs'] with 'fused' takes no other keywords (the outputs "
+                         f"kernel does not run), got {sorted(out_kw)}")
     if "state" in stages:
         from pallas_kernels.gpu.mosaic.state import state_pass
 
         kw = {"starts_dtype": x.q.dtype if starts16(stages) else None, **_kw(options, "state")}
+        if fused:  # o = Qf S + Of written by the state pass (`output_factors`)
+            from pallas_kernels.gpu.mosaic.output_factors import output_factors
+
+            kw["factors"] = output_factors(x, tv, p, qe, scale=scale)
+            starts, final, o = state_pass(x, tv, p, qe, interpret=interpret, **kw)
+            return o, final, starts, ainv
         starts, final = state_pass(x, tv, p, qe, interpret=interpret, **kw)
     else:
         from pallas_kernels.gpu import split
@@ -129,7 +143,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     if "outputs" in stages:
         from pallas_kernels.gpu.mosaic.outputs import outputs
 
-        o = outputs(x, tv, p, qe, starts, scale=scale, interpret=interpret, **_kw(options, "outputs"))
+        o = outputs(x, tv, p, qe, starts, scale=scale, interpret=interpret, **out_kw)
     else:
         from pallas_kernels.gpu import split
 

@@ -167,9 +167,9 @@ def _smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32):
 
 
 def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, slots=None,
-               registers=None, starts_dtype=None, interpret=False):
+               registers=None, starts_dtype=None, factors=None, interpret=False):
     """(starts [B, H, N, K, V] float32 (or `starts_dtype`) or None unless `with_starts`, final [B, H, K, V]
-    float32).
+    float32), and with `factors` also o [B, Tp, H, V] in v's dtype.
 
     x: the padded inputs (k [B, Tp, H, L, K], v [B, Tp, H, L, V] 16-bit, s0 [B, H, K, V] float32);
     tv: `common.token_vectors(x)`; p [B, Tp, H, K], qe [B, Tp, H, V] in the input dtype (the intra
@@ -184,6 +184,10 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     starts_dtype: None / float32, or the inputs' 16-bit dtype (also as a string, "bfloat16"): the start
     states are rounded to it on the way out (the state stays float32 in registers; `final` is float32).
     Its consumers use them only as 16-bit wgmma operands: half the bytes written and read.
+    factors: None, or (Qf [B, Tp, H, K], Of [B, Tp, H, V]) in the inputs' dtype
+    (`output_factors.output_factors`, scale folded in): the pass then also writes the chunk outputs
+    o = Qf S + Of, one more product per chunk (`_register_pass`, block_v = 64 only), in place of the
+    outputs kernel.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -191,7 +195,12 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     if Tp % C:
         raise ValueError(f"state_pass: the padded length Tp={Tp} of `x` must be a multiple of {C} "
                          f"(prepare with chunk_size={C})")
-    for name, t, shape in (("p", p, (B, Tp, H, K)), ("qe", qe, (B, Tp, H, V))):
+    named = [("p", p, (B, Tp, H, K)), ("qe", qe, (B, Tp, H, V))]
+    if factors is not None:
+        if len(factors) != 2:
+            raise ValueError("state_pass: `factors` must be the pair (Qf, Of) of `output_factors`")
+        named += [("factors[0] (Qf)", factors[0], (B, Tp, H, K)), ("factors[1] (Of)", factors[1], (B, Tp, H, V))]
+    for name, t, shape in named:
         if t.shape != shape or t.dtype != x.k.dtype:
             raise ValueError(f"state_pass: `{name}` must be {shape} {x.k.dtype} (got {t.shape} {t.dtype})")
     N = Tp // C
@@ -201,7 +210,11 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     registers = bv == 64 if registers is None else registers
     if registers and bv != 64:
         raise ValueError(f"state_pass: registers=True needs block_v=64 (got block_v={bv})")
-    smem_bytes = _register_smem_bytes if registers else _smem_bytes
+    fused = factors is not None
+    if fused and not registers:
+        raise ValueError(f"state_pass: `factors` (the outputs in the pass) need the register kernel: block_v=64, "
+                         f"registers=None or True (got block_v={bv}, registers={registers})")
+    smem_bytes = (lambda *a: _register_smem_bytes(*a, fused=fused)) if registers else _smem_bytes
     allowed = (1, 2, 3) if registers else (1, 2)
     if slots is None:
         slots = max(n for n in allowed if n == 1 or smem_bytes(n, L, K, bv, dt.itemsize, sdt) <= SMEM_BUDGET)
@@ -215,7 +228,7 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
     if registers:
         return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, starts_dtype=sdt,
-                              interpret=interpret)
+                              factors=factors, interpret=interpret)
     low_starts = with_starts and sdt != jnp.dtype(f32)  # the start states leave from s_b, the 16-bit operand
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
@@ -318,19 +331,24 @@ def store_transposed(ref, value):
     ref.T[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED).astype(ref.dtype)
 
 
-def _register_smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32):
+def _register_smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32, *, fused=False, o_buffers=1):
     tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
     tiles += slots * ((L + 1) * C + K) * 4  # scalings
+    if fused:  # Qf, Of per slot; o staged on its way out
+        tiles += slots * (C * K + C * bv) * itemsize + o_buffers * C * bv * itemsize
     staging = min(slots, 2) * K * bv * jnp.dtype(starts_dtype).itemsize  # start states out (two alternating)
     return tiles + staging + (K * bv * 4 if jnp.dtype(starts_dtype) != f32 else 0)  # + s0 / final in float32
 
 
-def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype, interpret):
+def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype, factors=None, interpret=False):
     """The state pass at block_v = 64 with the state transposed in registers (see the module docstring):
 
         E^T = S^T P^T + Qe^T                        [bv, C]  (A = S^T from registers, B = P^T in SMEM)
         S^T <- all * S^T + sum_l u_l^T k_l          [bv, K]  (A = u_l^T from registers, B = k_l in SMEM)
         u_0^T = (end beta_0) v_0^T - end_m1 E^T,  u_l^T = (end beta_l) v_l^T   (scalings on columns)
+
+    With `factors` (Qf, Of) also o^T = S^T Qf^T + Of^T [bv, C]: its product is issued right after E^T's
+    (same A operand), read while S's update computes, and o leaves by TMA from a transposed store.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -338,10 +356,24 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
     dt = x.k.dtype
     bv = 64
     low_starts = jnp.dtype(starts_dtype) != f32  # 16-bit start states: staged in s_o, s_f keeps s0 / final
+    fused = factors is not None
+    o_buffers = 0
+    if fused:
+        o_buffers = 2 if _register_smem_bytes(slots, L, K, bv, dt.itemsize, starts_dtype, fused=True,
+                                              o_buffers=2) <= SMEM_BUDGET else 1
+    # TMA stores per chunk, in this order: the start state, then o. Before a staging buffer is rewritten
+    # the store that last read it must be done: `pending` stores issued after it may still be in flight.
+    per_step = int(with_starts) + int(fused)
+    starts_pending = per_step * min(slots, 2) - 1
+    o_pending = per_step * o_buffers - 1
 
-    def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
-             all_s, s_f, bar, s0_bar, st_b=None, u_b=None, s_o=None):
-        starts_ref, final_ref = outs if with_starts else (None, outs[0])
+    def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *refs, p_s, qe_s, k_s, v_s, scal_s, all_s,
+             s_f, bar, s0_bar, s_o=None, qf_s=None, of_s=None, o_s=None, st_b=None, u_b=None):
+        refs = list(refs)
+        qf_ref, of_ref = (refs.pop(0), refs.pop(0)) if fused else (None, None)
+        starts_ref = refs.pop(0) if with_starts else None
+        final_ref = refs.pop(0)
+        o_ref = refs.pop(0) if fused else None
         stage = s_o if low_starts else s_f
         b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         vs = pl.ds(vb * bv, bv)
@@ -355,6 +387,9 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, l, vs], v_s.at[slot, l], bar.at[slot])
             plgpu.copy_gmem_to_smem(scal_ref.at[b, h, n], scal_s.at[slot], bar.at[slot])
             plgpu.copy_gmem_to_smem(all_ref.at[b, h, n], all_s.at[slot], bar.at[slot])
+            if fused:
+                plgpu.copy_gmem_to_smem(qf_ref.at[b, rows, h], qf_s.at[slot], bar.at[slot])
+                plgpu.copy_gmem_to_smem(of_ref.at[b, rows, h, vs], of_s.at[slot], bar.at[slot])
 
         plgpu.copy_gmem_to_smem(s0_ref.at[b, h, :, vs], s_f.at[0], s0_bar)
         for j in range(min(max(slots - 1, 1), N)):  # chunks 0 .. slots - 2 in flight before the walk
@@ -371,8 +406,10 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
             st_lo = a_operand(st.astype(dt), st_b, interpret)
             out = lax.rem(n, 2) if slots > 1 else 0  # the start-state staging buffer of this step
 
-            def scoped(acc_e, acc_s):
+            def scoped(acc_e, acc_s, *acc_o):
                 plgpu.wgmma(acc_e, st_lo, p_s.at[slot].T)  # E^T - Qe^T: the dependent product, first
+                if fused:  # o^T - Of^T: the same A operand, off the chain
+                    plgpu.wgmma(acc_o[0], st_lo, qf_s.at[slot].T)
                 if slots > 1:  # chunk n + slots - 1 into the slot chunk n - 1 used (its reads are done)
                     @pl.when(n + slots - 1 < N)
                     def _prefetch():
@@ -381,7 +418,7 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
                 # while it computes: the TMA prefetch (issued after the wgmma: off the chain), the start
                 # state out, the write terms l > 0 into acc_s, Qe's part
                 if with_starts:
-                    plgpu.wait_smem_to_gmem(min(slots, 2) - 1, wait_read_only=True)  # stage[out] has left
+                    plgpu.wait_smem_to_gmem(starts_pending, wait_read_only=True)  # stage[out] has left
                     store_transposed(stage.at[out], st)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(stage.at[out], starts_ref.at[b, h, n, :, vs])
@@ -392,13 +429,22 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
                 qe_t = plgpu.load(qe_s.at[slot].T, layout=mc.WGMMA).astype(f32)
                 end_m1 = cols(0, C)  # loaded before the wait: only an FMA and a cast follow E^T
                 w0 = cols(1, C) * v_t(0) - end_m1 * qe_t
-                e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1))
+                e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1 + int(fused)))
                 u0 = a_operand((w0 - end_m1 * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
                 plgpu.wgmma(acc_s, u0, k_s.at[slot, 0])
+                if fused:  # while S's update computes: o^T = (S^T Qf^T) + Of^T out through SMEM
+                    o_t = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_o[0], wait_n=1))
+                    o_t = o_t + plgpu.load(of_s.at[slot].T, layout=mc.WGMMA).astype(f32)
+                    ob = lax.rem(n, 2) if o_buffers == 2 else 0
+                    plgpu.wait_smem_to_gmem(o_pending, wait_read_only=True)  # o_s[ob] has left
+                    store_transposed(o_s.at[ob], o_t)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_s.at[ob], o_ref.at[b, pl.ds(n * C, C), h, vs])
                 decayed = mc.cols_of(plgpu.load(all_s.at[slot], layout=mc.COLS), (bv, K)) * st
                 return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_s, wait_n=0))
 
-            st = pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
+            accs = [plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32)] + ([plgpu.ACC((bv, C), f32)] if fused else [])
+            st = pl.run_scoped(scoped, *accs)
             if slots == 1:
                 @pl.when(n + 1 < N)
                 def _fetch():
@@ -418,15 +464,22 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
         p_s=operand((slots, C, K)), qe_s=operand((slots, C, bv)), k_s=operand((slots, L, C, K)),
         v_s=operand((slots, L, C, bv)), scal_s=plgpu.SMEM((slots, L + 1, C), f32),
         all_s=plgpu.SMEM((slots, K), f32), s_f=mc.smem((1 if low_starts else min(slots, 2), K, bv), f32),
-        bar=plgpu.Barrier(num_arrivals=2 * L + 4, num_barriers=slots), s0_bar=plgpu.Barrier(num_arrivals=1))
+        bar=plgpu.Barrier(num_arrivals=2 * L + 4 + 2 * int(fused), num_barriers=slots),
+        s0_bar=plgpu.Barrier(num_arrivals=1))
     if low_starts:
         scratch.update(s_o=mc.smem((min(slots, 2), K, bv), starts_dtype))
+    if fused:
+        scratch.update(qf_s=operand((slots, C, K)), of_s=operand((slots, C, bv)), o_s=operand((o_buffers, C, bv)))
     if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
         scratch.update(st_b=operand((bv, K)), u_b=operand((L, bv, C)))
     out_type = [jax.ShapeDtypeStruct((B, H, K, V), f32)]
     if with_starts:
         out_type.insert(0, jax.ShapeDtypeStruct((B, H, N, K, V), starts_dtype))
-    outs = mc.kernel(body, name="prism_mosaic_state_registers", out_type=tuple(out_type), scratch=scratch,
-                     grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
-        p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32))
-    return (outs[0], outs[1]) if with_starts else (None, outs[0])
+    if fused:
+        out_type.append(jax.ShapeDtypeStruct((B, Tp, H, V), x.v.dtype))
+    outs = mc.kernel(body, name="prism_mosaic_state_registers" + ("_outputs" if fused else ""),
+                     out_type=tuple(out_type), scratch=scratch, grid=(B, H, V // bv), grid_names=("b", "h", "v"),
+                     interpret=interpret)(p, qe, x.k, x.v, scal, all_rows, x.s0.astype(f32), *(factors or ()))
+    starts = outs[0] if with_starts else None
+    final = outs[1] if with_starts else outs[0]
+    return (starts, final, outs[-1]) if fused else (starts, final)

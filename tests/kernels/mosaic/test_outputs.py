@@ -12,25 +12,27 @@ import pytest
 from pallas_kernels.common import chunk_decays, chunk_output, prepare
 from pallas_kernels.gpu import split
 from pallas_kernels.gpu.mosaic import common as mc
+from pallas_kernels.gpu.mosaic.output_factors import output_factors
 from pallas_kernels.gpu.mosaic.outputs import (SMEM_LIMIT, default_block_v, default_chunks_per_cta,
                                                default_slots, outputs, smem_bytes)
+from pallas_kernels.gpu.mosaic.state import state_pass
 
 C = mc.CHUNK
 SCALE = 0.3
 
 
-def _inputs(T, H, K, V, L, *, with_s0, resets, dtype=jnp.bfloat16, seed=0):
+def _inputs(T, H, K, V, L, *, with_s0, resets, dtype=jnp.bfloat16, seed=0, B=1):
     ks = jax.random.split(jax.random.PRNGKey(seed), 7)
-    q = jax.random.normal(ks[0], (1, T, H, K), dtype)
-    k = jax.random.normal(ks[1], (1, T, H, L, K))
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, L, K))
     k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = jax.random.normal(ks[2], (1, T, H, L, V), dtype)
-    beta = jax.random.uniform(ks[3], (1, T, H, L)).astype(dtype)
-    g = -jax.random.uniform(ks[4], (1, T, H)) * 0.2
-    s0 = jax.random.normal(ks[5], (1, H, K, V)) if with_s0 else None
+    v = jax.random.normal(ks[2], (B, T, H, L, V), dtype)
+    beta = jax.random.uniform(ks[3], (B, T, H, L)).astype(dtype)
+    g = -jax.random.uniform(ks[4], (B, T, H)) * 0.2
+    s0 = jax.random.normal(ks[5], (B, H, K, V)) if with_s0 else None
     seg = None
     if resets:
-        seg = jnp.zeros((1, T), jnp.int32).at[:, T // 3:].set(1).at[:, T - 5:].set(2)
+        seg = jnp.zeros((B, T), jnp.int32).at[:, T // 3:].set(1).at[:, T - 5:].set(2)
     return prepare(q, k, v, beta, g, s0, seg, C)
 
 
@@ -191,3 +193,90 @@ def test_outputs_on_gpu_match_float64(L, chunks_per_cta, starts16, fold_start, s
     assert _rel(got.astype(jnp.float32), _reference64(x, p, qe, s_in)) < 1e-2
     triton = split.outputs(x, p, qe, starts, scale=SCALE, chunk_size=C)
     assert _rel(got.astype(jnp.float32), triton.astype(jnp.float32)) < 1e-2
+
+
+# The outputs written by the state pass from the per-chunk factors (`output_factors`: o = Qf S + Of).
+FUSED = [  # (T, K, V, L, with_s0, resets)
+    (150, 64, 64, 1, True, True),
+    (101, 64, 128, 2, False, True),  # K != V: two value blocks
+    pytest.param(99, 128, 64, 3, True, False, marks=pytest.mark.slow),
+    pytest.param(200, 128, 128, 1, True, True, marks=pytest.mark.slow),
+]
+
+
+def _factors_times_starts(qf, of, starts):
+    """Qf S + Of per chunk in float64: [B, Tp, H, V]."""
+    B, Tp, H, K = qf.shape
+    N = Tp // C
+    f64 = lambda t: np.asarray(t.astype(jnp.float32), np.float64)
+    qf6 = f64(qf).reshape(B, N, C, H, K)
+    o = np.einsum("bnthk,bhnkv->bnthv", qf6, f64(starts))
+    return o.reshape(B, Tp, H, -1) + f64(of)
+
+
+@pytest.mark.parametrize("T,K,V,L,with_s0,resets", FUSED)
+def test_output_factors_give_the_outputs(T, K, V, L, with_s0, resets):
+    """Qf S + Of from the XLA factors is the float64 chunk output (each factor rounded to 16 bits once);
+    leaving out any term of a factor is far off."""
+    x = _inputs(T, 2, K, V, L, with_s0=with_s0, resets=resets, B=2)
+    p, qe, starts = _intra_and_starts(x)
+    want = _reference64(x, p, qe, starts)
+    qf, of = output_factors(x, mc.token_vectors(x), p, qe, scale=SCALE)
+    assert qf.shape == x.q.shape and of.shape == x.q.shape[:3] + (V,) and qf.dtype == of.dtype == x.q.dtype
+    assert _rel(_factors_times_starts(qf, of, starts), want) < 1e-2
+    x0 = x._replace(q=jnp.zeros_like(x.q).at[:, :, 1:].set(x.q[:, :, 1:]))  # head 0's q zeroed: o too
+    qf0, of0 = output_factors(x0, mc.token_vectors(x0), p, qe, scale=SCALE)
+    assert not np.asarray(qf0[:, :, 0]).any() and not np.asarray(of0[:, :, 0]).any()
+    assert _rel(_factors_times_starts(qf, jnp.zeros_like(of), starts), want) > 5e-2
+    assert _rel(_factors_times_starts(jnp.zeros_like(qf), of, starts), want) > 5e-2
+
+
+@pytest.mark.parametrize("T,K,V,L,with_s0,resets", FUSED)
+def test_state_pass_writes_the_outputs(T, K, V, L, with_s0, resets):
+    """state_pass(factors=...) in the interpreter: o against the float64 chunk outputs, and its start
+    states and final state exactly those of the pass without outputs."""
+    x = _inputs(T, 2, K, V, L, with_s0=with_s0, resets=resets)
+    p, qe, starts = _intra_and_starts(x)
+    tv = mc.token_vectors(x)
+    factors = output_factors(x, tv, p, qe, scale=SCALE)
+    s16, final, o = state_pass(x, tv, p, qe, factors=factors, starts_dtype=x.q.dtype, interpret=True)
+    assert o.shape == x.q.shape[:3] + (V,) and o.dtype == x.v.dtype
+    assert _rel(o.astype(jnp.float32), _reference64(x, p, qe, starts)) < 1e-2
+    s_plain, final_plain = state_pass(x, tv, p, qe, starts_dtype=x.q.dtype, interpret=True)
+    np.testing.assert_array_equal(np.asarray(s16.astype(jnp.float32)), np.asarray(s_plain.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(final_plain))
+
+
+@pytest.mark.parametrize("L,slots,starts16", [(1, None, True), (2, None, True), (3, None, True), (1, 1, True),
+                                              pytest.param(1, None, False, marks=pytest.mark.slow)])
+def test_state_pass_with_outputs_lowers_for_cuda(L, slots, starts16):
+    x = _inputs(150, 2, 128, 128, L, with_s0=True, resets=True)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    factors = (p, jnp.zeros(x.q.shape[:3] + (128,), x.q.dtype))
+    fn = functools.partial(state_pass, factors=factors, slots=slots, starts_dtype=x.q.dtype if starts16 else None)
+    lowered = jax.jit(fn).trace(x, mc.token_vectors(x), p, factors[1]).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text() and len(lowered.out_info) == 3
+
+
+def test_state_pass_with_outputs_rejects():
+    x = _inputs(64, 1, 64, 64, 1, with_s0=False, resets=False)
+    tv = mc.token_vectors(x)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    with pytest.raises(ValueError, match="factors"):
+        state_pass(x, tv, p, p, factors=(p,))
+    with pytest.raises(ValueError, match=r"factors\[1\] \(Of\)"):
+        state_pass(x, tv, p, p, factors=(p, p[..., :32]))
+    with pytest.raises(ValueError, match="register kernel"):
+        state_pass(x, tv, p, p, factors=(p, p), block_v=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_state_pass_writes_the_outputs_on_gpu(L):
+    x = _inputs(500, 4, 128, 128, L, with_s0=True, resets=True, B=2, seed=3)
+    p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
+    starts, _, _ = split.state_pass(x, p, qe, chunk_size=C)
+    tv = mc.token_vectors(x)
+    factors = output_factors(x, tv, p, qe, scale=SCALE)
+    _, _, o = state_pass(x, tv, p, qe, factors=factors, starts_dtype=x.q.dtype)
+    assert _rel(o.astype(jnp.float32), _reference64(x, p, qe, starts)) < 1e-2
