@@ -16,7 +16,6 @@ they multiply P, Qe and v_l, as the outputs kernel rounds its operands.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import Prepared
