@@ -251,36 +251,38 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1):
         return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
-def smem_bytes(L, K, V, *, slots, hold_m=True):
+def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
     and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
-    inverse (`_inverse`'s m_s)."""
+    inverse (`_inverse`'s m_s); factors: the output factors too (q's tile, three more vectors, Qe's
+    own tile)."""
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
+    inputs += (C * K * 2 + 3 * C * 4) if factors else 0
     solve = max(C * C * 2 * 4,  # doubling: X_s and the link as hi / lo
                 C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
                 (L - 1) * C * C * 2)  # the right-hand side of the writes l >= 1
     solve += C * C * 2 * 2 if hold_m else 0
     # X's scalings, Z; X or the reset correction (float32, counted either way; P and Qe go out from k0's
     # and v0's tiles)
-    out = C * C * 2 * (2 + (L > 1)) + C * C * 4
+    out = C * C * 2 * (2 + (L > 1)) + C * C * 4 + (C * V * 2 if factors else 0)
     return slots * inputs + max(solve, out)
 
 
-def _fits(L, K, V, slots, hold_m):
+def _fits(L, K, V, slots, hold_m, factors=False):
     """Whether two CTAs fit on an SM."""
-    return 2 * (smem_bytes(L, K, V, slots=slots, hold_m=hold_m) + 1024) <= SMEM_PER_SM
+    return 2 * (smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors) + 1024) <= SMEM_PER_SM
 
 
-def default_hold_m(L, K, V):
+def default_hold_m(L, K, V, factors=False):
     """Hold the staged m0 through the inverse where two one-slot CTAs still fit on an SM."""
-    return _fits(L, K, V, 1, True)
+    return _fits(L, K, V, 1, True, factors)
 
 
-def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True):
+def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False):
     """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
     allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
     else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
-    fits = _fits(L, K, V, 2, hold_m)
+    fits = _fits(L, K, V, 2, hold_m, factors)
     for cpc in (4, 2):
         if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
             return cpc
@@ -289,9 +291,11 @@ def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True):
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
           chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
-          step_columns=1, profile=None, interpret=False):
+          step_columns=1, factors=False, scale=None, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
-    unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU).
+    unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU); with `factors`
+    two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
+    `output_factors.output_factors(x, tv, P, Qe, scale=scale)`; L = 1 only).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
@@ -309,6 +313,11 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
     one-slot CTAs still fit on an SM). step_columns: 1, 2 or 4 columns of the diagonal blocks'
     substitution per dependent step (`_diagonal_block_inverse`; 2 and 4 not yet timed on a GPU).
+    factors: also form the chunk outputs' factors Qf = scale (diag(start) q - (q k0^T . T_m1) P) and
+    Of = scale ((q k0^T . T_0 . beta0) v0 - (q k0^T . T_m1) Qe) (`output_factors`), which the state
+    pass turns into the outputs (`state_pass(factors=...)`): q k0^T joins the P / Qe products, the
+    three factor products take one more wait. L = 1 only (at L > 1 v_1's tile holds the writes'
+    right-hand side by then); scale: the outputs' scale (required with factors).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -318,11 +327,18 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     _check(x, tv, block)
     if step_columns not in STEP_COLUMNS:
         raise ValueError(f"mosaic intra: step_columns = {step_columns!r}; supported: {STEP_COLUMNS}")
+    if factors and x.v.shape[-2] != 1:
+        raise ValueError(f"mosaic intra: factors=True supports L = 1 only (got L = {x.v.shape[-2]}); form the "
+                         "factors with output_factors.output_factors")
+    if factors and scale is None:
+        raise ValueError("mosaic intra: factors=True needs the outputs' `scale`")
+    if factors and x.q.dtype != x.k.dtype:
+        raise ValueError(f"mosaic intra: q dtype {x.q.dtype} must equal k's ({x.k.dtype}) with factors=True")
     if hold_m is None:
-        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1])
+        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], factors)
     if chunks_per_cta is None:
         chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
-                                                x.q.shape[-1], x.v.shape[-1], hold_m)
+                                                x.q.shape[-1], x.v.shape[-1], hold_m, factors)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -333,15 +349,21 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
-    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m)
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors)
     if need > SMEM_PER_SM - 1024:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta}, hold_m = {hold_m} at L = {L}, K = {K}, "
                          f"V = {V} needs {need // 1024} KiB of SMEM; the H200 has 227 KiB per CTA: use "
                          "chunks_per_cta = 1 or hold_m = False")
-    n_rows, n_cols = 2, 3 + L  # float32 vectors per slot loaded as ROWS / as COLS
+    # float32 vectors per slot loaded as ROWS / as COLS; int32 rows (the factors add G, start, r rows)
+    n_rows, n_cols, n_irows = 2 + 2 * factors, 3 + L, 1 + factors
 
-    def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, p_ref, qe_ref, *ainv_ref, k_s, v_s,
-             vr_s, vc_s, ir_s, ic_s, bar):
+    def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, *refs, k_s, v_s, vr_s, vc_s, ir_s,
+             ic_s, bar, q_s=None):
+        refs = list(refs)
+        q_ref, start_ref = (refs.pop(0), refs.pop(0)) if factors else (None, None)
+        p_ref, qe_ref = refs.pop(0), refs.pop(0)
+        ainv_ref = [refs.pop(0)] if save_inverse else []
+        qf_ref, of_ref = (refs.pop(0), refs.pop(0)) if factors else (None, None)
         b, nb, h = lax.axis_index("b"), lax.axis_index("n"), lax.axis_index("h")
 
         def issue(j, slot):  # the TMA loads of this CTA's chunk j into `slot`
@@ -356,9 +378,14 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             copy(gm1_ref.at[b, h, rows], vc_s.at[slot * n_cols])
             copy(g_ref.at[b, h, rows], vc_s.at[slot * n_cols + 1])
             copy(sm1_ref.at[b, h, rows], vc_s.at[slot * n_cols + 2])
-            copy(rm1_ref.at[b, rows], ir_s.at[slot])
+            copy(rm1_ref.at[b, rows], ir_s.at[slot * n_irows])
             copy(rm1_ref.at[b, rows], ic_s.at[slot * 2])
             copy(r_ref.at[b, rows], ic_s.at[slot * 2 + 1])
+            if factors:
+                copy(q_ref.at[b, rows, h], q_s.at[slot])
+                copy(g_ref.at[b, h, rows], vr_s.at[slot * n_rows + 2])
+                copy(start_ref.at[b, h, rows], vr_s.at[slot * n_rows + 3])
+                copy(r_ref.at[b, rows], ir_s.at[slot * n_irows + 1])
 
         def chunk(j, slot):
             n = nb * chunks_per_cta + j
@@ -372,7 +399,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             gm1_r, beta0_r = (lambda: load_r(vr_s, slot * n_rows)), (lambda: load_r(vr_s, slot * n_rows + 1))
             gm1_c, g_c, start_m1_c = ((lambda i=i: load_c(vc_s, slot * n_cols + i)) for i in range(3))
             beta_c = lambda l: load_c(vc_s, slot * n_cols + 3 + l)
-            rm1_r = lambda: load_r(ir_s, slot)
+            rm1_r = lambda: load_r(ir_s, slot * n_irows)
             rm1_c, r_c = (lambda: load_c(ic_s, slot * 2)), (lambda: load_c(ic_s, slot * 2 + 1))
             lower = lambda: mc.iota(sq, 0) > mc.iota(sq, 1)
             same = lambda: mc.rows_of(rm1_r(), sq) == mc.cols_of(rm1_c(), sq)
@@ -399,6 +426,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
 
             def out_phase(xp_s, z_s, *more):  # P, Qe and (save_inverse) X: their TMA stores in flight at once
                 more = list(more)
+                qe_o = more.pop(0) if factors else None  # Qe's own tile: v_0 is read again for Of
                 xb_s = more.pop(0) if L > 1 else None
                 z = -x0  # (I - X0) off the diagonal
                 if resets:  # + X0 D0: the write columns of reset tokens, which m0 masks (module docstring)
@@ -433,26 +461,57 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     xb_s[...] = (x * mc.cols_of(beta_c(0), sq)).astype(dt)
                 plgpu.commit_smem()
 
-                def products(p_acc, qe_acc):
+                def products(p_acc, qe_acc, *qk_acc):
                     plgpu.wgmma(p_acc, xp_s, k_l(0))
                     plgpu.wgmma(qe_acc, z_s, v_l(0))
                     if L > 1:
                         plgpu.wgmma(qe_acc, xb_s, v_l(1))
-                    return p_acc[...], qe_acc[...]
+                    if factors:
+                        plgpu.wgmma(qk_acc[0], q_s.at[slot], k_l(0).T)
+                    return (p_acc[...], qe_acc[...], *(acc[...] for acc in qk_acc))
 
-                p, qe = lax.optimization_barrier(pl.run_scoped(products, plgpu.ACC((C, K), f32),
-                                                               plgpu.ACC((C, V), f32)))
-                _to_smem(v_l(0), qe)  # the products have read v_0 and k_0
-                plgpu.copy_smem_to_gmem(v_l(0), qe_ref.at[b, rows, h])
+                accs = [plgpu.ACC((C, K), f32), plgpu.ACC((C, V), f32)] + ([plgpu.ACC(sq, f32)] if factors else [])
+                p, qe, *qk = lax.optimization_barrier(pl.run_scoped(products, *accs))
+                qe_s = qe_o if factors else v_l(0)
+                _to_smem(qe_s, qe)  # the products have read v_0 and k_0
+                plgpu.copy_smem_to_gmem(qe_s, qe_ref.at[b, rows, h])
                 _to_smem(k_l(0), p)
                 plgpu.copy_smem_to_gmem(k_l(0), p_ref.at[b, rows, h])
                 if save_inverse:
                     _to_smem(more[0], x)
                     plgpu.copy_smem_to_gmem(more[0], ainv_ref[0].at[b, h, n])
+                if factors:
+                    with jax.named_scope("factors"):
+                        output_factors_phase(qk[0], xp_s, z_s, qe_s)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region and the slot are reused
+
+            def output_factors_phase(qk, a_s, w_s, qe_s):
+                """Qf and Of (`intra`'s docstring) from q k0^T and the P, Qe just staged (k_0's tile, qe_s);
+                a_s, w_s: free [C, C] buffers. Qf leaves from q's tile, Of from v_0's."""
+                g_r, start_r = load_r(vr_s, slot * n_rows + 2), load_r(vr_s, slot * n_rows + 3)
+                r_r = load_r(ir_s, slot * n_irows + 1)
+                a_s[...] = (-(qk * mc.decay_matrix(g_r, r_r, gm1_c(), rm1_c(), sq, strict=False))).astype(dt)
+                w_s[...] = (qk * mc.decay_matrix(g_r, r_r, g_c(), r_c(), sq, strict=False)
+                            * mc.cols_of(beta_c(0), sq)).astype(dt)
+                plgpu.commit_smem()
+
+                def factor_products(qf_acc, of_acc):  # -(q k0^T . T_m1) P; (...) v_0 - (q k0^T . T_m1) Qe
+                    plgpu.wgmma(qf_acc, a_s, k_l(0))
+                    plgpu.wgmma(of_acc, w_s, v_l(0))
+                    plgpu.wgmma(of_acc, a_s, qe_s)
+                    return qf_acc[...], of_acc[...]
+
+                qf, of = lax.optimization_barrier(pl.run_scoped(factor_products, plgpu.ACC((C, K), f32),
+                                                                plgpu.ACC((C, V), f32)))
+                q_rows = plgpu.load(q_s.at[slot], layout=mc.WGMMA).astype(f32)
+                _to_smem(q_s.at[slot], scale * (mc.rows_of(start_r, (C, K)) * q_rows + qf))
+                plgpu.copy_smem_to_gmem(q_s.at[slot], qf_ref.at[b, rows, h])
+                _to_smem(v_l(0), scale * of)
+                plgpu.copy_smem_to_gmem(v_l(0), of_ref.at[b, rows, h])
 
             with jax.named_scope("out"):
                 pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, C), dt),
+                              *([mc.smem((C, V), dt)] if factors else []),
                               *([mc.smem((C, C), dt)] if L > 1 else []),
                               *([mc.smem((C, C), f32)] if save_inverse or resets else []))
 
@@ -480,13 +539,18 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     scratch = dict(
         k_s=mc.smem((slots * L, C, K), dt), v_s=mc.smem((slots * L, C, V), dt),
         vr_s=plgpu.SMEM((slots * n_rows, C), f32), vc_s=plgpu.SMEM((slots * n_cols, C), f32),
-        ir_s=plgpu.SMEM((slots, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
-        bar=plgpu.Barrier(num_arrivals=3 * L + 8, num_barriers=slots))
+        ir_s=plgpu.SMEM((slots * n_irows, C), jnp.int32), ic_s=plgpu.SMEM((slots * 2, C), jnp.int32),
+        bar=plgpu.Barrier(num_arrivals=3 * L + 8 + 4 * factors, num_barriers=slots))
+    if factors:
+        scratch.update(q_s=mc.smem((slots, C, K), dt))
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     if save_inverse:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
+    if factors:
+        out_type += [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     outs = mc.kernel(body, name="prism_intra_mosaic", out_type=tuple(out_type), scratch=scratch,
                      grid=(B, N // chunks_per_cta, H), grid_names=("b", "n", "h"), profile=profile,
                      interpret=interpret)(
-        x.k, x.v, tv.G, tv.Gm1, tv.r, tv.rm1, tv.start_m1, tv.beta)
-    return outs[0], outs[1], (outs[2] if save_inverse else None)
+        x.k, x.v, tv.G, tv.Gm1, tv.r, tv.rm1, tv.start_m1, tv.beta, *((x.q, tv.start) if factors else ()))
+    result = (outs[0], outs[1], (outs[2] if save_inverse else None))
+    return result + tuple(outs[-2:]) if factors else result

@@ -22,8 +22,9 @@ STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
 # What stands in for the chunk backward outside `stages` (mosaic_options["grads"]["impl"]): the Triton
 # kernel at chunk 64, or the same hand-derived gradients vmapped in XLA (`backward.explicit_xla_grads`).
 GRADS_FALLBACKS = ("triton", "xla")
-# The outputs written by the state pass from per-chunk factors formed in XLA (`output_factors`;
-# mosaic_options["outputs"]["fused"]) instead of by the outputs kernel: not yet timed on a GPU.
+# The outputs written by the state pass from per-chunk factors (`output_factors`) instead of by the outputs
+# kernel (mosaic_options["outputs"]["fused"]): True = the factors formed by the intra kernel at L = 1 and in
+# XLA otherwise, "xla" = in XLA at every L. Not yet timed on a GPU.
 FUSED_OUTPUTS = False
 
 
@@ -110,21 +111,28 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     The start states come back in the inputs' 16-bit dtype when every stage that reads them (outputs,
     chunk backward) is Mosaic (`starts16`), else float32."""
     tv = token_vectors(x) if {"intra", "state", "outputs"} & set(stages) else None
+    out_kw = _kw(options, "outputs")
+    fused = out_kw.pop("fused", FUSED_OUTPUTS) if {"state", "outputs"} <= set(stages) else False
+    if fused not in (False, True, "xla"):
+        raise ValueError(f"prism_pallas: mosaic_options['outputs']['fused'] = {fused!r}, expected True (the "
+                         "intra kernel forms the output factors at L = 1, XLA otherwise), 'xla' or False")
+    if fused and out_kw:
+        raise ValueError(f"prism_pallas: mosaic_options['outputs'] with 'fused' takes no other keywords (the outputs "
+                         f"kernel does not run), got {sorted(out_kw)}")
+    factors = None
     if "intra" in stages:
         from pallas_kernels.gpu.mosaic.intra import intra
 
-        p, qe, ainv = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
-                            **{"resets": resets, **_kw(options, "intra")})
+        in_intra = fused is True and x.v.shape[-2] == 1
+        out = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
+                    **{"resets": resets, **_kw(options, "intra"), **({"factors": True, "scale": scale} if in_intra else {})})
+        p, qe, ainv = out[:3]
+        factors = out[3:] if in_intra else None
     else:
         from pallas_kernels.gpu import split
 
         p, qe, ainv = split.intra(x, chunk_size=CHUNK, inverse=inverse, save_inverse=save_inverse,
                                   interpret=interpret)
-    out_kw = _kw(options, "outputs")
-    fused = out_kw.pop("fused", FUSED_OUTPUTS) and {"state", "outputs"} <= set(stages)
-    if fused and out_kw:
-        raise ValueError(f"prism_pallas: mosaic_options['outputs'] with 'fused' takes no other keywords (the outputs "
-                         f"kernel does not run), got {sorted(out_kw)}")
     if "state" in stages:
         from pallas_kernels.gpu.mosaic.state import state_pass
 
@@ -132,7 +140,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
         if fused:  # o = Qf S + Of written by the state pass (`output_factors`)
             from pallas_kernels.gpu.mosaic.output_factors import output_factors
 
-            kw["factors"] = output_factors(x, tv, p, qe, scale=scale)
+            kw["factors"] = factors if factors is not None else output_factors(x, tv, p, qe, scale=scale)
             starts, final, o = state_pass(x, tv, p, qe, interpret=interpret, **kw)
             return o, final, starts, ainv
         starts, final = state_pass(x, tv, p, qe, interpret=interpret, **kw)

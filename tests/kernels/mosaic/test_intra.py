@@ -254,3 +254,52 @@ def test_intra_on_gpu_without_and_with_documents(L, resets, opts):
     _, errs = _check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=13, resets=resets), interpret=False,
                      resets=resets, **opts)
     assert errs[2] < 1e-4, errs
+
+
+SCALE = 0.3
+
+
+def _factors_check(x, interpret=True, **kw):
+    """intra(factors=True): P, Qe, ainv as without factors, and Qf, Of against `output_factors` formed
+    in XLA from the kernel's own P and Qe (that one is checked against the float64 outputs in
+    test_outputs.py)."""
+    from pallas_kernels.gpu.mosaic.output_factors import output_factors
+
+    tv = _token_vectors(x)
+    p, qe, ainv, qf, of = intra(x, tv, interpret=interpret, factors=True, scale=SCALE, **kw)
+    plain = intra(x, tv, interpret=interpret, **kw)
+    for a, b in zip((p, qe, ainv), plain):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    want_qf, want_of = output_factors(x, tv, p, qe, scale=SCALE)
+    as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+    assert qf.dtype == of.dtype == x.q.dtype
+    assert rel(qf, as64(want_qf)) < 1e-2 and rel(of, as64(want_of)) < 1e-2, (rel(qf, as64(want_qf)),
+                                                                              rel(of, as64(want_of)))
+
+
+@pytest.mark.parametrize("V,resets,chunks_per_cta", [(64, True, 1), (128, False, 2)])
+def test_intra_output_factors_match_xla(V, resets, chunks_per_cta):
+    _factors_check(_inputs(L=1, V=V, seed=21, resets=resets), resets=resets, chunks_per_cta=chunks_per_cta)
+
+
+def test_intra_output_factors_reject():
+    x2 = _inputs(T=64, L=2)
+    with pytest.raises(ValueError, match="L = 1 only"):
+        intra(x2, _token_vectors(x2), factors=True, scale=1.0)
+    x = _inputs(T=64, L=1)
+    with pytest.raises(ValueError, match="scale"):
+        intra(x, _token_vectors(x), factors=True)
+
+
+def test_intra_output_factors_lower_for_cuda():
+    x = _inputs(L=1, V=128, K=128)
+    f = functools.partial(intra, interpret=False, factors=True, scale=SCALE, resets=False)
+    lowered = jax.jit(f).trace(x, _token_vectors(x)).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text() and len(lowered.out_info) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resets", [False, True])
+def test_intra_output_factors_on_gpu(resets):
+    _factors_check(_inputs(B=2, T=500, H=4, K=128, V=128, L=1, seed=23, resets=resets), interpret=False,
+                   resets=resets)

@@ -56,6 +56,7 @@ def test_mosaic_pipeline_interpreted_matches_reference(stages):
     (dict(mosaic_stages=STAGES[:-1], mosaic_options={"grads": {"impl": "xla", "v_split": 2}}), "no other keywords"),
     (dict(mosaic_options={"grads": {"impl": "xla"}}), "stands in"),  # L = 1: the Mosaic chunk backward runs
     (dict(mosaic_options={"outputs": {"fused": True, "block_v": 64}}), "no other keywords"),
+    (dict(mosaic_options={"outputs": {"fused": "triton"}}), "fused"),
 ])
 def test_mosaic_bad_arguments_fail_before_compiling(kw, match):
     dtype, K = kw.pop("dtype", jnp.bfloat16), kw.pop("K", 64)
@@ -104,16 +105,25 @@ def test_mosaic_pipeline_without_documents_matches_reference():
     _check(None, L=1, T=93, H=1, K=64, V=64, seed=6, with_state=False, tol=2e-2, segments=False)
 
 
-def test_mosaic_pipeline_with_outputs_in_the_state_pass_matches_reference():
-    """mosaic_options={"outputs": {"fused": True}}: o = Qf S + Of written by the state pass (the factors
-    formed in XLA), no outputs kernel; forward and gradients."""
-    _check(None, L=2, T=93, H=1, K=64, V=64, seed=8, with_state=True, tol=2e-2, options={"outputs": {"fused": True}})
-    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 2, 64, 64, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("L,fused", [(1, True), (2, True), pytest.param(1, "xla", marks=pytest.mark.slow)])
+def test_mosaic_pipeline_with_outputs_in_the_state_pass_matches_reference(L, fused, monkeypatch):
+    """mosaic_options={"outputs": {"fused": ...}}: o = Qf S + Of written by the state pass, no outputs
+    kernel; the factors from the intra kernel (True at L = 1) or XLA (True at L > 1, "xla"); forward and
+    gradients."""
+    options = {"outputs": {"fused": fused}}
+    _check(None, L=L, T=93, H=1, K=64, V=64, seed=8, with_state=True, tol=2e-2, options=options)
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, L, 64, 64, dtype=jnp.bfloat16)
     kernels = lambda options: str(jax.make_jaxpr(lambda q: prism_pallas(
         q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64, mosaic_options=options))(q))
-    fused, plain = kernels({"outputs": {"fused": True}}), kernels(None)
-    assert "prism_mosaic_state_registers_outputs" in fused and "prism_mosaic_outputs" not in fused
+    from pallas_kernels.gpu.mosaic import intra as intra_mod
+
+    seen = []
+    real = intra_mod.intra
+    monkeypatch.setattr(intra_mod, "intra", lambda *a, **kw: seen.append(kw.get("factors", False)) or real(*a, **kw))
+    got, plain = kernels(options), kernels(None)
+    assert "prism_mosaic_state_registers_outputs" in got and "prism_mosaic_outputs" not in got
     assert "prism_mosaic_state_registers_outputs" not in plain and "prism_mosaic_outputs" in plain
+    assert seen == [L == 1 and fused is True, False]  # the factors from the intra kernel, else from XLA
 
 
 def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference():
@@ -147,7 +157,8 @@ def test_supported_stages_leave_out_what_does_not_fit():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,segments,fused", [(1, True, False), (2, True, False), (3, True, False), (1, False, False),
-                                              (2, False, False), (1, True, True), (2, True, True), (3, False, True)])
+                                              (2, False, False), (1, True, True), (2, True, True), (3, False, True),
+                                              (1, True, "xla")])
 def test_gpu_mosaic_pipeline_matches_reference(L, segments, fused):
     _check(None, L=L, T=1000, H=4, K=128, V=128, seed=10 + L, with_state=True, tol=2e-2, segments=segments,
            options={"outputs": {"fused": True}} if fused else None)
