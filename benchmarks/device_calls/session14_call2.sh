@@ -2,15 +2,16 @@
 # Session 14, device call 2 (one GPU): GPU tests of the outputs written by the state pass (o = Qf S + Of;
 # the factors from the intra kernel at L = 1 or from XLA); the whole op at L = 1, 2 with the output kept
 # (a training step's work) and without, the outputs kernel against the fused pass, beside the peer;
-# every kernel of the fused op at L = 1.
+# every kernel of the fused op at L = 1 (with fused outputs the reverse pass forms the pull-back terms from
+# P and Qf: no pull-back kernel).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"/{kept,grads,op_profile}
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 170 python3 -m pytest -q -p no:xdist -p no:cacheprovider -m gpu tests/kernels/mosaic/test_outputs.py \
-    tests/kernels/mosaic/test_pipeline.py tests/kernels/mosaic/test_intra.py \
-    -k "writes_the_outputs_on_gpu or output_factors_on_gpu or (pipeline_matches and (True-True or False-True or xla))" \
+    tests/kernels/mosaic/test_pipeline.py tests/kernels/mosaic/test_intra.py tests/kernels/mosaic/test_reverse.py \
+    -k "writes_the_outputs_on_gpu or output_factors_on_gpu or from_factors_on_gpu or (pipeline_matches and (True-True or False-True or xla))" \
     2>&1 | tail -4
 M='"kernel": "mosaic", "chunk_size": 64'
 FUSED="mfused={$M, \"mosaic_options\": {\"outputs\": {\"fused\": true}}}"

@@ -13,6 +13,9 @@ op (`benchmarks/kernels.py` variants). Shapes as `pallas_kernels.backward.backwa
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import Prepared
@@ -26,6 +29,16 @@ GRADS_FALLBACKS = ("triton", "xla")
 # kernel (mosaic_options["outputs"]["fused"]): True = the factors formed by the intra kernel at L = 1 and in
 # XLA otherwise, "xla" = in XLA at every L. Not yet timed on a GPU.
 FUSED_OUTPUTS = False
+
+
+class Residuals(NamedTuple):
+    """What the forward with fused outputs keeps for the backward besides the start states (in the
+    place of the saved inverse): the reverse pass then forms the pull-back's terms itself
+    (`reverse.reverse_from_factors`) and the pull-back kernel does not run."""
+
+    ainv: jax.Array | None  # [B, H, N, C, C] float32
+    p: jax.Array  # [B, Tp, H, K] the intra kernel's P, 16-bit
+    qf: jax.Array  # [B, Tp, H, K] the output factor Qf, 16-bit
 
 
 def supported_stages(K, L, dtype):
@@ -106,7 +119,8 @@ def _kw(options, stage):
 def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True, interpret=False,
             options=(), resets=True):
     """(o [B, Tp, H, V], final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv [B, H, N, C, C] f32
-    or None) of the padded inputs at chunk 64. options: `stage_options` (Mosaic stages' keywords);
+    or None) of the padded inputs at chunk 64; with fused outputs `Residuals` (ainv, P, Qf) in ainv's
+    place. options: `stage_options` (Mosaic stages' keywords);
     resets: whether x may hold document resets (the intra kernel's `resets`).
     The start states come back in the inputs' 16-bit dtype when every stage that reads them (outputs,
     chunk backward) is Mosaic (`starts16`), else float32."""
@@ -142,7 +156,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
 
             kw["factors"] = factors if factors is not None else output_factors(x, tv, p, qe, scale=scale)
             starts, final, o = state_pass(x, tv, p, qe, interpret=interpret, **kw)
-            return o, final, starts, ainv
+            return o, final, starts, Residuals(ainv, p, kw["factors"][0])
         starts, final = state_pass(x, tv, p, qe, interpret=interpret, **kw)
     else:
         from pallas_kernels.gpu import split
@@ -161,11 +175,23 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
 
 def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=False, options=()):
     """(dq, dk, dv, dbeta, dg, ds0) of the padded inputs from the forward's start states and saved
-    inverses; do [B, Tp, H, V], dfinal [B, H, K, V]. Between Mosaic stages the per-chunk Y of the
-    pull-back and the end-state cotangents travel in the inputs' 16-bit dtype (each rounded once from
-    its float32 accumulator; their readers use them as 16-bit operands or add them to float32)."""
+    inverses (or its `Residuals`); do [B, Tp, H, V], dfinal [B, H, K, V]. Between Mosaic stages the
+    per-chunk Y of the pull-back and the end-state cotangents travel in the inputs' 16-bit dtype (each
+    rounded once from its float32 accumulator; their readers use them as 16-bit operands or add them
+    to float32). With `Residuals` and Mosaic pull-back and reverse stages, the reverse pass forms the
+    pull-back's terms from P and Qf (`reverse_from_factors`): no pull-back kernel."""
+    saved = ainv if isinstance(ainv, Residuals) else None
+    ainv = saved.ainv if saved is not None else ainv
     tv = token_vectors(x) if {"pullback", "grads"} & set(stages) else None
     mm_dtype = x.q.dtype
+    dfinal = dfinal.astype(jnp.float32)
+    if saved is not None and {"pullback", "reverse"} <= set(stages):
+        from pallas_kernels.gpu.mosaic.reverse import reverse_from_factors
+
+        cot_end, ds0 = reverse_from_factors(x, tv, saved.p, saved.qf, do, dfinal, interpret=interpret,
+                                            cot_dtype=mm_dtype if "grads" in stages else None)
+        return _chunk_grads(x, tv, starts, ainv, do, cot_end, ds0, scale=scale, stages=stages, interpret=interpret,
+                            options=options)
     if "pullback" in stages:
         from pallas_kernels.gpu.mosaic.pullback import state_pullback
 
@@ -176,7 +202,6 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
 
         p, ek, a, y = state_pullback(x.q, x.k, x.beta, x.g, x.r, x.rm1, do, scale=scale, chunk_size=CHUNK,
                                      ainv=ainv, interpret=interpret)
-    dfinal = dfinal.astype(jnp.float32)
     if "reverse" in stages:
         from pallas_kernels.gpu.mosaic.reverse import reverse_pass
 
@@ -187,6 +212,12 @@ def backward(x: Prepared, starts, ainv, do, dfinal, *, scale, stages, interpret=
         from pallas_kernels.gpu.state_bwd import reverse_pass
 
         cot_end, ds0 = reverse_pass(p, ek, a, y, dfinal, mm_dtype=mm_dtype, interpret=interpret)
+    return _chunk_grads(x, tv, starts, ainv, do, cot_end, ds0, scale=scale, stages=stages, interpret=interpret,
+                        options=options)
+
+
+def _chunk_grads(x, tv, starts, ainv, do, cot_end, ds0, *, scale, stages, interpret, options):
+    """The last stage of `backward`: (dq, dk, dv, dbeta, dg, ds0)."""
     if "grads" in stages:
         from pallas_kernels.gpu.mosaic.chunk_grads import chunk_grads_backward
 

@@ -235,3 +235,106 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
     return mc.kernel(body, name="prism_mosaic_reverse_registers", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)
+
+
+def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype=None, interpret=False):
+    """The reverse pass without the pull-back kernel: (cot_end [B, H, N, K, V] float32 or `cot_dtype`,
+    ds0 [B, H, K, V] float32) as `reverse_pass(*state_pullback(...), dfinal)`, from what the forward
+    with fused outputs keeps (`pipeline.Residuals`).
+
+    x: the padded inputs (k0 = x.k[..., 0, :], the erase key: the writes do not depend on the state); tv: `token_vectors(x)`; p [B, Tp, H, K] the
+    intra kernel's P, qf [B, Tp, H, K] the output factor Qf (`output_factors`, scale folded in), do
+    [B, Tp, H, V], all 16-bit in the caller's layout; dfinal [B, H, K, V] float32.
+    The pull-back's per-chunk terms are formed in the pass: Y = Qf^T do (o = Qf S + Of, so Qf^T do is
+    o's cotangent pulled back to the chunk's start state), one wgmma per chunk that does not depend on
+    X and goes into X's accumulator; ek = diag(end_m1) k0 scales the columns of (k0 X)^T in registers.
+    Per chunk, X^T [bv, K] in float32 registers (block_v = 64):
+
+        W^T = -(X^T k0^T) diag(end_m1)        A = bf16(X^T) registers, B = k0^T (k0's tile, transposed)
+        X^T <- a X^T + do^T Qf + W^T P        A = do^T (do's tile, transposed) / bf16(W^T) registers
+
+    Nothing per chunk goes through HBM but the inputs' tiles (no P, ek, Y written and read again).
+    """
+    B, Tp, H, K = x.q.shape
+    V = x.v.shape[-1]
+    N = Tp // C
+    dt = x.k.dtype
+    bv = 64
+    check_inputs("reverse_from_factors", dtype=dt, chunk=C, K=K, V=V, block_v=bv)
+    for name, t, shape, dtype in (("p", p, (B, Tp, H, K), dt), ("qf", qf, (B, Tp, H, K), dt),
+                                  ("do", do, (B, Tp, H, V), dt), ("dfinal", dfinal, (B, H, K, V), f32)):
+        if t.shape != shape or t.dtype != dtype:
+            raise ValueError(f"reverse_from_factors: `{name}` must be {shape} {jnp.dtype(dtype)} "
+                             f"(got {t.shape} {t.dtype})")
+    cdt = out_dtype("reverse_from_factors", "cot_dtype", cot_dtype, dt)
+    low = cdt != jnp.dtype(f32)
+    a_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
+
+    def body(p_ref, k_ref, qf_ref, do_ref, end_ref, a_ref, dfinal_ref, cot_ref, ds0_ref, p_s, k_s, qf_s, do_s,
+             end_s, a_s, x_f, bar, x_bar, xt_b=None, w_b=None, x_o=None):
+        stage = x_o if low else x_f
+        b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
+        vs = pl.ds(vb * bv, bv)
+
+        def issue(n, slot):
+            rows = pl.ds(n * C, C)
+            copy = lambda src, dst: plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+            copy(p_ref.at[b, rows, h], p_s.at[slot])
+            copy(k_ref.at[b, rows, h, 0], k_s.at[slot])
+            copy(qf_ref.at[b, rows, h], qf_s.at[slot])
+            copy(do_ref.at[b, rows, h, vs], do_s.at[slot])
+            copy(end_ref.at[b, h, rows], end_s.at[slot])
+            copy(a_ref.at[b, h, n], a_s.at[slot])
+
+        plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
+        issue(N - 1, 0)
+        plgpu.barrier_wait(x_bar)
+        xt0 = plgpu.load(x_f.at[0].T, layout=mc.WGMMA)  # X^T [bv, K]
+
+        def step(i, xt):
+            n = N - 1 - i
+            slot = lax.rem(i, 2)
+            plgpu.barrier_wait(bar.at[slot])
+            xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
+
+            def scoped(acc_w, acc_x):
+                plgpu.wgmma(acc_w, xt_lo, k_s.at[slot].T)  # (k0 X)^T: the dependent product, first
+                plgpu.wgmma(acc_x, do_s.at[slot].T, qf_s.at[slot])  # Y^T = do^T Qf: off the chain
+
+                @pl.when(n > 0)
+                def _prefetch():
+                    plgpu.commit_smem()
+                    issue(n - 1, 1 - slot)
+
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # stage[slot] has left (step i - 2)
+                store_transposed(stage.at[slot], xt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
+                decayed = mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt
+                neg_end = -mc.cols_of(plgpu.load(end_s.at[slot], layout=mc.COLS), (bv, C))
+                kx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=1))
+                plgpu.wgmma(acc_x, a_operand((kx * neg_end).astype(dt), w_b, interpret), p_s.at[slot])  # W^T P
+                return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
+
+            return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
+
+        xt = lax.fori_loop(0, N, step, xt0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        store_transposed(x_f.at[0], xt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(
+        p_s=mc.smem((2, C, K), dt), k_s=mc.smem((2, C, K), dt), qf_s=mc.smem((2, C, K), dt),
+        do_s=mc.smem((2, C, bv), dt), end_s=plgpu.SMEM((2, C), f32), a_s=plgpu.SMEM((2, K), f32),
+        x_f=mc.smem((1 if low else 2, K, bv), f32), bar=plgpu.Barrier(num_arrivals=6, num_barriers=2),
+        x_bar=plgpu.Barrier(num_arrivals=1))
+    if low:
+        scratch.update(x_o=mc.smem((2, K, bv), cdt))
+    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
+        scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
+    out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), cdt), jax.ShapeDtypeStruct((B, H, K, V), f32))
+    return mc.kernel(body, name="prism_mosaic_reverse_factors", out_type=out_type, scratch=scratch,
+                     grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
+        p, x.k, qf, do, tv.end_m1, a_rows, dfinal)

@@ -125,6 +125,16 @@ def test_mosaic_pipeline_with_outputs_in_the_state_pass_matches_reference(L, fus
     assert "prism_mosaic_state_registers_outputs" not in plain and "prism_mosaic_outputs" in plain
     assert seen == [L == 1 and fused is True, False]  # the factors from the intra kernel, else from XLA
 
+    def backward(options):  # the reverse pass forms the pull-back's terms from P and Qf: no pull-back kernel
+        def loss(q):
+            return jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64,
+                                        mosaic_options=options)[0].astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(loss))(q))
+
+    got, plain = backward(options), backward(None)
+    assert "prism_mosaic_reverse_factors" in got and "prism_mosaic_state_pullback" not in got
+    assert "prism_mosaic_reverse_factors" not in plain and "prism_mosaic_state_pullback" in plain
+
 
 def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference():
     """The chunk backward the GPU takes by default at L = 1 (three warpgroups; the interpreter takes

@@ -12,7 +12,7 @@ import pytest
 from pallas_kernels.backward import _chunked, _over_chunks, _state_pullback, reverse_scan
 from pallas_kernels.common import prepare
 from pallas_kernels.gpu.mosaic import common as mc
-from pallas_kernels.gpu.mosaic.reverse import reverse_pass
+from pallas_kernels.gpu.mosaic.reverse import reverse_from_factors, reverse_pass
 from pallas_kernels.gpu.state_bwd import reverse_pass as triton_reverse_pass
 
 C = mc.CHUNK
@@ -175,3 +175,62 @@ def test_lowers_for_cuda_float16():
             jnp.zeros((B, H, N)), jnp.zeros((B, H, N, K, V)), jnp.zeros((B, H, K, V)))
     lowered = jax.jit(reverse_pass).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+def _factor_inputs(*, B=1, T=150, H=2, K=64, V=64, reset_at=None, seed=0, dtype=jnp.bfloat16):
+    """(x, tv, p, qf, do, dfinal) for `reverse_from_factors` (P and Qf random: the pass only multiplies
+    them) and the float64 reference (cot_end, ds0) of `reverse_scan` on the pull-back terms they stand
+    for: ek = diag(end_m1) k0, a = all, Y = Qf^T do per chunk."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, 1, K))
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = jnp.zeros((B, T, H, 1, V), dtype)
+    g = -jax.random.uniform(ks[2], (B, T, H)) * 0.2
+    beta = jax.random.uniform(ks[3], (B, T, H, 1)).astype(dtype)
+    seg = None if reset_at is None else jnp.zeros((B, T), jnp.int32).at[:, reset_at:].set(1)
+    x = prepare(q, k, v, beta, g, None, seg, C)
+    tv = mc.token_vectors(x)
+    Tp = x.q.shape[1]
+    p = (0.3 * jax.random.normal(ks[4], (B, Tp, H, K))).astype(dtype)
+    qf = (0.3 * jax.random.normal(ks[5], (B, Tp, H, K))).astype(dtype)
+    do = jax.random.normal(ks[6], (B, Tp, H, V), dtype)
+    dfinal = jax.random.normal(ks[7], (B, H, K, V))
+    N = Tp // C
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        f64 = lambda t: jnp.asarray(np.asarray(t.astype(jnp.float32)), jnp.float64)
+        heads = lambda t: jnp.moveaxis(f64(t).reshape(B, N, C, H, -1), 3, 1)  # [B, H, N, C, .]
+        end = f64(tv.end_m1).reshape(B, H, N, C)
+        ek = heads(x.k[..., 0, :]) * end[..., None]
+        y = jnp.einsum("bhnck,bhncv->bhnkv", heads(qf), heads(do))
+        cot, ds0 = reverse_scan(heads(p), ek, f64(tv.all), y, f64(dfinal))
+    return (x, tv, p, qf, do, dfinal), (np.asarray(cot), np.asarray(ds0))
+
+
+@pytest.mark.parametrize("K, V, reset_at, cot_dtype", [(64, 128, 100, None), (128, 64, None, "bfloat16")])
+def test_reverse_from_factors_matches_float64(K, V, reset_at, cot_dtype):
+    args, (cot_ref, ds0_ref) = _factor_inputs(K=K, V=V, reset_at=reset_at, seed=K + V)
+    cot, ds0 = reverse_from_factors(*args, cot_dtype=cot_dtype, interpret=True)
+    assert cot.dtype == (jnp.float32 if cot_dtype is None else jnp.dtype(cot_dtype))
+    assert _rel(cot.astype(jnp.float32), cot_ref) < 1e-2 and _rel(ds0, ds0_ref) < 1e-2
+
+
+def test_reverse_from_factors_lowers_for_cuda():
+    args, _ = _factor_inputs(K=128, V=128)
+    fn = functools.partial(reverse_from_factors, cot_dtype="bfloat16")
+    assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_reverse_from_factors_rejects():
+    (x, tv, p, qf, do, dfinal), _ = _factor_inputs()
+    with pytest.raises(ValueError, match="`qf`"):
+        reverse_from_factors(x, tv, p, qf[..., :32], do, dfinal)
+    with pytest.raises(ValueError, match="`dfinal`"):
+        reverse_from_factors(x, tv, p, qf, do, dfinal.astype(jnp.bfloat16))
+
+
+@pytest.mark.gpu
+def test_reverse_from_factors_on_gpu():
+    args, (cot_ref, ds0_ref) = _factor_inputs(B=2, T=500, H=4, K=128, V=128, reset_at=300, seed=5)
+    cot, ds0 = reverse_from_factors(*args, cot_dtype="bfloat16")
+    assert _rel(cot.astype(jnp.float32), cot_ref) < 1e-2 and _rel(ds0, ds0_ref) < 1e-2
