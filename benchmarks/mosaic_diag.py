@@ -7,9 +7,9 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
     python benchmarks/mosaic_diag.py {profile,time} --kernel intra [--opts '{"block": 2}' ...]
 
-`ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`; default
-one row with the defaults), a child process runs the whole op's forward and backward once at a small
-shape (B = 2, T = 1024, H = 4, K = V = 128, bf16) with MOSAIC_GPU_DUMP_PTXAS=1, and its ptxas output is
+`ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`, or
+'{"mosaic_options": {...}}' for every stage's; default one row with the defaults), a child process
+runs the whole op's forward and backward once at a small shape (B = 2, T = 1024, H = 4, K = V = 128, bf16) with MOSAIC_GPU_DUMP_PTXAS=1, and its ptxas output is
 parsed into a row per kernel: registers per thread, spill store / load bytes, and whether ptxas
 serialized wgmmas for lack of registers (its C7512 note). Spills matter more than usual here: the
 kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
@@ -87,7 +87,8 @@ def phase_times(events: list[dict]) -> dict:
 
 
 def _child_ptxas(L: int, grads: dict):
-    """(in the child) the whole op's forward and backward once, Mosaic stages with `grads` options."""
+    """(in the child) the whole op's forward and backward once, Mosaic stages with `grads` options (or,
+    where `grads` is {"mosaic_options": {...}}, with those options for every stage)."""
     import jax
     import jax.numpy as jnp
 
@@ -98,7 +99,8 @@ def _child_ptxas(L: int, grads: dict):
     K = 128
     (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
     loss = lambda q, k, v: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
-                                                mosaic_options={"grads": grads})[0].astype(jnp.float32) * do)
+                                                mosaic_options=grads.get("mosaic_options", {"grads": grads}))[0]
+                                   .astype(jnp.float32) * do)
     jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
 
 

@@ -23,3 +23,5 @@ timeout 100 python3 benchmarks/kernels.py --out "$OUT/grads" --reps 20 --budget_
     --plan jla_gdn:2048,mosaic:1:2048,mfused:1:2048 2>&1 | grep '^| [pj]' | cut -c1-400
 timeout 100 python3 benchmarks/op_profile.py --out "$OUT/op_profile" --reps 5 --keep_output --top 14 \
     --variant "$FUSED" --rows mfused:1:2048 2>&1 | grep '^|\|^#\|busy' | cut -c1-300
+timeout 100 python3 benchmarks/mosaic_diag.py ptxas --writes 1 --out "$OUT" \
+    --grads '{"mosaic_options": {"outputs": {"fused": true}}}' 2>&1 | grep '^| \|FAILED' | cut -c1-300
