@@ -39,6 +39,11 @@ trips and fences from the chain (expected ~1 us per step; ~96 KiB moved per step
 per-SM bandwidth floor near ~0.8 us). Knobs for the GPU A/B: registers=False (the staged kernel at
 block_v = 64), block_v=32 (staged, twice the CTAs, a third less traffic per CTA and step).
 
+Without the pull-back (`reverse_from_factors`, the pipeline's path when the forward wrote its outputs
+from the factors Qf, Of and kept P and Qf): Y = Qf^T do is one more wgmma per step into X's accumulator
+(off the chain), ek = diag(end_m1) k0 a column scaling of (k0 X)^T; P, k0, Qf and do are read in the
+caller's layout. The pull-back kernel and its per-chunk P, ek, Y in HBM go away.
+
 16-bit cot_end (`cot_dtype` = p's dtype): X stays float32 in registers and is rounded only on the way
 out (bit-identical to XLA's cast of the float32 cot_end, tested); the chunk backward uses cot_end only
 as a 16-bit wgmma operand. Register kernel: two 16-bit staging tiles plus one float32 tile for dfinal

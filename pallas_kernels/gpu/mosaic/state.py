@@ -60,6 +60,13 @@ one SM's share of L2 bandwidth; and with many CTAs (T = 2K, B = 16: 512) the pas
 Knobs for the GPU A/B: registers=False (the staged kernel at the same block_v), block_v=32 (staged,
 twice the CTAs), slots=1 (L = 1: 82 KiB, two CTAs per SM; no prefetch within a CTA).
 
+Outputs in the pass (`factors=(Qf, Of)`, register kernel only; `output_factors.py`): the chunk outputs are
+o = Qf S + Of with per-chunk factors that need no state, so each step issues one more wgmma with the
+same A operand as E^T's (o^T - Of^T = S^T Qf^T, [bv, C]), reads it while S's update computes, adds Of^T
+and sends o out by TMA through a transposed store (one or two [C, bv] staging tiles). This replaces the
+outputs kernel: its own walk over the chunks and its second read of every start state. SMEM: Qf, Of per
+slot; at K = V = 128 two slots at L = 1 (~218 KiB, one o tile), one at L >= 2.
+
 16-bit start states (`starts_dtype` = the inputs' dtype): the state stays float32 in registers and is
 rounded only on the way out; the consumers (outputs kernel, chunk backward) use the starts only as
 16-bit wgmma operands. Register kernel: the two alternating staging tiles become 16-bit (16 KiB each
