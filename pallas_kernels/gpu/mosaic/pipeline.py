@@ -7,6 +7,11 @@ chunk backward, `options["grads"]["impl"]` may instead pick the hand-derived one
               ->  outputs
     backward  pullback (P, ek, a, Y per chunk)  ->  reverse (end-state cotangents)  ->  grads
 
+With fused outputs (`mosaic_options={"outputs": {"fused": True}}`, `FUSED_OUTPUTS` by default) the
+forward is intra (also the output factors Qf, Of at L = 1; XLA forms them at L > 1) -> state (also o =
+Qf S + Of), and the backward reverse (the pull-back's terms formed from the kept P and Qf) -> grads:
+the outputs and pull-back kernels do not run (`Residuals`).
+
 Stage names: `STAGES`. Mixing lets every Mosaic kernel be timed and checked alone inside the whole
 op (`benchmarks/kernels.py` variants). Shapes as `pallas_kernels.backward.backward`.
 """
