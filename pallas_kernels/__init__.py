@@ -234,7 +234,11 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     options do not apply), except that with mosaic_stages=None a chunk backward left out (L = 3 at
     K = 128) runs as the hand-derived gradients vmapped in XLA (`mosaic_options={"grads": {"impl":
     "triton"}}` asks for the Triton kernel); mosaic_options {stage: {keyword: value}} passes block
-    sizes and other keywords to those stages' kernels (`pipeline.resolve_options`).
+    sizes and other keywords to those stages' kernels (`pipeline.resolve_options`);
+    mosaic_options={"outputs": {"fused": True}} has the state pass write the outputs from per-chunk
+    factors (formed by the intra kernel at L = 1, in XLA otherwise; "xla" at every L) and the reverse
+    pass form the pull-back's terms, so neither the outputs nor the pull-back kernel runs
+    (`pipeline.FUSED_OUTPUTS` is the default).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)
