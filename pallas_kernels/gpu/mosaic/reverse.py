@@ -188,31 +188,12 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
             plgpu.copy_gmem_to_smem(y_ref.at[b, h, n, :, vs], y_s.at[slot], bar.at[slot])
             plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], a_s.at[slot], bar.at[slot])
 
-        plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
-        issue(N - 1, 0)
-        plgpu.barrier_wait(x_bar)
-        xt0 = plgpu.load(x_f.at[0].T, layout=mc.WGMMA)  # X^T [bv, K]
-
-        def step(i, xt):
-            n = N - 1 - i
-            slot = lax.rem(i, 2)
-            plgpu.barrier_wait(bar.at[slot])
+        def chunk(n, slot, xt, send):
             xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
 
             def scoped(acc_w, acc_x):
                 plgpu.wgmma(acc_w, xt_lo, ek_s.at[slot].T)  # (ek X)^T: the dependent product, first
-
-                # while it computes: chunk n - 1's TMA prefetch (issued after the wgmma: off the
-                # chain), cot_end[n] out (two staging tiles alternate), and Y^T + a X^T
-                @pl.when(n > 0)
-                def _prefetch():
-                    plgpu.commit_smem()
-                    issue(n - 1, 1 - slot)
-
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # stage[slot] has left (step i - 2)
-                store_transposed(stage.at[slot], xt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
+                send()  # while it computes: chunk n - 1's loads, cot_end[n] out; and Y^T + a X^T
                 init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA).astype(f32)
                         + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
                 ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
@@ -221,12 +202,8 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
 
             return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
 
-        xt = lax.fori_loop(0, N, step, xt0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        store_transposed(x_f.at[0], xt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
-        plgpu.wait_smem_to_gmem(0)
+        _walk(N, issue, chunk, bar=bar, x_f=x_f, x_bar=x_bar, stage=stage, dfinal_ref=dfinal_ref, cot_ref=cot_ref,
+              ds0_ref=ds0_ref, b=b, h=h, vs=vs)
 
     scratch = dict(
         p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), y.dtype),
@@ -240,6 +217,42 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
     return mc.kernel(body, name="prism_mosaic_reverse_registers", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)
+
+
+def _walk(N, issue, chunk, *, bar, x_f, x_bar, stage, dfinal_ref, cot_ref, ds0_ref, b, h, vs):
+    """The register kernels' walk over the chunks, last first, X^T [bv, K] float32 in registers: dfinal in,
+    `chunk(n, slot, xt, send)` -> the next X^T per chunk (its tiles waited for; `send()`, to be called
+    right after the chunk's first wgmma, issues chunk n - 1's loads and sends cot_end[n] = X out through
+    one of two alternating staging tiles), ds0 out."""
+    plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
+    issue(N - 1, 0)
+    plgpu.barrier_wait(x_bar)
+    xt0 = plgpu.load(x_f.at[0].T, layout=mc.WGMMA)  # X^T [bv, K]
+
+    def step(i, xt):
+        n = N - 1 - i
+        slot = lax.rem(i, 2)
+        plgpu.barrier_wait(bar.at[slot])
+
+        def send():  # while the first product computes: off the chain
+            @pl.when(n > 0)
+            def _prefetch():
+                plgpu.commit_smem()
+                issue(n - 1, 1 - slot)
+
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # stage[slot] has left (step i - 2)
+            store_transposed(stage.at[slot], xt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
+
+        return chunk(n, slot, xt, send)
+
+    xt = lax.fori_loop(0, N, step, xt0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    store_transposed(x_f.at[0], xt)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype=None, interpret=False):
@@ -291,30 +304,13 @@ def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype
             copy(end_ref.at[b, h, rows], end_s.at[slot])
             copy(a_ref.at[b, h, n], a_s.at[slot])
 
-        plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
-        issue(N - 1, 0)
-        plgpu.barrier_wait(x_bar)
-        xt0 = plgpu.load(x_f.at[0].T, layout=mc.WGMMA)  # X^T [bv, K]
-
-        def step(i, xt):
-            n = N - 1 - i
-            slot = lax.rem(i, 2)
-            plgpu.barrier_wait(bar.at[slot])
+        def chunk(n, slot, xt, send):
             xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
 
             def scoped(acc_w, acc_x):
                 plgpu.wgmma(acc_w, xt_lo, k_s.at[slot].T)  # (k0 X)^T: the dependent product, first
                 plgpu.wgmma(acc_x, do_s.at[slot].T, qf_s.at[slot])  # Y^T = do^T Qf: off the chain
-
-                @pl.when(n > 0)
-                def _prefetch():
-                    plgpu.commit_smem()
-                    issue(n - 1, 1 - slot)
-
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # stage[slot] has left (step i - 2)
-                store_transposed(stage.at[slot], xt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
+                send()
                 decayed = mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt
                 neg_end = -mc.cols_of(plgpu.load(end_s.at[slot], layout=mc.COLS), (bv, C))
                 kx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=1))
@@ -323,12 +319,8 @@ def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype
 
             return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
 
-        xt = lax.fori_loop(0, N, step, xt0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        store_transposed(x_f.at[0], xt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
-        plgpu.wait_smem_to_gmem(0)
+        _walk(N, issue, chunk, bar=bar, x_f=x_f, x_bar=x_bar, stage=stage, dfinal_ref=dfinal_ref, cot_ref=cot_ref,
+              ds0_ref=ds0_ref, b=b, h=h, vs=vs)
 
     scratch = dict(
         p_s=mc.smem((2, C, K), dt), k_s=mc.smem((2, C, K), dt), qf_s=mc.smem((2, C, K), dt),
