@@ -18,10 +18,9 @@ from pallas_kernels.gpu.state_bwd import reverse_pass as triton_reverse_pass
 C = mc.CHUNK
 
 
-def _pullback_inputs(*, B=1, T=101, H=2, K=64, V=64, reset_at=None, seed=0, dtype=jnp.bfloat16):
-    """(p, ek 16-bit [B, H, N, C, K], a [B, H, N], y [B, H, N, K, V], dfinal [B, H, K, V]) float32 from
-    the XLA state pullback of random (bf16) inputs with `reset_at` starting a new segment."""
-    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+def _prepared(ks, B, T, H, K, V, reset_at, dtype):
+    """Padded random inputs (L = 1, L2-normalised keys, v zero: the passes here do not read it) with
+    `reset_at` starting a new segment; ks: at least 4 PRNG keys."""
     q = jax.random.normal(ks[0], (B, T, H, K), dtype)
     k = jax.random.normal(ks[1], (B, T, H, 1, K))
     k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
@@ -29,7 +28,14 @@ def _pullback_inputs(*, B=1, T=101, H=2, K=64, V=64, reset_at=None, seed=0, dtyp
     g = -jax.random.uniform(ks[2], (B, T, H)) * 0.2
     beta = jax.random.uniform(ks[3], (B, T, H, 1)).astype(dtype)
     seg = None if reset_at is None else jnp.zeros((B, T), jnp.int32).at[:, reset_at:].set(1)
-    x = prepare(q, k, v, beta, g, None, seg, C)
+    return prepare(q, k, v, beta, g, None, seg, C)
+
+
+def _pullback_inputs(*, B=1, T=101, H=2, K=64, V=64, reset_at=None, seed=0, dtype=jnp.bfloat16):
+    """(p, ek 16-bit [B, H, N, C, K], a [B, H, N], y [B, H, N, K, V], dfinal [B, H, K, V]) float32 from
+    the XLA state pullback of random (bf16) inputs with `reset_at` starting a new segment."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    x = _prepared(ks, B, T, H, K, V, reset_at, dtype)
     Tp = x.q.shape[1]
     do = jax.random.normal(ks[4], (B, Tp, H, V), dtype)
     rc = lambda t: jnp.broadcast_to(t.reshape(B, 1, Tp // C, C), (B, H, Tp // C, C))
@@ -182,14 +188,7 @@ def _factor_inputs(*, B=1, T=150, H=2, K=64, V=64, reset_at=None, seed=0, dtype=
     them) and the float64 reference (cot_end, ds0) of `reverse_scan` on the pull-back terms they stand
     for: ek = diag(end_m1) k0, a = all, Y = Qf^T do per chunk."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    q = jax.random.normal(ks[0], (B, T, H, K), dtype)
-    k = jax.random.normal(ks[1], (B, T, H, 1, K))
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = jnp.zeros((B, T, H, 1, V), dtype)
-    g = -jax.random.uniform(ks[2], (B, T, H)) * 0.2
-    beta = jax.random.uniform(ks[3], (B, T, H, 1)).astype(dtype)
-    seg = None if reset_at is None else jnp.zeros((B, T), jnp.int32).at[:, reset_at:].set(1)
-    x = prepare(q, k, v, beta, g, None, seg, C)
+    x = _prepared(ks, B, T, H, K, V, reset_at, dtype)
     tv = mc.token_vectors(x)
     Tp = x.q.shape[1]
     p = (0.3 * jax.random.normal(ks[4], (B, Tp, H, K))).astype(dtype)
