@@ -51,6 +51,9 @@ VARIANTS = {
     "explicit64": dict(bwd="explicit", chunk_size=64),
     "mosaic": dict(kernel="mosaic", chunk_size=64),  # every stage in Mosaic GPU (gpu/mosaic/pipeline.py)
     "triton64": dict(kernel="mosaic", chunk_size=64, mosaic_stages=()),  # that pipeline, all Triton
+    # the outputs in the state pass, no outputs / pull-back kernels (factors from the intra kernel at L = 1)
+    "mfused": dict(kernel="mosaic", chunk_size=64, mosaic_options={"outputs": {"fused": True}}),
+    "mxla": dict(kernel="mosaic", chunk_size=64, mosaic_options={"outputs": {"fused": "xla"}}),  # factors in XLA
 }
 BWD_KEYS = ("bwd", "bwd_block_v", "bwd_num_warps", "bwd_v_split")
 
