@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.common import Prepared
+from pallas_kernels.common import Prepared, _masked_exp
 from pallas_kernels.gpu.mosaic import common as mc
 
 f32 = jnp.float32
@@ -29,7 +29,7 @@ def _decay(g_rows, r_rows, g_cols, r_cols):
     """exp(g_rows[t] - g_cols[i]) where i <= t and the reset counts agree, else 0; [..., C, C]."""
     causal = jnp.tril(jnp.ones((C, C), bool))
     keep = causal & (r_rows[..., :, None] == r_cols[..., None, :])
-    return jnp.where(keep, jnp.exp(jnp.where(keep, g_rows[..., :, None] - g_cols[..., None, :], 0.0)), 0.0)
+    return _masked_exp(g_rows[..., :, None] - g_cols[..., None, :], keep)
 
 
 def output_factors(x: Prepared, tv: mc.TokenVectors, p, qe, *, scale):

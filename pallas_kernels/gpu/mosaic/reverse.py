@@ -174,11 +174,8 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
     V = y.shape[-1]
     dt = p.dtype
     bv = 64
-    low = jnp.dtype(cot_dtype) != f32  # 16-bit cot_end: staged in x_o, x_f keeps dfinal / ds0
 
-    def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, x_f, bar, x_bar,
-             xt_b=None, w_b=None, x_o=None):
-        stage = x_o if low else x_f
+    def body(p_ref, ek_ref, a_ref, y_ref, dfinal_ref, cot_ref, ds0_ref, p_s, ek_s, y_s, a_s, bar, w_b=None, **walk):
         b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         vs = pl.ds(vb * bv, bv)
 
@@ -188,42 +185,49 @@ def _register_pass(p, ek, a_rows, y, dfinal, *, cot_dtype, interpret):
             plgpu.copy_gmem_to_smem(y_ref.at[b, h, n, :, vs], y_s.at[slot], bar.at[slot])
             plgpu.copy_gmem_to_smem(a_ref.at[b, h, n], a_s.at[slot], bar.at[slot])
 
-        def chunk(n, slot, xt, send):
-            xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
+        def chunk(slot, xt, xt_lo, acc_w, acc_x, send):
+            plgpu.wgmma(acc_w, xt_lo, ek_s.at[slot].T)  # (ek X)^T: the dependent product, first
+            send()  # while it computes: chunk n - 1's loads, cot_end[n] out; and Y^T + a X^T
+            init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA).astype(f32)
+                    + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
+            ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
+            plgpu.wgmma(acc_x, a_operand(ekx.astype(dt), w_b, interpret), p_s.at[slot])  # -(W^T P)
+            return init - lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
 
-            def scoped(acc_w, acc_x):
-                plgpu.wgmma(acc_w, xt_lo, ek_s.at[slot].T)  # (ek X)^T: the dependent product, first
-                send()  # while it computes: chunk n - 1's loads, cot_end[n] out; and Y^T + a X^T
-                init = (plgpu.load(y_s.at[slot].T, layout=mc.WGMMA).astype(f32)
-                        + mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt)
-                ekx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=0))
-                plgpu.wgmma(acc_x, a_operand(ekx.astype(dt), w_b, interpret), p_s.at[slot])  # -(W^T P)
-                return init - lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
-
-            return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
-
-        _walk(N, issue, chunk, bar=bar, x_f=x_f, x_bar=x_bar, stage=stage, dfinal_ref=dfinal_ref, cot_ref=cot_ref,
-              ds0_ref=ds0_ref, b=b, h=h, vs=vs)
+        _walk(N, issue, chunk, bar=bar, dfinal_ref=dfinal_ref, cot_ref=cot_ref, ds0_ref=ds0_ref, b=b, h=h, vs=vs,
+              dt=dt, interpret=interpret, **walk)
 
     scratch = dict(
         p_s=mc.smem((2, C, K), dt), ek_s=mc.smem((2, C, K), dt), y_s=mc.smem((2, K, bv), y.dtype),
-        a_s=plgpu.SMEM((2, K), f32), x_f=mc.smem((1 if low else 2, K, bv), f32),
-        bar=plgpu.Barrier(num_arrivals=4, num_barriers=2), x_bar=plgpu.Barrier(num_arrivals=1))
-    if low:
-        scratch.update(x_o=mc.smem((2, K, bv), cot_dtype))
-    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
-        scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
+        a_s=plgpu.SMEM((2, K), f32), bar=plgpu.Barrier(num_arrivals=4, num_barriers=2),
+        **_walk_scratch(K, bv, dt, cot_dtype, interpret))
     out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), cot_dtype), jax.ShapeDtypeStruct((B, H, K, V), f32))
     return mc.kernel(body, name="prism_mosaic_reverse_registers", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
         p, ek, a_rows, y, dfinal)
 
 
-def _walk(N, issue, chunk, *, bar, x_f, x_bar, stage, dfinal_ref, cot_ref, ds0_ref, b, h, vs):
+def _walk_scratch(K, bv, dt, cot_dtype, interpret):
+    """The SMEM `_walk` takes (`x_f`, `x_bar`, `x_o`, `xt_b`) and the interpreter's staging of W^T (`w_b`)."""
+    low = jnp.dtype(cot_dtype) != f32  # 16-bit cot_end: staged in x_o, x_f keeps dfinal / ds0
+    scratch = dict(x_f=mc.smem((1 if low else 2, K, bv), f32), x_bar=plgpu.Barrier(num_arrivals=1))
+    if low:
+        scratch.update(x_o=mc.smem((2, K, bv), cot_dtype))
+    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
+        scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
+    return scratch
+
+
+def _walk(N, issue, chunk, *, bar, x_f, x_bar, dfinal_ref, cot_ref, ds0_ref, b, h, vs, dt, interpret, x_o=None,
+          xt_b=None):
     """The register kernels' walk over the chunks, last first, X^T [bv, K] float32 in registers: dfinal in,
-    `chunk(n, slot, xt, send)` -> the next X^T per chunk (its tiles waited for; `send()`, to be called
-    right after the chunk's first wgmma, issues chunk n - 1's loads and sends cot_end[n] = X out through
-    one of two alternating staging tiles), ds0 out."""
+    per chunk `chunk(slot, xt, xt_lo, acc_w, acc_x, send)` -> the next X^T (its tiles waited for; xt_lo:
+    X^T as a 16-bit wgmma A operand; acc_w [bv, C], acc_x [bv, K] float32 accumulators; `send()`, to be
+    called right after the chunk's first wgmma, issues chunk n - 1's loads and sends cot_end[n] = X out
+    through one of two alternating staging tiles), ds0 out. SMEM: `_walk_scratch`."""
+    stage = x_o if x_o is not None else x_f
+    K = x_f.shape[-2]
+    bv = x_f.shape[-1]
     plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, vs], x_f.at[0], x_bar)
     issue(N - 1, 0)
     plgpu.barrier_wait(x_bar)
@@ -245,7 +249,9 @@ def _walk(N, issue, chunk, *, bar, x_f, x_bar, stage, dfinal_ref, cot_ref, ds0_r
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(stage.at[slot], cot_ref.at[b, h, n, :, vs])
 
-        return chunk(n, slot, xt, send)
+        xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
+        return pl.run_scoped(lambda acc_w, acc_x: chunk(slot, xt, xt_lo, acc_w, acc_x, send),
+                             plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
 
     xt = lax.fori_loop(0, N, step, xt0)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -285,12 +291,10 @@ def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype
             raise ValueError(f"reverse_from_factors: `{name}` must be {shape} {jnp.dtype(dtype)} "
                              f"(got {t.shape} {t.dtype})")
     cdt = out_dtype("reverse_from_factors", "cot_dtype", cot_dtype, dt)
-    low = cdt != jnp.dtype(f32)
     a_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
 
     def body(p_ref, k_ref, qf_ref, do_ref, end_ref, a_ref, dfinal_ref, cot_ref, ds0_ref, p_s, k_s, qf_s, do_s,
-             end_s, a_s, x_f, bar, x_bar, xt_b=None, w_b=None, x_o=None):
-        stage = x_o if low else x_f
+             end_s, a_s, bar, w_b=None, **walk):
         b, h, vb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("v")
         vs = pl.ds(vb * bv, bv)
 
@@ -304,33 +308,23 @@ def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype
             copy(end_ref.at[b, h, rows], end_s.at[slot])
             copy(a_ref.at[b, h, n], a_s.at[slot])
 
-        def chunk(n, slot, xt, send):
-            xt_lo = a_operand(xt.astype(dt), xt_b, interpret)
+        def chunk(slot, xt, xt_lo, acc_w, acc_x, send):
+            plgpu.wgmma(acc_w, xt_lo, k_s.at[slot].T)  # (k0 X)^T: the dependent product, first
+            plgpu.wgmma(acc_x, do_s.at[slot].T, qf_s.at[slot])  # Y^T = do^T Qf: off the chain
+            send()
+            decayed = mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt
+            neg_end = -mc.cols_of(plgpu.load(end_s.at[slot], layout=mc.COLS), (bv, C))
+            kx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=1))
+            plgpu.wgmma(acc_x, a_operand((kx * neg_end).astype(dt), w_b, interpret), p_s.at[slot])  # W^T P
+            return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
 
-            def scoped(acc_w, acc_x):
-                plgpu.wgmma(acc_w, xt_lo, k_s.at[slot].T)  # (k0 X)^T: the dependent product, first
-                plgpu.wgmma(acc_x, do_s.at[slot].T, qf_s.at[slot])  # Y^T = do^T Qf: off the chain
-                send()
-                decayed = mc.cols_of(plgpu.load(a_s.at[slot], layout=mc.COLS), (bv, K)) * xt
-                neg_end = -mc.cols_of(plgpu.load(end_s.at[slot], layout=mc.COLS), (bv, C))
-                kx = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_w, wait_n=1))
-                plgpu.wgmma(acc_x, a_operand((kx * neg_end).astype(dt), w_b, interpret), p_s.at[slot])  # W^T P
-                return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_x, wait_n=0))
-
-            return pl.run_scoped(scoped, plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
-
-        _walk(N, issue, chunk, bar=bar, x_f=x_f, x_bar=x_bar, stage=stage, dfinal_ref=dfinal_ref, cot_ref=cot_ref,
-              ds0_ref=ds0_ref, b=b, h=h, vs=vs)
+        _walk(N, issue, chunk, bar=bar, dfinal_ref=dfinal_ref, cot_ref=cot_ref, ds0_ref=ds0_ref, b=b, h=h, vs=vs,
+              dt=dt, interpret=interpret, **walk)
 
     scratch = dict(
         p_s=mc.smem((2, C, K), dt), k_s=mc.smem((2, C, K), dt), qf_s=mc.smem((2, C, K), dt),
         do_s=mc.smem((2, C, bv), dt), end_s=plgpu.SMEM((2, C), f32), a_s=plgpu.SMEM((2, K), f32),
-        x_f=mc.smem((1 if low else 2, K, bv), f32), bar=plgpu.Barrier(num_arrivals=6, num_barriers=2),
-        x_bar=plgpu.Barrier(num_arrivals=1))
-    if low:
-        scratch.update(x_o=mc.smem((2, K, bv), cdt))
-    if interpret:  # SMEM copies of the register operands (the interpreter's wgmma reads SMEM only)
-        scratch.update(xt_b=mc.smem((bv, K), dt), w_b=mc.smem((bv, C), dt))
+        bar=plgpu.Barrier(num_arrivals=6, num_barriers=2), **_walk_scratch(K, bv, dt, cdt, interpret))
     out_type = (jax.ShapeDtypeStruct((B, H, N, K, V), cdt), jax.ShapeDtypeStruct((B, H, K, V), f32))
     return mc.kernel(body, name="prism_mosaic_reverse_factors", out_type=out_type, scratch=scratch,
                      grid=(B, H, V // bv), grid_names=("b", "h", "v"), interpret=interpret)(
