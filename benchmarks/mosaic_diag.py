@@ -15,7 +15,8 @@ serialized wgmmas for lack of registers (its C7512 note). Spills matter more tha
 kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in L2.
 `sass`: the same child with MOSAIC_GPU_DUMP_SASS=1: the SASS instruction count of every kernel (straight-line
 code that outgrows the SMs' instruction caches is fetched again for every chunk); the raw dump goes to
-DIR/sass_L{L}.txt.gz.
+DIR/sass_L{L}[_peer]_{i}.txt.gz (i: the dump's place in the run). For `ptxas` and `sass`, `--grads
+'{"peer": "jla_gdn"}'` runs jax-linear-attention's Gated DeltaNet (L = 1) instead of our op.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
 the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
 whole CTA (the three-warpgroup kernel names its phases per warpgroup: "wN.name").
@@ -98,9 +99,15 @@ def _child_ptxas(L: int, grads: dict):
 
     K = 128
     (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
-    loss = lambda q, k, v: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
-                                                mosaic_options=grads.get("mosaic_options", {"grads": grads}))[0]
-                                   .astype(jnp.float32) * do)
+    if grads.get("peer") == "jla_gdn":  # the peer's kernels, for side-by-side registers / SASS
+        from kernels import gdn_fwd
+
+        fwd = gdn_fwd(K ** -0.5)
+        loss = lambda q, k, v: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
+    else:
+        loss = lambda q, k, v: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
+                                                    mosaic_options=grads.get("mosaic_options", {"grads": grads}))[0]
+                                       .astype(jnp.float32) * do)
     jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
 
 
@@ -142,7 +149,9 @@ def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dic
 
     proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_SASS", timeout_s)
     text = proc.stdout + proc.stderr
-    with gzip.open(os.path.join(out, f"sass_L{L}.txt.gz"), "wt") as f:
+    tag = "_peer" if grads.get("peer") else ""
+    with gzip.open(os.path.join(out, f"sass_L{L}{tag}_{len(glob.glob(os.path.join(out, 'sass_*.txt.gz')))}.txt.gz"),
+                   "wt") as f:
         f.write(text)
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
