@@ -127,21 +127,38 @@ def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
 
 
 _SASS_FUNC = re.compile(r"(?:Function\s*:\s*|\.text\.)(\w+)")
-_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+\S")
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+# Opcode families worth a column: local memory (spills), shared memory, shuffles, barriers, tensor
+# core, special functions (exp), conversions, branches.
+SASS_FAMILIES = {"LDL": "spill", "STL": "spill", "LDS": "smem", "STS": "smem", "LDSM": "smem", "STSM": "smem",
+                 "SHFL": "shfl", "BAR": "bar", "SYNCS": "bar", "HGMMA": "wgmma", "WARPGROUP": "wgmma",
+                 "MUFU": "mufu", "F2F": "cvt", "F2FP": "cvt", "I2F": "cvt", "F2I": "cvt", "BRA": "branch"}
 
 
 def count_sass(text: str) -> list[dict]:
-    """Rows {kernel, instructions} from a SASS listing: instruction lines ("/*0a10*/  FFMA ...") counted
-    under the last function header ("Function : name" or ".text.name") seen."""
+    """Rows {kernel, instructions, ops} from a SASS listing: instruction lines ("/*0a10*/  FFMA ...",
+    optionally predicated "@P0 BRA ...") counted under the last function header ("Function : name" or
+    ".text.name") seen; ops counts each opcode family of `SASS_FAMILIES` (by the opcode before its
+    first '.')."""
     rows = []
     for line in text.splitlines():
         if m := _SASS_FUNC.search(line):
-            rows.append({"kernel": m.group(1).removesuffix(_SUFFIX), "instructions": 0})
-        elif _SASS_INSTR.search(line):
+            rows.append({"kernel": m.group(1).removesuffix(_SUFFIX), "instructions": 0, "ops": {}})
+        elif m := _SASS_INSTR.search(line):
             if not rows:
-                rows.append({"kernel": "?", "instructions": 0})
+                rows.append({"kernel": "?", "instructions": 0, "ops": {}})
             rows[-1]["instructions"] += 1
+            family = SASS_FAMILIES.get(m.group(1).split(".")[0], "other")
+            rows[-1]["ops"][family] = rows[-1]["ops"].get(family, 0) + 1
     return [r for r in rows if r["instructions"]]
+
+
+def _sass_table(rows):
+    fams = sorted(set(SASS_FAMILIES.values())) + ["other"]
+    head = "| L | kernel | instructions | " + " | ".join(fams) + " |"
+    return "\n".join([head, "|" + "---|" * (3 + len(fams))] + [
+        f"| {r['L']} | {r['kernel']} | {r['instructions']} | " + " | ".join(str(r["ops"].get(f, 0)) for f in fams)
+        + " |" for r in rows])
 
 
 def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict]:
@@ -294,7 +311,7 @@ def main(argv=None):
                 elif args.mode == "sass":
                     rows = sass_rows(L, grads, args.out)
                     report["rows"] += rows
-                    print("\n".join(f"| {L} | {r['kernel']} | {r['instructions']} |" for r in rows), flush=True)
+                    print(_sass_table(rows), flush=True)
                 elif args.mode == "time":
                     res = (intra_time_rows if args.kernel == "intra" else time_rows)(L, grads, args.reps)
                     report["rows"].append(res)

@@ -51,3 +51,29 @@ def test_phase_times_per_cta():
     assert res["phases"]["loads"] == pytest.approx((3.0, 3.0, 4.0))
     assert res["phases"]["block"] == pytest.approx((8.0, 8.0, 10.0))
     assert res["cta_us"] == pytest.approx((11.0, 11.0, 14.0))
+
+
+# cuobjdump -sass as Mosaic GPU dumps it (two kernels, abridged).
+SASS = """\
+	code for sm_90a
+		Function : prism_mosaic_state_mosaic_gpu_kernel
+	.headerflags	@"EF_CUDA_TEXMODE_UNIFIED"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                         /* 0x00000a00ff017b82 */
+        /*0010*/                   STL [R1+0x4], R2 ;                             /* 0x0000040201007387 */
+        /*0020*/              @!P0 BRA 0x90 ;                                     /* 0x0000000000008947 */
+        /*0030*/                   MUFU.EX2 R3, R4 ;                              /* 0x0000000400037308 */
+		Function : gdr_chunk_grads_mosaic_gpu_kernel
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;  /* 0x00000000041879f0 */
+        /*0010*/                   SHFL.BFLY PT, R5, R6, 0x1, 0x1f ;              /* 0x0c201f0006057f89 */
+        /*0020*/                   LDS.128 R8, [R2] ;                              /* 0x0000000002087984 */
+"""
+
+
+def test_count_sass_counts_instructions_and_families_per_kernel():
+    rows = diag.count_sass(SASS)
+    assert [r["kernel"] for r in rows] == ["prism_mosaic_state", "gdr_chunk_grads"]
+    assert [r["instructions"] for r in rows] == [4, 3]
+    assert rows[0]["ops"] == {"other": 1, "spill": 1, "branch": 1, "mufu": 1}
+    assert rows[1]["ops"] == {"wgmma": 1, "shfl": 1, "smem": 1}
+    table = diag._sass_table([dict(r, L=1) for r in rows])
+    assert "| 1 | prism_mosaic_state | 4 |" in table
