@@ -28,5 +28,10 @@ timeout 50 python3 benchmarks/mosaic_diag.py time --kernel intra --writes 1 --re
     --opts '{"resets": false, "step_columns": 4}' 2>&1 | grep '^| \|FAILED' | cut -c1-300
 timeout 60 python3 benchmarks/kernels.py --out "$OUT/grads" --reps 20 --budget_s 45 --variant "$FUSED" \
     --plan jla_gdn:2048,mosaic:1:2048,mfused:1:2048 2>&1 | grep '^| [pj]' | cut -c1-400
-timeout 50 python3 benchmarks/mosaic_diag.py ptxas --writes 1 --out "$OUT" \
-    --grads '{"mosaic_options": {"outputs": {"fused": true}}}' 2>&1 | grep '^| \|FAILED' | cut -c1-300
+timeout 80 python3 benchmarks/mosaic_diag.py ptxas --writes 1 --out "$OUT" \
+    --grads '{"mosaic_options": {"outputs": {"fused": true}}}' --grads '{"peer": "jla_gdn"}' 2>&1 \
+    | grep '^| \|FAILED' | cut -c1-300
+# (added in session 15) SASS of our op's kernels and the peer's, the raw dumps gzipped under $OUT/sass
+mkdir -p "$OUT/sass"
+timeout 100 python3 benchmarks/mosaic_diag.py sass --writes 1 --out "$OUT/sass" --grads '{}' \
+    --grads '{"peer": "jla_gdn"}' 2>&1 | grep '^| \|FAILED' | cut -c1-300
