@@ -3,6 +3,7 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
 
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py sass [--writes 1] [--grads JSON ...] [--out DIR]
+    python benchmarks/mosaic_diag.py mlir [--writes 1] [--grads JSON ...] [--out DIR]   (any machine)
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
     python benchmarks/mosaic_diag.py {profile,time} --kernel intra [--opts '{"block": 2}' ...]
@@ -17,6 +18,8 @@ kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in 
 code that outgrows the SMs' instruction caches is fetched again for every chunk); the raw dump goes to
 DIR/sass_L{L}[_peer]_{i}.txt.gz (i: the dump's place in the run). For `ptxas` and `sass`, `--grads
 '{"peer": "jla_gdn"}'` runs jax-linear-attention's Gated DeltaNet (L = 1) instead of our op.
+`mlir` (no GPU needed): the whole op lowered for CUDA, each kernel's Mosaic GPU MLIR parsed and its ops
+counted (total, f32 elementwise, shuffles, exp, inline asm, loads / stores): a code-size proxy.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
 the profiler on (`chunk_grads_backward(profile=...)`); the per-CTA time of each `_Phases` region (median, mean, max) and of the
 whole CTA (the three-warpgroup kernel names its phases per warpgroup: "wN.name").
@@ -25,7 +28,7 @@ modes, with `--opts` (an alias of `--grads`) as its keyword arguments.
 `time`: the chunk backward alone at the benchmark shape (B * T = 32K, T = 2048, H = 16, K = V = 128,
 16-bit start states and cotangents as the pipeline hands them over), median ms per option set, all in
 one process (no Triton stages run to make the inputs, unlike `mosaic_stages.py`).
-All need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
+All but `mlir` need a CUDA GPU (Hopper); writes DIR/mosaic_diag.json and prints markdown tables.
 Timing the kernels at the benchmark shape is `benchmarks/mosaic_stages.py`'s job.
 """
 
@@ -237,6 +240,98 @@ def profile_rows(L: int, grads: dict) -> dict:
     return dict(_profiled(run, 64), L=L, grads=grads)
 
 
+def _decode_attr_bytes(s: str) -> bytes:
+    """The bytes of an MLIR string attribute as printed (\\XX hex escapes, \\\\, \\")."""
+    out, i = bytearray(), 0
+    while i < len(s):
+        if s[i] != "\\":
+            j = s.find("\\", i)
+            j = len(s) if j < 0 else j
+            out += s[i:j].encode()
+            i = j
+        elif s[i + 1] in "\\\"":
+            out.append(ord(s[i + 1]))
+            i += 2
+        else:
+            out.append(int(s[i + 1:i + 3], 16))
+            i += 3
+    return bytes(out)
+
+
+_MODULE_ATTR = re.compile(r'module = "((?:[^"\\]|\\.)*)"')
+_KERNEL_NAME = re.compile(rb"([A-Za-z0-9_]+)_mosaic_gpu\b")
+# MLIR op families counted per kernel (names without the serialization's "stable_mosaic_gpu." prefix).
+MLIR_FAMILIES = {"fma": ("arith.mulf", "arith.addf", "arith.subf"), "shfl": ("nvvm.shfl.sync",),
+                 "exp": ("math.exp", "math.exp2"), "asm": ("llvm.inline_asm",), "smem": ("llvm.load", "llvm.store")}
+
+
+def mlir_op_counts(text: str) -> list[dict]:
+    """Rows {kernel, ops, families} for every Mosaic GPU kernel in a lowered module's text: each
+    kernel's serialized MLIR (the custom call's `module` attribute, before Mosaic GPU's LLVM
+    passes), parsed and walked. A proxy for code size that needs no GPU: float32 elementwise ops
+    count once per register vector, so the counts scale with the SASS the kernel becomes."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib import mosaic_gpu_dialect
+    from jax._src.lib.mlir import ir
+
+    rows = []
+    for m in _MODULE_ATTR.finditer(text):
+        blob = _decode_attr_bytes(m.group(1))
+        names = [n for n in _KERNEL_NAME.findall(blob) if n != b"stable"]
+        ctx = mlir.make_ir_context()
+        mosaic_gpu_dialect.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        counts: dict[str, int] = {}
+        with ctx:
+            module = ir.Module.parse(blob)  # held: the walk's operations live as long as the module
+            stack = [module.operation]
+            while stack:
+                op = stack.pop().operation
+                name = op.name.removeprefix("stable_mosaic_gpu.")
+                counts[name] = counts.get(name, 0) + 1
+                stack += [o for region in op.regions for block in region for o in block]
+        rows.append({"kernel": names[0].decode() if names else "?", "ops": sum(counts.values()),
+                     "families": {f: sum(counts.get(n, 0) for n in ns) for f, ns in MLIR_FAMILIES.items()}})
+    return rows
+
+
+def mlir_rows(L: int, grads: dict) -> list[dict]:
+    """`mlir_op_counts` of the whole op's forward and backward (or the peer's: grads {"peer":
+    "jla_gdn"}) lowered for CUDA at `_child_ptxas`' shape, on any machine (nothing is compiled)."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, HERE)
+    from kernels import gdn_fwd, inputs
+    from pallas_kernels import prism_pallas
+
+    K = 128
+    (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
+    if grads.get("peer") == "jla_gdn":
+        if L != 1:
+            return []  # the peer is Gated DeltaNet: one write
+        import jla.ops.mosaic_gpu.scalar_gate as peer_gate
+
+        peer_gate.is_hopper = lambda: True  # lowering only: the peer checks for a Hopper device first
+        fwd = gdn_fwd(K ** -0.5)
+    else:
+        opts = grads.get("mosaic_options", {"grads": grads})
+        fwd = lambda q, k, v, beta, g: prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
+                                                    platform="gpu", mosaic_options=opts)[0]
+    loss = lambda q, k, v: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    return [dict(row, L=L, grads=grads) for row in mlir_op_counts(text)]
+
+
+def _mlir_table(rows):
+    fams = list(MLIR_FAMILIES)
+    out = ["| L | options | kernel | MLIR ops | " + " | ".join(fams) + " |", "|" + "---|" * (4 + len(fams))]
+    for r in rows:
+        out.append(f"| {r['L']} | {json.dumps(r['grads'])} | {r['kernel']} | {r['ops']} | "
+                   + " | ".join(str(r["families"][f]) for f in fams) + " |")
+    return "\n".join(out)
+
+
 def _ptxas_table(rows):
     out = ["| L | grads options | kernel | registers | spill stores / loads B | wgmma serialized |",
            "|---|---|---|---|---|---|"]
@@ -289,7 +384,7 @@ def _profile_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["ptxas", "sass", "profile", "time"])
+    ap.add_argument("mode", choices=["ptxas", "sass", "mlir", "profile", "time"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
     ap.add_argument("--kernel", choices=["grads", "intra"], default="grads",
@@ -308,6 +403,10 @@ def main(argv=None):
                     rows = ptxas_rows(L, grads)
                     report["rows"] += rows
                     print(_ptxas_table(rows), flush=True)
+                elif args.mode == "mlir":
+                    rows = mlir_rows(L, grads)
+                    report["rows"] += rows
+                    print(_mlir_table(rows), flush=True)
                 elif args.mode == "sass":
                     rows = sass_rows(L, grads, args.out)
                     report["rows"] += rows

@@ -77,3 +77,41 @@ def test_count_sass_counts_instructions_and_families_per_kernel():
     assert rows[1]["ops"] == {"wgmma": 1, "shfl": 1, "smem": 1}
     table = diag._sass_table([dict(r, L=1) for r in rows])
     assert "| 1 | prism_mosaic_state | 4 |" in table
+
+
+def test_decode_attr_bytes_undoes_mlir_string_escapes():
+    raw = bytes(range(256)) + b'\\"ML\xefR'
+    printed = "".join(chr(c) if 32 <= c < 127 and chr(c) not in '\\"' else f"\\{c:02X}" for c in raw)
+    assert diag._decode_attr_bytes(printed) == raw
+    assert diag._decode_attr_bytes('a\\\\b\\"c') == b'a\\b"c'
+
+
+def _lowered_scale_kernel(n_muls):
+    """A lowered module holding one Mosaic GPU kernel that multiplies a [64, 64] tile n_muls times."""
+    import jax
+    import jax.numpy as jnp
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from pallas_kernels.gpu.mosaic import common as mc
+
+    def body(x_ref, o_ref, x_s, bar):
+        plgpu.copy_gmem_to_smem(x_ref, x_s, bar)
+        plgpu.barrier_wait(bar)
+        y = plgpu.load(x_s, layout=mc.WGMMA)
+        for i in range(n_muls):
+            y = y * (1.5 + i)
+        o_ref[...] = y
+
+    kern = mc.kernel(body, name=f"diag_scale_{n_muls}", out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                     scratch=dict(x_s=plgpu.SMEM((64, 64), jnp.float32), bar=plgpu.Barrier(num_arrivals=1)),
+                     grid=(1,), grid_names=("g",))
+    x = jnp.ones((64, 64), jnp.float32)
+    return jax.jit(kern).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mlir_op_counts_names_the_kernel_and_grows_with_its_work():
+    few, many = (diag.mlir_op_counts(_lowered_scale_kernel(n)) for n in (1, 9))
+    assert [r["kernel"] for r in few] == ["diag_scale_1"] and [r["kernel"] for r in many] == ["diag_scale_9"]
+    assert many[0]["families"]["fma"] > few[0]["families"]["fma"] > 0
+    assert many[0]["ops"] > few[0]["ops"] > 100
+    assert diag.mlir_op_counts("no kernels here") == []
