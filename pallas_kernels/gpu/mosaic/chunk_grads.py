@@ -296,6 +296,21 @@ class _ChunkVectors:
     t_m1 = lambda self: self._decay(False, True, False)
     t_0 = lambda self: self._decay(False, False, False)
 
+    def alpha_cols(self):
+        """exp(g_j) = exp(G_j - Gm1_j) in the COLS layout, zero where token j starts a document."""
+        keep = self._get("i", 2) == self._get("i", 3)  # r_j == rm1_j
+        return jnp.where(keep, jnp.exp(self._get("c", 0) - self._get("c", 1)), 0.0)
+
+    def _paired(self, base):
+        """(base . alpha_j, base): the decay matrix one step further back in its columns from one exp.
+        exp(X_i - Gm1_j) = exp(X_i - G_j) exp(g_j) (gates <= 1, so the product is no larger than base,
+        which never overflows), and at a token j that starts a document both masks agree that the
+        column is zero (r_i >= r_j > rm1_j for i >= j)."""
+        return base * mc.cols_of(self.alpha_cols(), base.shape), base
+
+    t_pair = lambda self: self._paired(self.t_0())  # (t_m1, t_0)
+    m_pair = lambda self: self._paired(self.m1_0())  # (m1m1, m1_0)
+
 
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
           dq_ref, dk_ref, dv_ref, dvec_ref,
@@ -1010,7 +1025,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         registers=None, profile=None, interpret=False):
+                         registers=None, paired_decays=None, profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -1062,6 +1077,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg
     (`chunk_grads_wg3`; (168, 168, 168): the launch share, no setmaxnreg), None: the three-warpgroup
     kernel's `DEFAULT_REGISTERS` at K = V = 128, else the launch share.
+    paired_decays: `warpgroups` = 3 only (`chunk_grads_wg3`): True (None: the default) forms each pair of
+    decay matrices one column step apart from one exp, False each by its own.
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1099,9 +1116,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
                                reduction_scratch=reduction_scratch, registers=registers, order=order,
-                               profile=profile, interpret=interpret)
-    if registers is not None:
-        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets) applies to `warpgroups` = 3 only")
+                               paired_decays=True if paired_decays is None else paired_decays, profile=profile,
+                               interpret=interpret)
+    if registers is not None or paired_decays is not None:
+        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets) and `paired_decays` apply to "
+                         "`warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

@@ -88,7 +88,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn, done,
-          *, scale, registers, order, add):
+          *, scale, registers, order, add, paired):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -101,6 +101,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     kblocks = [pl.ds(i * 64, 64) for i in range(K // 64)]
     sq, s64 = (C, C), (C, 64)
     vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
+    if paired:  # one exp per pair of decay matrices (`_ChunkVectors.t_pair`, `m_pair`)
+        decays = lambda kind: vx.t_pair() if kind == "t" else vx.m_pair()
+    else:
+        decays = lambda kind: (vx.t_m1(), vx.t_0()) if kind == "t" else (vx.m1m1(), vx.m1_0())
     R = lambda vec, shape=s64: mc.rows_of(vec, shape)
     load = lambda ref: plgpu.load(ref, layout=mc.WGMMA).astype(f32)
     zero = lambda: 0.0 * vx.start  # a ROWS-layout zero (Mosaic GPU stores no splat of C elements)
@@ -159,8 +163,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         wait(in_a)
         phase("w0.qk")
         (qk_raw,) = _issue((sq, [(q_s, k_s.T)]))
-        put(qk0_s, -scale * qk_raw * vx.t_m1())
-        put(qk_s, scale * qk_raw * vx.t_0())
+        t_m1, t_0 = decays("t")
+        put(qk0_s, -scale * qk_raw * t_m1)
+        put(qk_s, scale * qk_raw * t_0)
         ready(qk_ready)
         phase("w0.wait_b")
         wait(in_b, b_ready)
@@ -176,8 +181,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         ready(e_ready)
         phase("w0.dqk")
         dqk0_raw, dqk_raw = _issue((sq, [(do_s, e_s.T)]), (sq, [(do_s, vw_s.T)]))
-        dqk0 = -scale * dqk0_raw * vx.t_m1()
-        dqk = scale * dqk_raw * vx.t_0()
+        t_m1, t_0 = decays("t")
+        dqk0 = -scale * dqk0_raw * t_m1
+        dqk = scale * dqk_raw * t_0
         phase("w0.wait_dr")
         wait(dr_ready)  # X's last reader (WG1's dR) is done
         put(xinv_s, dqk0 + dqk)  # W
@@ -240,10 +246,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         wait(e_ready)
         phase("w1.dm")
         dm_raw, drv = _issue((sq, [(dr_s, e_s.T)]), (sq, [(dr_s, vw_s.T)]))
-        d_m1m1 = vx.m1m1()
+        d_m1m1, m1_0 = decays("m")
         dm = -dm_raw
         dkk = R(vx.beta0, sq) * dm * d_m1m1
-        drv_m = drv * vx.m1_0()
+        drv_m = drv * m1_0
         da = R(vx.beta0, sq) * drv_m
         put(qk0_s, dkk + da)  # D (both strictly lower: disjoint from D^T)
         ready(d_ready)
@@ -305,13 +311,17 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
-                    reduction_scratch=2048, registers=None, order="chunks", profile=None, interpret=False):
+                    reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, profile=None,
+                    interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
     registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
     starts: multiples of 8 in [24, 256] summing to at most 3 * LAUNCH_REGISTERS (504; 168 each: no
     setmaxnreg), or None: DEFAULT_REGISTERS at K = V = 128 (where they were measured), else the
-    launch share; ignored in the interpreter.
+    launch share; ignored in the interpreter. paired_decays: each pair of decay matrices that differ by one
+    step in their columns ((t_m1, t_0) and (m1m1, m1_0)) from one exp, the other by a column scaling
+    (`_ChunkVectors.t_pair`): two exps of [C, C] fewer on WG0's path and one on WG1's; False forms each
+    by its own exp.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -347,7 +357,9 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         in_b=plgpu.Barrier(num_arrivals=2),
         in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
-    body = functools.partial(_body, scale=scale, registers=None if interpret else registers)
+    if paired_decays not in (True, False):
+        raise ValueError(f"chunk_grads_backward: `paired_decays` = {paired_decays!r} must be True or False")
+    body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,

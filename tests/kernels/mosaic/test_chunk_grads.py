@@ -132,13 +132,16 @@ def test_interpret_work_split_matches_float64_reference(L, K, V, init, reset):
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
-@pytest.mark.parametrize("K,V,init,reset", [(64, 64, True, True), (128, 128, True, True), (64, 128, False, False),
-                                         (128, 64, True, False)])
-def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset):
+@pytest.mark.parametrize("K,V,init,reset,paired", [(64, 64, True, True, True), (128, 128, True, True, True),
+                                                (64, 128, False, False, True), (128, 64, True, False, True),
+                                                (64, 64, True, True, False)])
+def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset, paired):
     """warpgroups=3 (L = 1): the forward / backward / key warpgroups handing tiles over through SMEM
-    barriers, one CTA over all value columns; ainv=None: solved in XLA."""
+    barriers, one CTA over all value columns; ainv=None: solved in XLA. paired: the decay matrices one
+    column step apart from one exp (documents inside the chunk check the zeroed reset columns)."""
     x, starts, do, cot_end, ainv = _inputs(L=1, K=K, V=V, init=init, reset=reset, seed=K + V + init)
-    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3)
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3,
+                  paired_decays=paired)
     assert got[0].dtype == got[1].dtype == jnp.bfloat16  # one CTA holds every value column: 16-bit dq / dk
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
@@ -147,7 +150,8 @@ def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset)
                                         ({"out_slots": 1}, 1, "takes no"),
                                         ({"registers": (176, 184, 152)}, 1, "at most 504"),  # 512: would hang
                                         ({"registers": (168, 170, 160)}, 1, "multiples of 8"),
-                                        ({"registers": (168, 168)}, 1, "registers")])
+                                        ({"registers": (168, 168)}, 1, "registers"),
+                                        ({"paired_decays": "yes"}, 1, "paired_decays")])
 def test_three_warpgroups_reject(kw, L, match):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
     with pytest.raises(ValueError, match=match):
@@ -311,11 +315,13 @@ def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V,registers", [(64, 128, None), (128, 128, None), (128, 64, None),
-                                           (128, 128, (152, 208, 144))])
-def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers):
-    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17)
-    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers)
+@pytest.mark.parametrize("K,V,registers,paired", [(64, 128, None, None), (128, 128, None, None),
+                                                  (128, 64, None, None), (128, 128, (152, 208, 144), None),
+                                                  (128, 128, None, False)])
+def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers, paired):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17, reset=True)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers,
+                  paired_decays=paired)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
@@ -330,8 +336,9 @@ def test_gpu_matches_triton_kernel():
     _assert_close(got, [np.asarray(jnp.asarray(t, jnp.float32)) for t in want])
 
 
-def test_registers_reject_without_three_warpgroups():
+@pytest.mark.parametrize("kw", [{"registers": (168, 168, 168)}, {"paired_decays": False}])
+def test_registers_reject_without_three_warpgroups(kw):
     x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64)
     with pytest.raises(ValueError, match="warpgroups` = 3 only"):
         chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=2,
-                             registers=(168, 168, 168), interpret=False)
+                             interpret=False, **kw)
