@@ -87,8 +87,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           dq_ref, dk_ref, dv_ref, dvec_ref,
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
-          in_a, in_b, in_c, qk_ready, b_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn, done,
-          *, scale, registers, order, add, paired):
+          in_a, in_b, in_c, qk_ready, b_ready, vw_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn,
+          done, *, scale, registers, order, add, paired, vw_by_keys):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -138,6 +138,10 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         for i in range(len(vecs)):
             plgpu.copy_smem_to_gmem(ovec_s.at[w, i], dvec_ref.at[w, b, h, i, rows])
 
+    def form_vw():
+        for blk in vblocks:
+            put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
+
     def set_registers(w):
         if registers is not None and registers[w] != LAUNCH_REGISTERS:
             grow = registers[w] > LAUNCH_REGISTERS
@@ -168,7 +172,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         put(qk_s, scale * qk_raw * t_0)
         ready(qk_ready)
         phase("w0.wait_b")
-        wait(in_b, b_ready)
+        wait(in_b, b_ready, *([vw_ready] if vw_by_keys else []))
         phase("w0.rhs_e")
         coef = R(vx.beta0 * vx.start_m1)
         for blk in vblocks:
@@ -217,8 +221,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.kk")
         (kk_raw,) = _issue((sq, [(k_s, k_s.T)]))
         put(b_s, R(vx.beta0, sq) * kk_raw * vx.m1_0())  # diag(beta) B
-        for blk in vblocks:
-            put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
+        if not vw_by_keys:
+            form_vw()
         ready(b_ready)
         phase("w1.wait_qk")
         wait(in_b, in_c, qk_ready)
@@ -234,6 +238,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             put(dr_s.at[:, blk], dr)
         ready(dr_ready)
         phase("w1.dvw")
+        if vw_by_keys:
+            wait(vw_ready)  # WG2 has read v: its bytes take dv
         dbeta = []
         for blk, kx in zip(vblocks, kxs):
             (dvw,) = _issue((s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
@@ -269,11 +275,18 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         set_registers(2)
         phase = _Phases()
         phase("w2.wait_loads")
-        wait(in_a, in_b, in_c)
+        if vw_by_keys:
+            wait(in_a)
+            phase("w2.vw")
+            form_vw()
+            ready(vw_ready)
+            phase("w2.wait_loads_bc")
+        wait(*([] if vw_by_keys else [in_a]), in_b, in_c)  # a barrier is waited on once per phase
         phase("w2.sx")
         sx = total([jnp.sum(load(s_s.at[kc]) * load(x_s.at[kc]), axis=1) for kc in kblocks])  # <S, dS'> by rows
-        phase("w2.wait_b")
-        wait(b_ready)
+        if not vw_by_keys:
+            phase("w2.wait_b")
+            wait(b_ready)
         phase("w2.vwx")
         acc = _issue(*[(s64, [(vw_s, x_s.at[kc].T)]) for kc in kblocks])
         rend = rowsum_k(acc)
@@ -311,8 +324,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
-                    reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, profile=None,
-                    interpret=False):
+                    reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, vw_by_keys=False,
+                    profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
     registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
@@ -321,7 +334,9 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     launch share; ignored in the interpreter. paired_decays: each pair of decay matrices that differ by one
     step in their columns ((t_m1, t_0) and (m1m1, m1_0)) from one exp, the other by a column scaling
     (`_ChunkVectors.t_pair`): two exps of [C, C] fewer on WG0's path and one on WG1's; False forms each
-    by its own exp.
+    by its own exp. vw_by_keys: WG2 (the key side, which waits for all loads anyway) forms vw = beta v as
+    soon as v is in, instead of WG1 (the critical path: session 11's profile had WG1 at ~54 us per CTA
+    against WG2's ~51 and WG0's ~38); WG1 then waits for it before dv takes v's bytes.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -355,11 +370,13 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         ovec_s=plgpu.SMEM((_PARTS, 1 + _N_OUT_VECS, C), f32),
         in_a=plgpu.Barrier(num_arrivals=4 + 2 + 2),  # q, k, v, X; rvec, cvec; ri twice
         in_b=plgpu.Barrier(num_arrivals=2),
-        in_c=one, qk_ready=one, b_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
+        in_c=one, qk_ready=one, b_ready=one, vw_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
-    if paired_decays not in (True, False):
-        raise ValueError(f"chunk_grads_backward: `paired_decays` = {paired_decays!r} must be True or False")
-    body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays)
+    for name, flag in (("paired_decays", paired_decays), ("vw_by_keys", vw_by_keys)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"chunk_grads_backward: `{name}` = {flag!r} must be True or False")
+    body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays,
+                             vw_by_keys=vw_by_keys)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,
