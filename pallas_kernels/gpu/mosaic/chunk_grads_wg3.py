@@ -21,6 +21,8 @@ the two-warpgroup kernels chain 6.
                     the decay vectors: vw dS'^T (rend), [wait E] E dS'^T (re), [wait dR] dR S^T (rs);
                     then [wait W, D] dk = end vw dS'^T - end_m1 E dS'^T + beta start_m1 dR S^T
                     + W^T q + D k + D^T k; <S, dS'> by rows.
+With `vw_by_keys`, WG2 forms vw as soon as v is in (vw_ready) and WG1 waits for it before dv takes v's
+bytes. With `paired_decays` (default) t_m1 and m1m1 are t_0 and m1_0 scaled by exp(g_j) per column.
 The [C, K] dq / dk leave in the inputs' 16-bit dtype through dS''s SMEM (x_free: its last reader is
 done); dv through v's. The column sums of the decay cotangents (cross-warp reductions through Pallas'
 one reduction scratch) are taken by WG0, then WG1 (cs_turn). Each warpgroup writes its own partial
