@@ -240,43 +240,46 @@ def profile_rows(L: int, grads: dict) -> dict:
     return dict(_profiled(run, 64), L=L, grads=grads)
 
 
-def _decode_attr_bytes(s: str) -> bytes:
-    """The bytes of an MLIR string attribute as printed (\\XX hex escapes, \\\\, \\")."""
-    out, i = bytearray(), 0
-    while i < len(s):
-        if s[i] != "\\":
-            j = s.find("\\", i)
-            j = len(s) if j < 0 else j
-            out += s[i:j].encode()
-            i = j
-        elif s[i + 1] in "\\\"":
-            out.append(ord(s[i + 1]))
-            i += 2
-        else:
-            out.append(int(s[i + 1:i + 3], 16))
-            i += 3
-    return bytes(out)
-
-
-_MODULE_ATTR = re.compile(r'module = "((?:[^"\\]|\\.)*)"')
 _KERNEL_NAME = re.compile(rb"([A-Za-z0-9_]+)_mosaic_gpu\b")
 # MLIR op families counted per kernel (names without the serialization's "stable_mosaic_gpu." prefix).
 MLIR_FAMILIES = {"fma": ("arith.mulf", "arith.addf", "arith.subf"), "shfl": ("nvvm.shfl.sync",),
                  "exp": ("math.exp", "math.exp2"), "asm": ("llvm.inline_asm",), "smem": ("llvm.load", "llvm.store")}
 
 
-def mlir_op_counts(text: str) -> list[dict]:
-    """Rows {kernel, ops, families} for every Mosaic GPU kernel in a lowered module's text: each
-    kernel's serialized MLIR (the custom call's `module` attribute, before Mosaic GPU's LLVM
-    passes), parsed and walked. A proxy for code size that needs no GPU: float32 elementwise ops
-    count once per register vector, so the counts scale with the SASS the kernel becomes."""
+def _operations(root):
+    """Every MLIR operation nested in `root` (itself included)."""
+    stack = [root]
+    while stack:
+        op = stack.pop().operation
+        yield op
+        stack += [o for region in op.regions for block in region for o in block]
+
+
+def _mosaic_modules(lowered) -> list[bytes]:
+    """The serialized MLIR of every Mosaic GPU kernel in a `jax.stages.Lowered`: the `module` entry of
+    each custom call's `mhlo.backend_config`."""
+    from jax._src.lib.mlir import ir
+
+    blobs = []
+    for op in _operations(lowered.compiler_ir("stablehlo").operation):
+        if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
+            config = ir.DictAttr(op.attributes["mhlo.backend_config"])
+            if "module" in config:
+                blobs.append(ir.StringAttr(config["module"]).value_bytes)
+    return blobs[::-1]  # program order (the walk pops the last operation first)
+
+
+def mlir_op_counts(lowered) -> list[dict]:
+    """Rows {kernel, ops, families} for every Mosaic GPU kernel of a `jax.stages.Lowered` (lowered for
+    CUDA): each kernel's serialized MLIR (before Mosaic GPU's LLVM passes), parsed and walked. A proxy
+    for code size that needs no GPU: float32 elementwise ops count once per register vector, so the
+    counts scale with the SASS the kernel becomes."""
     from jax._src.interpreters import mlir
     from jax._src.lib import mosaic_gpu_dialect
     from jax._src.lib.mlir import ir
 
     rows = []
-    for m in _MODULE_ATTR.finditer(text):
-        blob = _decode_attr_bytes(m.group(1))
+    for blob in _mosaic_modules(lowered):
         names = [n for n in _KERNEL_NAME.findall(blob) if n != b"stable"]
         ctx = mlir.make_ir_context()
         mosaic_gpu_dialect.register_dialect(ctx)
@@ -284,12 +287,9 @@ def mlir_op_counts(text: str) -> list[dict]:
         counts: dict[str, int] = {}
         with ctx:
             module = ir.Module.parse(blob)  # held: the walk's operations live as long as the module
-            stack = [module.operation]
-            while stack:
-                op = stack.pop().operation
+            for op in _operations(module.operation):
                 name = op.name.removeprefix("stable_mosaic_gpu.")
                 counts[name] = counts.get(name, 0) + 1
-                stack += [o for region in op.regions for block in region for o in block]
         rows.append({"kernel": names[0].decode() if names else "?", "ops": sum(counts.values()),
                      "families": {f: sum(counts.get(n, 0) for n in ns) for f, ns in MLIR_FAMILIES.items()}})
     return rows
@@ -319,8 +319,8 @@ def mlir_rows(L: int, grads: dict) -> list[dict]:
         fwd = lambda q, k, v, beta, g: prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
                                                     platform="gpu", mosaic_options=opts)[0]
     loss = lambda q, k, v: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    return [dict(row, L=L, grads=grads) for row in mlir_op_counts(text)]
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    return [dict(row, L=L, grads=grads) for row in mlir_op_counts(lowered)]
 
 
 def _mlir_table(rows):
