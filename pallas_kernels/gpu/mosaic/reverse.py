@@ -62,7 +62,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.mosaic import common as mc
 from pallas_kernels.gpu.mosaic.state import (a_operand, accumulate, check_inputs, operand_smem, out_dtype,
-                                             overlapped, store_transposed)
+                                             overlapped, send_last_state, store_transposed)
 
 f32 = jnp.float32
 C = mc.CHUNK
@@ -254,11 +254,7 @@ def _walk(N, issue, chunk, *, bar, x_f, x_bar, dfinal_ref, cot_ref, ds0_ref, b, 
                              plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32))
 
     xt = lax.fori_loop(0, N, step, xt0)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    store_transposed(x_f.at[0], xt)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(x_f.at[0], ds0_ref.at[b, h, :, vs])
-    plgpu.wait_smem_to_gmem(0)
+    send_last_state(x_f.at[0], xt, ds0_ref.at[b, h, :, vs])
 
 
 def reverse_from_factors(x, tv: mc.TokenVectors, p, qf, do, dfinal, *, cot_dtype=None, interpret=False):

@@ -338,6 +338,16 @@ def store_transposed(ref, value):
     ref.T[...] = plgpu.layout_cast(value, plgpu.Layout.WGMMA_TRANSPOSED).astype(ref.dtype)
 
 
+def send_last_state(ref, value, dst):
+    """A register walk's last state out: once every earlier TMA store has read its SMEM, value.T
+    (`store_transposed`) into ref and from there to dst, waited for before the kernel ends."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    store_transposed(ref, value)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ref, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _register_smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32, *, fused=False, o_buffers=1):
     tiles = slots * (C * K + C * bv + L * C * K + L * C * bv) * itemsize  # p, qe, k_l, v_l
     tiles += slots * ((L + 1) * C + K) * 4  # scalings
@@ -460,11 +470,7 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
             return st
 
         st = lax.fori_loop(0, N, step, st0)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        store_transposed(s_f.at[0], st)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(s_f.at[0], final_ref.at[b, h, :, vs])
-        plgpu.wait_smem_to_gmem(0)
+        send_last_state(s_f.at[0], st, final_ref.at[b, h, :, vs])
 
     operand = lambda shape: mc.smem(shape, dt)
     scratch = dict(
