@@ -1,8 +1,9 @@
 """Pallas kernels for the PRISM recurrence: `prism_pallas`, the `impl="pallas"` form of `prism_recurrence`.
 
     GPU  -> `gpu/split.py` (default) or `gpu/forward.py` (fused), Pallas with the Triton lowering
-    TPU  -> `tpu/forward.py`, Pallas Mosaic TPU (sequential chunk grid axis, state in VMEM scratch);
-            checked on CPU in TPU interpret mode and by lowering for TPU, not yet run on a TPU
+    TPU  -> `tpu/forward.py` and `tpu/backward.py`, Pallas Mosaic TPU (sequential chunk grid axis, the
+            state / its cotangent in VMEM scratch); checked on CPU in TPU interpret mode and by
+            lowering for TPU, not yet run on a TPU
     CPU  -> the GPU kernel in interpret mode (so CI runs the kernel code)
 
 Gradients come from `jax.custom_vjp`: the forward kernels save each chunk's start state (and its
@@ -10,7 +11,9 @@ triangular inverse), and the backward (`backward.py`) pulls the output cotangent
 a state pull-back kernel, a reverse state pass kernel, then per chunk the hand-derived gradients of
 `grads.py` as the Triton kernel `gpu/chunk_grads.py` (`bwd="explicit"`, the default via "auto"), or
 the autodiff forms (`bwd="xla"`: vmapped `jax.vjp` in XLA; `bwd="fused"`: that vjp traced inside a
-Triton kernel, `gpu/chunk_bwd.py`). On a TPU the explicit gradients run vmapped in XLA.
+Triton kernel, `gpu/chunk_bwd.py`). On a TPU the default backward is one kernel that walks the chunks
+in reverse (`tpu/backward.py`: recompute, per-chunk gradients and the state cotangent's pass in one
+step); bwd="explicit" runs the explicit gradients vmapped in XLA there.
 """
 
 from __future__ import annotations
@@ -107,27 +110,31 @@ def _core_fwd(opts, q, k, v, beta, g, r, rm1, s0):
 def _core_bwd(opts, res, cot):
     x, starts, ainv = res
     do, dfinal = cot
+    dq, dk, dv, dbeta, dg, ds0 = _gradients(opts, x, starts, ainv, do, dfinal)
+    cast = lambda d, ref: d.astype(ref.dtype)
+    return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g), None, None, ds0)
+
+
+def _gradients(opts, x, starts, ainv, do, dfinal):
+    """(dq, dk, dv, dbeta, dg, ds0) of the padded inputs by the backward that `opts` names."""
+    if opts["platform"] in ("tpu", "tpu-interpret") and opts["bwd"] == "fused":
+        from pallas_kernels.tpu.backward import backward as tpu_backward
+
+        return tpu_backward(x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"],
+                            interpret=opts["platform"] == "tpu-interpret")
     if opts["kernel"] == "mosaic":
         from pallas_kernels.gpu.mosaic import pipeline
 
-        dq, dk, dv, dbeta, dg, ds0 = pipeline.backward(x, starts, ainv, do, dfinal, scale=opts["scale"],
-                                                       stages=opts["mosaic_stages"],
-                                                       interpret=opts["platform"] == "cpu",
-                                                       options=opts["mosaic_options"])
-        return (dq.astype(x.q.dtype), dk.astype(x.k.dtype), dv.astype(x.v.dtype), dbeta.astype(x.beta.dtype),
-                dg.astype(x.g.dtype), None, None, ds0)
+        return pipeline.backward(x, starts, ainv, do, dfinal, scale=opts["scale"], stages=opts["mosaic_stages"],
+                                 interpret=opts["platform"] == "cpu", options=opts["mosaic_options"])
     reverse = {"gpu": "gpu", "cpu": "interpret"}.get(opts["platform"], "scan")
     if opts["bwd"] == "explicit":  # TPU: the same hand-derived gradients, vmapped in XLA
         chunk = "explicit-" + ("xla" if reverse == "scan" else reverse)
     else:
         chunk = reverse if opts["bwd"] == "fused" and reverse != "scan" else "xla"
-    dq, dk, dv, dbeta, dg, ds0 = _backward.backward(
-        x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"], reverse=reverse,
-        chunk=chunk, block_v=opts["bwd_block_v"], num_warps=opts["bwd_num_warps"], ainv=ainv,
-        v_split=opts["bwd_v_split"])
-    cast = lambda d, ref: d.astype(ref.dtype)
-    return (cast(dq, x.q), cast(dk, x.k), cast(dv, x.v), cast(dbeta, x.beta), cast(dg, x.g),
-            None, None, ds0)
+    return _backward.backward(x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"],
+                              reverse=reverse, chunk=chunk, block_v=opts["bwd_block_v"],
+                              num_warps=opts["bwd_num_warps"], ainv=ainv, v_split=opts["bwd_v_split"])
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -216,7 +223,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     Triton kernel (`gpu/chunk_grads.py`: bwd_block_v value columns per step, bwd_v_split programs per
     chunk along V, bwd_num_warps), vmapped in XLA on a TPU; or "auto" (default, `auto_backward`):
     "explicit", except float32 beyond chunk 32 or L = 2, which takes "xla". H200 figures in
-    `auto_backward` and docs/benchmarks.md;
+    `auto_backward` and docs/benchmarks.md. On a TPU "auto" and "fused" are `tpu/backward.py`, one
+    Mosaic TPU kernel for the whole backward (a reverse walk over chunks);
     platform: None (jax.default_backend()), "gpu", "tpu", "cpu" (the GPU kernels in interpret
     mode) or "tpu-interpret" (the TPU kernel in TPU interpret mode; tests).
     GPU forward options (`gpu/split.py`): forward_inverse "rows" (C - 1 substitution steps),
@@ -271,7 +279,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     if bwd not in ("auto", "fused", "xla", "explicit"):
         raise ValueError(f"prism_pallas: `bwd` is {bwd!r}, expected 'auto', 'fused', 'xla' or 'explicit'")
     if bwd == "auto":
-        bwd = auto_backward(L, chunk_size, matmul_dtype(q.dtype))
+        bwd = "fused" if platform in ("tpu", "tpu-interpret") else auto_backward(L, chunk_size, matmul_dtype(q.dtype))
     if (bwd == "fused" and platform in ("gpu", "cuda", "rocm") and matmul_dtype(q.dtype) == jnp.float32
             and max(K, V) >= 128):
         raise ValueError(f"prism_pallas: bwd='fused' in float32 with K = {K}, V = {V} needs more GPU shared "

@@ -124,20 +124,24 @@ def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V
     check_gradients(loss("pallas"), loss("reference"), args, seg, wo, wf, K, dir_seed=20)
 
 
-def check_gradients(loss_pallas, loss_reference, args, seg, wo, wf, K, dir_seed):
+def check_gradients(loss_pallas, loss_reference, args, seg, wo, wf, K, dir_seed, s0_used=True):
     """Gradients of `loss_pallas` (jitted) vs `loss_reference` within 1e-5 relative, and, independently,
     <grad, d> against a float64 central difference of the NumPy loop along random directions d.
-    Losses: sum(o * wo) + sum(final * wf) of (q, k, v, beta, g, s0) = args."""
+    Losses: sum(o * wo) + sum(final * wf) of (q, k, v, beta, g, s0) = args; s0_used=False: the losses
+    start from a zero state whatever s0 is (its gradient is zero, and the loop starts from zero)."""
     grads = jax.jit(jax.grad(loss_pallas, argnums=range(6)))(*args)
     grads_ref = jax.grad(loss_reference, argnums=range(6))(*args)
     for name, gp, gr in zip("q k v beta g s0".split(), grads, grads_ref):
+        if name == "s0" and not s0_used:
+            assert gp.shape == gr.shape and not np.any(np.asarray(gp)), name
+            continue
         assert gp.shape == gr.shape and rel(gp, gr) < 1e-5, (name, rel(gp, gr))
     dirs = [np.asarray(jax.random.normal(jax.random.PRNGKey(dir_seed + i), x.shape), np.float64)
             for i, x in enumerate(args)]
 
     def np_loss(eps):
         xs = [np.asarray(x, np.float64) + eps * d for x, d in zip(args, dirs)]
-        o, fin = numpy_prism(*xs[:5], K ** -0.5, xs[5], seg)
+        o, fin = numpy_prism(*xs[:5], K ** -0.5, xs[5] if s0_used else None, seg)
         return np.sum(o * np.asarray(wo)) + np.sum(fin * np.asarray(wf))
 
     eps = 1e-5
@@ -227,6 +231,73 @@ def test_tpu_kernel_interpret_matches_float64_loop():
     assert rel(o, o_ref) < 1e-5 and rel(final, final_ref) < 1e-5
 
 
+@pytest.mark.parametrize("L,T,K,V,chunk,with_state,with_segments", [
+    (2, 37, 16, 32, 16, True, True),  # odd T (a padded last chunk), K < V, documents
+    (1, 21, 32, 16, 16, False, False),  # K > V, no initial state
+    (3, 40, 16, 16, 32, True, True),  # chunk 32 (three levels of the doubled inverse more)
+])
+def test_tpu_backward_matches_reference_and_float64_directional_derivative(L, T, K, V, chunk, with_state,
+                                                                           with_segments):
+    """The TPU backward kernel (`tpu/backward.py`, bwd="auto" on a TPU) in TPU interpret mode."""
+    q, k, v, beta, g, s0 = make_inputs(50 + L, 1, T, 2, L, K, V)
+    seg = jnp.asarray(SEGMENTS[:, :T], jnp.int32) if with_segments else None
+    wo = jax.random.normal(jax.random.PRNGKey(51), (1, T, 2, V))
+    wf = jax.random.normal(jax.random.PRNGKey(52), (1, 2, K, V))
+
+    def loss(impl):
+        def f(q, k, v, beta, g, s0):
+            s0 = s0 if with_state else jnp.zeros_like(s0)
+            if impl == "pallas":
+                o, fin = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=chunk,
+                                      segment_ids=seg, platform="tpu-interpret")
+            else:
+                o, fin = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                          impl=impl, segment_ids=seg)
+            return jnp.sum(o * wo) + jnp.sum(fin * wf)
+        return f
+
+    check_gradients(loss("pallas"), loss("reference"), (q, k, v, beta, g, s0), seg, wo, wf, K, dir_seed=53,
+                    s0_used=with_state)
+
+
+def test_tpu_backward_bf16_within_1e2_of_float32_reference():
+    L, T, K, V = 2, 48, 32, 32
+    args = make_inputs(60, 1, T, 2, L, K, V)
+    wo = jax.random.normal(jax.random.PRNGKey(61), (1, T, 2, V))
+
+    def loss(impl, dtype):
+        def f(q, k, v, beta, g, s0):
+            q, k, v, beta = (t.astype(dtype) for t in (q, k, v, beta))
+            if impl == "pallas":
+                o, _ = prism_pallas(q, k, v, beta, g, scale=K ** -0.5, initial_state=s0, chunk_size=16,
+                                    platform="tpu-interpret")
+            else:
+                o, _ = prism_recurrence(q, k, v, beta, g, initial_state=s0, impl=impl)
+            return jnp.sum(o.astype(jnp.float32) * wo)
+        return f
+
+    got = jax.jit(jax.grad(loss("pallas", jnp.bfloat16), argnums=range(6)))(*args)
+    want = jax.grad(loss("reference", jnp.float32), argnums=range(6))(*args)
+    for name, a, b in zip("q k v beta g s0".split(), got, want):
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
+
+
+def test_tpu_inverse_matches_float64_on_an_ill_conditioned_chunk():
+    """The doubled block inverse (`tpu/common.py`) where the powers of m blow up: beta = 1 and
+    nearly parallel keys, so m is close to the all-ones strictly lower matrix."""
+    from pallas_kernels.tpu.common import unit_lower_inverse
+
+    C = 64
+    rng = np.random.default_rng(0)
+    k = np.ones((C, 16)) + 0.05 * rng.standard_normal((C, 16))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    m = np.tril(k @ k.T * np.exp(-0.01 * np.subtract.outer(np.arange(C), np.arange(C))), -1)
+    want = np.linalg.inv(np.eye(C) + m)
+    assert np.abs(np.linalg.matrix_power(m, 8)).max() > 1e6  # a power series would cancel badly here
+    got = jax.jit(unit_lower_inverse)(jnp.asarray(m, jnp.float32))
+    assert rel(got, want) < 1e-5, rel(got, want)
+
+
 def test_tpu_kernel_lowers_to_mosaic_with_gradients():
     """Lowering (jaxpr -> Mosaic) runs here; Mosaic's own compile needs a TPU and is not covered."""
     B, T, H, L, K, V = 1, 256, 2, 3, 128, 128
@@ -237,8 +308,8 @@ def test_tpu_kernel_lowers_to_mosaic_with_gradients():
     def loss(*a):
         return prism_pallas(*a, scale=0.1, chunk_size=64, platform="tpu")[0].astype(jnp.float32).sum()
 
-    lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(lowering_platforms=("tpu",))
-    assert "tpu_custom_call" in lowered.as_text()
+    text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 2 and "prism_fwd_tpu" in text and "prism_bwd_tpu" in text
 
 
 def lower_for_h200(fn, args, monkeypatch):
