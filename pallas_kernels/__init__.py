@@ -209,7 +209,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
 
     q [B, T, H, K], k [B, T, H, L, K], v [B, T, H, L, V], beta [B, T, H, L], g [B, T, H],
     initial_state [B, H, K, V] or None, segment_ids [B, T] int or None.
-    chunk_size: None = 64 for kernel "mosaic", 32 for the Triton kernels (their fastest on an H200
+    chunk_size: None = 64 for kernel "mosaic" and on a TPU, 32 for the Triton kernels (their fastest on an H200
     for bf16, K = V = 128; docs/benchmarks.md).
     kernel: "auto" (default, `auto_kernel`: "mosaic" on Hopper where it is measured faster, else
     "split"), "split", "fused" or "mosaic" (below).
@@ -256,7 +256,8 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
                          or forward_outputs != "kernel" or bwd_block_v is not None or bwd_v_split is not None)
         kernel = auto_kernel(q.dtype, K, V, L, chunk_size, platform, split_options=split_options)
     if chunk_size is None:
-        chunk_size = 64 if kernel == "mosaic" else 32
+        # TPU: [64, 64] products for a 128-wide MXU rather than [32, 32] ones (not measured: no TPU yet).
+        chunk_size = 64 if kernel == "mosaic" or platform in ("tpu", "tpu-interpret") else 32
     check_blocks(K, V, chunk_size, block_v, platform, jnp.dtype(matmul_dtype(q.dtype)).itemsize)
     if kernel not in ("split", "fused", "mosaic"):
         raise ValueError(f"prism_pallas: `kernel` is {kernel!r}, expected 'auto', 'split', 'fused' or 'mosaic'")

@@ -306,7 +306,7 @@ def test_tpu_kernel_lowers_to_mosaic_with_gradients():
             S((B, T, H, L, V), jnp.bfloat16), S((B, T, H, L), jnp.bfloat16), S((B, T, H), jnp.float32))
 
     def loss(*a):
-        return prism_pallas(*a, scale=0.1, chunk_size=64, platform="tpu")[0].astype(jnp.float32).sum()
+        return prism_pallas(*a, scale=0.1, platform="tpu")[0].astype(jnp.float32).sum()  # chunk 64 by default
 
     text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == 2 and "prism_fwd_tpu" in text and "prism_bwd_tpu" in text
