@@ -2,7 +2,7 @@
 # Session 15, device call 2 (one GPU; session 14's call 2 reordered so that the A/B of the whole op comes
 # first, plus the chunk backward's new options): the whole op at L = 1, 2 with the output kept (a
 # training step's work), unfused against fused, beside the peer; the chunk backward alone with paired
-# decay matrices (default) / without / vw formed by the key warpgroup; GPU tests of the fused path and
+# decay matrices (default) / without / vw formed by the key or the forward warpgroup (session 16); GPU tests of the fused path and
 # of the chunk backward's options; ptxas and SASS of our kernels and the peer's; the fused op's kernels;
 # the intra kernel's step_columns.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -16,7 +16,7 @@ timeout 150 python3 benchmarks/kernels.py --out "$OUT/kept" --reps 20 --budget_s
     --plan jla_gdn:2048,mosaic:1:2048,mfused:1:2048,mosaic:2:2048,mfused:2:2048 2>&1 \
     | grep '^| [pj]' | cut -c1-400
 timeout 70 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 --out "$OUT/grads_alone" \
-    --grads '{"paired_decays": false}' --grads '{}' --grads '{"vw_by_keys": true}' --grads '{"paired_decays": false}' \
+    --grads '{"paired_decays": false}' --grads '{}' --grads '{"vw_by": "keys"}' --grads '{"vw_by": "forward"}' \
     2>&1 | grep '^| \|FAILED' | cut -c1-300
 timeout 150 python3 -m pytest -q -p no:xdist -p no:cacheprovider -m gpu tests/kernels/mosaic/test_outputs.py \
     tests/kernels/mosaic/test_pipeline.py tests/kernels/mosaic/test_intra.py tests/kernels/mosaic/test_reverse.py \

@@ -1025,7 +1025,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         registers=None, paired_decays=None, vw_by_keys=None, profile=None,
+                         registers=None, paired_decays=None, vw_by=None, profile=None,
                          interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
@@ -1078,9 +1078,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg
     (`chunk_grads_wg3`; (168, 168, 168): the launch share, no setmaxnreg), None: the three-warpgroup
     kernel's `DEFAULT_REGISTERS` at K = V = 128, else the launch share.
-    paired_decays, vw_by_keys: `warpgroups` = 3 only (`chunk_grads_wg3`; None: its defaults, True / False):
-    each pair of decay matrices one column step apart from one exp; vw = beta v formed by the key-side
-    warpgroup instead of the backward side's.
+    paired_decays, vw_by: `warpgroups` = 3 only (`chunk_grads_wg3`; None: its defaults): each pair of
+    decay matrices one column step apart from one exp (True / False); the warpgroup that forms
+    vw = beta v ("backward", "keys", "forward").
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1119,10 +1119,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
                                reduction_scratch=reduction_scratch, registers=registers, order=order,
                                profile=profile, interpret=interpret,
-                               **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by_keys", vw_by_keys))
+                               **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by", vw_by))
                                   if v is not None})
-    if registers is not None or paired_decays is not None or vw_by_keys is not None:
-        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays` and `vw_by_keys` "
+    if registers is not None or paired_decays is not None or vw_by is not None:
+        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays` and `vw_by` "
                          "apply to `warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,

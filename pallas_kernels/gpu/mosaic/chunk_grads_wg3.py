@@ -21,8 +21,9 @@ the two-warpgroup kernels chain 6.
                     the decay vectors: vw dS'^T (rend), [wait E] E dS'^T (re), [wait dR] dR S^T (rs);
                     then [wait W, D] dk = end vw dS'^T - end_m1 E dS'^T + beta start_m1 dR S^T
                     + W^T q + D k + D^T k; <S, dS'> by rows.
-With `vw_by_keys`, WG2 forms vw as soon as v is in (vw_ready) and WG1 waits for it before dv takes v's
-bytes. With `paired_decays` (default) t_m1 and m1m1 are t_0 and m1_0 scaled by exp(g_j) per column.
+With `vw_by` "keys" (or "forward"), WG2 (or WG0) forms vw instead of WG1, as soon as v is in (WG0:
+once QK0 and QK are out), and arrives at vw_ready; WG1 waits for it before dv takes v's bytes, WG0
+before rhs and WG2 before its first product with vw. With `paired_decays` (default) t_m1 and m1m1 are t_0 and m1_0 scaled by exp(g_j) per column.
 The [C, K] dq / dk leave in the inputs' 16-bit dtype through dS''s SMEM (x_free: its last reader is
 done); dv through v's. The column sums of the decay cotangents (cross-warp reductions through Pallas'
 one reduction scratch) are taken by WG0, then WG1 (cs_turn). Each warpgroup writes its own partial
@@ -69,6 +70,7 @@ LAUNCH_REGISTERS = 168
 # session 12, two runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share;
 # (144, 216, 144) 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
 DEFAULT_REGISTERS = (152, 208, 144)
+VW_BY = ("backward", "keys", "forward")  # the warpgroup that forms vw = beta v
 
 
 def smem_bytes(K, V, dtype, reduction_scratch=2048):
@@ -90,7 +92,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, vw_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn,
-          done, *, scale, registers, order, add, paired, vw_by_keys):
+          done, *, scale, registers, order, add, paired, vw_by):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -173,8 +175,12 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         put(qk0_s, -scale * qk_raw * t_m1)
         put(qk_s, scale * qk_raw * t_0)
         ready(qk_ready)
+        if vw_by == "forward":
+            phase("w0.vw")
+            form_vw()
+            ready(vw_ready)
         phase("w0.wait_b")
-        wait(in_b, b_ready, *([vw_ready] if vw_by_keys else []))
+        wait(in_b, b_ready, *([vw_ready] if vw_by == "keys" else []))
         phase("w0.rhs_e")
         coef = R(vx.beta0 * vx.start_m1)
         for blk in vblocks:
@@ -223,7 +229,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.kk")
         (kk_raw,) = _issue((sq, [(k_s, k_s.T)]))
         put(b_s, R(vx.beta0, sq) * kk_raw * vx.m1_0())  # diag(beta) B
-        if not vw_by_keys:
+        if vw_by == "backward":
             form_vw()
         ready(b_ready)
         phase("w1.wait_qk")
@@ -240,8 +246,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             put(dr_s.at[:, blk], dr)
         ready(dr_ready)
         phase("w1.dvw")
-        if vw_by_keys:
-            wait(vw_ready)  # WG2 has read v: its bytes take dv
+        if vw_by != "backward":
+            wait(vw_ready)  # v has been read: its bytes take dv
         dbeta = []
         for blk, kx in zip(vblocks, kxs):
             (dvw,) = _issue((s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
@@ -277,18 +283,18 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         set_registers(2)
         phase = _Phases()
         phase("w2.wait_loads")
-        if vw_by_keys:
+        if vw_by == "keys":
             wait(in_a)
             phase("w2.vw")
             form_vw()
             ready(vw_ready)
             phase("w2.wait_loads_bc")
-        wait(*([] if vw_by_keys else [in_a]), in_b, in_c)  # a barrier is waited on once per phase
+        wait(*([] if vw_by == "keys" else [in_a]), in_b, in_c)  # a barrier is waited on once per phase
         phase("w2.sx")
         sx = total([jnp.sum(load(s_s.at[kc]) * load(x_s.at[kc]), axis=1) for kc in kblocks])  # <S, dS'> by rows
-        if not vw_by_keys:
-            phase("w2.wait_b")
-            wait(b_ready)
+        if vw_by != "keys":
+            phase("w2.wait_vw")
+            wait(vw_ready if vw_by == "forward" else b_ready)
         phase("w2.vwx")
         acc = _issue(*[(s64, [(vw_s, x_s.at[kc].T)]) for kc in kblocks])
         rend = rowsum_k(acc)
@@ -326,7 +332,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
-                    reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, vw_by_keys=False,
+                    reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, vw_by="backward",
                     profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
@@ -336,9 +342,10 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     launch share; ignored in the interpreter. paired_decays: each pair of decay matrices that differ by one
     step in their columns ((t_m1, t_0) and (m1m1, m1_0)) from one exp, the other by a column scaling
     (`_ChunkVectors.t_pair`): two exps of [C, C] fewer on WG0's path and one on WG1's; False forms each
-    by its own exp. vw_by_keys: WG2 (the key side, which waits for all loads anyway) forms vw = beta v as
-    soon as v is in, instead of WG1 (the critical path: session 11's profile had WG1 at ~54 us per CTA
-    against WG2's ~51 and WG0's ~38); WG1 then waits for it before dv takes v's bytes.
+    by its own exp. vw_by: the warpgroup that forms vw = beta v: "backward" (WG1, with B), "keys" (WG2,
+    which waits for all loads anyway, as soon as v is in) or "forward" (WG0, once QK0 and QK are out,
+    while WG1 forms B). WG1 is the critical path (session 11's profile: WG1 ~54 us per CTA against
+    WG2's ~51 and WG0's ~38); off it, WG1 waits for vw before dv takes v's bytes.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -374,11 +381,12 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         in_b=plgpu.Barrier(num_arrivals=2),
         in_c=one, qk_ready=one, b_ready=one, vw_ready=one, e_ready=one, dr_ready=one, w_ready=one, d_ready=one, x_free=one,
         cs_turn=one, done=plgpu.Barrier(num_arrivals=3))
-    for name, flag in (("paired_decays", paired_decays), ("vw_by_keys", vw_by_keys)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"chunk_grads_backward: `{name}` = {flag!r} must be True or False")
+    if not isinstance(paired_decays, bool):
+        raise ValueError(f"chunk_grads_backward: `paired_decays` = {paired_decays!r} must be True or False")
+    if vw_by not in VW_BY:
+        raise ValueError(f"chunk_grads_backward: `vw_by` = {vw_by!r} must be one of {VW_BY}")
     body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays,
-                             vw_by_keys=vw_by_keys)
+                             vw_by=vw_by)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,
