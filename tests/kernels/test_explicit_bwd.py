@@ -150,9 +150,9 @@ def test_explicit_kernels_lower_to_triton_with_gradients(dtype, L, chunk, kw, mo
     assert "prism_chunk_grads" in text
 
 
-@pytest.mark.slow  # ~11 s of XLA compiles; the TPU path's
+@pytest.mark.slow  # ~11 s of XLA compiles; a TPU's bwd="explicit"
 def test_explicit_xla_backward_matches_autodiff_backward():
-    """chunk="explicit-xla" (the TPU path: `chunk_grads` vmapped in XLA) against chunk="xla" (`jax.vjp`
+    """chunk="explicit-xla" (a TPU's bwd="explicit": `chunk_grads` vmapped in XLA) against chunk="xla" (`jax.vjp`
     of the chunk map), both linear in (do, dfinal) given any chunk-start states: random ones here."""
     from pallas_kernels.backward import backward
     from pallas_kernels.common import prepare

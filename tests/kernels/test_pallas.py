@@ -100,7 +100,7 @@ def test_reverse_state_kernel_matches_scan(block_v):
     (2, 40, 16, 32, "split", "fused", 16, 16),  # two value blocks: dq / dk / dbeta / dg summed over blocks
     (3, 21, 16, 16, "fused", "fused", None, 16),  # no saved inverses: the backward kernels solve again
     (2, 70, 16, 16, "split", "fused", None, 64),  # the fused backward at chunk 64
-    pytest.param(2, 40, 16, 32, "split", "xla", None, 16, marks=pytest.mark.slow),  # the TPU path's
+    pytest.param(2, 40, 16, 32, "split", "xla", None, 16, marks=pytest.mark.slow),  # bwd="xla" (vmapped jax.vjp)
 ])
 def test_gradients_match_reference_and_float64_directional_derivative(L, T, K, V, kernel, bwd, bwd_block_v,
                                                                       chunk):
