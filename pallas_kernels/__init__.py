@@ -73,7 +73,7 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
-        return (*tpu_forward(x, scale=scale, chunk_size=chunk_size,
+        return (*tpu_forward(x, scale=scale, chunk_size=chunk_size, save_starts=save_starts,
                              interpret=platform == "tpu-interpret"), None)
     if kernel == "mosaic":
         from pallas_kernels.gpu.mosaic import pipeline

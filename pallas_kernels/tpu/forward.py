@@ -26,8 +26,9 @@ from pallas_kernels.tpu.common import Specs, decays, grid_operands, heads_last, 
 f32 = jnp.float32
 
 
-def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref, starts_ref,
-            final_ref, s_scr, *, n_writes, scale, mm_dtype):
+def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref, *refs, n_writes, scale, mm_dtype,
+            save_starts):
+    starts_ref, final_ref, s_scr = refs if save_starts else (None, *refs)
     n = pl.program_id(1)
 
     @pl.when(n == 0)
@@ -36,7 +37,8 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
 
     dot = functools.partial(mm, dtype=mm_dtype)
     s = s_scr[...]
-    starts_ref[...] = s
+    if save_starts:
+        starts_ref[...] = s
     d = decays(g_ref[...], r_ref[...], rm1_ref[...])
     q = q_ref[...]
     ks = [k_ref[l] for l in range(n_writes)]
@@ -44,16 +46,18 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
     vws = [betas[l] * v_ref[l].astype(f32) for l in range(n_writes)]
     k0, beta0 = ks[0], betas[0]
 
-    a_inv = unit_lower_inverse(beta0 * dot(k0, k0, trans_b=True) * d["m1m1"])
+    qk_raw = [dot(q, kl, trans_b=True) for kl in ks]  # [C, C] each; l = 0 also gives QK0 and m
+    kk_raw = [dot(k0, kl, trans_b=True) for kl in ks]
+    a_inv = unit_lower_inverse(beta0 * kk_raw[0] * d["m1m1"])
     rhs = dot(beta0 * d["start_m1"] * k0.astype(f32), s)
     o = d["start"] * dot(q, s)
     s_new = d["all"] * s
-    for kl, vwl in zip(ks, vws):
-        rhs = rhs + beta0 * dot(dot(k0, kl, trans_b=True) * d["m1_0"], vwl)
-        o = o + dot(dot(q, kl, trans_b=True) * d["t_0"], vwl)
+    for l, (kl, vwl) in enumerate(zip(ks, vws)):
+        rhs = rhs + beta0 * dot(kk_raw[l] * d["m1_0"], vwl)
+        o = o + dot(qk_raw[l] * d["t_0"], vwl)
         s_new = s_new + dot(d["end"] * kl.astype(f32), vwl, trans_a=True)
     e = dot(a_inv, rhs)
-    o = o - dot(dot(q, k0, trans_b=True) * d["t_m1"], e)
+    o = o - dot(qk_raw[0] * d["t_m1"], e)
     s_new = s_new - dot(d["end_m1"] * k0.astype(f32), e, trans_a=True)
     o_ref[...] = (scale * o).astype(o_ref.dtype)
     s_scr[...] = s_new
@@ -63,27 +67,28 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
         final_ref[...] = s_new
 
 
-def forward(x: Prepared, *, scale, chunk_size, block_v=None, interpret=False):
-    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32).
+def forward(x: Prepared, *, scale, chunk_size, block_v=None, save_starts=True, interpret=False):
+    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32, or None
+    without `save_starts`: a forward that is not differentiated writes no start states).
 
     block_v is accepted for a common signature and ignored (a step holds all V columns)."""
     del block_v
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     C, N, BH = chunk_size, Tp // chunk_size, B * H
-    ops = grid_operands(x)
     sp = Specs(C, L, K, V, chunk=lambda n: n)
-    o, starts, final = pl.pallas_call(
-        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=matmul_dtype(x.q.dtype)),
+    starts_out = [(sp.chunk_state(), jax.ShapeDtypeStruct((BH, N, K, V), f32))] if save_starts else []
+    o, *starts, final = pl.pallas_call(
+        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=matmul_dtype(x.q.dtype), save_starts=save_starts),
         grid=(BH, N),
         in_specs=[sp.tok(K), sp.writes(K), sp.writes(V), sp.tok(L), sp.tok(1), sp.tok(1), sp.tok(1), sp.state()],
-        out_specs=[sp.tok(V), sp.chunk_state(), sp.state()],
-        out_shape=(jax.ShapeDtypeStruct((BH, Tp, V), x.v.dtype),
-                   jax.ShapeDtypeStruct((BH, N, K, V), f32),
+        out_specs=[sp.tok(V), *(spec for spec, _ in starts_out), sp.state()],
+        out_shape=(jax.ShapeDtypeStruct((BH, Tp, V), x.v.dtype), *(shape for _, shape in starts_out),
                    jax.ShapeDtypeStruct((BH, K, V), f32)),
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="prism_fwd_tpu",
-    )(*ops.values(), x.s0.reshape(BH, K, V))
-    return heads_last(o, B, H), final.reshape(B, H, K, V), starts.reshape(B, H, N, K, V)
+    )(*grid_operands(x).values(), x.s0.reshape(BH, K, V))
+    return (heads_last(o, B, H), final.reshape(B, H, K, V),
+            starts[0].reshape(B, H, N, K, V) if save_starts else None)

@@ -310,6 +310,10 @@ def test_tpu_kernel_lowers_to_mosaic_with_gradients():
 
     text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == 2 and "prism_fwd_tpu" in text and "prism_bwd_tpu" in text
+    starts = f"{B * H}x{T // 64}x{K}x{V}xf32"  # the chunk start states [B*H, N, K, V]
+    assert starts in text
+    forward_only = jax.jit(loss).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert forward_only.count("tpu_custom_call") == 1 and starts not in forward_only
 
 
 def lower_for_h200(fn, args, monkeypatch):
