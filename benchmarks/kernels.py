@@ -43,6 +43,7 @@ GRAD_NAMES = ("q", "k", "v", "beta", "g")
 # name -> prism_pallas keyword arguments. A row "pallas" names one of these; its forward is timed once per
 # distinct forward setting (the keys below that are not backward options) and (L, T).
 VARIANTS = {
+    "default": {},  # prism_pallas' defaults on this machine (on a TPU: its kernels, chunk 64, the kernel backward)
     "xla": dict(bwd="xla"),                       # chunk 32 (the kernels' default chunk)
     "fused": dict(bwd="fused"),
     "explicit": dict(bwd="explicit"),
@@ -233,7 +234,7 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
     fkey = None
     if impl == "pallas":
         kw = variants[variant]
-        row.update(bwd=kw.get("bwd", "auto"), chunk=kw.get("chunk_size", 32), kwargs=kw)
+        row.update(bwd=kw.get("bwd", "auto"), chunk=kw.get("chunk_size", "default"), kwargs=kw)
         fwd = prism_fwd("pallas", scale, **kw)
         fkey = (forward_key(kw), L, T)
     elif impl == "chunk":
