@@ -73,8 +73,8 @@ def _forward(x: Prepared, *, scale, chunk_size, platform, block_v, num_warps, nu
     if platform in ("tpu", "tpu-interpret"):
         from pallas_kernels.tpu.forward import forward as tpu_forward
 
-        return (*tpu_forward(x, scale=scale, chunk_size=chunk_size, save_starts=save_starts,
-                             interpret=platform == "tpu-interpret"), None)
+        return tpu_forward(x, scale=scale, chunk_size=chunk_size, save_starts=save_starts,
+                           interpret=platform == "tpu-interpret")
     if kernel == "mosaic":
         from pallas_kernels.gpu.mosaic import pipeline
 
@@ -120,7 +120,7 @@ def _gradients(opts, x, starts, ainv, do, dfinal):
     if opts["platform"] in ("tpu", "tpu-interpret") and opts["bwd"] == "fused":
         from pallas_kernels.tpu.backward import backward as tpu_backward
 
-        return tpu_backward(x, starts, do, dfinal, scale=opts["scale"], chunk_size=opts["chunk_size"],
+        return tpu_backward(x, starts, do, dfinal, ainv=ainv, scale=opts["scale"], chunk_size=opts["chunk_size"],
                             interpret=opts["platform"] == "tpu-interpret")
     if opts["kernel"] == "mosaic":
         from pallas_kernels.gpu.mosaic import pipeline

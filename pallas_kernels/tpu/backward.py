@@ -2,8 +2,8 @@
 
 Grid (B*H "parallel", N "arbitrary"), step n visiting chunk N - 1 - n. The cotangent of the chunk's
 end state, dS' [K, V] float32, lives in a VMEM scratch buffer between steps (dfinal at the first).
-One step recomputes the chunk's quantities from its inputs and the start state S the forward saved
-(decays, (I + m)^{-1}, E), then writes the chunk's input cotangents and passes the start state's
+One step recomputes the chunk's quantities from its inputs, the start state S and the inverse
+(I + m)^{-1} the forward saved (decays, E), then writes the chunk's input cotangents and passes the start state's
 cotangent to the step before it, so the three stages of the GPU backward (pull-back, reverse state
 pass, per-chunk gradients; `pallas_kernels/backward.py`) are one kernel, and nothing per chunk but
 the saved start states travels through HBM. On a TPU core the grid runs in order anyway, so the walk
@@ -37,8 +37,9 @@ def _rowsum(x):
     return jnp.sum(x, axis=1, keepdims=True)
 
 
-def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s_ref, do_ref, dfinal_ref,
-            dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, ds0_ref, x_scr, *, n_writes, scale, mm_dtype):
+def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s_ref, do_ref, dfinal_ref, *refs, n_writes, scale,
+            mm_dtype, saved_inverse):
+    ainv_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, ds0_ref, x_scr = refs if saved_inverse else (None, *refs)
     n = pl.program_id(1)
 
     @pl.when(n == 0)
@@ -62,7 +63,7 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s_ref, do_ref,
 
     # ---- the chunk's forward quantities
     kk_m = dot(k0, k0, trans_b=True) * d["m1m1"]
-    xinv = unit_lower_inverse(beta0 * kk_m)
+    xinv = ainv_ref[...] if saved_inverse else unit_lower_inverse(beta0 * kk_m)
     qk_raw0 = dot(q, k0, trans_b=True)
     qk0 = qk_raw0 * d["t_m1"]
     qks = [(qk_raw0 if l == 0 else dot(q, kl, trans_b=True)) * d["t_0"] for l, kl in enumerate(ks)]
@@ -145,21 +146,25 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s_ref, do_ref,
         ds0_ref[...] = ds
 
 
-def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, interpret=False):
+def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, ainv=None, interpret=False):
     """Gradients (dq, dk, dv, dbeta, dg, ds0) float32 of the padded inputs, `backward.backward`'s
     contract: starts [B, H, N, K, V] the chunks' start states from the forward (float32), do
-    [B, Tp, H, V] the output cotangent, dfinal [B, H, K, V] the final state's."""
+    [B, Tp, H, V] the output cotangent, dfinal [B, H, K, V] the final state's; ainv [B, H, N, C, C] the
+    forward's (I + m)^{-1} (`tpu/forward.py`; used in the matmul dtype), or None: solved again."""
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     C, N, BH = chunk_size, Tp // chunk_size, B * H
+    mm_dtype = matmul_dtype(x.q.dtype)
+    if ainv is not None and ainv.shape != (B, H, N, C, C):
+        raise ValueError(f"tpu backward: `ainv` must be None or [B, H, N, C, C] = {(B, H, N, C, C)}, got {ainv.shape}")
     sp = Specs(C, L, K, V, chunk=lambda n: N - 1 - n)
     tok = lambda width: jax.ShapeDtypeStruct((BH, Tp, width), f32)
     writes = lambda width: jax.ShapeDtypeStruct((BH, L, Tp, width), f32)
     dq, dk, dv, dbeta, dg, ds0 = pl.pallas_call(
-        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=matmul_dtype(x.q.dtype)),
+        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=mm_dtype, saved_inverse=ainv is not None),
         grid=(BH, N),
         in_specs=[sp.tok(K), sp.writes(K), sp.writes(V), sp.tok(L), sp.tok(1), sp.tok(1), sp.tok(1),
-                  sp.chunk_state(), sp.tok(V), sp.state()],
+                  sp.chunk_state(), sp.tok(V), sp.state(), *([sp.chunk_square()] if ainv is not None else [])],
         out_specs=[sp.tok(K), sp.writes(K), sp.writes(V), sp.tok(L), sp.tok(1), sp.state()],
         out_shape=(tok(K), writes(K), writes(V), tok(L), tok(1), jax.ShapeDtypeStruct((BH, K, V), f32)),
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
@@ -167,7 +172,8 @@ def backward(x: Prepared, starts, do, dfinal, *, scale, chunk_size, interpret=Fa
         interpret=pltpu.InterpretParams() if interpret else False,
         name="prism_bwd_tpu",
     )(*grid_operands(x).values(), starts.astype(f32).reshape(BH, N, K, V),
-      heads_first(do), dfinal.astype(f32).reshape(BH, K, V))
+      heads_first(do), dfinal.astype(f32).reshape(BH, K, V),
+      *([ainv.astype(mm_dtype).reshape(BH, N, C, C)] if ainv is not None else []))
     writes_last = lambda t: heads_last(jnp.moveaxis(t, 1, 2), B, H)  # [BH, L, Tp, .] -> [B, Tp, H, L, .]
     return (heads_last(dq, B, H), writes_last(dk), writes_last(dv), heads_last(dbeta, B, H),
             heads_last(dg, B, H)[..., 0], ds0.reshape(B, H, K, V))

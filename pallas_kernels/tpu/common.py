@@ -110,7 +110,7 @@ def heads_last(t, B, H):
 class Specs:
     """Block specs of a (B*H, N) grid whose step n visits chunk `chunk(n)` (n, or N - 1 - n for a
     reverse walk): per-token blocks [C, width], per-write blocks [L, C, width], per-head [K, V] ones
-    and per-chunk [K, V] ones."""
+    and per-chunk [K, V] and [C, C] ones."""
 
     def __init__(self, C, L, K, V, chunk):
         self.C, self.L, self.K, self.V, self._chunk = C, L, K, V, chunk
@@ -126,3 +126,6 @@ class Specs:
 
     def chunk_state(self):
         return pl.BlockSpec((None, None, self.K, self.V), lambda i, n: (i, self._chunk(n), 0, 0))
+
+    def chunk_square(self):
+        return pl.BlockSpec((None, None, self.C, self.C), lambda i, n: (i, self._chunk(n), 0, 0))

@@ -28,7 +28,7 @@ f32 = jnp.float32
 
 def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref, *refs, n_writes, scale, mm_dtype,
             save_starts):
-    starts_ref, final_ref, s_scr = refs if save_starts else (None, *refs)
+    starts_ref, ainv_ref, final_ref, s_scr = refs if save_starts else (None, None, *refs)
     n = pl.program_id(1)
 
     @pl.when(n == 0)
@@ -49,6 +49,8 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
     qk_raw = [dot(q, kl, trans_b=True) for kl in ks]  # [C, C] each; l = 0 also gives QK0 and m
     kk_raw = [dot(k0, kl, trans_b=True) for kl in ks]
     a_inv = unit_lower_inverse(beta0 * kk_raw[0] * d["m1m1"])
+    if save_starts:
+        ainv_ref[...] = a_inv.astype(ainv_ref.dtype)
     rhs = dot(beta0 * d["start_m1"] * k0.astype(f32), s)
     o = d["start"] * dot(q, s)
     s_new = d["all"] * s
@@ -68,27 +70,32 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
 
 
 def forward(x: Prepared, *, scale, chunk_size, block_v=None, save_starts=True, interpret=False):
-    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32, or None
-    without `save_starts`: a forward that is not differentiated writes no start states).
+    """Returns (o [B, Tp, H, V] in v's dtype, final [B, H, K, V] f32, starts [B, H, N, K, V] f32, ainv
+    [B, H, N, C, C]): the chunks' start states and (I + m)^{-1} in the matmul dtype (the backward
+    multiplies by it in that dtype), or None for both without `save_starts` (a forward that is not
+    differentiated writes neither).
 
     block_v is accepted for a common signature and ignored (a step holds all V columns)."""
     del block_v
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     C, N, BH = chunk_size, Tp // chunk_size, B * H
+    mm_dtype = matmul_dtype(x.q.dtype)
     sp = Specs(C, L, K, V, chunk=lambda n: n)
-    starts_out = [(sp.chunk_state(), jax.ShapeDtypeStruct((BH, N, K, V), f32))] if save_starts else []
-    o, *starts, final = pl.pallas_call(
-        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=matmul_dtype(x.q.dtype), save_starts=save_starts),
+    saved = [(sp.chunk_state(), jax.ShapeDtypeStruct((BH, N, K, V), f32)),
+             (sp.chunk_square(), jax.ShapeDtypeStruct((BH, N, C, C), mm_dtype))] if save_starts else []
+    o, *saved_out, final = pl.pallas_call(
+        functools.partial(_kernel, n_writes=L, scale=scale, mm_dtype=mm_dtype, save_starts=save_starts),
         grid=(BH, N),
         in_specs=[sp.tok(K), sp.writes(K), sp.writes(V), sp.tok(L), sp.tok(1), sp.tok(1), sp.tok(1), sp.state()],
-        out_specs=[sp.tok(V), *(spec for spec, _ in starts_out), sp.state()],
-        out_shape=(jax.ShapeDtypeStruct((BH, Tp, V), x.v.dtype), *(shape for _, shape in starts_out),
+        out_specs=[sp.tok(V), *(spec for spec, _ in saved), sp.state()],
+        out_shape=(jax.ShapeDtypeStruct((BH, Tp, V), x.v.dtype), *(shape for _, shape in saved),
                    jax.ShapeDtypeStruct((BH, K, V), f32)),
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="prism_fwd_tpu",
     )(*grid_operands(x).values(), x.s0.reshape(BH, K, V))
-    return (heads_last(o, B, H), final.reshape(B, H, K, V),
-            starts[0].reshape(B, H, N, K, V) if save_starts else None)
+    starts, ainv = ((saved_out[0].reshape(B, H, N, K, V), saved_out[1].reshape(B, H, N, C, C)) if save_starts
+                    else (None, None))
+    return heads_last(o, B, H), final.reshape(B, H, K, V), starts, ainv

@@ -260,6 +260,25 @@ def test_tpu_backward_matches_reference_and_float64_directional_derivative(L, T,
                     s0_used=with_state)
 
 
+def test_tpu_backward_with_the_forward_inverse_matches_solving_again():
+    """The backward kernel reads the forward's saved (I + m)^{-1}; with ainv=None it solves again."""
+    from pallas_kernels.common import prepare
+    from pallas_kernels.tpu.backward import backward
+    from pallas_kernels.tpu.forward import forward
+
+    L, T, K, V, C = 2, 32, 16, 16, 16
+    q, k, v, beta, g, s0 = make_inputs(70, 1, T, 2, L, K, V)
+    x = prepare(q, k, v, beta, g, s0, jnp.asarray(SEGMENTS[:, :T], jnp.int32), C)
+    o, final, starts, ainv = forward(x, scale=0.3, chunk_size=C, interpret=True)
+    assert ainv.shape == (1, 2, T // C, C, C) and ainv.dtype == jnp.float32
+    do = jax.random.normal(jax.random.PRNGKey(71), o.shape)
+    dfinal = jax.random.normal(jax.random.PRNGKey(72), final.shape)
+    saved = backward(x, starts, do, dfinal, scale=0.3, chunk_size=C, ainv=ainv, interpret=True)
+    again = backward(x, starts, do, dfinal, scale=0.3, chunk_size=C, interpret=True)
+    for name, a, b in zip("dq dk dv dbeta dg ds0".split(), saved, again):
+        assert a.shape == b.shape and rel(a, b) < 1e-6, (name, rel(a, b))
+
+
 def test_tpu_backward_bf16_within_1e2_of_float32_reference():
     L, T, K, V = 2, 48, 32, 32
     args = make_inputs(60, 1, T, 2, L, K, V)
