@@ -80,6 +80,7 @@ C = mc.CHUNK
 SIZES = (64, 128)  # supported K and V
 BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
 STEP_COLUMNS = (1, 2, 4)  # substitution columns per dependent step
+DIAGONAL_SOLVES = ("rows", "columns")  # how the inverse's diagonal blocks are solved (`intra`)
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
@@ -204,7 +205,53 @@ def _diagonal_block_inverse(m, a_s, m_s, w_s, *, block, split, hold, step_column
     return x
 
 
-def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1):
+# Padding of the rows of the column solve's float32 SMEM buffers: a WGMMA-layout store writes 8 rows
+# per instruction, and at a 256-byte row stride all of them fall in the same banks.
+SOLVE_PAD = 8
+
+
+def _column_solve(block):
+    """`inline_mgpu` function (m [C, C] float32 WGMMA registers, m_ref, x_ref: float32 [C, C] SMEM)
+    -> the inverses of I + m's `block` x `block` diagonal blocks (WGMMA registers; entries outside
+    them undefined: the caller masks). Thread c < C of the warpgroup solves column c of its block,
+    (I + m) x = e_c, right-looking: r = e_c; for j in the block, x_j = r_j, then r_i -= m_ij x_j
+    for every later row i of the block. The updates of a step are independent, so the dependent
+    chain is one multiply-add per step (no reductions, no shuffles); m_ij is a same-address read
+    across the threads of a block (a broadcast). Mosaic GPU's interpreter does not run inline
+    Mosaic GPU code: `intra(diagonal="rows")` is the interpreter's path."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, math as mlir_math, memref
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((C, C), f32, layout=plgpu.Layout.WGMMA))
+    def solve(ctx, m, m_ref, x_ref):
+        del ctx
+        m.store_untiled(m_ref, optimized=False)
+        mu.warpgroup_barrier()  # every thread reads entries that others stored
+        i32, index, fp = ir.IntegerType.get_signless(32), ir.IndexType.get(), ir.F32Type.get()
+        thread = arith.remui(mu.thread_idx(), mu.c(128, i32))  # within the warpgroup
+        with mu.when(arith.cmpi(arith.CmpIPredicate.ult, thread, mu.c(C, i32))):
+            in_block = arith.remui(thread, mu.c(block, i32))
+            column = arith.index_cast(index, thread)
+            first = arith.index_cast(index, arith.subi(thread, in_block))  # the block's first row
+            row = lambda j: arith.addi(first, mu.c(j, index))
+            one, zero = mu.c(1.0, fp), mu.c(0.0, fp)
+            r = [arith.select(arith.cmpi(arith.CmpIPredicate.eq, in_block, mu.c(i, i32)), one, zero)
+                 for i in range(block)]
+            for j in range(block):
+                memref.store(r[j], x_ref, [row(j), column])
+                minus_x = arith.negf(r[j])
+                for i in range(j + 1, block):
+                    r[i] = mlir_math.fma(memref.load(m_ref, [row(i), row(j)]), minus_x, r[i])
+        mu.warpgroup_barrier()  # every column is in before any thread reads rows
+        return mgpu.FragmentedArray.load_untiled(x_ref, layout=mgpu.WGMMA_LAYOUT, optimized=False)
+
+    return solve
+
+
+def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1, diagonal="rows"):
     """X0 = (I + m0)^{-1} [C, C] float32 for the gate-free strictly lower m0 (float32 registers, not
     live after the diagonal blocks): diagonal blocks by substitution, then doubling
     X_2s = X_s - X_s (Off_s X_s) (exact: Off_s X_s Off_s = 0).
@@ -215,13 +262,24 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1):
     the substitution and Off_s is staged for each doubling (16 KiB less SMEM, one more wgmma wait).
     SMEM beside m_s, each phase its own `run_scoped` (the memory is reused): the substitution 24 KiB
     (S, W; 40 KiB with m_diag's own buffer without m_s), the doublings 32 KiB (X_s and the link as
-    hi / lo; without m_s Off_s first takes the link's buffer)."""
+    hi / lo; without m_s Off_s first takes the link's buffer). diagonal="columns": the diagonal blocks
+    by `_column_solve` (two padded float32 [C, C] buffers, 36 KiB; GPU only)."""
     sq = (C, C)
     rows, cols = mc.iota(sq, 0), mc.iota(sq, 1)
     if block == 2:  # the 2 x 2 diagonal blocks of (I + m0)^{-1} are I - m0's: no substitution
         x = jnp.where(rows == cols, 1.0, jnp.where(lax.div(rows, 2) == lax.div(cols, 2), -m0, 0.0))
         if m_s is not None:
             _stage(m_s, m0, split)
+    elif diagonal == "columns":
+        def diagonal_columns(m_pad, x_pad):
+            if m_s is not None:
+                _stage(m_s, m0, split)
+            x = _column_solve(block)(m0, m_pad.at[:, :C], x_pad.at[:, :C])
+            return jnp.where(lax.div(rows, block) == lax.div(cols, block), x, 0.0)
+
+        with jax.named_scope("diagonal"):
+            pad = plgpu.SMEM((C, C + SOLVE_PAD), f32)
+            x = pl.run_scoped(diagonal_columns, pad, pad)
     else:
         def diagonal(a_s, w_s, *b_s):
             return _diagonal_block_inverse(m0, a_s, m_s if m_s is not None else b_s[0], w_s, block=block,
@@ -251,15 +309,16 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1):
         return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
-def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False):
+def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows"):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
     and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
     inverse (`_inverse`'s m_s); factors: the output factors too (q's tile, three more vectors, Qe's
-    own tile)."""
+    own tile); diagonal: the diagonal blocks' solve (`intra`)."""
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
     inputs += (C * K * 2 + 3 * C * 4) if factors else 0
     solve = max(C * C * 2 * 4,  # doubling: X_s and the link as hi / lo
                 C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
+                2 * C * (C + SOLVE_PAD) * 4 if diagonal == "columns" else 0,  # column solve: m, X (float32)
                 (L - 1) * C * C * 2)  # the right-hand side of the writes l >= 1
     solve += C * C * 2 * 2 if hold_m else 0
     # X's scalings, Z; X or the reset correction (float32, counted either way; P and Qe go out from k0's
@@ -268,21 +327,22 @@ def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False):
     return slots * inputs + max(solve, out)
 
 
-def _fits(L, K, V, slots, hold_m, factors=False):
+def _fits(L, K, V, slots, hold_m, factors=False, diagonal="rows"):
     """Whether two CTAs fit on an SM."""
-    return 2 * (smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors) + 1024) <= SMEM_PER_SM
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal)
+    return 2 * (need + 1024) <= SMEM_PER_SM
 
 
-def default_hold_m(L, K, V, factors=False):
+def default_hold_m(L, K, V, factors=False, diagonal="rows"):
     """Hold the staged m0 through the inverse where two one-slot CTAs still fit on an SM."""
-    return _fits(L, K, V, 1, True, factors)
+    return _fits(L, K, V, 1, True, factors, diagonal)
 
 
-def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False):
+def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False, diagonal="rows"):
     """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
     allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
     else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
-    fits = _fits(L, K, V, 2, hold_m, factors)
+    fits = _fits(L, K, V, 2, hold_m, factors, diagonal)
     for cpc in (4, 2):
         if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
             return cpc
@@ -291,7 +351,7 @@ def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False):
 
 def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
           chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
-          step_columns=1, factors=False, scale=None, profile=None, interpret=False):
+          step_columns=1, diagonal="rows", factors=False, scale=None, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU); with `factors`
     two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
@@ -313,6 +373,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     inverse (16 KiB) rather than formed again for the doublings; None: `default_hold_m` (where two
     one-slot CTAs still fit on an SM). step_columns: 1, 2 or 4 columns of the diagonal blocks'
     substitution per dependent step (`_diagonal_block_inverse`; 2 and 4 not yet timed on a GPU).
+    diagonal: how the diagonal blocks are solved: "rows" (`_diagonal_block_inverse`: the steps are row
+    reductions over W = S m^T's rows) or "columns" (`_column_solve`: a thread per column, one
+    multiply-add per dependent step; GPU only, not yet run on one).
     factors: also form the chunk outputs' factors Qf = scale (diag(start) q - (q k0^T . T_m1) P) and
     Of = scale ((q k0^T . T_0 . beta0) v0 - (q k0^T . T_m1) Qe) (`output_factors`), which the state
     pass turns into the outputs (`state_pass(factors=...)`): q k0^T joins the P / Qe products, the
@@ -327,6 +390,11 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     _check(x, tv, block)
     if step_columns not in STEP_COLUMNS:
         raise ValueError(f"mosaic intra: step_columns = {step_columns!r}; supported: {STEP_COLUMNS}")
+    if diagonal not in DIAGONAL_SOLVES:
+        raise ValueError(f"mosaic intra: diagonal = {diagonal!r}; supported: {DIAGONAL_SOLVES}")
+    if diagonal == "columns" and interpret:
+        raise ValueError("mosaic intra: diagonal='columns' is inline Mosaic GPU code, which the interpreter does "
+                         "not run; use diagonal='rows' with interpret=True")
     if factors and x.v.shape[-2] != 1:
         raise ValueError(f"mosaic intra: factors=True supports L = 1 only (got L = {x.v.shape[-2]}); form the "
                          "factors with output_factors.output_factors")
@@ -335,10 +403,10 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     if factors and x.q.dtype != x.k.dtype:
         raise ValueError(f"mosaic intra: q dtype {x.q.dtype} must equal k's ({x.k.dtype}) with factors=True")
     if hold_m is None:
-        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], factors)
+        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], factors, diagonal)
     if chunks_per_cta is None:
         chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
-                                                x.q.shape[-1], x.v.shape[-1], hold_m, factors)
+                                                x.q.shape[-1], x.v.shape[-1], hold_m, factors, diagonal)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -349,7 +417,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
-    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors)
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal)
     if need > SMEM_PER_SM - 1024:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta}, hold_m = {hold_m} at L = {L}, K = {K}, "
                          f"V = {V} needs {need // 1024} KiB of SMEM; the H200 has 227 KiB per CTA: use "
@@ -420,7 +488,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     with jax.named_scope("rhs"):
                         pl.run_scoped(rhs_phase, mc.smem((L - 1, C, C), dt))
                 return _inverse(m0_of(kks[0]), dt, block=block, split=merge_split, m_s=m_s[0] if hold_m else None,
-                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)), step_columns=step_columns)
+                                m_of=lambda: m0_of(mc.matmul(k_l(0), k_l(0).T, sq)), step_columns=step_columns,
+                                diagonal=diagonal)
 
             x0 = pl.run_scoped(solve_phase, *([mc.smem((2, C, C), dt)] if hold_m else []))
 

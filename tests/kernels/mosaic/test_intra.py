@@ -173,6 +173,10 @@ def test_intra_rejects_unsupported_inputs():
         intra(x, tv, block=64)
     with pytest.raises(ValueError, match="step_columns"):
         intra(x, tv, step_columns=3)
+    with pytest.raises(ValueError, match="diagonal"):
+        intra(x, tv, diagonal="cols")
+    with pytest.raises(ValueError, match="interpret"):
+        intra(x, tv, diagonal="columns", interpret=True)
     with pytest.raises(ValueError, match="chunk_size"):
         intra(x, tv, chunk_size=32)
     with pytest.raises(ValueError, match="chunks_per_cta"):
@@ -194,7 +198,10 @@ def test_intra_rejects_unsupported_inputs():
     (2, 64, 64, jnp.bfloat16, dict(resets=False, hold_m=True, chunks_per_cta=2)),
     (1, 128, 128, jnp.bfloat16, dict(resets=False, hold_m=False, block=8)),
     (1, 128, 128, jnp.bfloat16, dict(reset_chunks_only=True, chunks_per_cta=2)),
-    (1, 128, 128, jnp.bfloat16, dict(step_columns=4, resets=False))])
+    (1, 128, 128, jnp.bfloat16, dict(step_columns=4, resets=False)),
+    (1, 128, 128, jnp.bfloat16, dict(diagonal="columns", resets=False)),  # inline Mosaic GPU: lowering only here
+    (2, 128, 128, jnp.bfloat16, dict(diagonal="columns", block=8, hold_m=False, chunks_per_cta=2)),
+    (1, 128, 128, jnp.bfloat16, dict(diagonal="columns", factors=True, scale=0.3))])
 def test_intra_lowers_for_cuda(L, K, V, dtype, opts):
     x = _inputs(L=L, V=V, K=K, dtype=dtype)
     tv = _token_vectors(x)
@@ -239,14 +246,15 @@ def test_intra_reset_columns_need_their_correction():
 def _gpu_id(opts):
     if opts.get("reset_chunks_only") is False:
         return "every"
-    return f"cols{opts.get('step_columns', 1)}-hold{opts.get('hold_m')}"
+    return f"cols{opts.get('step_columns', 1)}-hold{opts.get('hold_m')}-{opts.get('diagonal', 'rows')}{opts.get('block', 16)}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,resets,opts", [
     (1, False, {}), (1, True, {}), (1, False, H0), (2, False, {}), (2, True, {}), (2, False, H1), (1, True, EVERY),
     (2, True, EVERY), (1, True, dict(step_columns=2)), (2, True, dict(step_columns=2)),
-    (1, True, dict(step_columns=4))], ids=lambda v: _gpu_id(v) if isinstance(v, dict) else None)
+    (1, True, dict(step_columns=4)), (1, True, dict(diagonal="columns")), (2, True, dict(diagonal="columns")),
+    (1, False, dict(diagonal="columns", block=8))], ids=lambda v: _gpu_id(v) if isinstance(v, dict) else None)
 def test_intra_on_gpu_without_and_with_documents(L, resets, opts):
     """K = V = 128: m0 held or formed again (`default_hold_m`: held at L = 1 only), with and without the
     reset columns' correction (inputs with documents only where it is on; by default only in the
