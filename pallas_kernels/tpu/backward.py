@@ -2,12 +2,13 @@
 
 Grid (B*H "parallel", N "arbitrary"), step n visiting chunk N - 1 - n. The cotangent of the chunk's
 end state, dS' [K, V] float32, lives in a VMEM scratch buffer between steps (dfinal at the first).
-One step recomputes the chunk's quantities from its inputs, the start state S and the inverse
-(I + m)^{-1} the forward saved (decays, E), then writes the chunk's input cotangents and passes the start state's
-cotangent to the step before it, so the three stages of the GPU backward (pull-back, reverse state
-pass, per-chunk gradients; `pallas_kernels/backward.py`) are one kernel, and nothing per chunk but
-the saved start states travels through HBM. On a TPU core the grid runs in order anyway, so the walk
-costs no parallelism the chunk-parallel form would have had; megacore splits the heads.
+One step recomputes the chunk's quantities (decays, E) from its inputs and the start state S and
+inverse (I + m)^{-1} that the forward saved, writes the chunk's input cotangents and passes the
+start state's cotangent to the step before it. The three stages of the GPU backward (pull-back,
+reverse state pass, per-chunk gradients; `pallas_kernels/backward.py`) are thus one kernel, and
+nothing per chunk but the forward's saved tiles travels through HBM. On a TPU core the grid runs
+in order anyway, so the walk costs no parallelism the chunk-parallel form would have had; megacore
+splits the heads.
 
 The math is `grads.py`'s (notation there), on the whole value width, with per-token vectors as
 [C, 1] columns (`tpu/common.py`), plus the start state's cotangent

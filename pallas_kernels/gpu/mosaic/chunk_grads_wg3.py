@@ -23,7 +23,8 @@ the two-warpgroup kernels chain 6.
                     + W^T q + D k + D^T k; <S, dS'> by rows.
 With `vw_by` "keys" (or "forward"), WG2 (or WG0) forms vw instead of WG1, as soon as v is in (WG0:
 once QK0 and QK are out), and arrives at vw_ready; WG1 waits for it before dv takes v's bytes, WG0
-before rhs and WG2 before its first product with vw. With `paired_decays` (default) t_m1 and m1m1 are t_0 and m1_0 scaled by exp(g_j) per column.
+before rhs and WG2 before its first product with vw. With `paired_decays` (default) t_m1 and m1m1
+are t_0 and m1_0 scaled by exp(g_j) per column.
 The [C, K] dq / dk leave in the inputs' 16-bit dtype through dS''s SMEM (x_free: its last reader is
 done); dv through v's. The column sums of the decay cotangents (cross-warp reductions through Pallas'
 one reduction scratch) are taken by WG0, then WG1 (cs_turn). Each warpgroup writes its own partial
