@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import Prepared, matmul_dtype, mm
-from pallas_kernels.tpu.common import (Specs, decays, grid_operands, heads_first, heads_last, iotas, to_col,
-                                       to_row, unit_lower_inverse)
+from pallas_kernels.tpu.common import (Specs, decays, grid_operands, heads_first, heads_last, iotas,
+                                       right_hand_side, to_col, to_row, unit_lower_inverse)
 
 f32 = jnp.float32
 
@@ -63,16 +63,13 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s_ref, do_ref,
     vws = [b * v for b, v in zip(betas, vls)]
 
     # ---- the chunk's forward quantities
-    kk_m = dot(k0, k0, trans_b=True) * d["m1m1"]
-    xinv = ainv_ref[...] if saved_inverse else unit_lower_inverse(beta0 * kk_m)
-    qk_raw0 = dot(q, k0, trans_b=True)
-    qk0 = qk_raw0 * d["t_m1"]
-    qks = [(qk_raw0 if l == 0 else dot(q, kl, trans_b=True)) * d["t_0"] for l, kl in enumerate(ks)]
-    bs = [dot(k0, kl, trans_b=True) * d["m1_0"] for kl in ks]
     k0s = dot(k0, s)
-    rhs = beta0 * d["start_m1"] * k0s
-    for bl, vw in zip(bs, vws):
-        rhs = rhs + beta0 * dot(bl, vw)
+    qk_raw, kk_raw, rhs = right_hand_side(q, ks, vws, beta0, k0s, d, dot)
+    kk_m = kk_raw[0] * d["m1m1"]
+    xinv = ainv_ref[...] if saved_inverse else unit_lower_inverse(beta0 * kk_m)
+    qk0 = qk_raw[0] * d["t_m1"]
+    qks = [qk * d["t_0"] for qk in qk_raw]
+    bs = [kk * d["m1_0"] for kk in kk_raw]
     e = dot(xinv, rhs)
 
     # ---- value-side cotangents

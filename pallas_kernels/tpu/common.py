@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import Prepared, mm
+from pallas_kernels.common import Prepared, _masked_exp, mm
 
 f32 = jnp.float32
 
@@ -30,10 +30,6 @@ def to_row(col, rows, cols):
 def to_col(row, rows, cols):
     """[1, C] -> [C, 1] without a transpose."""
     return jnp.sum(jnp.where(rows == cols, row, 0.0), axis=1, keepdims=True)
-
-
-def _masked_exp(diff, mask):
-    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
 def decays(g, r, rm1):
@@ -85,6 +81,18 @@ def unit_lower_inverse(m):
         x = x - mm(x, mm(jnp.where(quadrant, m, 0.0), x, dtype=f32), dtype=f32)
         s *= 2
     return x
+
+
+def right_hand_side(q, ks, vws, beta0, k0s, d, dot):
+    """The chunk's raw products and E's right-hand side, as the forward and the backward kernel both
+    form them: (q k_l^T L x [C, C], k0 k_l^T L x [C, C], rhs [C, V] = diag(beta0) (start_m1 . k0 S
+    + sum_l (k0 k_l^T . m1_0) vw_l)); k0s = k0 S, d = `decays`, dot the kernels' product."""
+    qk_raw = [dot(q, kl, trans_b=True) for kl in ks]  # l = 0 also gives QK0; k0 k0^T gives m
+    kk_raw = [dot(ks[0], kl, trans_b=True) for kl in ks]
+    rhs = d["start_m1"] * k0s
+    for kk, vw in zip(kk_raw, vws):
+        rhs = rhs + dot(kk * d["m1_0"], vw)
+    return qk_raw, kk_raw, beta0 * rhs
 
 
 def heads_first(t):

@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import Prepared, matmul_dtype, mm
-from pallas_kernels.tpu.common import Specs, decays, grid_operands, heads_last, unit_lower_inverse
+from pallas_kernels.tpu.common import (Specs, decays, grid_operands, heads_last, right_hand_side,
+                                       unit_lower_inverse)
 
 f32 = jnp.float32
 
@@ -46,16 +47,13 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, r_ref, rm1_ref, s0_ref, o_ref,
     vws = [betas[l] * v_ref[l].astype(f32) for l in range(n_writes)]
     k0, beta0 = ks[0], betas[0]
 
-    qk_raw = [dot(q, kl, trans_b=True) for kl in ks]  # [C, C] each; l = 0 also gives QK0 and m
-    kk_raw = [dot(k0, kl, trans_b=True) for kl in ks]
+    qk_raw, kk_raw, rhs = right_hand_side(q, ks, vws, beta0, dot(k0, s), d, dot)
     a_inv = unit_lower_inverse(beta0 * kk_raw[0] * d["m1m1"])
     if save_starts:
         ainv_ref[...] = a_inv.astype(ainv_ref.dtype)
-    rhs = dot(beta0 * d["start_m1"] * k0.astype(f32), s)
     o = d["start"] * dot(q, s)
     s_new = d["all"] * s
     for l, (kl, vwl) in enumerate(zip(ks, vws)):
-        rhs = rhs + beta0 * dot(kk_raw[l] * d["m1_0"], vwl)
         o = o + dot(qk_raw[l] * d["t_0"], vwl)
         s_new = s_new + dot(d["end"] * kl.astype(f32), vwl, trans_a=True)
     e = dot(a_inv, rhs)
