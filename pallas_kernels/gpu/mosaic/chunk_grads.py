@@ -76,7 +76,12 @@ l's dvw_l, dbeta_l, dv_l by w = l % 2 (the state terms by w = 1); C and E as in 
 one half; D w = 0 folds dO and dR, w = 1 E and vw_l. dq / dk leave as per-value-block partials
 summed in XLA (as the one-warpgroup kernel); the per-token outputs as one partial per warpgroup
 and value block. SMEM at K = 128: L = 1 ~156 KiB, L = 2 ~212 KiB (a slot per warpgroup), L = 3
-~245 KiB: refused. H100, B * T = 32K, H = 16, K = V = 128: L = 2 7.18 ms against 10.74 for one
+243 KiB (Mosaic's count with one slot): refused at 64 value columns per CTA. At 32 (`block_v=32`,
+session 17; the default where nothing fits at 64: L = 3 at K = 128, L = 4 at K = 64) the per-block
+tiles halve: L = 3 at K = 128 takes 211 KiB with a slot per warpgroup, for twice the CTAs, each
+forming the value-independent [C, C] tiles again, and every 16-bit tile on the 64-byte swizzle (wgmma
+takes one swizzle for both operands, and a 32-column B operand allows 64 bytes); <S, dS'> then
+comes from the diagonals of S_j dS'_j^T over the key-row blocks j (`_state_terms`). H100, B * T = 32K, H = 16, K = V = 128: L = 2 7.18 ms against 10.74 for one
 warpgroup. The interpreter runs `num_threads=2` (both splits tested there against float64).
 
 Summing the value blocks' dq / dk shares (session 8, `dqk_sum`). On the GPU, with two value blocks, dq
@@ -564,44 +569,52 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 
 SPLITS = ("values", "work")
+# The work split's narrow value blocks: where nothing fits at 64 value columns per CTA (L = 3 at
+# K = 128: ~245 KiB), 32 columns per CTA fit (~213 KiB with a slot per warpgroup), at twice the CTAs,
+# each forming the value-independent [C, C] tiles again; every 16-bit tile then takes the 64-byte
+# swizzle (`state.operand_smem`: wgmma takes one swizzle for both operands).
+NARROW_BLOCK_V = 32
 
 
 def _halves(split):
     return 2 if split == "values" else 1
 
 
-def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048, split="values"):
+def _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch=2048, split="values", block_v=64):
     """SMEM bytes of the two-warpgroup kernel with `slots` float32 [C, 64] output staging tiles
     (sharing their bytes with the v_l tiles). split="values": V = 128, two value halves of 64, one
-    per warpgroup; "work": one value block of 64 that both warpgroups share."""
+    per warpgroup; "work": one value block of `block_v` (64 or 32) that both warpgroups share."""
     it = jnp.dtype(dtype).itemsize
     nh = _halves(split)
+    bv = block_v
     shared = ((1 + L) * C * K + (2 + 2 * L) * C * C) * it  # q, k_l; X, QK0, QK_l, B_l
-    half = (L * C * 64 + 3 * C * 64 + 2 * K * 64) * it  # vw_l, dO, E, dR; S, dS'
-    union = max(nh * L * C * 64 * it, slots * 4 * C * 64)  # v_l (then dv_l) of the halves | output slots
+    half = (L * C * bv + 3 * C * bv + 2 * K * bv) * it  # vw_l, dO, E, dR; S, dS'
+    union = max(nh * L * C * bv * it, slots * 4 * C * 64)  # v_l (then dv_l) of the halves | output slots
     vecs = 4 * ((_N_ROW_VECS + L) * C + 2 * C + 4 * C + 2 * C + 2 * (L + _N_OUT_VECS) * C)
     # + barriers and alignment: Mosaic counted 232536 bytes at K = 64, L = 2 where this sum is 231168
     return shared + nh * half + union + vecs + reduction_scratch + 3072
 
 
 def _pick_split(K, L, V, dtype, block_v=64, reduction_scratch=2048):
-    """The two-warpgroup split that takes this shape: "values" where V is two value blocks of 64
-    and its SMEM plan fits, else "work" where V is whole blocks of 64 and its plan fits, else None."""
-    if block_v != 64 or K not in (64, 128) or V % block_v:
+    """The two-warpgroup split that takes this shape: at block_v = 64 "values" where V is two value
+    blocks of 64 and its SMEM plan fits, else "work" where V is whole blocks of 64 and its plan
+    fits; at block_v = 32 (`NARROW_BLOCK_V`) "work" where it fits; else None."""
+    if block_v not in (64, NARROW_BLOCK_V) or K not in (64, 128) or V % block_v:
         return None
     for split in SPLITS:
-        if split == "values" and V != 2 * block_v:
+        if split == "values" and (V != 2 * block_v or block_v != 64):
             continue
-        slots = _wg2_slots(K, L, dtype, reduction_scratch, split)
-        if _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch, split) <= SMEM_LIMIT:
+        slots = _wg2_slots(K, L, dtype, reduction_scratch, split, block_v)
+        if _smem_bytes_wg2(K, L, dtype, slots, reduction_scratch, split, block_v) <= SMEM_LIMIT:
             return split
     return None
 
 
-def _wg2_slots(K, L, dtype, reduction_scratch=2048, split="values"):
+def _wg2_slots(K, L, dtype, reduction_scratch=2048, split="values", block_v=64):
     """Output slots of the two-warpgroup kernel: one per warpgroup where they fit, else one shared
     slot taken in turns."""
-    return 2 if _smem_bytes_wg2(K, L, dtype, 2, reduction_scratch, split) <= SMEM_LIMIT else 1
+    fits = _smem_bytes_wg2(K, L, dtype, 2, reduction_scratch, split, block_v) <= SMEM_LIMIT
+    return 2 if fits else 1
 
 
 def _body_wg2(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
@@ -900,13 +913,18 @@ def _write_steps(writes, vx, k_s, v_w, do_w, x_w, qk_s, b_s, dr_w, put, load, dv
 
 
 def _state_terms(vx, scale, q_s, s_w, x_w, do_w, load):
-    """The start-state share of dG, rowsum(dO . q S) scale start, and the diagonal of S^T dS' [BV, BV]
-    (<S, dS'> of this value block as a vector over value columns: BV = C, so it rides in the per-token
-    dG_C output, which XLA sums over the chunk)."""
-    BV = s_w.shape[-1]
-    qs, sx = _issue(((C, BV), [(q_s, s_w)]), ((BV, BV), [(s_w.T, x_w)]))
+    """The start-state share of dG, rowsum(dO . q S) scale start, and <S, dS'> of this value block as
+    a vector of C = 64 parts that rides in the per-token dG_C output (which XLA sums over the chunk):
+    the diagonal of S^T dS' [BV, BV] (a vector over value columns) at BV = C; at BV < C the diagonal
+    of sum_j S_j dS'_j^T [C, C] over the key-row blocks j of 64 rows (a vector over key rows)."""
+    BV, K = s_w.shape[-1], s_w.shape[0]
+    if BV == C:
+        sx_pairs = [(s_w.T, x_w)]
+    else:
+        sx_pairs = [(s_w.at[pl.ds(j * C, C)], x_w.at[pl.ds(j * C, C)].T) for j in range(K // C)]
+    qs, sx = _issue(((C, BV), [(q_s, s_w)]), ((C, C), sx_pairs))
     dG_state = scale * jnp.sum(load(do_w) * qs, axis=1) * vx.start
-    sx_diag = jnp.sum(jnp.where(mc.iota((BV, BV), 0) == mc.iota((BV, BV), 1), sx, 0.0), axis=1)
+    sx_diag = jnp.sum(jnp.where(mc.iota((C, C), 0) == mc.iota((C, C), 1), sx, 0.0), axis=1)
     return dG_state, sx_diag
 
 
@@ -965,13 +983,16 @@ def _block_step_work(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xinv
 
 
 def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
-    """Whether `chunk_grads_backward` takes this key width, write count and dtype (SMEM: L = 3 at
-    K = 128 does not fit); callers fall back to the Triton kernel where it does not."""
+    """Whether `chunk_grads_backward` takes this key width, write count and dtype at its defaults:
+    one value block of 64 per CTA where it fits in SMEM, else the work split's blocks of 32
+    (`NARROW_BLOCK_V`: L = 3 at K = 128); callers fall back to another kernel where neither fits."""
     return (jnp.dtype(dtype) in mc.DTYPES and K in (64, 128) and block_v == 64
-            and _smem_bytes(K, block_v, L, dtype, 1) <= SMEM_LIMIT)
+            and (_smem_bytes(K, block_v, L, dtype, 1) <= SMEM_LIMIT
+                 or _pick_split(K, L, 2 * NARROW_BLOCK_V, dtype, NARROW_BLOCK_V) == "work"))
 
 
-def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write=False):
+def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write=False,
+           one_warpgroup=True):
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     if x.q.dtype not in mc.DTYPES or any(t.dtype != x.q.dtype for t in (x.k, x.v)):
@@ -981,8 +1002,10 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scr
         raise ValueError(f"chunk_grads_backward: padded T = {Tp} must be a multiple of chunk {C}")
     if K not in (64, 128):
         raise ValueError(f"chunk_grads_backward: K = {K} not supported, expected 64 or 128")
-    if block_v != 64 or V % block_v:
-        raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} must be 64 and divide V = {V}")
+    allowed = (64,) if one_warpgroup else (64, NARROW_BLOCK_V)
+    if block_v not in allowed or V % block_v:
+        raise ValueError(f"chunk_grads_backward: `block_v` = {block_v} must be one of {allowed} and divide "
+                         f"V = {V}" + ("" if one_warpgroup else f" ({NARROW_BLOCK_V}: the work split only)"))
     if ainv is not None and ainv.shape != (B, H, Tp // C, C, C):
         raise ValueError(f"chunk_grads_backward: `ainv` must be None or [B, H, N, {C}, {C}] = "
                          f"{(B, H, Tp // C, C, C)}, got {ainv.shape}")
@@ -997,11 +1020,14 @@ def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scr
         raise ValueError(f"chunk_grads_backward: `per_write` = {per_write!r} must be False, True or 'split'")
     if out_slots not in (None, 1, 2):
         raise ValueError(f"chunk_grads_backward: `out_slots` = {out_slots} must be None, 1 or 2")
+    if not one_warpgroup:
+        return
     need = _smem_bytes(K, block_v, L, x.q.dtype, _out_slots(K, block_v, L, x.q.dtype, out_slots),
                        reduction_scratch)
     if need > SMEM_LIMIT:
         raise ValueError(f"chunk_grads_backward: K = {K}, L = {L} needs {need // 1024} KiB of SMEM "
-                         f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64")
+                         f"(limit {SMEM_LIMIT // 1024} KiB); supported: L <= 2 at K = 128, L <= 3 at K = 64 (one warpgroup); "
+                         f"L = 3 at K = 128 and L = 4 at K = 64 take the work split at block_v = {NARROW_BLOCK_V} by default")
 
 
 def chunk_inverses(x: Prepared):
@@ -1034,7 +1060,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     rm1); tv = `mc.token_vectors(x)`; starts, cot_end [B, H, N, K, V] float32 chunk start states
     and end-state cotangents (already 16-bit: used as they are; float32: cast in XLA, a pass over
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] float32 (I + m)^{-1} of the forward, or None
-    (`chunk_inverses`, in XLA). block_v: value columns per CTA (64). out_slots: float32 [C, 64] staging
+    (`chunk_inverses`, in XLA). block_v: value columns per CTA, 64, or 32 for the work split
+    (`NARROW_BLOCK_V`, which warpgroups=None takes where nothing fits at 64: L = 3 at K = 128 and L = 4
+    at K = 64, also interpreted; twice the CTAs of 64, each forming the value-independent tiles). out_slots: float32 [C, 64] staging
     tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2
     where they fit in 227 KiB of SMEM, else 1: at K = 128 two for L <= 2). fold: the row
     scalings of the state terms of dq / dk (start, beta0 start_m1, end_m1, end) multiplied into
@@ -1060,7 +1088,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     warpgroups only): "values" (one CTA over V = 128, each warpgroup 64 value columns; SMEM: L = 1
     at K = 64 and 128), "work" (one CTA per 64 value columns as the one-warpgroup kernel, E and dR
     formed by different warpgroups, the writes' steps alternating between them; SMEM: L <= 2 at
-    K = 128, L <= 3 at K = 64) or None: "values" where it fits, else "work". H100, B * T = 32K,
+    K = 128, L <= 3 at K = 64; at block_v = 32 also L = 3 at K = 128, ~211 KiB by Mosaic's count)
+    or None: "values" where it fits, else "work". H100, B * T = 32K,
     H = 16, K = V = 128, this kernel alone (`benchmarks/mosaic_stages.py`): L = 1 values 3.16 ms,
     work 3.63, one warpgroup 4.54; L = 2 work 7.18, one warpgroup 10.74. In the interpreter the
     multi-warpgroup kernels run only when asked for: each warpgroup is a thread blocking in a host
@@ -1101,6 +1130,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
             warpgroups = 3
         elif defaults and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None:
             warpgroups = 2
+        elif (block_v == 64 and out_slots is None and _smem_bytes(K, 64, L, x.q.dtype, 1) > SMEM_LIMIT
+              and _pick_split(K, L, V, x.q.dtype, NARROW_BLOCK_V, reduction_scratch) == "work"):
+            # nothing fits at 64 value columns per CTA (L = 3 at K = 128): the work split at 32 (also
+            # interpreted: the one-warpgroup kernel does not take the shape at all)
+            warpgroups, split, block_v = 2, "work", NARROW_BLOCK_V
         else:
             warpgroups = 1
     if order not in ORDERS:
@@ -1214,7 +1248,7 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
                     reduction_scratch, interpret, split=None, profile=None, order="chunks", dqk_sum=None):
     """`chunk_grads_backward(warpgroups=2)`: two warpgroups per CTA (`_body_wg2`); split="values":
     grid (N, H, B); "work": grid (N, H, B * V / 64) at order "chunks" (`_grid`); None: `_pick_split`."""
-    _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch)
+    _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch, one_warpgroup=False)
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
     N, dt = Tp // C, x.q.dtype
@@ -1222,15 +1256,16 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
         split = _pick_split(K, L, V, dt, block_v, reduction_scratch) or "work"
     if split not in SPLITS:
         raise ValueError(f"chunk_grads_backward: `split` = {split!r} must be None or one of {SPLITS}")
-    if split == "values" and V != 2 * block_v:
-        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 with split='values' needs V = {2 * block_v} "
-                         f"(two value blocks), got V = {V}")
-    slots = _wg2_slots(K, L, dt, reduction_scratch, split)
-    need = _smem_bytes_wg2(K, L, dt, slots, reduction_scratch, split)
+    if split == "values" and (V != 2 * block_v or block_v != 64):
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 with split='values' needs block_v = 64 and "
+                         f"V = 128 (two value blocks), got block_v = {block_v}, V = {V}")
+    slots = _wg2_slots(K, L, dt, reduction_scratch, split, block_v)
+    need = _smem_bytes_wg2(K, L, dt, slots, reduction_scratch, split, block_v)
     if need > SMEM_LIMIT:
-        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 (split={split!r}) at K = {K}, L = {L} needs "
-                         f"{need // 1024} KiB of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: split='values' "
-                         f"at L = 1, split='work' at L <= 2 (K = 64, 128)")
+        raise ValueError(f"chunk_grads_backward: `warpgroups` = 2 (split={split!r}, block_v = {block_v}) at K = {K}, "
+                         f"L = {L} needs {need // 1024} KiB of SMEM (limit {SMEM_LIMIT // 1024} KiB); supported: "
+                         f"split='values' at L = 1, split='work' at L <= 2 (K = 64, 128), and at L = 3 with "
+                         f"block_v = {NARROW_BLOCK_V}")
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
@@ -1238,13 +1273,15 @@ def _two_warpgroups(x: Prepared, tv, starts, do, cot_end, *, scale, ainv, block_
     nvb = V // block_v if split == "work" else 1
     add, out_dt = _sum_mode(nvb, dqk_sum, interpret, dt)
     sq, sv, sk = (C, C), (C, block_v), (C, K)
+    # every 16-bit tile is a wgmma operand beside [*, block_v] B operands: at most block_v * 2 bytes of swizzle
+    op = lambda shape: mc.smem(shape, dt, max_swizzle=min(128, block_v * jnp.dtype(dt).itemsize))
     scratch = dict(
-        q_s=mc.smem(sk, dt), k_s=mc.smem((L, *sk), dt),
-        v_out=plgpu.RefUnion([mc.smem((nh, L, *sv), dt)], [mc.smem((slots, C, 64), out_dt)]),
-        vw_s=mc.smem((nh, L, *sv), dt), do_s=mc.smem((nh, *sv), dt), s_s=mc.smem((nh, K, block_v), dt),
-        x_s=mc.smem((nh, K, block_v), dt), xinv_s=mc.smem(sq, dt), qk0_s=mc.smem(sq, dt),
-        qk_s=mc.smem((L, *sq), dt), b_s=mc.smem((L, *sq), dt), e_s=mc.smem((nh, *sv), dt),
-        dr_s=mc.smem((nh, *sv), dt),
+        q_s=op(sk), k_s=op((L, *sk)),
+        v_out=plgpu.RefUnion([op((nh, L, *sv))], [mc.smem((slots, C, 64), out_dt)]),
+        vw_s=op((nh, L, *sv)), do_s=op((nh, *sv)), s_s=op((nh, K, block_v)),
+        x_s=op((nh, K, block_v)), xinv_s=op(sq), qk0_s=op(sq),
+        qk_s=op((L, *sq)), b_s=op((L, *sq)), e_s=op((nh, *sv)),
+        dr_s=op((nh, *sv)),
         rv_s=plgpu.SMEM((_N_ROW_VECS + L, C), f32), cv_s=plgpu.SMEM((2, C), f32),
         ri_s=plgpu.SMEM((4, C), jnp.int32), cs_s=plgpu.SMEM((2, C), f32),
         ovec_s=plgpu.SMEM((2, L + _N_OUT_VECS, C), f32),

@@ -92,10 +92,12 @@ def token_vectors(x: Prepared, chunk: int = CHUNK) -> TokenVectors:
     )
 
 
-def smem(shape, dtype):
-    """An SMEM buffer tiled and swizzled for TMA and wgmma operands (minor dim = last dim)."""
+def smem(shape, dtype, max_swizzle=128):
+    """An SMEM buffer tiled and swizzled for TMA and wgmma operands (minor dim = last dim), with the
+    widest swizzle its minor dim allows, at most `max_swizzle` bytes (64 for the operands of a
+    kernel whose wgmma B operands are 32 16-bit columns wide: wgmma takes one swizzle for both)."""
     dtype = jnp.dtype(dtype)
-    swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    swizzle = min(plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8), max_swizzle)
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
                                                 plgpu.SwizzleTransform(swizzle)))
 

@@ -48,7 +48,8 @@ class Residuals(NamedTuple):
 
 def supported_stages(K, L, dtype):
     """The stages whose Mosaic kernel takes this key width, write count and dtype: all but the chunk
-    backward at L = 3 with K = 128 (its SMEM plan does not fit) and the intra kernel beyond L = 4."""
+    backward at L = 4 with K = 128 (no SMEM plan of it fits; L = 3 at K = 128 takes its work split at
+    32 value columns per CTA) and the intra kernel beyond L = 4."""
     from pallas_kernels.gpu.mosaic import chunk_grads, intra
 
     return tuple(s for s in STAGES
@@ -95,7 +96,8 @@ def resolve_options(options, stages, stages_given):
     """`stage_options` of the caller's `options` for these `stages`, with the pipeline's rule for the
     chunk backward: where it is not a Mosaic stage because its kernel does not take the shape
     (`stages_given` False), the XLA one stands in unless options["grads"]["impl"] names another
-    (H100, L = 3, K = 128: 22.65 ms fwd+bwd against 53.07 with the Triton kernel at chunk 64);
+    (H100, L = 3, K = 128, before its Mosaic kernel fitted there: 22.65 ms fwd+bwd against 53.07 with
+    the Triton kernel at chunk 64);
     "impl" while the Mosaic chunk backward runs is a ValueError. A tuple (already hashed) passes."""
     if isinstance(options, tuple):
         return options

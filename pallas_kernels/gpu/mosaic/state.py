@@ -130,10 +130,7 @@ def operand_smem(shape, dtype, block_v):
 
     Mosaic GPU's wgmma takes one swizzle for both operands, and a [*, block_v] B operand allows at
     most block_v * 2 bytes (64 for block_v = 32): the A operands ([C, K] tiles) get the same."""
-    dtype = jnp.dtype(dtype)
-    swizzle = min(128, block_v * dtype.itemsize)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // dtype.itemsize)),
-                                                plgpu.SwizzleTransform(swizzle)))
+    return mc.smem(shape, dtype, max_swizzle=min(128, block_v * jnp.dtype(dtype).itemsize))
 
 
 def check_inputs(name, *, dtype, chunk, K, V, block_v):

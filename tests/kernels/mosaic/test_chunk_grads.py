@@ -132,6 +132,18 @@ def test_interpret_work_split_matches_float64_reference(L, K, V, init, reset):
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
+@pytest.mark.parametrize("L,K,V,init,reset", [(3, 64, 64, True, True),
+                                              pytest.param(1, 128, 32, False, False, marks=pytest.mark.slow),
+                                              pytest.param(3, 128, 64, True, False, marks=pytest.mark.slow)])
+def test_interpret_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
+    """The work split at 32 value columns per CTA (where nothing fits at 64: L = 3 at K = 128): the
+    64-byte swizzle, <S, dS'> over key-row blocks, V / 32 value blocks' dq / dk partials summed."""
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=11 + L)
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=2,
+                  split="work", block_v=32)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
+
+
 @pytest.mark.parametrize("K,V,init,reset,kw", [(64, 64, True, True, {}), (128, 128, True, True, {}),
                                             (64, 128, False, False, {}), (128, 64, True, False, {}),
                                             (64, 64, True, True, {"paired_decays": False}),
@@ -218,11 +230,14 @@ def test_bad_inputs_raise():
         chunk_grads_backward(xk[0], mc.token_vectors(xk[0]), *xk[1:4], scale=1.0, ainv=xk[4], warpgroups=2)
     with pytest.raises(ValueError, match="block_v"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32)
-    assert supported(128, 2) and supported(64, 3) and not supported(128, 3) and not supported(128, 1, jnp.float32)
-    x3 = _inputs(K=128, V=64, L=3)[0]
-    with pytest.raises(ValueError, match="SMEM"):
-        chunk_grads_backward(x3, mc.token_vectors(x3), *_inputs(K=128, V=64, L=3)[1:4], scale=1.0,
-                             ainv=_inputs(K=128, V=64, L=3)[4])
+    with pytest.raises(ValueError, match="block_v"):  # blocks of 32: the work split only
+        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32, warpgroups=2,
+                             split="values")
+    assert supported(128, 2) and supported(64, 3) and supported(128, 3)  # L = 3 at K = 128: blocks of 32
+    assert not supported(128, 4) and not supported(128, 1, jnp.float32)
+    x4 = _inputs(K=128, V=64, L=4)
+    with pytest.raises(ValueError, match="SMEM"):  # nothing fits at L = 4, K = 128
+        chunk_grads_backward(x4[0], mc.token_vectors(x4[0]), *x4[1:4], scale=1.0, ainv=x4[4])
 
 
 @pytest.mark.parametrize("L,K,V,kw", [
@@ -239,7 +254,9 @@ def test_bad_inputs_raise():
     (2, 128, 128, {"per_write": "split", "out_slots": 1}),
     pytest.param(2, 128, 64, {"fold": False, "out_slots": 1}, marks=pytest.mark.slow),
     pytest.param(3, 64, 64, {}, marks=pytest.mark.slow),
-    pytest.param(3, 64, 64, {"per_write": False}, marks=pytest.mark.slow)])
+    pytest.param(3, 64, 64, {"per_write": False}, marks=pytest.mark.slow),
+    (3, 128, 128, {}),  # the default there: the work split at 32 value columns (~211 KiB with two slots)
+    pytest.param(3, 64, 128, {"warpgroups": 2, "split": "work", "block_v": 32}, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(L, K, V, kw):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
@@ -301,6 +318,29 @@ def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
     assert found == {"_" + kernel if kernel else ""}, found
 
 
+@pytest.mark.parametrize("L,K,block_v", [(3, 128, 32), (2, 128, 64), (4, 64, 32)])
+def test_defaults_take_narrow_value_blocks_only_where_nothing_else_fits(L, K, block_v, monkeypatch):
+    """warpgroups=None: the work split at 32 value columns per CTA where neither one warpgroup nor a
+    split fits at 64 (L = 3 at K = 128, L = 4 at K = 64), not elsewhere; also interpreted (the
+    one-warpgroup kernel would refuse the shape)."""
+    from pallas_kernels.gpu.mosaic import chunk_grads as cg
+
+    seen = []
+    real = cg._two_warpgroups
+    monkeypatch.setattr(cg, "_two_warpgroups", lambda *a, **kw: seen.append(kw["block_v"]) or real(*a, **kw))
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=128, T=64)
+    for interpret in (False, True):
+        fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=interpret)
+        seen.clear()
+        traced = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
+        if interpret and block_v == 64:
+            assert seen == []  # the interpreter takes one warpgroup unless asked
+        else:
+            assert seen == [block_v], seen
+        if not interpret:
+            assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (1, {"warpgroups": 1}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
                                   (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"}),
@@ -317,6 +357,18 @@ def test_gpu_matches_float64_reference(L, kw):
 def test_gpu_two_warpgroups_matches_float64_reference(K, L, split):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=128, L=L, seed=13)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=2, split=split)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,K,V,init,reset", [(3, 128, 128, True, True), (3, 128, 64, False, False),
+                                              (2, 64, 64, True, True)])
+def test_gpu_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
+    """The work split at 32 value columns per CTA: the default at L = 3, K = 128 (no kw), asked for
+    elsewhere; the value blocks' dq / dk shares added by TMA."""
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=L, init=init, reset=reset, seed=17)
+    kw = {} if (L, K) == (3, 128) else {"warpgroups": 2, "split": "work", "block_v": 32}
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=K ** -0.5, interpret=False, **kw)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 

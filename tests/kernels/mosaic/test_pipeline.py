@@ -85,9 +85,9 @@ def test_grads_options_reach_the_triton_chunk_backward_when_it_stands_in():
 
 
 def test_chunk_backward_that_does_not_fit_runs_in_xla_by_default():
-    """L = 3 at K = 128 (no Mosaic chunk backward): with mosaic_stages=None the XLA chunk backward
+    """L = 4 at K = 128 (no Mosaic chunk backward fits): with mosaic_stages=None the XLA chunk backward
     stands in, no Triton chunk-backward kernel is traced; impl "triton" brings that kernel back."""
-    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 3, 128, 64, dtype=jnp.bfloat16)
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 4, 128, 64, dtype=jnp.bfloat16)
 
     def traced(options):
         def f(q):
@@ -147,9 +147,20 @@ def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference()
 @pytest.mark.parametrize("L", [3])
 def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
     """mosaic_options={"grads": {"impl": "xla"}}: the Mosaic stages with the hand-derived chunk backward
-    vmapped in XLA standing in for the Mosaic one (the path for L = 3 at K = 128)."""
+    vmapped in XLA standing in for the Mosaic one (the path where no Mosaic chunk backward fits: L = 4
+    at K = 128)."""
     stages = tuple(s for s in STAGES if s != "grads")
     _check(stages, L=L, T=93, H=1, K=64, V=64, seed=5, with_state=True, tol=2e-2, options={"grads": {"impl": "xla"}})
+
+
+@pytest.mark.slow
+def test_mosaic_pipeline_at_three_writes_and_k128_matches_reference():
+    """L = 3 at K = 128 (the paper presets' shape): every stage Mosaic, the chunk backward the work
+    split at 32 value columns per CTA (the default there), interpreted."""
+    _check(None, L=3, T=70, H=1, K=128, V=64, seed=8, with_state=True, tol=2e-2)
+    q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 3, 128, 64, dtype=jnp.bfloat16)
+    f = lambda q: jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64)[0].astype(jnp.float32))
+    assert "prism_chunk_grads_mgpu_wg2_work" in str(jax.make_jaxpr(jax.grad(f))(q))
 
 
 def test_stage_options_are_hashable_with_json_lists():
@@ -161,7 +172,8 @@ def test_stage_options_are_hashable_with_json_lists():
 
 def test_supported_stages_leave_out_what_does_not_fit():
     assert supported_stages(128, 2, jnp.bfloat16) == STAGES
-    assert "grads" not in supported_stages(128, 3, jnp.bfloat16)  # the chunk backward's SMEM plan
+    assert supported_stages(128, 3, jnp.bfloat16) == STAGES  # the work split at 32 value columns
+    assert "grads" not in supported_stages(128, 4, jnp.bfloat16)  # the chunk backward's SMEM plan
     assert "intra" not in supported_stages(64, 5, jnp.bfloat16)
 
 
@@ -180,8 +192,9 @@ def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
     bf16 = jnp.bfloat16
     assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=True) == "mosaic"
     assert auto_kernel(jnp.float16, 64, 128, 1, 64, "cuda", hopper=True) == "mosaic"
-    # L = 3 at K = 128: the chunk backward's Mosaic kernel does not fit; the XLA one stands in
     assert auto_kernel(bf16, 128, 128, 3, None, "gpu", hopper=True) == "mosaic"
+    # L = 4 at K = 128: no Mosaic chunk backward fits; the XLA one stands in
+    assert auto_kernel(bf16, 128, 128, 4, None, "gpu", hopper=True) == "mosaic"
     assert auto_kernel(bf16, 64, 128, 5, None, "gpu", hopper=True) == "split"  # the intra kernel stops at L = 4
     assert auto_kernel(bf16, 128, 128, 2, None, "gpu", hopper=False) == "split"  # not Hopper
     assert auto_kernel(jnp.float32, 128, 128, 2, None, "gpu", hopper=True) == "split"
