@@ -181,8 +181,9 @@ def _is_hopper():
 def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, hopper=None):
     """kernel="auto" (the default): "mosaic" on a Hopper GPU for 16-bit inputs with K, V in (64, 128),
     chunk_size None or 64, no Triton-only option set (`split_options`) and every stage's Mosaic kernel
-    but the chunk backward's taking the shape (where the chunk backward's does not, L = 4 at K = 128,
-    the hand-derived chunk backward vmapped in XLA stands in: `prism_pallas`); else "split".
+    but the chunk backward's taking the shape (where the chunk backward's does not by default, L = 3
+    and 4 at K = 128, the hand-derived chunk backward vmapped in XLA stands in: `prism_pallas`);
+    else "split".
     H200, bf16, B*T = 32K, H = 16, K = V = 128, fwd+bwd ms (docs/benchmarks.md, session 4): L = 1
     5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3). Mosaic since
     then (H100, session 10): L = 1 3.85, L = 2 7.03 (T = 2K); L = 3 with the XLA chunk backward 22.65

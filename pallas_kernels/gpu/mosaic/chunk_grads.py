@@ -78,7 +78,8 @@ summed in XLA (as the one-warpgroup kernel); the per-token outputs as one partia
 and value block. SMEM at K = 128: L = 1 ~156 KiB, L = 2 ~212 KiB (a slot per warpgroup), L = 3
 243 KiB (Mosaic's count with one slot): refused at 64 value columns per CTA. At 32 (`block_v=32`,
 session 17; the default where nothing fits at 64: L = 3 at K = 128, L = 4 at K = 64) the per-block
-tiles halve: L = 3 at K = 128 takes 211 KiB with a slot per warpgroup, for twice the CTAs, each
+tiles halve: L = 3 at K = 128 takes 211 KiB with a slot per warpgroup (not yet run on a GPU: the pipeline takes it
+only when asked, `NARROW_BY_DEFAULT`), for twice the CTAs, each
 forming the value-independent [C, C] tiles again, and every 16-bit tile on the 64-byte swizzle (wgmma
 takes one swizzle for both operands, and a 32-column B operand allows 64 bytes); <S, dS'> then
 comes from the diagonals of S_j dS'_j^T over the key-row blocks j (`_state_terms`). H100, B * T = 32K, H = 16, K = V = 128: L = 2 7.18 ms against 10.74 for one
@@ -574,6 +575,11 @@ SPLITS = ("values", "work")
 # each forming the value-independent [C, C] tiles again; every 16-bit tile then takes the 64-byte
 # swizzle (`state.operand_smem`: wgmma takes one swizzle for both operands).
 NARROW_BLOCK_V = 32
+# Whether `supported` (so the pipeline's default stages) counts the narrow work split: off until its GPU
+# tests have passed and it has been timed against the XLA chunk backward it would replace (the
+# pipeline takes it when "grads" is named in `mosaic_stages`; `chunk_grads_backward` always does where
+# nothing else fits).
+NARROW_BY_DEFAULT = False
 
 
 def _halves(split):
@@ -982,13 +988,15 @@ def _block_step_work(wg, vx, L, scale, q_s, k_s, v_w, vw_w, do_w, s_w, x_w, xinv
         ovec_s[1, L + 2] = rend * vx.end + sx_diag * vx.all
 
 
-def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64) -> bool:
-    """Whether `chunk_grads_backward` takes this key width, write count and dtype at its defaults:
-    one value block of 64 per CTA where it fits in SMEM, else the work split's blocks of 32
-    (`NARROW_BLOCK_V`: L = 3 at K = 128); callers fall back to another kernel where neither fits."""
+def supported(K: int, L: int, dtype=jnp.bfloat16, *, block_v: int = 64, narrow=None) -> bool:
+    """Whether the pipeline runs this kernel by default at this key width, write count and dtype: where
+    one value block of 64 per CTA fits in SMEM, and where only the work split's blocks of 32 fit
+    (`NARROW_BLOCK_V`: L = 3 at K = 128) when `NARROW_BY_DEFAULT` (or `narrow`) is set; callers fall
+    back to another kernel elsewhere."""
+    narrow = NARROW_BY_DEFAULT if narrow is None else narrow
     return (jnp.dtype(dtype) in mc.DTYPES and K in (64, 128) and block_v == 64
             and (_smem_bytes(K, block_v, L, dtype, 1) <= SMEM_LIMIT
-                 or _pick_split(K, L, 2 * NARROW_BLOCK_V, dtype, NARROW_BLOCK_V) == "work"))
+                 or (narrow and _pick_split(K, L, 2 * NARROW_BLOCK_V, dtype, NARROW_BLOCK_V) == "work")))
 
 
 def _check(x: Prepared, starts, cot_end, ainv, block_v, out_slots, reduction_scratch, per_write=False,

@@ -155,11 +155,12 @@ def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
 
 @pytest.mark.slow
 def test_mosaic_pipeline_at_three_writes_and_k128_matches_reference():
-    """L = 3 at K = 128 (the paper presets' shape): every stage Mosaic, the chunk backward the work
-    split at 32 value columns per CTA (the default there), interpreted."""
-    _check(None, L=3, T=70, H=1, K=128, V=64, seed=8, with_state=True, tol=2e-2)
+    """L = 3 at K = 128 (the paper presets' shape): every stage Mosaic (named), the chunk backward the
+    work split at 32 value columns per CTA, interpreted."""
+    _check(STAGES, L=3, T=70, H=1, K=128, V=64, seed=8, with_state=True, tol=2e-2)
     q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 3, 128, 64, dtype=jnp.bfloat16)
-    f = lambda q: jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64)[0].astype(jnp.float32))
+    f = lambda q: jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64,
+                                       mosaic_stages=STAGES)[0].astype(jnp.float32))
     assert "prism_chunk_grads_mgpu_wg2_work" in str(jax.make_jaxpr(jax.grad(f))(q))
 
 
@@ -172,7 +173,10 @@ def test_stage_options_are_hashable_with_json_lists():
 
 def test_supported_stages_leave_out_what_does_not_fit():
     assert supported_stages(128, 2, jnp.bfloat16) == STAGES
-    assert supported_stages(128, 3, jnp.bfloat16) == STAGES  # the work split at 32 value columns
+    from pallas_kernels.gpu.mosaic import chunk_grads
+
+    # L = 3 at K = 128: the work split at 32 value columns, a default once it has run on a GPU
+    assert ("grads" in supported_stages(128, 3, jnp.bfloat16)) == chunk_grads.NARROW_BY_DEFAULT
     assert "grads" not in supported_stages(128, 4, jnp.bfloat16)  # the chunk backward's SMEM plan
     assert "intra" not in supported_stages(64, 5, jnp.bfloat16)
 
@@ -184,6 +188,13 @@ def test_supported_stages_leave_out_what_does_not_fit():
 def test_gpu_mosaic_pipeline_matches_reference(L, segments, fused):
     _check(None, L=L, T=1000, H=4, K=128, V=128, seed=10 + L, with_state=True, tol=2e-2, segments=segments,
            options={"outputs": {"fused": True}} if fused else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", [True, False])
+def test_gpu_mosaic_pipeline_with_narrow_chunk_backward_matches_reference(segments):
+    """L = 3 at K = 128 with every stage Mosaic: the chunk backward's work split at 32 value columns."""
+    _check(STAGES, L=3, T=1000, H=4, K=128, V=128, seed=21, with_state=True, tol=2e-2, segments=segments)
 
 
 def test_auto_kernel_picks_mosaic_only_where_it_was_measured_faster():
