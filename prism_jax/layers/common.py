@@ -7,6 +7,8 @@ Every parameter carries logical axis names from the fixed vocabulary of `prism_j
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -158,5 +160,6 @@ def run_recurrence(module, config, q, k, v, beta, g, segment_ids, want_state):
         V = v.shape[-1]
         state = jnp.zeros((B, H, K, V), jnp.float32) if want_state else None
         return jnp.zeros((B, T, H, V), v.dtype), state
+    options = {"pallas_options": json.loads(config.pallas_options)} if config.pallas_options else {}
     return prism_recurrence_sharded(q, k, v, beta, g, impl=config.op_impl, chunk_size=config.chunk_size,
-                                    segment_ids=segment_ids, output_final_state=want_state)
+                                    segment_ids=segment_ids, output_final_state=want_state, **options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 MIXERS = ("prism", "gdn", "gla", "attention", "ttt")
 NONLINEARITIES = ("gelu", "identity")
@@ -46,6 +47,9 @@ class PrismLMConfig:
     param_dtype: str = "float32"
     op_impl: str = "chunk"
     chunk_size: int | None = None    # None: the op form's default (chunk 64; pallas 64 on Hopper, else 32)
+    # op_impl "pallas" only: further prism_pallas keyword arguments as a JSON object, e.g.
+    # '{"mosaic_stages": ["intra", "state", "outputs", "pullback", "reverse", "grads"]}'
+    pallas_options: str = ""
     gla_decay: bool = True           # mixer "gla": False fixes the decay to 1 (plain linear attention)
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
@@ -88,6 +92,16 @@ class PrismLMConfig:
             fail("op_impl", f"one of {OP_IMPLS}")
         if self.chunk_size is not None and self.chunk_size & (self.chunk_size - 1):
             fail("chunk_size", "None (the op form's default) or a power of two")
+        if not isinstance(self.pallas_options, str):
+            fail("pallas_options", "a JSON object string ('' for none)")
+        if self.pallas_options:
+            from prism_jax.ops.prism import check_pallas_options  # noqa: PLC0415
+
+            try:
+                options = json.loads(self.pallas_options)
+            except json.JSONDecodeError as e:
+                fail("pallas_options", f"a JSON object of prism_pallas keyword arguments ({e})")
+            check_pallas_options(options, self.op_impl, where="PrismLMConfig.pallas_options")
         if self.mixer == "attention" and (self.d_model // self.num_heads) % 2:
             fail("d_model", "d_model // num_heads even (rotary embedding) for mixer='attention'")
         if not self.ttt_base_lr > 0:

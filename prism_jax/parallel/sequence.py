@@ -217,6 +217,7 @@ def prism_recurrence_sharded(q, k, v, beta, g, *, axis="sequence", batch_axes=("
     B, H = q.shape[0], q.shape[2]
     batch, heads = _split_axes(sizes, batch_axes, B), _split_axes(sizes, head_axes, H)
     if sizes.get(axis, 1) > 1:
+        kwargs.pop("pallas_options", None)  # the sequence-parallel form runs the chunk form
         return sequence_parallel_prism(q, k, v, beta, g, mesh=mesh, axis=axis, batch_axis=batch,
                                        head_axis=heads, **kwargs)
     if batch is None and heads is None:

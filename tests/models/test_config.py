@@ -27,6 +27,11 @@ DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "model.md"
     (dict(num_layers=True), "num_layers"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(mixer="attention", d_model=30, num_heads=2), "d_model"),
+    (dict(op_impl="pallas", pallas_options="{bwd: xla}"), "pallas_options"),  # not JSON
+    (dict(op_impl="pallas", pallas_options='["bwd"]'), "pallas_options"),
+    (dict(op_impl="pallas", pallas_options='{"warps": 4}'), "pallas_options"),
+    (dict(op_impl="chunk", pallas_options='{"bwd": "xla"}'), "pallas_options"),
+    (dict(op_impl="pallas", pallas_options={"bwd": "xla"}), "pallas_options"),  # a dict, not its JSON
 ])
 def test_bad_config_raises_before_tracing(overrides, field):
     with pytest.raises(ValueError, match=rf"PrismLMConfig\.{field}"):

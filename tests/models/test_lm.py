@@ -146,3 +146,27 @@ def test_every_parameter_has_logical_axes_that_the_rules_map(mixer):
         flat = [a for m in mesh_axes if m is not None for a in (m if isinstance(m, tuple) else (m,))]
         assert set(flat) <= set(MESH_AXES)
     assert all(rule[0] in PARAM_AXES + ("batch", "length") for rule in LOGICAL_AXIS_RULES)
+
+
+@pytest.mark.parametrize("mixer", ["prism", "gdn"])
+def test_pallas_options_travel_from_the_config_to_the_kernels(mixer, monkeypatch):
+    """`PrismLMConfig.pallas_options` (a JSON object, as `--config.model.pallas_options` gives it)
+    reaches `prism_pallas` from every layer of a model with op_impl="pallas"."""
+    import pallas_kernels
+
+    seen = []
+
+    @functools.wraps(pallas_kernels.prism_pallas)
+    def spy(q, k, v, beta, g, **kw):
+        seen.append(kw)
+        B, T, H, _ = q.shape
+        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
+
+    monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    config = dataclasses.replace(TINY, mixer=mixer, num_layers=2, op_impl="pallas",
+                                 pallas_options='{"bwd": "xla", "mosaic_options": {"grads": {"impl": "xla"}}}')
+    model = PrismLM(config)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), tokens), tokens))
+    assert len(seen) == 2 and all(kw["bwd"] == "xla" and kw["mosaic_options"] == {"grads": {"impl": "xla"}}
+                                  for kw in seen)

@@ -320,8 +320,32 @@ def _bad(**changes):
     ({"chunk_size": 48}, r"`chunk_size` is 48, expected a positive power of two"),
     ({"chunk_size": 0}, r"`chunk_size` is 0"),
     ({"inter_chunk": "tree"}, r"`inter_chunk` is 'tree'"),
+    ({"pallas_options": {"bwd": "xla"}}, r"`pallas_options` \['bwd'\] apply to impl='pallas', not 'chunk'"),
+    ({"impl": "pallas", "pallas_options": {"bwd": "xla", "warps": 4}}, r"`pallas_options` has \['warps'\], expected some of"),
+    ({"impl": "pallas", "pallas_options": {"chunk_size": 64}}, r"`pallas_options` has \['chunk_size'\]"),
+    ({"impl": "pallas", "pallas_options": ["bwd"]}, r"`pallas_options` is \['bwd'\], expected None or a dict"),
 ])
 def test_bad_input_errors(changes, match):
     inputs, kwargs = _bad(**changes)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(functools.partial(prism_recurrence, **kwargs), *inputs.values())
+
+
+def test_pallas_options_reach_the_kernels(monkeypatch):
+    """impl="pallas" passes `pallas_options` on to `prism_pallas` beside the arguments it sets itself."""
+    import pallas_kernels
+
+    seen = {}
+
+    @functools.wraps(pallas_kernels.prism_pallas)  # its signature: the names pallas_options may use
+    def spy(q, k, v, beta, g, **kw):
+        seen.update(kw)
+        B, T, H, _ = q.shape
+        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
+
+    monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    inputs, kwargs = _bad()
+    options = {"bwd": "xla", "mosaic_stages": ["intra", "state"]}
+    jax.eval_shape(functools.partial(prism_recurrence, impl="pallas", chunk_size=16, pallas_options=options,
+                                     **kwargs), *inputs.values())
+    assert seen["bwd"] == "xla" and seen["mosaic_stages"] == ["intra", "state"] and seen["chunk_size"] == 16

@@ -50,6 +50,19 @@ def test_command_line_overrides_every_level():
         load(str(CONFIGS / "tiny.py"), "--config.model.solver_stepz=3")
 
 
+def test_kernel_options_come_from_the_command_line():
+    """--config.model.pallas_options: a JSON object of prism_pallas keyword arguments, checked with the
+    rest of the model config before anything compiles."""
+    stages = '["intra", "state", "outputs", "pullback", "reverse", "grads"]'
+    config = load(str(CONFIGS / "tiny.py"), "--config.model.op_impl=pallas",
+                  f'--config.model.pallas_options={{"mosaic_stages": {stages}}}')
+    config_lib.validate(config, 1)
+    assert config_lib.model_config(config).pallas_options == f'{{"mosaic_stages": {stages}}}'
+    config = load(str(CONFIGS / "tiny.py"), '--config.model.pallas_options={"bwd": "xla"}')  # op_impl chunk
+    with pytest.raises(ValueError, match="pallas_options"):
+        config_lib.validate(config, 1)
+
+
 def test_invalid_model_field_is_named():
     config = load(str(CONFIGS / "tiny.py"), "--config.model.mixer=lstm")
     with pytest.raises(ValueError, match="mixer"):

@@ -23,7 +23,35 @@ from prism_jax.ops.prism.scan import prism_scan
 IMPLS = ("reference", "scan", "chunk", "pallas")
 INTER_CHUNK = ("scan", "associative")
 
-__all__ = ["IMPLS", "prism_recurrence", "prism_step", "check_inputs"]
+__all__ = ["IMPLS", "prism_recurrence", "prism_step", "check_inputs", "pallas_option_names"]
+# prism_pallas arguments that prism_recurrence sets itself (not `pallas_options`).
+_SET_HERE = frozenset({"q", "k", "v", "beta", "g", "scale", "initial_state", "segment_ids", "chunk_size"})
+
+
+def pallas_option_names() -> tuple:
+    """The keyword arguments of `pallas_kernels.prism_pallas` that `pallas_options` may set (kernel, bwd,
+    mosaic_stages, mosaic_options, block sizes, ...): all but those `prism_recurrence` sets itself."""
+    import inspect
+
+    from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
+
+    return tuple(n for n in inspect.signature(prism_pallas).parameters if n not in _SET_HERE)
+
+
+def check_pallas_options(pallas_options, impl, where="prism_recurrence"):
+    """ValueError unless `pallas_options` is None or a dict of `pallas_option_names` and impl is "pallas"
+    where it is not empty."""
+    if pallas_options is None:
+        return
+    if not isinstance(pallas_options, dict):
+        raise ValueError(f"{where}: `pallas_options` is {pallas_options!r}, expected None or a dict of "
+                         f"prism_pallas keyword arguments")
+    if pallas_options and impl != "pallas":
+        raise ValueError(f"{where}: `pallas_options` {sorted(pallas_options)} apply to impl='pallas', not {impl!r}")
+    allowed = pallas_option_names()
+    unknown = sorted(set(pallas_options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: `pallas_options` has {unknown}, expected some of {list(allowed)}")
 
 
 def _shape_error(name, got, expected):
@@ -63,7 +91,7 @@ def check_inputs(q, k, v, beta, g, initial_state=None, segment_ids=None):
 
 
 def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output_final_state=False,
-                     impl="chunk", chunk_size=None, inter_chunk="scan", segment_ids=None):
+                     impl="chunk", chunk_size=None, inter_chunk="scan", segment_ids=None, pallas_options=None):
     """Exact PRISM recurrence over a sequence. With L = 1 this is Gated DeltaNet; with beta = 0 it is
     gated linear attention.
 
@@ -82,6 +110,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
       inter_chunk: "scan" (sequential over chunks) or "associative" (log-depth), for "chunk".
       segment_ids: [B, T] int or None; where it changes between t-1 and t the state is reset to zero
         before token t (packed documents).
+      pallas_options: None or a dict of further `pallas_kernels.prism_pallas` keyword arguments for
+        impl="pallas" (`pallas_option_names`: kernel, bwd, mosaic_stages, mosaic_options, block sizes).
     Returns:
       o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
         inputs), or None unless asked for.
@@ -95,6 +125,7 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
             f"prism_recurrence: `chunk_size` is {chunk_size!r}, expected a positive power of two")
     if inter_chunk not in INTER_CHUNK:
         raise ValueError(f"prism_recurrence: `inter_chunk` is {inter_chunk!r}, expected one of {INTER_CHUNK}")
+    check_pallas_options(pallas_options, impl)
     if scale is None:
         scale = K ** -0.5
     out_dtype = v.dtype
@@ -103,7 +134,7 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
 
         sizes = {} if chunk_size is None else {"chunk_size": chunk_size}
         o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                segment_ids=segment_ids, **sizes)
+                                segment_ids=segment_ids, **sizes, **(pallas_options or {}))
         return o.astype(out_dtype), (final if output_final_state else None)
     # float32 at least (bf16 inputs accumulate in fp32); float64 inputs stay float64 (tests).
     cdt = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
