@@ -73,7 +73,7 @@ def train_config(args, mixer, op_impl, num_layers, scan_layers):
     config = config_lib.base_config(
         args.preset, mixer=mixer, op_impl=op_impl, num_layers=num_layers, dtype=args.dtype,
         scan_layers=scan_layers, remat_policy=args.remat_policy,
-        max_seq_len=max(args.seq_len, 256))
+        max_seq_len=max(args.seq_len, 256), pallas_options=getattr(args, "pallas_options", ""))
     config.data.seq_len = args.seq_len
     config.batch_size = args.batch
     config.mesh_shape = (1, 1, 1, 1)

@@ -201,3 +201,18 @@ def test_mosaic_stages_times_triton_beside_mosaic_and_reports_failures_on_cpu():
     assert all(r["triton_ms"] > 0 for r in rows)
     assert rows[0]["mosaic_ms"] > 0 and rows[0]["err"] < 1e-2 and rows[1]["err"] < 1e-2
     assert "TypeError" in rows[2]["error"]  # a bad setting is a reported row, not a crash
+
+
+def test_train_step_times_each_variant_and_reports_bad_options_as_rows(tmp_path):
+    train_step = _load("train_step")  # imports benchmarks/compile_time.py from beside itself
+    with pytest.raises(ValueError, match="JSON object"):
+        train_step.parse_variant('p=pallas:["bwd"]')
+    out = tmp_path / "train_step.json"
+    payload = train_step.main(["--layers", "1", "--steps", "1", "--seq-len", "32", "--batch", "2",
+                               "--variant", "chunk=chunk", "--variant", 'xla_bwd=pallas:{"bwd": "xla"}',
+                               "--variant", 'bad=pallas:{"warps": 1}', "--out", str(out)])
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert rows["chunk"]["step_ms"] > 0 and rows["xla_bwd"]["step_ms"] > 0
+    assert abs(rows["chunk"]["loss"] - rows["xla_bwd"]["loss"]) < 1e-2  # the same model, two op forms
+    assert "warps" in rows["bad"]["error"]  # a bad setting is a reported row, not a crash
+    assert json.loads(out.read_text())["rows"][0]["name"] == "chunk"
