@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"/{l3,tests}
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 150 python3 -m pytest -v -p no:xdist -p no:cacheprovider -m gpu tests/kernels/mosaic/test_intra.py \
+timeout 120 python3 -m pytest -v -p no:xdist -p no:cacheprovider -m gpu tests/kernels/mosaic/test_intra.py \
     tests/kernels/mosaic/test_outputs.py tests/kernels/mosaic/test_reverse.py \
     -k "columns or writes_the_outputs_on_gpu or output_factors_on_gpu or from_factors_on_gpu" \
     > "$OUT/tests/gpu_tests.log" 2>&1
@@ -17,7 +17,7 @@ echo "tests rc=$?"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests/gpu_
 M='"kernel": "mosaic", "chunk_size": 64'
 ALL='"mosaic_stages": ["intra", "state", "outputs", "pullback", "reverse", "grads"]'
 BOTH='"mosaic_options": {"outputs": {"fused": true}, "intra": {"diagonal": "columns"}}'
-timeout 400 python3 benchmarks/kernels.py --out "$OUT/l3" --reps 20 --budget_s 380 --keep_output \
+timeout 330 python3 benchmarks/kernels.py --out "$OUT/l3" --reps 20 --budget_s 310 --keep_output \
     --variant "mall={$M, $ALL}" --variant "mboth={$M, $BOTH}" \
     --plan mall:3:2048,mosaic:3:2048,mboth:2:2048,mosaic:2:2048,jla_gdn:2048 \
     > "$OUT/l3/kernels.log" 2>&1
