@@ -247,7 +247,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     mosaic_options={"outputs": {"fused": True}} has the state pass write the outputs from per-chunk
     factors (formed by the intra kernel at L = 1, in XLA otherwise; "xla" at every L) and the reverse
     pass form the pull-back's terms, so neither the outputs nor the pull-back kernel runs
-    (`pipeline.FUSED_OUTPUTS` is the default).
+    (the default at L = 1: `pipeline.FUSED_OUTPUTS_WRITES`; False turns it off).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.
     """
     B, T, H, L, K, V = check_inputs(q, k, v, beta, g, initial_state, segment_ids)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import prism_pallas
+from pallas_kernels.gpu.mosaic import pipeline
 from pallas_kernels.gpu.mosaic.pipeline import STAGES, stage_options, supported_stages
 
 import sys, os  # noqa: E401
@@ -120,10 +121,15 @@ def test_mosaic_pipeline_with_outputs_in_the_state_pass_matches_reference(L, fus
     seen = []
     real = intra_mod.intra
     monkeypatch.setattr(intra_mod, "intra", lambda *a, **kw: seen.append(kw.get("factors", False)) or real(*a, **kw))
-    got, plain = kernels(options), kernels(None)
+    unfused = {"outputs": {"fused": False}}
+    got, plain, default = kernels(options), kernels(unfused), kernels(None)
     assert "prism_mosaic_state_registers_outputs" in got and "prism_mosaic_outputs" not in got
     assert "prism_mosaic_state_registers_outputs" not in plain and "prism_mosaic_outputs" in plain
-    assert seen == [L == 1 and fused is True, False]  # the factors from the intra kernel, else from XLA
+    by_default = L in pipeline.FUSED_OUTPUTS_WRITES  # fused by default at L = 1 only (timed there)
+    assert ("prism_mosaic_state_registers_outputs" in default) == by_default
+    assert ("prism_mosaic_outputs" in default) == (not by_default)
+    # the factors from the intra kernel at L = 1 with fused=True, else from XLA
+    assert seen == [L == 1 and fused is True, False, L == 1 and by_default]
 
     def backward(options):  # the reverse pass forms the pull-back's terms from P and Qf: no pull-back kernel
         def loss(q):
@@ -131,7 +137,7 @@ def test_mosaic_pipeline_with_outputs_in_the_state_pass_matches_reference(L, fus
                                         mosaic_options=options)[0].astype(jnp.float32))
         return str(jax.make_jaxpr(jax.grad(loss))(q))
 
-    got, plain = backward(options), backward(None)
+    got, plain = backward(options), backward(unfused)
     assert "prism_mosaic_reverse_factors" in got and "prism_mosaic_state_pullback" not in got
     assert "prism_mosaic_reverse_factors" not in plain and "prism_mosaic_state_pullback" in plain
 
