@@ -162,6 +162,25 @@ def test_default_chunks_per_cta_fits_two_ctas_per_sm():
     assert 2 * (smem_bytes(2, 128, 128, slots=1, hold_m=True) + 1024) > SMEM_PER_SM
 
 
+def test_intra_defaults_to_rows_in_the_interpreter(monkeypatch):
+    """diagonal=None: `DEFAULT_DIAGONAL` on a GPU, rows in the interpreter (which cannot run the column
+    solve's inline code), so a GPU default of "columns" leaves the interpreter's results unchanged."""
+    from pallas_kernels.gpu.mosaic import intra as intra_mod
+
+    x = _inputs(T=64, L=1, H=1)
+    tv = _token_vectors(x)
+    rows = intra(x, tv, diagonal="rows", interpret=True)
+    monkeypatch.setattr(intra_mod, "DEFAULT_DIAGONAL", "columns")
+    default = intra(x, tv, interpret=True)
+    for a, b in zip(rows, default):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    seen = []
+    real = intra_mod._inverse
+    monkeypatch.setattr(intra_mod, "_inverse", lambda *a, **kw: seen.append(kw["diagonal"]) or real(*a, **kw))
+    jax.jit(lambda x, tv: intra(x, tv)).trace(x, tv).lower(lowering_platforms=("cuda",))
+    assert seen == ["columns"]  # lowered for a GPU, the default is DEFAULT_DIAGONAL
+
+
 def test_intra_rejects_unsupported_inputs():
     x = _inputs(T=64, L=1)
     tv = _token_vectors(x)
