@@ -82,9 +82,10 @@ BLOCKS = (2, 4, 8, 16, 32)  # supported diagonal block sizes of the inverse
 STEP_COLUMNS = (1, 2, 4)  # substitution columns per dependent step
 DIAGONAL_SOLVES = ("rows", "columns")  # how the inverse's diagonal blocks are solved (`intra`)
 # `intra(diagonal=None)` on a GPU; the interpreter always takes "rows" (it does not run inline Mosaic GPU code).
-# "columns" was 11% faster alone on an H100 (session 18) and agreed with the reference in the whole op
-# without documents; it becomes the default once its GPU test with documents passes.
-DEFAULT_DIAGONAL = "rows"
+# "columns": 11% faster alone on an H100 (session 18: 0.592 against 0.667 ms at L = 1); its GPU tests against
+# float64 (L = 1, 2, with documents, blocks 16 and 8) passed on an H200. Its SMEM never exceeds the row
+# solve's choice of hold_m / chunks_per_cta (same defaults at every L <= 4, K, V in {64, 128, 256}).
+DEFAULT_DIAGONAL = "columns"
 SMS = 132  # H200 streaming multiprocessors
 SMEM_PER_SM = 228 * 1024  # shared memory of one SM; each resident CTA also reserves 1 KiB
 MAX_WRITES = 4  # L: the L key and value tiles and L staged products stay in SMEM
