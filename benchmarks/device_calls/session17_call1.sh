@@ -5,6 +5,9 @@
 # `mosaic_stages` naming all six) beside the XLA chunk backward (the default there until it is timed); L = 2 default / both / the chunk
 # backward at 32 value columns. Then the GPU
 # tests of all of them, then the intra kernel alone (row steps / column solve).
+# Run in session 18 (H100), when "mosaic" was unfused with the row solve; since then both are defaults at
+# L = 1, so "mosaic" and "mboth" at L = 1 now time the same path (the session-17 row needs
+# '"mosaic_options": {"outputs": {"fused": false}, "intra": {"diagonal": "rows"}}').
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
@@ -27,4 +30,4 @@ timeout 200 python3 -m pytest -q -p no:xdist -p no:cacheprovider -m gpu tests/ke
     -k "narrow or columns or writes_the_outputs_on_gpu or output_factors_on_gpu or from_factors_on_gpu or (pipeline_matches and (True-True or xla)) or three_warpgroups" \
     2>&1 | tail -6
 timeout 50 python3 benchmarks/mosaic_diag.py time --kernel intra --writes 1 --reps 30 --out "$OUT/intra" \
-    --opts '{"resets": false}' --opts '{"resets": false, "diagonal": "columns"}' 2>&1 | grep '^| \|FAILED' | cut -c1-300
+    --opts '{"resets": false, "diagonal": "rows"}' --opts '{"resets": false, "diagonal": "columns"}' 2>&1 | grep '^| \|FAILED' | cut -c1-300

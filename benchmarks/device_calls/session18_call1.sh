@@ -4,6 +4,8 @@
 # tests, then ran out of its slots. This call: the GPU tests of the column solve, the fused outputs
 # and the reverse pass from factors (log kept), then L = 3 with every stage Mosaic (the chunk backward
 # at 32 value columns) beside the XLA chunk backward, and L = 2 default / fused + columns, the peer.
+# Since the column solve became the default on a GPU, "mosaic" at L = 2 already has it: the L = 2 pair
+# is unfused / fused outputs (factors from XLA), the one L = 2 default still untimed.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
