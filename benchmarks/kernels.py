@@ -226,11 +226,18 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
     B = shape["tokens"] // T
     scale = K ** -0.5
     xs, do = inputs(jax.random.PRNGKey(T + L), B, T, L, H, K, V)
+    row = dict(impl=impl, variant=variant, L=L, T=T, B=B, phase_s={})
+    start = time.perf_counter()
+
+    def phase(name):  # a row killed by a timeout says on stderr which phase it was in
+        row["phase_s"][name] = round(time.perf_counter() - start, 1)
+        print(f"[{variant or impl} L={L} T={T}] {row['phase_s'][name]:7.1f} s: {name}", file=sys.stderr, flush=True)
+
     if refs.get("key") != (T, L):
         refs.clear()  # frees the previous shape's arrays first
-        refs.update(key=(T, L), val=reference(xs, do))
+        phase("reference")
+        refs.update(key=(T, L), val=jax.block_until_ready(reference(xs, do)))
     o_ref, grads_ref = refs["val"]
-    row = dict(impl=impl, variant=variant, L=L, T=T, B=B)
     fkey = None
     if impl == "pallas":
         kw = variants[variant]
@@ -248,7 +255,9 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
     if fkey is not None and fkey in timed_forwards:
         row["fwd_as"] = timed_forwards[fkey]  # the same forward kernels, timed in that row
     else:
+        phase("compile fwd")
         exe, mem = compiled(fwd, *xs)
+        phase("time fwd")
         ms = timed(exe, *xs, reps=reps)
         o = exe(*xs)
         row.update(fwd_ms=ms, fwd_tflops=flops / (ms * 1e-3) / 1e12, fwd_mem_gib=mem, fwd_rel_err=rel(o, o_ref))
@@ -257,7 +266,9 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
         del o
         if fkey is not None:
             timed_forwards[fkey] = variant
+    phase("compile fwd+bwd")
     exe, mem = compiled(with_vjp(fwd, keep_output), xs, do)
+    phase("time fwd+bwd")
     ms = timed(exe, xs, do, reps=reps)
     grads = exe(xs, do)
     if keep_output:
@@ -266,6 +277,7 @@ def measure_row(spec, shape, reps, refs, variants, gdn=None, timed_forwards=None
     errs = {n: rel(a, b) for n, a, b in zip(GRAD_NAMES, grads, grads_ref)}
     row.update(fwd_bwd_ms=ms, fwd_bwd_tflops=3 * flops / (ms * 1e-3) / 1e12, fwd_bwd_mem_gib=mem,
                grad_rel_err=errs, grad_rel_err_max=max(errs.values()))
+    phase("done")
     return row
 
 
