@@ -181,14 +181,17 @@ def _is_hopper():
 def auto_kernel(dtype, K, V, L, chunk_size, platform, *, split_options=False, hopper=None):
     """kernel="auto" (the default): "mosaic" on a Hopper GPU for 16-bit inputs with K, V in (64, 128),
     chunk_size None or 64, no Triton-only option set (`split_options`) and every stage's Mosaic kernel
-    but the chunk backward's taking the shape (where the chunk backward's does not by default, L = 3
-    and 4 at K = 128, the hand-derived chunk backward vmapped in XLA stands in: `prism_pallas`);
+    but the chunk backward's taking the shape (where the chunk backward's does not, L = 4 at K = 128,
+    the hand-derived chunk backward vmapped in XLA stands in: `prism_pallas`; L = 3 at K = 128 takes the
+    chunk backward's work split at 32 value columns per CTA);
     else "split".
     H200, bf16, B*T = 32K, H = 16, K = V = 128, fwd+bwd ms (docs/benchmarks.md, session 4): L = 1
     5.49 vs 8.95, L = 2 10.94 vs 13.43 (T = 2K) and 11.67 at 32K vs 19.67 (session 3). Mosaic since
     then (H100, session 10): L = 1 3.85, L = 2 7.03 (T = 2K); L = 3 with the XLA chunk backward 22.65
     vs 27.48 for "split" (one run; 7.17 against 4.95 GiB for the op's fwd+bwd: the XLA backward's
-    intermediates), and 53.07 with the Triton chunk backward at chunk 64 standing in.
+    intermediates), and 53.07 with the Triton chunk backward at chunk 64 standing in. Session 19 (H100,
+    output kept): L = 1 3.51, L = 2 7.89, L = 3 13.45 with the Mosaic chunk backward (23.27 with the XLA
+    one; our XLA chunk form 53.04).
     hopper: None detects the default device (compute capability 9.x)."""
     from pallas_kernels.gpu.mosaic.pipeline import STAGES, supported_stages
 

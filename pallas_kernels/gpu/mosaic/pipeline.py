@@ -51,10 +51,9 @@ class Residuals(NamedTuple):
 
 def supported_stages(K, L, dtype):
     """The stages whose Mosaic kernel takes this key width, write count and dtype by default: all but
-    the chunk backward where one value block of 64 per CTA does not fit (L = 3 at K = 128: its work
-    split at 32 value columns per CTA runs when "grads" is named in `mosaic_stages`, and by default once
-    `chunk_grads.NARROW_BY_DEFAULT` is set; L = 4 at K = 128: nothing fits) and the intra kernel beyond
-    L = 4."""
+    the chunk backward where no value block fits (L = 3 at K = 128 takes its work split at 32 value
+    columns per CTA while `chunk_grads.NARROW_BY_DEFAULT` is set, as it is; L = 4 at K = 128: nothing
+    fits) and the intra kernel beyond L = 4."""
     from pallas_kernels.gpu.mosaic import chunk_grads, intra
 
     return tuple(s for s in STAGES

@@ -233,8 +233,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="block_v"):  # blocks of 32: the work split only
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, block_v=32, warpgroups=2,
                              split="values")
-    assert supported(128, 2) and supported(64, 3) and supported(128, 3, narrow=True)  # L = 3, K = 128: blocks of 32
-    assert not supported(128, 3, narrow=False)  # the narrow split is not a default before its GPU run
+    assert supported(128, 2) and supported(64, 3) and supported(128, 3)  # L = 3, K = 128: blocks of 32 (default)
+    assert not supported(128, 3, narrow=False)  # narrow=False leaves the blocks of 32 out
     assert not supported(128, 4, narrow=True) and not supported(128, 1, jnp.float32)
     x4 = _inputs(K=128, V=64, L=4)
     with pytest.raises(ValueError, match="SMEM"):  # nothing fits at L = 4, K = 128

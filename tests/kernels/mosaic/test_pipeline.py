@@ -168,6 +168,10 @@ def test_mosaic_pipeline_at_three_writes_and_k128_matches_reference():
     f = lambda q: jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64,
                                        mosaic_stages=STAGES)[0].astype(jnp.float32))
     assert "prism_chunk_grads_mgpu_wg2_work" in str(jax.make_jaxpr(jax.grad(f))(q))
+    # by default too (mosaic_stages=None): no XLA chunk backward behind the Mosaic stages
+    f = lambda q: jnp.sum(prism_pallas(q, k, v, beta, g, scale=1.0, kernel="mosaic", chunk_size=64)[0]
+                          .astype(jnp.float32))
+    assert "prism_chunk_grads_mgpu_wg2_work" in str(jax.make_jaxpr(jax.grad(f))(q))
 
 
 def test_stage_options_are_hashable_with_json_lists():
@@ -181,8 +185,8 @@ def test_supported_stages_leave_out_what_does_not_fit():
     assert supported_stages(128, 2, jnp.bfloat16) == STAGES
     from pallas_kernels.gpu.mosaic import chunk_grads
 
-    # L = 3 at K = 128: the work split at 32 value columns, a default once it has run on a GPU
-    assert ("grads" in supported_stages(128, 3, jnp.bfloat16)) == chunk_grads.NARROW_BY_DEFAULT
+    # L = 3 at K = 128: the work split at 32 value columns (the default since session 19's GPU timing)
+    assert chunk_grads.NARROW_BY_DEFAULT and supported_stages(128, 3, jnp.bfloat16) == STAGES
     assert "grads" not in supported_stages(128, 4, jnp.bfloat16)  # the chunk backward's SMEM plan
     assert "intra" not in supported_stages(64, 5, jnp.bfloat16)
 
