@@ -317,10 +317,12 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1, diago
 def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows"):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
     and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
-    inverse (`_inverse`'s m_s); factors: the output factors too (q's tile, three more vectors, Qe's
-    own tile); diagonal: the diagonal blocks' solve (`intra`)."""
+    inverse (`_inverse`'s m_s); factors: the output factors too (q's tile, three more vectors; at L = 1
+    Qe's own tile, at L > 1 the writes' right-hand side's own tile, which Qe then leaves from, and L - 2
+    more [C, C] tiles); diagonal: the diagonal blocks' solve (`intra`)."""
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
     inputs += (C * K * 2 + 3 * C * 4) if factors else 0
+    rhs = C * V * 2 if factors and L > 1 else 0  # one tile, not one per slot
     solve = max(C * C * 2 * 4,  # doubling: X_s and the link as hi / lo
                 C * C * 2 + C * C * 4 + (0 if hold_m else C * C * 2 * 2),  # substitution: S, W (float32), m_diag
                 2 * C * (C + SOLVE_PAD) * 4 if diagonal == "columns" else 0,  # column solve: m, X (float32)
@@ -328,8 +330,10 @@ def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows"):
     solve += C * C * 2 * 2 if hold_m else 0
     # X's scalings, Z; X or the reset correction (float32, counted either way; P and Qe go out from k0's
     # and v0's tiles)
-    out = C * C * 2 * (2 + (L > 1)) + C * C * 4 + (C * V * 2 if factors else 0)
-    return slots * inputs + max(solve, out)
+    out = C * C * 2 * (2 + (L > 1)) + C * C * 4
+    if factors:
+        out += C * V * 2 if L == 1 else max(0, L - 2) * C * C * 2
+    return slots * inputs + rhs + max(solve, out)
 
 
 def _fits(L, K, V, slots, hold_m, factors=False, diagonal="rows"):
@@ -360,7 +364,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
     unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU); with `factors`
     two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
-    `output_factors.output_factors(x, tv, P, Qe, scale=scale)`; L = 1 only).
+    `output_factors.output_factors(x, tv, P, Qe, scale=scale)`).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
     must be 64 (accepted for the Triton kernel's signature).
@@ -382,10 +386,11 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     reductions over W = S m^T's rows) or "columns" (`_column_solve`: a thread per column, one
     multiply-add per dependent step; GPU only); None: `DEFAULT_DIAGONAL` on a GPU, "rows" with interpret.
     factors: also form the chunk outputs' factors Qf = scale (diag(start) q - (q k0^T . T_m1) P) and
-    Of = scale ((q k0^T . T_0 . beta0) v0 - (q k0^T . T_m1) Qe) (`output_factors`), which the state
-    pass turns into the outputs (`state_pass(factors=...)`): q k0^T joins the P / Qe products, the
-    three factor products take one more wait. L = 1 only (at L > 1 v_1's tile holds the writes'
-    right-hand side by then); scale: the outputs' scale (required with factors).
+    Of = scale (sum_l (q k_l^T . T_0 . beta_l) v_l - (q k0^T . T_m1) Qe) (`output_factors`), which the
+    state pass turns into the outputs (`state_pass(factors=...)`): q k0^T joins the P / Qe products, the
+    factor products take one more wait (at L > 1 two: q k_l^T for l >= 1 first). At L > 1 the writes'
+    right-hand side goes to a tile of its own instead of v_1's (the v_l are read again for Of), and Qe
+    leaves from it. scale: the outputs' scale (required with factors).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -402,9 +407,6 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     if diagonal == "columns" and interpret:
         raise ValueError("mosaic intra: diagonal='columns' is inline Mosaic GPU code, which the interpreter does "
                          "not run; use diagonal='rows' with interpret=True")
-    if factors and x.v.shape[-2] != 1:
-        raise ValueError(f"mosaic intra: factors=True supports L = 1 only (got L = {x.v.shape[-2]}); form the "
-                         "factors with output_factors.output_factors")
     if factors and scale is None:
         raise ValueError("mosaic intra: factors=True needs the outputs' `scale`")
     if factors and x.q.dtype != x.k.dtype:
@@ -433,7 +435,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     n_rows, n_cols, n_irows = 2 + 2 * factors, 3 + L, 1 + factors
 
     def body(k_ref, v_ref, g_ref, gm1_ref, r_ref, rm1_ref, sm1_ref, beta_ref, *refs, k_s, v_s, vr_s, vc_s, ir_s,
-             ic_s, bar, q_s=None):
+             ic_s, bar, q_s=None, rhs_s=None):
         refs = list(refs)
         q_ref, start_ref = (refs.pop(0), refs.pop(0)) if factors else (None, None)
         p_ref, qe_ref = refs.pop(0), refs.pop(0)
@@ -484,13 +486,15 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
             def solve_phase(*m_s):
                 """X0, with the right-hand side of the writes l >= 1 in v_1's tile."""
                 kks = _matmuls([(k_l(0), k_l(l).T) for l in range(L)], sq)  # issued back to back
-                if L > 1:  # sum_{l >= 1} (k0 k_l^T . m1_0 . beta_l) v_l into v_1's tile (not read again)
+                if L > 1:  # sum_{l >= 1} (k0 k_l^T . m1_0 . beta_l) v_l into v_1's tile (not read again) or,
+                    # with factors (Of reads every v_l), into its own
                     def rhs_phase(prod_s):
                         decay = m1_0()
                         for l in range(1, L):
                             prod_s.at[l - 1][...] = (kks[l] * decay * mc.cols_of(beta_c(l), sq)).astype(dt)
                         plgpu.commit_smem()
-                        _to_smem(v_l(1), _matmul_sum([(prod_s.at[l - 1], v_l(l)) for l in range(1, L)], (C, V)))
+                        _to_smem(rhs_s if factors else v_l(1),
+                                 _matmul_sum([(prod_s.at[l - 1], v_l(l)) for l in range(1, L)], (C, V)))
 
                     with jax.named_scope("rhs"):
                         pl.run_scoped(rhs_phase, mc.smem((L - 1, C, C), dt))
@@ -502,8 +506,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
 
             def out_phase(xp_s, z_s, *more):  # P, Qe and (save_inverse) X: their TMA stores in flight at once
                 more = list(more)
-                qe_o = more.pop(0) if factors else None  # Qe's own tile: v_0 is read again for Of
+                qe_o = more.pop(0) if factors and L == 1 else None  # Qe's own tile: v_0 is read again for Of
                 xb_s = more.pop(0) if L > 1 else None
+                w_more = [more.pop(0) for _ in range(L - 2)] if factors else []  # Of's [C, C] tiles l >= 2
                 z = -x0  # (I - X0) off the diagonal
                 if resets:  # + X0 D0: the write columns of reset tokens, which m0 masks (module docstring)
                     def correction():
@@ -541,14 +546,14 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     plgpu.wgmma(p_acc, xp_s, k_l(0))
                     plgpu.wgmma(qe_acc, z_s, v_l(0))
                     if L > 1:
-                        plgpu.wgmma(qe_acc, xb_s, v_l(1))
+                        plgpu.wgmma(qe_acc, xb_s, rhs_s if factors else v_l(1))
                     if factors:
                         plgpu.wgmma(qk_acc[0], q_s.at[slot], k_l(0).T)
                     return (p_acc[...], qe_acc[...], *(acc[...] for acc in qk_acc))
 
                 accs = [plgpu.ACC((C, K), f32), plgpu.ACC((C, V), f32)] + ([plgpu.ACC(sq, f32)] if factors else [])
                 p, qe, *qk = lax.optimization_barrier(pl.run_scoped(products, *accs))
-                qe_s = qe_o if factors else v_l(0)
+                qe_s = (rhs_s if L > 1 else qe_o) if factors else v_l(0)
                 _to_smem(qe_s, qe)  # the products have read v_0 and k_0
                 plgpu.copy_smem_to_gmem(qe_s, qe_ref.at[b, rows, h])
                 _to_smem(k_l(0), p)
@@ -558,22 +563,26 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                     plgpu.copy_smem_to_gmem(more[0], ainv_ref[0].at[b, h, n])
                 if factors:
                     with jax.named_scope("factors"):
-                        output_factors_phase(qk[0], xp_s, z_s, qe_s)
+                        output_factors_phase(qk[0], [xp_s, z_s] + ([xb_s] if L > 1 else []) + w_more, qe_s)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the region and the slot are reused
 
-            def output_factors_phase(qk, a_s, w_s, qe_s):
+            def output_factors_phase(qk, bufs, qe_s):
                 """Qf and Of (`intra`'s docstring) from q k0^T and the P, Qe just staged (k_0's tile, qe_s);
-                a_s, w_s: free [C, C] buffers. Qf leaves from q's tile, Of from v_0's."""
+                bufs: L + 1 free [C, C] buffers (a, then w_l per write). Qf leaves from q's tile, Of from v_0's."""
+                a_s, w_s = bufs[0], bufs[1:]
+                qks = [qk] + (_matmuls([(q_s.at[slot], k_l(l).T) for l in range(1, L)], sq) if L > 1 else [])
                 g_r, start_r = load_r(vr_s, slot * n_rows + 2), load_r(vr_s, slot * n_rows + 3)
                 r_r = load_r(ir_s, slot * n_irows + 1)
                 a_s[...] = (-(qk * mc.decay_matrix(g_r, r_r, gm1_c(), rm1_c(), sq, strict=False))).astype(dt)
-                w_s[...] = (qk * mc.decay_matrix(g_r, r_r, g_c(), r_c(), sq, strict=False)
-                            * mc.cols_of(beta_c(0), sq)).astype(dt)
+                t0 = mc.decay_matrix(g_r, r_r, g_c(), r_c(), sq, strict=False)
+                for l in range(L):
+                    w_s[l][...] = (qks[l] * t0 * mc.cols_of(beta_c(l), sq)).astype(dt)
                 plgpu.commit_smem()
 
-                def factor_products(qf_acc, of_acc):  # -(q k0^T . T_m1) P; (...) v_0 - (q k0^T . T_m1) Qe
+                def factor_products(qf_acc, of_acc):  # -(q k0^T . T_m1) P; sum_l (...) v_l - (q k0^T . T_m1) Qe
                     plgpu.wgmma(qf_acc, a_s, k_l(0))
-                    plgpu.wgmma(of_acc, w_s, v_l(0))
+                    for l in range(L):
+                        plgpu.wgmma(of_acc, w_s[l], v_l(l))
                     plgpu.wgmma(of_acc, a_s, qe_s)
                     return qf_acc[...], of_acc[...]
 
@@ -587,8 +596,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
 
             with jax.named_scope("out"):
                 pl.run_scoped(out_phase, mc.smem((C, C), dt), mc.smem((C, C), dt),
-                              *([mc.smem((C, V), dt)] if factors else []),
+                              *([mc.smem((C, V), dt)] if factors and L == 1 else []),
                               *([mc.smem((C, C), dt)] if L > 1 else []),
+                              *([mc.smem((C, C), dt) for _ in range(L - 2)] if factors else []),
                               *([mc.smem((C, C), f32)] if save_inverse or resets else []))
 
         issue(0, 0)
@@ -619,6 +629,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         bar=plgpu.Barrier(num_arrivals=3 * L + 8 + 4 * factors, num_barriers=slots))
     if factors:
         scratch.update(q_s=mc.smem((slots, C, K), dt))
+    if factors and L > 1:
+        scratch.update(rhs_s=mc.smem((C, V), dt))
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     if save_inverse:
         out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))

@@ -9,7 +9,7 @@ chunk backward, `options["grads"]["impl"]` may instead pick the hand-derived one
 
 With fused outputs (`mosaic_options={"outputs": {"fused": True}}`, the default at L = 1:
 `FUSED_OUTPUTS_WRITES`) the
-forward is intra (also the output factors Qf, Of at L = 1; XLA forms them at L > 1) -> state (also o =
+forward is intra (also the output factors Qf, Of; with fused="xla" XLA forms them) -> state (also o =
 Qf S + Of), and the backward reverse (the pull-back's terms formed from the kept P and Qf) -> grads:
 the outputs and pull-back kernels do not run (`Residuals`).
 
@@ -32,10 +32,11 @@ STAGES = ("intra", "state", "outputs", "pullback", "reverse", "grads")
 # kernel at chunk 64, or the same hand-derived gradients vmapped in XLA (`backward.explicit_xla_grads`).
 GRADS_FALLBACKS = ("triton", "xla")
 # The outputs written by the state pass from per-chunk factors (`output_factors`) instead of by the outputs
-# kernel (mosaic_options["outputs"]["fused"]): True = the factors formed by the intra kernel at L = 1 and in
-# XLA otherwise, "xla" = in XLA at every L. The default at the write counts in FUSED_OUTPUTS_WRITES: at L = 1
-# (factors from the intra kernel) the whole op was 16% faster with it and the column solve on an H100
-# in session 18 (3.29 against 3.91 ms, same gradient error); L > 1 (factors from XLA) is not yet timed.
+# kernel (mosaic_options["outputs"]["fused"]): True = the factors formed by the intra kernel, "xla" = in XLA.
+# The default at the write counts in FUSED_OUTPUTS_WRITES: at L = 1 the whole op was 16% faster with it and
+# the column solve on an H100 in session 18 (3.29 against 3.91 ms, same gradient error). At L = 2 with the
+# factors from XLA (before the intra kernel formed them at L > 1) it was 17% slower (session 19, H100: 9.25
+# against 7.89 ms); with the intra kernel's factors at L > 1 (session 19) it is not yet timed.
 FUSED_OUTPUTS_WRITES = (1,)
 
 
@@ -141,7 +142,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
              else False)
     if fused not in (False, True, "xla"):
         raise ValueError(f"prism_pallas: mosaic_options['outputs']['fused'] = {fused!r}, expected True (the "
-                         "intra kernel forms the output factors at L = 1, XLA otherwise), 'xla' or False")
+                         "intra kernel forms the output factors), 'xla' (XLA forms them) or False")
     if fused and out_kw:
         raise ValueError(f"prism_pallas: mosaic_options['outputs'] with 'fused' takes no other keywords (the outputs "
                          f"kernel does not run), got {sorted(out_kw)}")
@@ -149,7 +150,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
     if "intra" in stages:
         from pallas_kernels.gpu.mosaic.intra import intra
 
-        in_intra = fused is True and x.v.shape[-2] == 1
+        in_intra = fused is True
         out = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
                     **{"resets": resets, **_kw(options, "intra"), **({"factors": True, "scale": scale} if in_intra else {})})
         p, qe, ainv = out[:3]

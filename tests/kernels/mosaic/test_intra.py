@@ -304,29 +304,30 @@ def _factors_check(x, interpret=True, **kw):
                                                                               rel(of, as64(want_of)))
 
 
-@pytest.mark.parametrize("V,resets,chunks_per_cta", [(64, True, 1), (128, False, 2)])
-def test_intra_output_factors_match_xla(V, resets, chunks_per_cta):
-    _factors_check(_inputs(L=1, V=V, seed=21, resets=resets), resets=resets, chunks_per_cta=chunks_per_cta)
+@pytest.mark.parametrize("L,V,resets,chunks_per_cta", [(1, 64, True, 1), (1, 128, False, 2), (2, 64, True, 2),
+                                                     (3, 64, False, 1)])
+def test_intra_output_factors_match_xla(L, V, resets, chunks_per_cta):
+    """At L > 1 the writes' right-hand side has its own tile and Of sums every write's v_l: using v_1's
+    tile (overwritten by the right-hand side) or leaving a write out of Of fails here."""
+    _factors_check(_inputs(L=L, V=V, seed=21 + L, resets=resets), resets=resets, chunks_per_cta=chunks_per_cta)
 
 
 def test_intra_output_factors_reject():
-    x2 = _inputs(T=64, L=2)
-    with pytest.raises(ValueError, match="L = 1 only"):
-        intra(x2, _token_vectors(x2), factors=True, scale=1.0)
     x = _inputs(T=64, L=1)
     with pytest.raises(ValueError, match="scale"):
         intra(x, _token_vectors(x), factors=True)
 
 
-def test_intra_output_factors_lower_for_cuda():
-    x = _inputs(L=1, V=128, K=128)
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_intra_output_factors_lower_for_cuda(L):
+    x = _inputs(L=L, V=128, K=128)
     f = functools.partial(intra, interpret=False, factors=True, scale=SCALE, resets=False)
     lowered = jax.jit(f).trace(x, _token_vectors(x)).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text() and len(lowered.out_info) == 5
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("resets", [False, True])
-def test_intra_output_factors_on_gpu(resets):
-    _factors_check(_inputs(B=2, T=500, H=4, K=128, V=128, L=1, seed=23, resets=resets), interpret=False,
+@pytest.mark.parametrize("L,resets", [(1, False), (1, True), (2, True), (3, False)])
+def test_intra_output_factors_on_gpu(L, resets):
+    _factors_check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=23, resets=resets), interpret=False,
                    resets=resets)
