@@ -36,7 +36,8 @@ GRADS_FALLBACKS = ("triton", "xla")
 # The default at the write counts in FUSED_OUTPUTS_WRITES: at L = 1 the whole op was 16% faster with it and
 # the column solve on an H100 in session 18 (3.29 against 3.91 ms, same gradient error). At L = 2 with the
 # factors from XLA (before the intra kernel formed them at L > 1) it was 17% slower (session 19, H100: 9.25
-# against 7.89 ms); with the intra kernel's factors at L > 1 (session 19) it is not yet timed.
+# against 7.89 ms); with the intra kernel's factors (session 19, H100, one run) 7.66 against 7.77 ms at L = 2
+# and 13.21 against 13.41 at L = 3: within the runs' noise, with a slower forward at L = 2 and more memory.
 FUSED_OUTPUTS_WRITES = (1,)
 
 
