@@ -8,7 +8,7 @@ import json
 MIXERS = ("prism", "gdn", "gla", "attention", "ttt")
 NONLINEARITIES = ("gelu", "identity")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-OP_IMPLS = ("reference", "scan", "chunk", "pallas")
+OP_IMPLS = ("reference", "scan", "chunk", "pallas", "auto")
 REMAT_POLICIES = ("none", "full")
 
 

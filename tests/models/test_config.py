@@ -32,12 +32,18 @@ DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "model.md"
     (dict(op_impl="pallas", pallas_options='{"warps": 4}'), "pallas_options"),
     (dict(op_impl="chunk", pallas_options='{"bwd": "xla"}'), "pallas_options"),
     (dict(op_impl="pallas", pallas_options={"bwd": "xla"}), "pallas_options"),  # a dict, not its JSON
+    (dict(op_impl="auto", pallas_options='{"warps": 4}'), "pallas_options"),
 ])
 def test_bad_config_raises_before_tracing(overrides, field):
     with pytest.raises(ValueError, match=rf"PrismLMConfig\.{field}"):
         PrismLMConfig(**overrides)
     with pytest.raises(ValueError, match=rf"PrismLMConfig\.{field}"):
         dataclasses.replace(get_preset("tiny"), **overrides)
+
+
+def test_auto_op_impl_takes_pallas_options():
+    config = PrismLMConfig(op_impl="auto", pallas_options='{"bwd": "xla"}')
+    assert config.op_impl == "auto" and config.pallas_options == '{"bwd": "xla"}'
 
 
 def test_presets_and_overrides():

@@ -320,7 +320,8 @@ def _bad(**changes):
     ({"chunk_size": 48}, r"`chunk_size` is 48, expected a positive power of two"),
     ({"chunk_size": 0}, r"`chunk_size` is 0"),
     ({"inter_chunk": "tree"}, r"`inter_chunk` is 'tree'"),
-    ({"pallas_options": {"bwd": "xla"}}, r"`pallas_options` \['bwd'\] apply to impl='pallas', not 'chunk'"),
+    ({"pallas_options": {"bwd": "xla"}}, r"`pallas_options` \['bwd'\] apply to impl='pallas' or 'auto', not 'chunk'"),
+    ({"impl": "auto", "pallas_options": {"warps": 4}}, r"`pallas_options` has \['warps'\], expected some of"),
     ({"impl": "pallas", "pallas_options": {"bwd": "xla", "warps": 4}}, r"`pallas_options` has \['warps'\], expected some of"),
     ({"impl": "pallas", "pallas_options": {"chunk_size": 64}}, r"`pallas_options` has \['chunk_size'\]"),
     ({"impl": "pallas", "pallas_options": ["bwd"]}, r"`pallas_options` is \['bwd'\], expected None or a dict"),
@@ -349,3 +350,57 @@ def test_pallas_options_reach_the_kernels(monkeypatch):
     jax.eval_shape(functools.partial(prism_recurrence, impl="pallas", chunk_size=16, pallas_options=options,
                                      **kwargs), *inputs.values())
     assert seen["bwd"] == "xla" and seen["mosaic_stages"] == ["intra", "state"] and seen["chunk_size"] == 16
+
+
+def test_auto_takes_the_kernels_only_where_they_are_the_measured_fast_path():
+    """impl="auto": "pallas" on a Hopper GPU with 16-bit inputs and K, V in (64, 128); "chunk" on CPU
+    and TPU, on other GPUs, in float32, at other sizes or chunk sizes."""
+    from prism_jax.ops.prism import resolve_impl
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    gpu = functools.partial(resolve_impl, "auto", backend="gpu", hopper=True)
+    assert gpu(bf16, 128, 128, 3) == gpu(jnp.float16, 64, 128, 1) == gpu(bf16, 128, 64, 2, 64) == "pallas"
+    assert gpu(f32, 128, 128, 1) == gpu(bf16, 32, 128, 1) == gpu(bf16, 128, 256, 1) == "chunk"
+    assert gpu(bf16, 128, 128, 1, 32) == "chunk"  # the Mosaic pipeline runs chunk 64 only
+    assert resolve_impl("auto", bf16, 128, 128, 1, backend="gpu", hopper=False) == "chunk"
+    assert resolve_impl("auto", bf16, 128, 128, 1, backend="tpu") == "chunk"
+    assert resolve_impl("auto", bf16, 128, 128, 1, backend="cpu") == "chunk"
+    assert resolve_impl("pallas", f32, 4, 4, 1, backend="cpu") == "pallas"  # other impls as given
+
+
+def test_auto_on_cpu_is_the_chunk_form(monkeypatch):
+    """On this CPU machine impl="auto" runs the chunk form (the same numbers), and its pallas_options
+    are accepted but unused; on a GPU backend that takes the kernels it calls prism_pallas with them."""
+    import pallas_kernels
+    from prism_jax.ops import prism as prism_mod
+
+    inputs, s0 = make_inputs(seed=3, B=2, T=37, H=2, L=2, K=8, V=6)
+    want = prism_recurrence(*inputs.values(), initial_state=s0, impl="chunk")[0]
+    got = prism_recurrence(*inputs.values(), initial_state=s0, impl="auto", pallas_options={"bwd": "xla"})[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    seen = {}
+
+    @functools.wraps(pallas_kernels.prism_pallas)
+    def spy(q, k, v, beta, g, **kw):
+        seen.update(kw)
+        B, T, H, _ = q.shape
+        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
+
+    monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    monkeypatch.setattr(prism_mod, "resolve_impl", lambda impl, *a, **kw: "pallas" if impl == "auto" else impl)
+    prism_recurrence(*inputs.values(), impl="auto", pallas_options={"bwd": "xla"})
+    assert seen.get("bwd") == "xla"
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_kernels_on_a_hopper_gpu():
+    """On the device machine (H100 / H200) "auto" detects the GPU and takes the kernels, with the same
+    outputs as impl="pallas"."""
+    from prism_jax.ops.prism import resolve_impl
+
+    assert resolve_impl("auto", jnp.bfloat16, 128, 128, 3) == "pallas"
+    inputs, _ = make_inputs(seed=4, B=1, T=200, H=2, L=2, K=128, V=128)
+    inputs = {n: (x if n == "g" else x.astype(jnp.bfloat16)) for n, x in inputs.items()}
+    got = prism_recurrence(*inputs.values(), impl="auto")[0]
+    want = prism_recurrence(*inputs.values(), impl="pallas")[0]
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))

@@ -9,6 +9,8 @@ Forms (`impl=`), all with this signature and the same results:
   "chunk"      exact chunkwise-parallel form (matmuls + one triangular solve per chunk): the default;
                `inter_chunk="scan" | "associative"` picks the pass that joins chunks.
   "pallas"     fused Pallas kernels (GPU / TPU; interpret mode on CPU), see `pallas_kernels`.
+  "auto"       "pallas" where the kernels are the measured fast path (`resolve_impl`: a Hopper GPU, 16-bit
+               inputs, K, V in (64, 128), the Mosaic GPU pipeline), else "chunk".
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from prism_jax.ops.prism.recurrent import prism_step
 from prism_jax.ops.prism.reference import prism_reference
 from prism_jax.ops.prism.scan import prism_scan
 
-IMPLS = ("reference", "scan", "chunk", "pallas")
+IMPLS = ("reference", "scan", "chunk", "pallas", "auto")
 INTER_CHUNK = ("scan", "associative")
 
-__all__ = ["IMPLS", "prism_recurrence", "prism_step", "check_inputs", "pallas_option_names"]
+__all__ = ["IMPLS", "prism_recurrence", "prism_step", "check_inputs", "pallas_option_names", "resolve_impl"]
 # prism_pallas arguments that prism_recurrence sets itself (not `pallas_options`).
 _SET_HERE = frozenset({"q", "k", "v", "beta", "g", "scale", "initial_state", "segment_ids", "chunk_size"})
 
@@ -38,16 +40,34 @@ def pallas_option_names() -> tuple:
     return tuple(n for n in inspect.signature(prism_pallas).parameters if n not in _SET_HERE)
 
 
+def resolve_impl(impl, dtype, K, V, L, chunk_size=None, *, backend=None, hopper=None):
+    """The form `impl` runs as: "auto" -> "pallas" on a Hopper GPU where `pallas_kernels.auto_kernel`
+    takes the Mosaic GPU pipeline (16-bit inputs, K, V in (64, 128), chunk_size None or 64: 4-10x our
+    XLA chunk form in docs/benchmarks.md), else "chunk" (CPU; the TPU kernels have not yet run on a TPU;
+    other GPUs and shapes are untimed there). Other impls are returned as given.
+    backend: None = `jax.default_backend()`; hopper: None detects the default device."""
+    if impl != "auto":
+        return impl
+    import jax
+
+    if (backend or jax.default_backend()) != "gpu":
+        return "chunk"
+    from pallas_kernels import auto_kernel  # lazy: kernels are optional at import time
+
+    return "pallas" if auto_kernel(dtype, K, V, L, chunk_size, "gpu", hopper=hopper) == "mosaic" else "chunk"
+
+
 def check_pallas_options(pallas_options, impl, where="prism_recurrence"):
     """ValueError unless `pallas_options` is None or a dict of `pallas_option_names` and impl is "pallas"
-    where it is not empty."""
+    (or "auto", where they apply when it takes the kernels) where it is not empty."""
     if pallas_options is None:
         return
     if not isinstance(pallas_options, dict):
         raise ValueError(f"{where}: `pallas_options` is {pallas_options!r}, expected None or a dict of "
                          f"prism_pallas keyword arguments")
-    if pallas_options and impl != "pallas":
-        raise ValueError(f"{where}: `pallas_options` {sorted(pallas_options)} apply to impl='pallas', not {impl!r}")
+    if pallas_options and impl not in ("pallas", "auto"):
+        raise ValueError(f"{where}: `pallas_options` {sorted(pallas_options)} apply to impl='pallas' or 'auto', "
+                         f"not {impl!r}")
     allowed = pallas_option_names()
     unknown = sorted(set(pallas_options) - set(allowed))
     if unknown:
@@ -104,7 +124,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
       scale: output scale, default K ** -0.5.
       initial_state: [B, H, K, V] or None (zeros).
       output_final_state: also return the state after the last token.
-      impl: "reference" | "scan" | "chunk" | "pallas".
+      impl: "reference" | "scan" | "chunk" | "pallas" | "auto" (`resolve_impl`: "pallas" on a Hopper GPU
+        with 16-bit inputs and K, V in (64, 128), else "chunk").
       chunk_size: chunk length for "chunk" and "pallas", a positive power of two; None picks the form's
         default (64 for "chunk"; the kernels' tuned default for "pallas").
       inter_chunk: "scan" (sequential over chunks) or "associative" (log-depth), for "chunk".
@@ -126,6 +147,7 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     if inter_chunk not in INTER_CHUNK:
         raise ValueError(f"prism_recurrence: `inter_chunk` is {inter_chunk!r}, expected one of {INTER_CHUNK}")
     check_pallas_options(pallas_options, impl)
+    impl = resolve_impl(impl, q.dtype, K, V, L, chunk_size)
     if scale is None:
         scale = K ** -0.5
     out_dtype = v.dtype
