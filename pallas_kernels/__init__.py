@@ -248,7 +248,7 @@ def prism_pallas(q, k, v, beta, g, *, scale, initial_state=None, chunk_size=None
     "triton"}}` asks for the Triton kernel); mosaic_options {stage: {keyword: value}} passes block
     sizes and other keywords to those stages' kernels (`pipeline.resolve_options`);
     mosaic_options={"outputs": {"fused": True}} has the state pass write the outputs from per-chunk
-    factors (formed by the intra kernel at L = 1, in XLA otherwise; "xla" at every L) and the reverse
+    factors (formed by the intra kernel; "xla": in XLA) and the reverse
     pass form the pull-back's terms, so neither the outputs nor the pull-back kernel runs
     (the default at L = 1: `pipeline.FUSED_OUTPUTS_WRITES`; False turns it off).
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32); differentiable.

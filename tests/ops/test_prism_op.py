@@ -332,19 +332,26 @@ def test_bad_input_errors(changes, match):
         jax.eval_shape(functools.partial(prism_recurrence, **kwargs), *inputs.values())
 
 
-def test_pallas_options_reach_the_kernels(monkeypatch):
-    """impl="pallas" passes `pallas_options` on to `prism_pallas` beside the arguments it sets itself."""
+def _spy_on_prism_pallas(monkeypatch):
+    """Replaces `prism_pallas` by a stub of its signature (the names pallas_options may use) that returns
+    zeros; the returned dict holds the keyword arguments of its last call."""
     import pallas_kernels
 
     seen = {}
 
-    @functools.wraps(pallas_kernels.prism_pallas)  # its signature: the names pallas_options may use
+    @functools.wraps(pallas_kernels.prism_pallas)
     def spy(q, k, v, beta, g, **kw):
         seen.update(kw)
         B, T, H, _ = q.shape
         return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
 
     monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    return seen
+
+
+def test_pallas_options_reach_the_kernels(monkeypatch):
+    """impl="pallas" passes `pallas_options` on to `prism_pallas` beside the arguments it sets itself."""
+    seen = _spy_on_prism_pallas(monkeypatch)
     inputs, kwargs = _bad()
     options = {"bwd": "xla", "mosaic_stages": ["intra", "state"]}
     jax.eval_shape(functools.partial(prism_recurrence, impl="pallas", chunk_size=16, pallas_options=options,
@@ -371,22 +378,13 @@ def test_auto_takes_the_kernels_only_where_they_are_the_measured_fast_path():
 def test_auto_on_cpu_is_the_chunk_form(monkeypatch):
     """On this CPU machine impl="auto" runs the chunk form (the same numbers), and its pallas_options
     are accepted but unused; on a GPU backend that takes the kernels it calls prism_pallas with them."""
-    import pallas_kernels
     from prism_jax.ops import prism as prism_mod
 
     inputs, s0 = make_inputs(seed=3, B=2, T=37, H=2, L=2, K=8, V=6)
     want = prism_recurrence(*inputs.values(), initial_state=s0, impl="chunk")[0]
     got = prism_recurrence(*inputs.values(), initial_state=s0, impl="auto", pallas_options={"bwd": "xla"})[0]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    seen = {}
-
-    @functools.wraps(pallas_kernels.prism_pallas)
-    def spy(q, k, v, beta, g, **kw):
-        seen.update(kw)
-        B, T, H, _ = q.shape
-        return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
-
-    monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    seen = _spy_on_prism_pallas(monkeypatch)
     monkeypatch.setattr(prism_mod, "resolve_impl", lambda impl, *a, **kw: "pallas" if impl == "auto" else impl)
     prism_recurrence(*inputs.values(), impl="auto", pallas_options={"bwd": "xla"})
     assert seen.get("bwd") == "xla"
