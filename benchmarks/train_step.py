@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="default: 128 (tiny) / 2048")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default: 4 (tiny) / 8)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 (tiny) / bfloat16)")
+    p.add_argument("--scan-layers", action="store_true", help="one block scanned over the layers (default: unrolled)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
     p.add_argument("--out", default=None, help="JSON file, rewritten after every variant")
@@ -60,13 +61,14 @@ def parse_args(argv=None):
 
 
 def format_table(rows) -> str:
-    lines = ["| variant | op | pallas_options | compile s | ms/step | tokens/s | vs first |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | op | pallas_options | lower s | compile s | ms/step | tokens/s | vs first |",
+             "|---|---|---|---|---|---|---|---|"]
     first = next((r["step_ms"] for r in rows if "step_ms" in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['op_impl']} | {r['pallas_options'] or '-'} | error: {r['error'][:120]} | | | |")
+            lines.append(f"| {r['name']} | {r['op_impl']} | {r['pallas_options'] or '-'} | error: {r['error'][:120]} | | | | |")
             continue
-        lines.append(f"| {r['name']} | {r['op_impl']} | {r['pallas_options'] or '-'} | {r['compile_s']:.1f} | "
+        lines.append(f"| {r['name']} | {r['op_impl']} | {r['pallas_options'] or '-'} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['step_ms'] / first:.2f}x |")
     return "\n".join(lines)
 
@@ -88,9 +90,10 @@ def main(argv=None):
     layers = args.layers or get_preset(ct.preset).num_layers
     device = str(jax.devices()[0].device_kind)
     payload = {"backend": backend, "device": device, "jax": jax.__version__, "preset": ct.preset, "layers": layers,
-               "seq_len": ct.seq_len, "batch": ct.batch, "dtype": ct.dtype, "rows": []}
+               "scan_layers": args.scan_layers, "seq_len": ct.seq_len, "batch": ct.batch, "dtype": ct.dtype, "rows": []}
     print(f"# training step, {backend} ({device}), jax {jax.__version__}; preset {ct.preset}, {layers} layers, "
-          f"{ct.batch} x {ct.seq_len} tokens, {ct.dtype}", flush=True)
+          f"{ct.batch} x {ct.seq_len} tokens, {ct.dtype}, {'scanned' if args.scan_layers else 'unrolled'} layers",
+          flush=True)
     for name, op_impl, options in variants:
         if time.perf_counter() - start > args.budget_s:
             print(f"# budget: {name} and later variants not run")
@@ -98,8 +101,10 @@ def main(argv=None):
         ct.pallas_options = options
         row = {"name": name, "op_impl": op_impl, "pallas_options": options}
         try:
-            r = compile_time.measure(ct, "prism", op_impl, layers, scan_layers=False)
+            r = compile_time.measure(ct, "prism", op_impl, layers, scan_layers=args.scan_layers)
             row.update(r, tokens_per_s=ct.batch * ct.seq_len / (r["step_ms"] / 1e3))
+            print(f"# {name}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, {r['step_ms']:.1f} ms/step",
+                  file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 -- report and go on with the next variant
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"# {name}: {row['error'][:300]}", flush=True)

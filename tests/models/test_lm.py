@@ -9,6 +9,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -153,6 +154,7 @@ def test_pallas_options_travel_from_the_config_to_the_kernels(mixer, monkeypatch
     """`PrismLMConfig.pallas_options` (a JSON object, as `--config.model.pallas_options` gives it)
     reaches `prism_pallas` from every layer of a model with op_impl="pallas"."""
     import pallas_kernels
+    from prism_jax.ops import prism as prism_ops
 
     seen = []
 
@@ -163,6 +165,7 @@ def test_pallas_options_travel_from_the_config_to_the_kernels(mixer, monkeypatch
         return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
 
     monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    monkeypatch.setattr(prism_ops, "_prism_pallas_shared", prism_ops._call_prism_pallas)  # one trace per layer
     config = dataclasses.replace(TINY, mixer=mixer, num_layers=2, op_impl="pallas",
                                  pallas_options='{"bwd": "xla", "mosaic_options": {"grads": {"impl": "xla"}}}')
     model = PrismLM(config)
@@ -170,3 +173,27 @@ def test_pallas_options_travel_from_the_config_to_the_kernels(mixer, monkeypatch
     jax.eval_shape(lambda: model.apply(model.init(jax.random.key(0), tokens), tokens))
     assert len(seen) == 2 and all(kw["bwd"] == "xla" and kw["mosaic_options"] == {"grads": {"impl": "xla"}}
                                   for kw in seen)
+
+
+def _shared_kernel_calls(jaxpr):
+    """The `_prism_pallas_shared` jit calls in a closed jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == "_call_prism_pallas":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _shared_kernel_calls(sub)
+    return found
+
+
+def test_unrolled_layers_share_one_trace_of_the_kernels():
+    """op_impl="pallas" with scan_layers=False: every layer calls one jitted kernel function with the same
+    jaxpr, so the kernels are traced and lowered once (not once per layer; for CUDA each lowering takes
+    seconds)."""
+    config = dataclasses.replace(TINY, num_layers=3, op_impl="pallas", chunk_size=16)
+    model = PrismLM(config)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
+    calls = _shared_kernel_calls(jax.make_jaxpr(lambda p: model.apply(p, tokens))(params).jaxpr)
+    assert len(calls) == 3
+    assert all(c.params["jaxpr"] is calls[0].params["jaxpr"] for c in calls)

@@ -336,6 +336,7 @@ def _spy_on_prism_pallas(monkeypatch):
     """Replaces `prism_pallas` by a stub of its signature (the names pallas_options may use) that returns
     zeros; the returned dict holds the keyword arguments of its last call."""
     import pallas_kernels
+    from prism_jax.ops import prism as prism_mod
 
     seen = {}
 
@@ -346,6 +347,8 @@ def _spy_on_prism_pallas(monkeypatch):
         return jnp.zeros((B, T, H, v.shape[-1]), v.dtype), jnp.zeros((B, H, q.shape[-1], v.shape[-1]))
 
     monkeypatch.setattr(pallas_kernels, "prism_pallas", spy)
+    # past the shared jit, whose trace cache would keep the stub (or skip it)
+    monkeypatch.setattr(prism_mod, "_prism_pallas_shared", prism_mod._call_prism_pallas)
     return seen
 
 

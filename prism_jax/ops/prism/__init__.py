@@ -15,6 +15,9 @@ Forms (`impl=`), all with this signature and the same results:
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from prism_jax.ops.prism.chunk import prism_chunk
@@ -154,9 +157,15 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     if impl == "pallas":
         from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
 
-        sizes = {} if chunk_size is None else {"chunk_size": chunk_size}
-        o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                segment_ids=segment_ids, **sizes, **(pallas_options or {}))
+        options = dict(pallas_options or {})
+        if chunk_size is not None:
+            options["chunk_size"] = chunk_size
+        frozen = _freeze(options) if isinstance(scale, (int, float)) else None
+        if frozen is None:  # an array scale or unhashable options: traced in place
+            o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, **options)
+        else:
+            o, final = _prism_pallas_shared(q, k, v, beta, g, initial_state, segment_ids, float(scale), frozen)
         return o.astype(out_dtype), (final if output_final_state else None)
     # float32 at least (bf16 inputs accumulate in fp32); float64 inputs stay float64 (tests).
     cdt = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
@@ -170,3 +179,44 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
     else:
         o, final = prism_chunk(q, k, v, beta, g, chunk_size=chunk_size or 64, inter_chunk=inter_chunk, **kw)
     return o.astype(out_dtype), (final if output_final_state else None)
+
+
+def _freeze(obj):
+    """A hashable stand-in for pallas options (nested dicts / lists / tuples of hashables), or None where
+    some leaf is not hashable."""
+    try:
+        return _freeze_or_raise(obj)
+    except TypeError:
+        return None
+
+
+def _freeze_or_raise(obj):
+    if isinstance(obj, dict):
+        return ("dict", tuple(sorted((str(k), _freeze_or_raise(v)) for k, v in obj.items())))
+    if type(obj) in (list, tuple):
+        return (type(obj).__name__, tuple(_freeze_or_raise(x) for x in obj))
+    hash(obj)  # TypeError for arrays and other unhashables
+    return ("value", obj)
+
+
+def _thaw(frozen):
+    tag, body = frozen
+    if tag == "dict":
+        return {k: _thaw(v) for k, v in body}
+    if tag in ("list", "tuple"):
+        parts = [_thaw(x) for x in body]
+        return parts if tag == "list" else tuple(parts)
+    return body
+
+
+def _call_prism_pallas(q, k, v, beta, g, initial_state, segment_ids, scale, frozen_options):
+    from pallas_kernels import prism_pallas
+
+    return prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                        **_thaw(frozen_options))
+
+
+# `prism_pallas` behind one module-level jit: every layer of a model with the same shapes and options reuses
+# one trace and one lowering of the kernels. Their lowering for CUDA takes seconds per call, so an unrolled
+# 12-layer model would otherwise lower them 12 times (minutes of compile).
+_prism_pallas_shared = jax.jit(_call_prism_pallas, static_argnums=(7, 8))
