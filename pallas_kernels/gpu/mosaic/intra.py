@@ -314,12 +314,13 @@ def _inverse(m0, dt, *, block, split, m_s=None, m_of=None, step_columns=1, diago
         return pl.run_scoped(doubling, mc.smem((2, C, C), dt), mc.smem((2, C, C), dt))
 
 
-def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows"):
+def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows", inverse16=False):
     """SMEM of one CTA: `slots` copies of the chunk inputs (L key and value tiles, token vectors)
     and the largest phase's buffers (the phases reuse one region); hold_m: m0 staged through the
     inverse (`_inverse`'s m_s); factors: the output factors too (q's tile, three more vectors; at L = 1
     Qe's own tile, at L > 1 the writes' right-hand side's own tile, which Qe then leaves from, and L - 2
-    more [C, C] tiles); diagonal: the diagonal blocks' solve (`intra`)."""
+    more [C, C] tiles); diagonal: the diagonal blocks' solve (`intra`); inverse16: X saved in 16 bits (its
+    own [C, C] tile beside the float32 one)."""
     inputs = L * C * (K + V) * 2 + (2 + 3 + L) * C * 4 + 3 * C * 4
     inputs += (C * K * 2 + 3 * C * 4) if factors else 0
     rhs = C * V * 2 if factors and L > 1 else 0  # one tile, not one per slot
@@ -330,39 +331,40 @@ def smem_bytes(L, K, V, *, slots, hold_m=True, factors=False, diagonal="rows"):
     solve += C * C * 2 * 2 if hold_m else 0
     # X's scalings, Z; X or the reset correction (float32, counted either way; P and Qe go out from k0's
     # and v0's tiles)
-    out = C * C * 2 * (2 + (L > 1)) + C * C * 4
+    out = C * C * 2 * (2 + (L > 1) + inverse16) + C * C * 4
     if factors:
         out += C * V * 2 if L == 1 else max(0, L - 2) * C * C * 2
     return slots * inputs + rhs + max(solve, out)
 
 
-def _fits(L, K, V, slots, hold_m, factors=False, diagonal="rows"):
+def _fits(L, K, V, slots, hold_m, factors=False, diagonal="rows", inverse16=False):
     """Whether two CTAs fit on an SM."""
-    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal)
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal, inverse16=inverse16)
     return 2 * (need + 1024) <= SMEM_PER_SM
 
 
-def default_hold_m(L, K, V, factors=False, diagonal="rows"):
+def default_hold_m(L, K, V, factors=False, diagonal="rows", inverse16=False):
     """Hold the staged m0 through the inverse where two one-slot CTAs still fit on an SM."""
-    return _fits(L, K, V, 1, True, factors, diagonal)
+    return _fits(L, K, V, 1, True, factors, diagonal, inverse16)
 
 
-def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False, diagonal="rows"):
+def default_chunks_per_cta(B, H, N, L, K, V, hold_m=True, factors=False, diagonal="rows", inverse16=False):
     """4 or 2 consecutive chunks per CTA (next chunk prefetched into a second SMEM slot) where N
     allows, two such CTAs still fit on an SM, and the grid still puts two CTAs on every SM;
     else 1 (one chunk per CTA, the CTAs sharing an SM overlap each other's loads)."""
-    fits = _fits(L, K, V, 2, hold_m, factors, diagonal)
+    fits = _fits(L, K, V, 2, hold_m, factors, diagonal, inverse16)
     for cpc in (4, 2):
         if fits and N % cpc == 0 and B * H * (N // cpc) >= 2 * SMS:
             return cpc
     return 1
 
 
-def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merge_split=True,
+def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, inverse_dtype=None, block=16, merge_split=True,
           chunks_per_cta=None, chunk_size=C, resets=True, reset_chunks_only=RESET_CHUNKS_ONLY, hold_m=None,
           step_columns=1, diagonal=None, factors=False, scale=None, profile=None, interpret=False):
-    """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 or None
-    unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic GPU); with `factors`
+    """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 (or
+    `inverse_dtype`) or None unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic
+    GPU); with `factors`
     two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
     `output_factors.output_factors(x, tv, P, Qe, scale=scale)`).
 
@@ -391,6 +393,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     factor products take one more wait (at L > 1 two: q k_l^T for l >= 1 first). At L > 1 the writes'
     right-hand side goes to a tile of its own instead of v_1's (the v_l are read again for Of), and Qe
     leaves from it. scale: the outputs' scale (required with factors).
+    inverse_dtype: None (float32) or the inputs' 16-bit dtype: X rounded once in the kernel, for a reader
+    that takes it as a 16-bit operand only (the Mosaic chunk backward), instead of float32 X cast by XLA.
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": ..., "profile_dir":
     ...}), which time the regions "wait", "rhs", "diagonal", "doubling" and "out" of every chunk
     (`benchmarks/mosaic_diag.py profile --kernel intra`).
@@ -409,13 +413,18 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                          "not run; use diagonal='rows' with interpret=True")
     if factors and scale is None:
         raise ValueError("mosaic intra: factors=True needs the outputs' `scale`")
+    if inverse_dtype is not None and jnp.dtype(inverse_dtype) not in (jnp.dtype(f32), jnp.dtype(x.k.dtype)):
+        raise ValueError(f"mosaic intra: inverse_dtype = {inverse_dtype}; expected None, float32 or k's dtype "
+                         f"({x.k.dtype})")
+    inverse16 = save_inverse and inverse_dtype is not None and jnp.dtype(inverse_dtype) != jnp.dtype(f32)
     if factors and x.q.dtype != x.k.dtype:
         raise ValueError(f"mosaic intra: q dtype {x.q.dtype} must equal k's ({x.k.dtype}) with factors=True")
     if hold_m is None:
-        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], factors, diagonal)
+        hold_m = default_hold_m(x.v.shape[-2], x.q.shape[-1], x.v.shape[-1], factors, diagonal, inverse16)
     if chunks_per_cta is None:
         chunks_per_cta = default_chunks_per_cta(x.q.shape[0], x.q.shape[2], x.q.shape[1] // C, x.v.shape[-2],
-                                                x.q.shape[-1], x.v.shape[-1], hold_m, factors, diagonal)
+                                                x.q.shape[-1], x.v.shape[-1], hold_m, factors, diagonal,
+                                                inverse16)
     if chunks_per_cta < 1 or (x.q.shape[1] // C) % chunks_per_cta:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta} must divide the number of chunks "
                          f"N = {x.q.shape[1] // C}")
@@ -426,7 +435,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
     sq = (C, C)
 
     slots = 2 if chunks_per_cta > 1 else 1
-    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal)
+    need = smem_bytes(L, K, V, slots=slots, hold_m=hold_m, factors=factors, diagonal=diagonal, inverse16=inverse16)
     if need > SMEM_PER_SM - 1024:
         raise ValueError(f"mosaic intra: chunks_per_cta = {chunks_per_cta}, hold_m = {hold_m} at L = {L}, K = {K}, "
                          f"V = {V} needs {need // 1024} KiB of SMEM; the H200 has 227 KiB per CTA: use "
@@ -506,6 +515,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
 
             def out_phase(xp_s, z_s, *more):  # P, Qe and (save_inverse) X: their TMA stores in flight at once
                 more = list(more)
+                xi_s = more.pop() if inverse16 else None  # X's 16-bit tile
                 qe_o = more.pop(0) if factors and L == 1 else None  # Qe's own tile: v_0 is read again for Of
                 xb_s = more.pop(0) if L > 1 else None
                 w_more = [more.pop(0) for _ in range(L - 2)] if factors else []  # Of's [C, C] tiles l >= 2
@@ -559,8 +569,9 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                 _to_smem(k_l(0), p)
                 plgpu.copy_smem_to_gmem(k_l(0), p_ref.at[b, rows, h])
                 if save_inverse:
-                    _to_smem(more[0], x)
-                    plgpu.copy_smem_to_gmem(more[0], ainv_ref[0].at[b, h, n])
+                    x_s = xi_s if inverse16 else more[0]
+                    _to_smem(x_s, x)
+                    plgpu.copy_smem_to_gmem(x_s, ainv_ref[0].at[b, h, n])
                 if factors:
                     with jax.named_scope("factors"):
                         output_factors_phase(qk[0], [xp_s, z_s] + ([xb_s] if L > 1 else []) + w_more, qe_s)
@@ -599,7 +610,8 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
                               *([mc.smem((C, V), dt)] if factors and L == 1 else []),
                               *([mc.smem((C, C), dt)] if L > 1 else []),
                               *([mc.smem((C, C), dt) for _ in range(L - 2)] if factors else []),
-                              *([mc.smem((C, C), f32)] if save_inverse or resets else []))
+                              *([mc.smem((C, C), f32)] if (save_inverse and not inverse16) or resets else []),
+                              *([mc.smem((C, C), dt)] if inverse16 else []))
 
         issue(0, 0)
         if chunks_per_cta == 1:
@@ -633,7 +645,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, block=16, merg
         scratch.update(rhs_s=mc.smem((C, V), dt))
     out_type = [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     if save_inverse:
-        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), f32))
+        out_type.append(jax.ShapeDtypeStruct((B, H, N, C, C), dt if inverse16 else f32))
     if factors:
         out_type += [jax.ShapeDtypeStruct((B, Tp, H, K), dt), jax.ShapeDtypeStruct((B, Tp, H, V), dt)]
     outs = mc.kernel(body, name="prism_intra_mosaic", out_type=tuple(out_type), scratch=scratch,

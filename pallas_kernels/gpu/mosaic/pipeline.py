@@ -46,7 +46,7 @@ class Residuals(NamedTuple):
     place of the saved inverse): the reverse pass then forms the pull-back's terms itself
     (`reverse.reverse_from_factors`) and the pull-back kernel does not run."""
 
-    ainv: jax.Array | None  # [B, H, N, C, C] float32
+    ainv: jax.Array | None  # [B, H, N, C, C] float32, or 16-bit where `inverse16`
     p: jax.Array  # [B, Tp, H, K] the intra kernel's P, 16-bit
     qf: jax.Array  # [B, Tp, H, K] the output factor Qf, 16-bit
 
@@ -125,6 +125,14 @@ def starts16(stages):
     return {"state", "outputs", "grads"} <= set(stages)
 
 
+def inverse16(stages):
+    """Whether the intra kernel saves the inverses X in the inputs' 16-bit dtype, with fused outputs: when
+    their one reader is the Mosaic chunk backward (which uses X only as a 16-bit operand; the reverse pass
+    then works from the output factors, so no pull-back kernel reads X in float32). Saves XLA's cast of
+    float32 X and half of X's bytes."""
+    return {"pullback", "reverse", "grads"} <= set(stages)
+
+
 def _kw(options, stage):
     return dict(dict(options or ()).get(stage, ()))
 
@@ -152,8 +160,10 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
         from pallas_kernels.gpu.mosaic.intra import intra
 
         in_intra = fused is True
+        inverse_dtype = x.k.dtype if fused and inverse16(stages) else None
         out = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
-                    **{"resets": resets, **_kw(options, "intra"), **({"factors": True, "scale": scale} if in_intra else {})})
+                    **{"resets": resets, "inverse_dtype": inverse_dtype, **_kw(options, "intra"),
+                       **({"factors": True, "scale": scale} if in_intra else {})})
         p, qe, ainv = out[:3]
         factors = out[3:] if in_intra else None
     else:

@@ -331,3 +331,38 @@ def test_intra_output_factors_lower_for_cuda(L):
 def test_intra_output_factors_on_gpu(L, resets):
     _factors_check(_inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=23, resets=resets), interpret=False,
                    resets=resets)
+
+
+@pytest.mark.parametrize("L,resets,factors,chunks_per_cta", [(1, True, True, 1), (1, False, False, 2),
+                                                            (2, True, False, 1)])
+def test_intra_saves_the_inverse_in_16_bits_as_xla_would_round_it(L, resets, factors, chunks_per_cta):
+    """inverse_dtype = k's dtype: X rounded once in the kernel, equal to the float32 X rounded by XLA
+    (what the chunk backward took before), with P, Qe (and the factors) unchanged; with documents the
+    reset correction's float32 tile and X's 16-bit tile are both in use."""
+    x = _inputs(L=L, V=64, seed=31 + L, resets=resets)
+    kw = dict(interpret=True, resets=resets, chunks_per_cta=chunks_per_cta,
+              **(dict(factors=True, scale=SCALE) if factors else {}))
+    tv = _token_vectors(x)
+    want = intra(x, tv, **kw)
+    got = intra(x, tv, inverse_dtype=x.k.dtype, **kw)
+    assert want[2].dtype == jnp.float32 and got[2].dtype == x.k.dtype
+    np.testing.assert_array_equal(np.asarray(got[2].astype(jnp.float32)),
+                                  np.asarray(want[2].astype(x.k.dtype).astype(jnp.float32)))
+    for a, b in zip(got[:2] + got[3:], want[:2] + want[3:]):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    assert rel(got[2], _reference(x)[2]) < 1e-2
+
+
+def test_intra_inverse_dtype_rejects_other_dtypes():
+    x = _inputs(T=64, L=1)
+    with pytest.raises(ValueError, match="inverse_dtype"):
+        intra(x, _token_vectors(x), inverse_dtype=jnp.float16)  # k is bfloat16
+
+
+@pytest.mark.parametrize("L,factors", [(1, True), (2, False)])
+def test_intra_16_bit_inverse_lowers_for_cuda(L, factors):
+    x = _inputs(L=L, V=128, K=128)
+    f = functools.partial(intra, interpret=False, inverse_dtype=x.k.dtype,
+                          **(dict(factors=True, scale=SCALE) if factors else {}))
+    lowered = jax.jit(f).trace(x, _token_vectors(x)).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text() and lowered.out_info[2].dtype == x.k.dtype
