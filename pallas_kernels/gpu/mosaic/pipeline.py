@@ -125,11 +125,17 @@ def starts16(stages):
     return {"state", "outputs", "grads"} <= set(stages)
 
 
+# The intra kernel saves the inverses in 16 bits where `inverse16` allows it. Off until timed on a GPU
+# (`benchmarks/device_calls/session20_call2.sh`); `mosaic_options={"intra": {"inverse_dtype": "bfloat16"}}`
+# asks for it meanwhile (with fused outputs and every backward stage Mosaic).
+INVERSE16_BY_DEFAULT = False
+
+
 def inverse16(stages):
-    """Whether the intra kernel saves the inverses X in the inputs' 16-bit dtype, with fused outputs: when
-    their one reader is the Mosaic chunk backward (which uses X only as a 16-bit operand; the reverse pass
-    then works from the output factors, so no pull-back kernel reads X in float32). Saves XLA's cast of
-    float32 X and half of X's bytes."""
+    """Whether the intra kernel may save the inverses X in the inputs' 16-bit dtype, with fused outputs:
+    when their one reader is the Mosaic chunk backward (which uses X only as a 16-bit operand; the reverse
+    pass then works from the output factors, so no pull-back kernel reads X in float32). Saves XLA's cast
+    of float32 X and half of X's bytes."""
     return {"pullback", "reverse", "grads"} <= set(stages)
 
 
@@ -160,7 +166,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
         from pallas_kernels.gpu.mosaic.intra import intra
 
         in_intra = fused is True
-        inverse_dtype = x.k.dtype if fused and inverse16(stages) else None
+        inverse_dtype = x.k.dtype if INVERSE16_BY_DEFAULT and fused and inverse16(stages) else None
         out = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
                     **{"resets": resets, "inverse_dtype": inverse_dtype, **_kw(options, "intra"),
                        **({"factors": True, "scale": scale} if in_intra else {})})

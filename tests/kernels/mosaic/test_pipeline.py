@@ -242,9 +242,11 @@ def test_intra_is_told_whether_documents_reset(monkeypatch, segments):
 
 def test_intra_saves_16_bit_inverses_only_for_the_mosaic_chunk_backward(monkeypatch):
     """With fused outputs (the L = 1 default) the inverses' one reader is the Mosaic chunk backward, so the
-    intra kernel saves them in 16 bits; unfused (the pull-back kernel reads them in float32) or with the
-    XLA chunk backward standing in, float32."""
+    intra kernel saves them in 16 bits (once `INVERSE16_BY_DEFAULT` is set); unfused (the pull-back kernel
+    reads them in float32) or with the XLA chunk backward standing in, float32."""
     from pallas_kernels.gpu.mosaic import intra as intra_mod
+
+    monkeypatch.setattr(pipeline, "INVERSE16_BY_DEFAULT", True)
 
     seen = []
     real = intra_mod.intra
@@ -259,3 +261,17 @@ def test_intra_saves_16_bit_inverses_only_for_the_mosaic_chunk_backward(monkeypa
                                         mosaic_options=options)[0].astype(jnp.float32))
         jax.eval_shape(jax.grad(loss), q)
     assert seen == [jnp.bfloat16, None, None], seen
+
+
+def test_16_bit_inverses_on_request_match_reference():
+    """`{"intra": {"inverse_dtype": "bfloat16"}}` (JSON, as a config gives it) with the L = 1 defaults
+    (fused outputs, every stage Mosaic): forward and gradients against the reference."""
+    _check(None, L=1, T=93, H=1, K=64, V=64, seed=12, with_state=True, tol=2e-2,
+           options={"intra": {"inverse_dtype": "bfloat16"}})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", [True, False])
+def test_gpu_16_bit_inverses_match_reference(segments):
+    _check(None, L=1, T=1000, H=4, K=128, V=128, seed=13, with_state=True, tol=2e-2, segments=segments,
+           options={"intra": {"inverse_dtype": "bfloat16"}})
