@@ -405,3 +405,27 @@ def test_auto_takes_the_kernels_on_a_hopper_gpu():
     got = prism_recurrence(*inputs.values(), impl="auto")[0]
     want = prism_recurrence(*inputs.values(), impl="pallas")[0]
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_pallas_takes_the_shared_kernel_call_only_with_a_python_scale(monkeypatch):
+    """impl="pallas" calls the kernels through one module-level jit (shared by every layer) when the scale
+    is a Python or NumPy number and the options are hashable once frozen; an array scale is traced in
+    place. Both give the same outputs and gradients."""
+    from prism_jax.ops import prism as prism_mod
+
+    calls = []
+    real = prism_mod._prism_pallas_shared
+    monkeypatch.setattr(prism_mod, "_prism_pallas_shared", lambda *a: calls.append(a[-1]) or real(*a))
+    inputs, s0 = make_inputs(seed=5, B=1, T=21, H=2, L=2, K=16, V=16)
+    opts = dict(impl="pallas", chunk_size=16, initial_state=s0, pallas_options={"bwd": "xla"})
+
+    def loss(scale, q):
+        args = dict(inputs, q=q)
+        return jnp.sum(prism_recurrence(*args.values(), scale=scale, **opts)[0] ** 2)
+
+    shared = jax.value_and_grad(functools.partial(loss, np.float32(0.3)))(inputs["q"])
+    assert calls == [("dict", (("bwd", ("value", "xla")), ("chunk_size", ("value", 16))))]
+    in_place = jax.value_and_grad(functools.partial(loss, jnp.asarray(0.3, jnp.float32)))(inputs["q"])
+    assert len(calls) == 1
+    for a, b in zip(shared, in_place):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ Forms (`impl=`), all with this signature and the same results:
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,8 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
         options = dict(pallas_options or {})
         if chunk_size is not None:
             options["chunk_size"] = chunk_size
-        frozen = _freeze(options) if isinstance(scale, (int, float)) else None
+        python_scale = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+        frozen = _freeze(options) if python_scale else None
         if frozen is None:  # an array scale or unhashable options: traced in place
             o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                     segment_ids=segment_ids, **options)
