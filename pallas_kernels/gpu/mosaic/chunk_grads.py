@@ -1069,7 +1069,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     rm1); tv = `mc.token_vectors(x)`; starts, cot_end [B, H, N, K, V] float32 chunk start states
     and end-state cotangents (already 16-bit: used as they are; float32: cast in XLA, a pass over
     them); do [B, Tp, H, V]; ainv [B, H, N, C, C] (I + m)^{-1} of the forward, float32 (cast to the
-    inputs' dtype in XLA) or already 16-bit, or None (`chunk_inverses`, in XLA). block_v: value columns per CTA, 64, or 32 for the work split
+    inputs' dtype in XLA) or already 16-bit, or None (`chunk_inverses`, in XLA).
+    block_v: value columns per CTA, 64, or 32 for the work split
     (`NARROW_BLOCK_V`, which warpgroups=None takes where nothing fits at 64: L = 3 at K = 128 and L = 4
     at K = 64, also interpreted; twice the CTAs of 64, each forming the value-independent tiles). out_slots: float32 [C, 64] staging
     tiles for the dq / dk stores (2: a store stays in flight while the next output forms; None = 2

@@ -364,8 +364,7 @@ def intra(x: Prepared, tv: mc.TokenVectors, *, save_inverse=True, inverse_dtype=
           step_columns=1, diagonal=None, factors=False, scale=None, profile=None, interpret=False):
     """(P [B, Tp, H, K], Qe [B, Tp, H, V] in the input dtype, ainv [B, H, N, C, C] float32 (or
     `inverse_dtype`) or None unless `save_inverse`): `split.intra(x, chunk_size=64)` on Hopper (Mosaic
-    GPU); with `factors`
-    two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
+    GPU); with `factors` two more, the output factors (Qf [B, Tp, H, K], Of [B, Tp, H, V] in the input dtype, as
     `output_factors.output_factors(x, tv, P, Qe, scale=scale)`).
 
     x: `prepare(..., chunk_size=64)` with bf16 / f16 k, v; tv: `token_vectors(x)`; chunk_size:
