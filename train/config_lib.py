@@ -67,6 +67,9 @@ def base_config(preset: str = "tiny", *, model: dict | None = None, **model_over
 
     c.mesh_shape = (-1, 1, 1, 1)  # (data, fsdp, tensor, sequence); -1 = the remaining devices
     c.distributed = "auto"  # auto: jax.distributed.initialize() when the environment names a cluster
+    # JAX's persistent compilation cache: "" = off; a directory (local, or a gs:// / other URL JAX reads)
+    # where compiled steps are kept, so a restarted or repeated run skips XLA's and the kernels' compile.
+    c.compilation_cache_dir = ""
 
     c.log_every_steps = 10
     c.eval_every_steps = 200

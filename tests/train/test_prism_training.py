@@ -52,3 +52,30 @@ def test_readme_command_runs_end_to_end(tmp_path):
     assert "val perplexity" in proc.stdout and "sample:" in proc.stdout
     assert (tmp_path / "checkpoints" / "20").is_dir() and (tmp_path / "metrics.jsonl").is_file()
     assert list((tmp_path / "tensorboard").glob("events.*"))
+
+
+def test_compilation_cache_keeps_the_compiled_steps_for_the_next_start(small_corpus, tmp_path):
+    """--config.compilation_cache_dir: the first run fills JAX's persistent cache; a second run in a new
+    process (another workdir, so no checkpoint to resume) finds every program it compiles there and adds
+    nothing. Without the option nothing is written. Subprocesses: the cache is set once per process."""
+    data_dir, _, _ = small_corpus
+    cache = tmp_path / "cache"
+
+    def run(workdir, *extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / workdir),
+             f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32", "--config.batch_size=4",
+             "--config.total_steps=2", "--config.warmup_steps=1", "--config.eval_every_steps=2",
+             "--config.eval_batches=1", "--config.sample.max_new_tokens=0", "--config.progress_bar=False",
+             "--config.tensorboard=False", "--config.model.d_model=32", "--config.model.head_k_dim=16",
+             "--config.model.mlp_hidden_dim=64", *extra],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("plain")
+    assert not cache.exists()
+    run("first", f"--config.compilation_cache_dir={cache}")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run wrote no cache entry"
+    run("second", f"--config.compilation_cache_dir={cache}")
+    assert sorted(p.name for p in cache.iterdir()) == entries
