@@ -429,3 +429,25 @@ def test_pallas_takes_the_shared_kernel_call_only_with_a_python_scale(monkeypatc
     assert len(calls) == 1
     for a, b in zip(shared, in_place):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_through_the_shared_call_matches_the_float64_reference():
+    """impl="pallas" as models call it (the shared jitted kernel call; CPU: the kernels interpreted), with
+    documents, an initial state and the final state: outputs, final state and every gradient against the
+    float64 reference."""
+    inputs, s0 = make_inputs(seed=6, B=2, T=27, H=2, L=2, K=16, V=32)
+    seg = np.repeat(np.array([[0] * 10 + [1] * 17]), 2, axis=0).astype(np.int32)
+
+    def loss(impl, args, state):
+        o, final = prism_recurrence(*args, initial_state=state, output_final_state=True, impl=impl, chunk_size=16,
+                                    segment_ids=jnp.asarray(seg))
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(final ** 2), (o, final)
+
+    grad = lambda impl, dtype: jax.grad(lambda a, s: loss(impl, a, s), argnums=(0, 1), has_aux=True)(
+        tuple(jnp.asarray(x, dtype) for x in inputs.values()), jnp.asarray(s0, dtype))
+    with jax.enable_x64():
+        (want_grads, want_state), (want_o, want_final) = grad("reference", jnp.float64)
+        want = [np.asarray(x) for x in (want_o, want_final, *want_grads, want_state)]
+    (got_grads, got_state), (got_o, got_final) = grad("pallas", jnp.float32)
+    for g, w in zip((got_o, got_final, *got_grads, got_state), want):
+        assert rel_err(g, w) < 1e-4, rel_err(g, w)
