@@ -250,12 +250,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, model=None, rules
     rules (tests use a small stand-in model).
     """
     workdir = pathlib.Path(workdir).absolute()
-    if config.get("compilation_cache_dir"):  # before anything compiles
+    maybe_initialize_distributed(config.distributed)
+    config_lib.validate(config, jax.device_count(), jax.process_count(), check_model=model is None)
+    if config.compilation_cache_dir:  # before anything compiles
         from train.compilation_cache import enable_compilation_cache  # noqa: PLC0415
 
         enable_compilation_cache(config.compilation_cache_dir)
-    maybe_initialize_distributed(config.distributed)
-    config_lib.validate(config, jax.device_count(), jax.process_count(), check_model=model is None)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:

@@ -6,10 +6,6 @@
 # Default (Mosaic chunk backward), then the XLA chunk form if the budget allows.
 # Carry .whl_train (grain, ml_collections, array_record, gin-config, portpicker; session19_call4.sh's
 # header gives the pip download line).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl_train/*.whl || exit 1
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader
+source benchmarks/device_calls/setup.sh .whl_train
 timeout 135 python3 benchmarks/train_step.py --preset 130m --steps 10 --budget-s 75 --out "$OUT/train_step_unrolled.json" \
     --variant "default=pallas" --variant "chunk=chunk" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -8

@@ -5,11 +5,8 @@
 # fwd+bwd beside the peer, then where the time goes (op_profile: the `wrapped_convert` of X, 0.068 ms in
 # session 19, should be gone with x16).
 # Carry .whl (jax-linear-attention; session19_call4.sh's header gives the pip download line).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"/{rows,prof}
-nvidia-smi --query-gpu=name --format=csv,noheader
+source benchmarks/device_calls/setup.sh .whl
+mkdir -p "$OUT"/{rows,prof}
 M='"kernel": "mosaic", "chunk_size": 64'
 X16='"mosaic_options": {"intra": {"inverse_dtype": "bfloat16"}}'
 timeout 60 python3 -m pytest -q -p no:xdist -p no:cacheprovider -m gpu tests/kernels/mosaic/test_pipeline.py \

@@ -131,12 +131,12 @@ def starts16(stages):
 INVERSE16_BY_DEFAULT = False
 
 
-def inverse16(stages):
-    """Whether the intra kernel may save the inverses X in the inputs' 16-bit dtype, with fused outputs:
-    when their one reader is the Mosaic chunk backward (which uses X only as a 16-bit operand; the reverse
+def inverse16(stages, fused):
+    """Whether the intra kernel may save the inverses X in the inputs' 16-bit dtype: with fused outputs
+    (`fused` True or "xla") when their one reader is the Mosaic chunk backward (which uses X only as a 16-bit operand; the reverse
     pass then works from the output factors, so no pull-back kernel reads X in float32). Saves XLA's cast
     of float32 X and half of X's bytes."""
-    return {"pullback", "reverse", "grads"} <= set(stages)
+    return bool(fused) and {"pullback", "reverse", "grads"} <= set(stages)
 
 
 def _kw(options, stage):
@@ -166,7 +166,7 @@ def forward(x: Prepared, *, scale, stages, inverse="blocked8", save_inverse=True
         from pallas_kernels.gpu.mosaic.intra import intra
 
         in_intra = fused is True
-        inverse_dtype = x.k.dtype if INVERSE16_BY_DEFAULT and fused and inverse16(stages) else None
+        inverse_dtype = x.k.dtype if INVERSE16_BY_DEFAULT and inverse16(stages, fused) else None
         out = intra(x, tv, save_inverse=save_inverse, interpret=interpret,
                     **{"resets": resets, "inverse_dtype": inverse_dtype, **_kw(options, "intra"),
                        **({"factors": True, "scale": scale} if in_intra else {})})

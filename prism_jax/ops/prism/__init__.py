@@ -156,14 +156,14 @@ def prism_recurrence(q, k, v, beta, g, *, scale=None, initial_state=None, output
         scale = K ** -0.5
     out_dtype = v.dtype
     if impl == "pallas":
-        from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
-
         options = dict(pallas_options or {})
         if chunk_size is not None:
             options["chunk_size"] = chunk_size
         python_scale = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
         frozen = _freeze(options) if python_scale else None
         if frozen is None:  # an array scale or unhashable options: traced in place
+            from pallas_kernels import prism_pallas  # lazy: kernels are optional at import time
+
             o, final = prism_pallas(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                     segment_ids=segment_ids, **options)
         else:
