@@ -80,8 +80,11 @@ def train_config(args, mixer, op_impl, num_layers, scan_layers):
     return config
 
 
-def measure(args, mixer, op_impl, num_layers, scan_layers):
-    """{"lower_s", "compile_s", "hlo_kb", "num_params", ["step_ms"]} for one training step."""
+def measure(args, mixer, op_impl, num_layers, scan_layers, progress=None):
+    """{"lower_s", "compile_s", "hlo_kb", "num_params", ["step_ms"]} for one training step. `progress(msg)`,
+    if given, hears of each phase as it ends (lowered, compiled, first step), so a run stopped by a timeout
+    shows how far it got."""
+    progress = progress or (lambda msg: None)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -106,8 +109,10 @@ def measure(args, mixer, op_impl, num_layers, scan_layers):
         t0 = time.perf_counter()
         lowered = step.lower(abstract, abstract_batch)
         t1 = time.perf_counter()
+        progress(f"lowered in {t1 - t0:.1f} s")
         compiled = lowered.compile()
         t2 = time.perf_counter()
+        progress(f"compiled in {t2 - t1:.1f} s")
     result = {"lower_s": t1 - t0, "compile_s": t2 - t1, "hlo_kb": len(lowered.as_text()) / 1024,
               "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params)))}
     if args.step_time:
@@ -116,8 +121,10 @@ def measure(args, mixer, op_impl, num_layers, scan_layers):
         batch = {"tokens": tokens, "segment_ids": jnp.ones(batch_shape, jnp.int32),
                  "positions": jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), batch_shape)}
         batch = jax.device_put(batch, batch_sharding)
+        t0 = time.perf_counter()
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
+        progress(f"first step in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         for _ in range(args.steps):
             state, metrics = compiled(state, batch)

@@ -101,7 +101,9 @@ def main(argv=None):
         ct.pallas_options = options
         row = {"name": name, "op_impl": op_impl, "pallas_options": options}
         try:
-            r = compile_time.measure(ct, "prism", op_impl, layers, scan_layers=args.scan_layers)
+            r = compile_time.measure(ct, "prism", op_impl, layers, scan_layers=args.scan_layers,
+                                     progress=lambda msg: print(f"# {name}: {msg} ({time.perf_counter() - start:.0f} s "
+                                                                f"since start)", file=sys.stderr, flush=True))
             row.update(r, tokens_per_s=ct.batch * ct.seq_len / (r["step_ms"] / 1e3))
             print(f"# {name}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, {r['step_ms']:.1f} ms/step",
                   file=sys.stderr, flush=True)
