@@ -216,3 +216,16 @@ def test_train_step_times_each_variant_and_reports_bad_options_as_rows(tmp_path)
     assert abs(rows["chunk"]["loss"] - rows["xla_bwd"]["loss"]) < 1e-2  # the same model, two op forms
     assert "warps" in rows["bad"]["error"]  # a bad setting is a reported row, not a crash
     assert json.loads(out.read_text())["rows"][0]["name"] == "chunk"
+
+
+def test_op_phases_times_each_phase_and_compares_with_the_float32_chunk_form(tmp_path, capsys):
+    op_phases = _load("op_phases")
+    out = tmp_path / "op.json"
+    result = op_phases.main(["--smoke", "--impl", "reference", "--check", "--reps", "2", "--out", str(out)])
+    assert result["shape"] == dict(B=2, T=37, H=2, L=2, K=16, V=8)
+    assert all(result[k] >= 0 for k in ("lower_s", "compile_s", "first_call_s", "ms"))
+    # bf16 inputs through the reference against the float32 chunk form: close, but not equal
+    assert all(1e-5 < e < 2e-2 for e in result["rel_err"].values()), result["rel_err"]
+    assert json.loads(out.read_text())["impl"] == "reference"
+    err = capsys.readouterr().err
+    assert all(phase in err for phase in ("lower took", "compile took", "first call took")), err
