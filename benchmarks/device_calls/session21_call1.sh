@@ -15,6 +15,6 @@ quiet() { grep -v "^WARNING\|^I0000\|^W0000\|^E0000"; }
 timeout 170 python3 benchmarks/op_phases.py --impl pallas --check --out "$OUT/op_pallas.json" 2>&1 | quiet \
     || { echo "# pallas with documents: rc=$?"; timeout 90 python3 benchmarks/op_phases.py --impl pallas --documents 0 2>&1 | quiet; }
 timeout 60 python3 benchmarks/op_phases.py --impl chunk --out "$OUT/op_chunk.json" 2>&1 | quiet
-timeout 270 python3 benchmarks/train_step.py --preset 130m --steps 5 --out "$OUT/train_step_unrolled.json" \
+timeout ${TRAIN_S:-270} python3 benchmarks/train_step.py --preset 130m --steps 5 --out "$OUT/train_step_unrolled.json" \
     --variant "default=pallas" 2>&1 | quiet
 echo "train_step rc=${PIPESTATUS[0]}"
