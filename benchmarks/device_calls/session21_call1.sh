@@ -7,7 +7,7 @@
 #      float32 chunk form; if it does not finish, again without documents;
 #   2. the XLA chunk form at the same shape;
 #   3. the 130m training step (12 unrolled layers) with the kernels, printing lowered / compiled / first
-#      step as each ends.
+#      step as each ends; then the XLA chunk form's step if the kernels' was done within 150 s.
 # Carry .whl_train (session19_call4.sh's header gives the pip download line).
 set -o pipefail
 source benchmarks/device_calls/setup.sh .whl_train
@@ -16,5 +16,5 @@ timeout 170 python3 benchmarks/op_phases.py --impl pallas --check --out "$OUT/op
     || { echo "# pallas with documents: rc=$?"; timeout 90 python3 benchmarks/op_phases.py --impl pallas --documents 0 2>&1 | quiet; }
 timeout 60 python3 benchmarks/op_phases.py --impl chunk --out "$OUT/op_chunk.json" 2>&1 | quiet
 timeout ${TRAIN_S:-270} python3 benchmarks/train_step.py --preset 130m --steps 5 --out "$OUT/train_step_unrolled.json" \
-    --variant "default=pallas" 2>&1 | quiet
+    --budget-s 150 --variant "default=pallas" --variant "chunk=chunk" 2>&1 | quiet
 echo "train_step rc=${PIPESTATUS[0]}"
