@@ -242,7 +242,7 @@ def test_intra_is_told_whether_documents_reset(monkeypatch, segments):
 
 def test_intra_saves_16_bit_inverses_only_for_the_mosaic_chunk_backward(monkeypatch):
     """With fused outputs (the L = 1 default) the inverses' one reader is the Mosaic chunk backward, so the
-    intra kernel saves them in 16 bits (once `INVERSE16_BY_DEFAULT` is set); unfused (the pull-back kernel
+    intra kernel saves them in 16 bits (`INVERSE16_BY_DEFAULT`, on since session 21); unfused (the pull-back kernel
     reads them in float32) or with the XLA chunk backward standing in, float32."""
     from pallas_kernels.gpu.mosaic import intra as intra_mod
 
@@ -254,13 +254,13 @@ def test_intra_saves_16_bit_inverses_only_for_the_mosaic_chunk_backward(monkeypa
     q, k, v, beta, g, _ = make_inputs(0, 1, 70, 1, 1, 64, 64, dtype=jnp.bfloat16)
     no_grads = tuple(s for s in STAGES if s != "grads")
     for stages, options in [(None, None), (None, {"outputs": {"fused": False}}),
-                            (no_grads, {"grads": {"impl": "xla"}})]:
+                            (no_grads, {"grads": {"impl": "xla"}}), (None, {"intra": {"inverse_dtype": "float32"}})]:
         def loss(q):
             return jnp.sum(prism_pallas(q, k, v, beta, g, scale=0.125, chunk_size=64, kernel="mosaic",
                                         platform="cpu", mosaic_stages=stages,
                                         mosaic_options=options)[0].astype(jnp.float32))
         jax.eval_shape(jax.grad(loss), q)
-    assert seen == [jnp.bfloat16, None, None], seen
+    assert seen == [jnp.bfloat16, None, None, "float32"], seen  # the option overrides the default
 
 
 def test_16_bit_inverses_on_request_match_reference():
