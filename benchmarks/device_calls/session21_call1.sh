@@ -15,6 +15,9 @@ quiet() { grep -v "^WARNING\|^I0000\|^W0000\|^E0000"; }
 timeout 170 python3 benchmarks/op_phases.py --impl pallas --check --out "$OUT/op_pallas.json" 2>&1 | quiet \
     || { echo "# pallas with documents: rc=$?"; timeout 90 python3 benchmarks/op_phases.py --impl pallas --documents 0 2>&1 | quiet; }
 timeout 60 python3 benchmarks/op_phases.py --impl chunk --out "$OUT/op_chunk.json" 2>&1 | quiet
+# XLA's own account of its compile (pass times, the autotuner, LLVM / ptxas per module) goes to the log that
+# comes back with $OUT, whatever the timeout leaves of it.
+XLA_FLAGS="--xla_gpu_print_compilation_stats" TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE="gpu_compiler=3,nvptx_compiler=3" \
 timeout ${TRAIN_S:-270} python3 benchmarks/train_step.py --preset 130m --steps 5 --out "$OUT/train_step_unrolled.json" \
-    --budget-s 150 --variant "default=pallas" --variant "chunk=chunk" 2>&1 | quiet
-echo "train_step rc=${PIPESTATUS[0]}"
+    --budget-s 150 --variant "default=pallas" --variant "chunk=chunk" > "$OUT/train_step.log" 2>&1
+echo "train_step rc=$?"; grep "^#\|^|" "$OUT/train_step.log"; grep -i "runtime\|ptxas\|took" "$OUT/train_step.log" | tail -20 | cut -c1-250
