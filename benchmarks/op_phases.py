@@ -23,6 +23,7 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernels.py beside it
 
 
 def parse_args(argv=None):
@@ -50,22 +51,15 @@ def shape(args):
     return args.batch, args.seq_len or c.max_seq_len, c.num_heads, c.solver_steps, c.head_k_dim, c.head_v_dim
 
 
-def inputs(B, T, H, L, K, V, documents, dtype):
+def segment_ids(B, T, documents):
+    """[B, T] int32 ids of `documents` documents per row, at random boundaries; None for one document."""
     import jax.numpy as jnp
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((B, T, H, L, K))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    arrays = (rng.standard_normal((B, T, H, K)), k, rng.standard_normal((B, T, H, L, V)),
-              rng.uniform(size=(B, T, H, L)))
-    args = tuple(jnp.asarray(a, dtype) for a in arrays) + (jnp.asarray(np.log(rng.uniform(0.9, 1.0, (B, T, H))),
-                                                                        jnp.float32),)
-    segment_ids = None
-    if documents > 1:
-        starts = np.sort(rng.choice(np.arange(1, T), size=(B, documents - 1), replace=True), axis=1)
-        segment_ids = jnp.asarray((np.arange(T)[None, :, None] >= starts[:, None, :]).sum(-1) + 1, jnp.int32)
-    return args, segment_ids
+    if documents <= 1:
+        return None
+    starts = np.sort(np.random.default_rng(0).choice(np.arange(1, T), size=(B, documents - 1)), axis=1)
+    return jnp.asarray((np.arange(T)[None, :, None] >= starts[:, None, :]).sum(-1) + 1, jnp.int32)
 
 
 def loss_fn(impl, options, segment_ids):
@@ -87,50 +81,45 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
+    from kernels import inputs, rel  # the kernel benchmark's inputs: unit keys, gates in [0, 1], g < 0
+
     start = time.perf_counter()
+    impl = "chunk" if args.smoke and args.impl == "pallas" and jax.default_backend() == "cpu" else args.impl
 
-    def phase(name, t0):
-        now = time.perf_counter()
-        print(f"[{label}] {now - start:7.1f} s: {name} took {now - t0:.1f} s", file=sys.stderr, flush=True)
-        return now - t0
+    def timed(name, fn):
+        """fn() and its seconds, printed as the phase ends."""
+        t0 = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t0
+        print(f"[{impl}] {time.perf_counter() - start:7.1f} s: {name} took {seconds:.1f} s", file=sys.stderr,
+              flush=True)
+        return value, seconds
 
-    label = args.impl
     B, T, H, L, K, V = shape(args)
     options = json.loads(args.pallas_options) if args.pallas_options else None
-    impl = "chunk" if args.smoke and args.impl == "pallas" and jax.default_backend() == "cpu" else args.impl
-    dtype = jnp.bfloat16
-    xs, segment_ids = inputs(B, T, H, L, K, V, args.documents, dtype)
+    xs, _ = inputs(jax.random.key(0), B, T, L, H, K, V)
+    segments = segment_ids(B, T, args.documents)
     print(f"# op phases, {jax.default_backend()} ({jax.devices()[0].device_kind}); impl {impl}, B {B}, T {T}, "
           f"H {H}, L {L}, K {K}, V {V}, {args.documents} documents per row, bf16, forward + gradients", flush=True)
-    step = jax.jit(jax.value_and_grad(loss_fn(impl, options, segment_ids), argnums=range(5), has_aux=True))
+    step = jax.jit(jax.value_and_grad(loss_fn(impl, options, segments), argnums=range(5), has_aux=True))
     result = {"impl": impl, "options": options, "shape": dict(B=B, T=T, H=H, L=L, K=K, V=V),
               "documents": args.documents, "device": jax.devices()[0].device_kind}
-    t0 = time.perf_counter()
-    lowered = step.lower(*xs)
-    result["lower_s"] = phase("lower", t0)
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    result["compile_s"] = phase("compile", t0)
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*xs))
-    result["first_call_s"] = phase("first call", t0)
+    lowered, result["lower_s"] = timed("lower", lambda: step.lower(*xs))
+    compiled, result["compile_s"] = timed("compile", lowered.compile)
+    out, result["first_call_s"] = timed("first call", lambda: jax.block_until_ready(compiled(*xs)))
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*xs))
         times.append(time.perf_counter() - t0)
     result["ms"] = 1e3 * float(np.median(times))
-    phase(f"{args.reps} timed calls (median {result['ms']:.2f} ms)", time.perf_counter() - sum(times))
+    print(f"[{impl}] {args.reps} timed calls: median {result['ms']:.2f} ms", file=sys.stderr, flush=True)
     if args.check:
-        t0 = time.perf_counter()
-        xs32 = tuple(x.astype(jnp.float32) for x in xs)
-        ref = jax.jit(jax.value_and_grad(loss_fn("chunk", None, segment_ids), argnums=range(5), has_aux=True))(*xs32)
-        jax.block_until_ready(ref)
-        phase("float32 chunk form (compile + call)", t0)
-        pairs = [("o", out[0][1], ref[0][1])] + [(f"d{n}", a, b) for n, a, b in zip("q k v beta g".split(), out[1],
-                                                                                   ref[1])]
-        result["rel_err"] = {n: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-                             for n, a, b in pairs}
+        f32 = lambda: jax.block_until_ready(jax.jit(jax.value_and_grad(
+            loss_fn("chunk", None, segments), argnums=range(5), has_aux=True))(*(x.astype(jnp.float32) for x in xs)))
+        ref, _ = timed("float32 chunk form (compile + call)", f32)
+        names = ["o"] + [f"d{n}" for n in ("q", "k", "v", "beta", "g")]
+        result["rel_err"] = {n: rel(a, b) for n, a, b in zip(names, [out[0][1], *out[1]], [ref[0][1], *ref[1]])}
     print("| impl | lower s | compile s | first call s | fwd+bwd ms | rel err vs f32 chunk (o; dq dk dv dbeta dg) |")
     print("|---|---|---|---|---|---|")
     err = result.get("rel_err")

@@ -105,8 +105,7 @@ def main(argv=None):
                                      progress=lambda msg: print(f"# {name}: {msg} ({time.perf_counter() - start:.0f} s "
                                                                 f"since start)", file=sys.stderr, flush=True))
             row.update(r, tokens_per_s=ct.batch * ct.seq_len / (r["step_ms"] / 1e3))
-            print(f"# {name}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, {r['step_ms']:.1f} ms/step",
-                  file=sys.stderr, flush=True)
+            print(f"# {name}: {r['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)  # lower / compile: above
         except Exception as e:  # noqa: BLE001 -- report and go on with the next variant
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"# {name}: {row['error'][:300]}", flush=True)
