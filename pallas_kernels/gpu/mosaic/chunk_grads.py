@@ -138,7 +138,7 @@ _N_ROW_VECS = 7  # then beta_0 .. beta_{L-1}
 _N_OUT_VECS = 3
 # CTA orders of the grid (`_grid`) and the ways the value blocks' dq / dk shares are summed.
 ORDERS = ("values", "chunks")
-DQK_SUMS = ("add", "xla")
+DQK_SUMS = ("add", "add16", "xla")
 
 
 def _grid(N, H, B, nvb, order):
@@ -163,11 +163,12 @@ def _sum_mode(nvb, dqk_sum, interpret, dtype):
     """(add, dq / dk dtype): `dqk_sum` None -> TMA reduce-add where there are several value blocks and
     the kernel runs on the GPU, else "xla"; with one value block the kernel's dq / dk are the whole
     values and leave in the inputs' 16-bit dtype (the rounding the caller's cast makes anyway: no
-    float32 copy written and cast in XLA), else float32 shares."""
+    float32 copy written and cast in XLA), else float32 shares; "add16" adds 16-bit shares into a
+    16-bit output (each share and each sum rounded to 16 bits)."""
     if dqk_sum is None:
         dqk_sum = "add" if nvb > 1 and not interpret else "xla"
-    add = dqk_sum == "add"
-    return add, (dtype if nvb == 1 and not add else f32)
+    add = dqk_sum in ("add", "add16")
+    return add, (dtype if (nvb == 1 and not add) or dqk_sum == "add16" else f32)
 
 
 def _store_share(src, ref, add, vb, *idx):
@@ -1111,6 +1112,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     with XLA sums, 7.73 against 5.61 with "add"). dqk_sum: how the value blocks' dq / dk shares are
     summed (`DQK_SUMS`): "add" (TMA reduce-add of each [C, 64] float32 share into a zeroed output
     passed as a `jax.new_ref`: no partials in HBM; float32 additions in a run-dependent order),
+    "add16" (the same in the inputs' 16-bit dtype: half the zeroing and TMA traffic and no float32
+    dq / dk cast in XLA, for one 16-bit rounding per share and per addition; GPU only, not the default),
     "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: "add" where there are several
     value blocks and the kernel runs on the GPU (the Mosaic GPU interpreter has no TMA reduction),
     else "xla". H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
@@ -1135,7 +1138,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         L, V = x.v.shape[-2:]
         from pallas_kernels.gpu.mosaic import chunk_grads_wg3
         defaults = (not interpret and out_slots is None and fold is True and per_write is True and block_v == 64
-                    and dqk_sum != "add")
+                    and dqk_sum not in ("add", "add16"))
         if defaults and chunk_grads_wg3.supported(K, L, V, x.q.dtype, reduction_scratch):
             warpgroups = 3
         elif defaults and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None:
@@ -1151,13 +1154,13 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         raise ValueError(f"chunk_grads_backward: `order` = {order!r} must be one of {ORDERS}")
     if dqk_sum not in (None, *DQK_SUMS):
         raise ValueError(f"chunk_grads_backward: `dqk_sum` = {dqk_sum!r} must be None or one of {DQK_SUMS}")
-    if dqk_sum == "add" and interpret:
-        raise ValueError("chunk_grads_backward: `dqk_sum`='add' needs interpret=False (the Mosaic GPU "
+    if dqk_sum in ("add", "add16") and interpret:
+        raise ValueError(f"chunk_grads_backward: `dqk_sum`={dqk_sum!r} needs interpret=False (the Mosaic GPU "
                          "interpreter has no TMA reduce-add); use 'xla' or None")
     sums = dict(order=order, dqk_sum=dqk_sum)
     if warpgroups == 3:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import chunk_grads_wg3
-        if dqk_sum == "add" or block_v != 64 or out_slots is not None:
+        if dqk_sum in ("add", "add16") or block_v != 64 or out_slots is not None:
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 (one CTA over all value columns) takes no "
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
@@ -1222,7 +1225,7 @@ def _launch(body, x: Prepared, operands, *, nvb, n_vec_parts, order, add, dqk_dt
                                    **kernel_kw)
     if add:
         # The outputs' HBM is zeroed and handed to the kernel as refs: the shares are added into it.
-        accs = [jax.new_ref(jnp.zeros(shape, f32)) for shape in dqk_shapes]
+        accs = [jax.new_ref(jnp.zeros(shape, dqk_dtype)) for shape in dqk_shapes]
         dv, dvec = run(rest)(*ins, *accs)
         dq, dk = (a[...] for a in accs)
     else:

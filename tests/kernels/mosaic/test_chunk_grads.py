@@ -268,7 +268,8 @@ def test_lowers_for_cuda(L, K, V, kw):
 
 @pytest.mark.parametrize("V,kw,summed_in_kernel", [
     (128, {}, True), (128, {"warpgroups": 1}, True), (128, {"dqk_sum": "xla"}, False),
-    (64, {}, False), (128, {"order": "values", "warpgroups": 2, "split": "work"}, True)])
+    (64, {}, False), (128, {"order": "values", "warpgroups": 2, "split": "work"}, True),
+    (128, {"dqk_sum": "add16"}, True), (128, {"dqk_sum": "add16", "warpgroups": 1}, True)])
 def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kernel):
     """dqk_sum=None on the GPU: with two value blocks dq / dk are zeroed refs the kernel adds into
     (aliased in the lowered module), with one block or dqk_sum="xla" plain outputs."""
@@ -282,10 +283,12 @@ def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kern
 @pytest.mark.parametrize("L,V,kw,dtype", [
     (1, 64, {}, jnp.bfloat16), (2, 64, {"warpgroups": 2}, jnp.bfloat16), (1, 128, {}, jnp.bfloat16),
     (2, 128, {"dqk_sum": "xla"}, jnp.float32), (2, 128, {}, jnp.float32), (1, 128, {"warpgroups": 1}, jnp.float32),
-    (1, 64, {"dqk_sum": "add"}, jnp.float32)])
+    (1, 64, {"dqk_sum": "add"}, jnp.float32), (2, 128, {"dqk_sum": "add16"}, jnp.bfloat16),
+    (3, 128, {"dqk_sum": "add16", "warpgroups": 2, "split": "work", "block_v": 32}, jnp.bfloat16)])
 def test_defaults_write_dq_dk_in_16_bits_only_where_nothing_is_summed(L, V, kw, dtype):
     """One CTA over all value columns (V = 64, or the value split at L = 1, V = 128) writes dq / dk in
-    q's dtype; shares that are summed (two value blocks of 64, in XLA or by the TMA add) stay float32."""
+    q's dtype; shares that are summed (two value blocks of 64, in XLA or by the TMA add) stay float32
+    unless dqk_sum="add16" asks for 16-bit shares added into a 16-bit output."""
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
     dq, dk, dv, dbeta, dg = jax.eval_shape(fn, x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
@@ -300,8 +303,9 @@ def test_bad_order_and_sum_options_raise():
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, order="rows")
     with pytest.raises(ValueError, match="`dqk_sum`"):
         chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum="atomic")
-    with pytest.raises(ValueError, match="interpret"):
-        chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum="add", interpret=True)
+    for dqk_sum in ("add", "add16"):
+        with pytest.raises(ValueError, match="interpret"):
+            chunk_grads_backward(x, tv, starts, do, cot_end, scale=1.0, ainv=ainv, dqk_sum=dqk_sum, interpret=True)
 
 
 @pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg3"), (1, 64, {}, "wg3"), (2, 128, {}, "wg2_work"),
@@ -345,7 +349,8 @@ def test_defaults_take_narrow_value_blocks_only_where_nothing_else_fits(L, K, bl
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,kw", [(1, {}), (1, {"warpgroups": 1}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
                                   (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"}),
-                                  (2, {"dqk_sum": "xla"}), (2, {"order": "values"}), (2, {"warpgroups": 1, "dqk_sum": "add"})])
+                                  (2, {"dqk_sum": "xla"}), (2, {"order": "values"}), (2, {"warpgroups": 1, "dqk_sum": "add"}),
+                                  (2, {"dqk_sum": "add16"}), (3, {"dqk_sum": "add16"})])
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
