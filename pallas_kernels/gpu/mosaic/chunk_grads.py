@@ -1158,6 +1158,15 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         raise ValueError(f"chunk_grads_backward: `dqk_sum`={dqk_sum!r} needs interpret=False (the Mosaic GPU "
                          "interpreter has no TMA reduce-add); use 'xla' or None")
     sums = dict(order=order, dqk_sum=dqk_sum)
+    if warpgroups == 3 and x.v.shape[-2] > 1:
+        from pallas_kernels.gpu.mosaic.chunk_grads_wg3w import chunk_grads_wg3w
+        if out_slots is not None or paired_decays is not None or vw_by is not None:
+            raise ValueError("chunk_grads_backward: `warpgroups` = 3 at L >= 2 takes no `out_slots`, "
+                             "`paired_decays` or `vw_by`")
+        return chunk_grads_wg3w(x, tv, starts, do, cot_end, scale=scale, ainv=ainv,
+                                block_v=None if block_v == 64 else block_v, approx_math=approx_math,
+                                reduction_scratch=reduction_scratch, registers=registers, profile=profile,
+                                interpret=interpret, **sums)
     if warpgroups == 3:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import chunk_grads_wg3
         if dqk_sum in ("add", "add16") or block_v != 64 or out_slots is not None:
