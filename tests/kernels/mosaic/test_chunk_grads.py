@@ -160,7 +160,44 @@ def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset,
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
 
 
-@pytest.mark.parametrize("kw,L,match", [({}, 2, "L = 1"), ({"dqk_sum": "add"}, 1, "takes no"),
+@pytest.mark.parametrize("L,K,V,init,reset,block_v", [
+    (2, 128, 128, True, True, 64),  # two value blocks: the dq / dk shares summed in XLA
+    (3, 128, 128, True, True, 32),  # the default block at L = 3, K = 128: 32 value columns
+    (2, 64, 64, False, False, 64),  # one value block: 16-bit dq / dk
+    (4, 64, 64, True, False, 64),
+    (3, 64, 128, False, True, 64)])
+def test_interpret_three_warpgroups_at_several_writes_matches_float64_reference(L, K, V, init, reset, block_v):
+    """warpgroups=3 at L >= 2 (`chunk_grads_wg3w`): each write's tiles kept apart, one CTA per value block
+    (the widest that fits: block_v=64 stands for that default); ainv=None: solved in XLA."""
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + K + V + init)
+    got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3)
+    assert got[0].dtype == (jnp.bfloat16 if V == block_v else jnp.float32)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
+
+
+@pytest.mark.parametrize("L,K,V,kw", [(2, 128, 128, {}), (3, 128, 128, {"dqk_sum": "add16"}), (4, 64, 64, {})])
+def test_three_warpgroups_at_several_writes_lower_for_cuda(L, K, V, kw):
+    from pallas_kernels.gpu.mosaic import chunk_grads_wg3w
+
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V)
+    fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, warpgroups=3, **kw)
+    text = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "prism_chunk_grads_mgpu_wg3w" in text
+    assert chunk_grads_wg3w.block_v_for(K, L, V, x.q.dtype) == (32 if (L, K) == (3, 128) else 64)
+
+
+@pytest.mark.parametrize("kw,L,match", [({"vw_by": "keys"}, 2, "L >= 2 takes no"), ({"out_slots": 1}, 2, "L >= 2"),
+                                        ({"block_v": 48}, 2, "`block_v`"), ({}, 5, "2 <= L <= 4"),
+                                        ({"registers": (168, 170, 160)}, 2, "multiples of 8")])
+def test_three_warpgroups_at_several_writes_reject(kw, L, match):
+    x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
+    with pytest.raises(ValueError, match=match):
+        chunk_grads_backward(x, mc.token_vectors(x), starts, do, cot_end, scale=0.1, ainv=ainv, warpgroups=3,
+                             interpret=False, **kw)
+
+
+@pytest.mark.parametrize("kw,L,match", [({"dqk_sum": "add"}, 1, "takes no"),
                                         ({"out_slots": 1}, 1, "takes no"),
                                         ({"registers": (176, 184, 152)}, 1, "at most 504"),  # 512: would hang
                                         ({"registers": (168, 170, 160)}, 1, "multiples of 8"),
@@ -387,6 +424,15 @@ def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17, reset=True)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers,
                   **kw)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,K,V,kw", [(2, 128, 128, {}), (3, 128, 128, {}), (2, 128, 128, {"dqk_sum": "add16"}),
+                                      (3, 64, 128, {}), (2, 128, 64, {"registers": (152, 208, 144)})])
+def test_gpu_three_warpgroups_at_several_writes_matches_float64_reference(L, K, V, kw):
+    x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=L, seed=19, reset=True)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, **kw)
     _assert_close(got, _reference(x, starts, do, cot_end, scale=K ** -0.5))
 
 
