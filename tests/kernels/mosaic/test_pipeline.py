@@ -150,6 +150,14 @@ def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_matches_reference()
            options={"grads": {"warpgroups": 3, "registers": [152, 208, 144]}})
 
 
+@pytest.mark.slow
+def test_mosaic_pipeline_with_three_warpgroup_chunk_backward_at_two_writes_matches_reference():
+    """mosaic_options={"grads": {"warpgroups": 3}} at L = 2 (`chunk_grads_wg3w`) inside the whole op, forward
+    and gradients, two value blocks (V = 128: the dq / dk shares summed in XLA in the interpreter)."""
+    _check(None, L=2, T=93, H=1, K=64, V=128, seed=6, with_state=True, tol=2e-2,
+           options={"grads": {"warpgroups": 3}})
+
+
 @pytest.mark.parametrize("L", [3])
 def test_mosaic_pipeline_with_xla_chunk_backward_matches_reference(L):
     """mosaic_options={"grads": {"impl": "xla"}}: the Mosaic stages with the hand-derived chunk backward
