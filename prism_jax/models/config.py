@@ -45,7 +45,7 @@ class PrismLMConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"           # compute dtype
     param_dtype: str = "float32"
-    op_impl: str = "chunk"
+    op_impl: str = "auto"            # the kernels on a Hopper GPU with 16-bit compute, else the chunk form
     chunk_size: int | None = None    # None: the op form's default (chunk 64; pallas 64 on Hopper, else 32)
     # op_impl "pallas" only: further prism_pallas keyword arguments as a JSON object, e.g.
     # '{"mosaic_stages": ["intra", "state", "outputs", "pullback", "reverse", "grads"]}'

@@ -139,6 +139,11 @@ _N_OUT_VECS = 3
 # CTA orders of the grid (`_grid`) and the ways the value blocks' dq / dk shares are summed.
 ORDERS = ("values", "chunks")
 DQK_SUMS = ("add", "add16", "xla")
+# dqk_sum=None takes "add16" from this many value blocks per chunk on: L = 3 at K = V = 128 (four blocks of 32,
+# the work split), H100, whole op fwd+bwd in one run: 12.45 against 13.31 ms with float32 sums, 2.76 against
+# 3.44 GiB, gradients 4.0e-3 against 2.9e-3 off the float32 chunk form (session 22). Two blocks (L = 2) keep
+# float32 sums: not yet timed there on the work split.
+ADD16_MIN_BLOCKS = 4
 
 
 def _grid(N, H, B, nvb, order):
@@ -161,12 +166,12 @@ def _coords(nvb, order):
 
 def _sum_mode(nvb, dqk_sum, interpret, dtype):
     """(add, dq / dk dtype): `dqk_sum` None -> TMA reduce-add where there are several value blocks and
-    the kernel runs on the GPU, else "xla"; with one value block the kernel's dq / dk are the whole
+    the kernel runs on the GPU ("add16" from ADD16_MIN_BLOCKS blocks on, else "add"), else "xla"; with one value block the kernel's dq / dk are the whole
     values and leave in the inputs' 16-bit dtype (the rounding the caller's cast makes anyway: no
     float32 copy written and cast in XLA), else float32 shares; "add16" adds 16-bit shares into a
     16-bit output (each share and each sum rounded to 16 bits)."""
     if dqk_sum is None:
-        dqk_sum = "add" if nvb > 1 and not interpret else "xla"
+        dqk_sum = ("add16" if nvb >= ADD16_MIN_BLOCKS else "add") if nvb > 1 and not interpret else "xla"
     add = dqk_sum in ("add", "add16")
     return add, (dtype if (nvb == 1 and not add) or dqk_sum == "add16" else f32)
 
@@ -1137,9 +1142,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         B, Tp, H, K = x.q.shape
         L, V = x.v.shape[-2:]
         from pallas_kernels.gpu.mosaic import chunk_grads_wg3
-        defaults = (not interpret and out_slots is None and fold is True and per_write is True and block_v == 64
-                    and dqk_sum not in ("add", "add16"))
-        if defaults and chunk_grads_wg3.supported(K, L, V, x.q.dtype, reduction_scratch):
+        # An explicit TMA sum rules out only the three-warpgroup kernel at L = 1 (one CTA over every value
+        # column: nothing to sum); session 22's first "add16" rows at L = 2 fell through to one warpgroup.
+        defaults = (not interpret and out_slots is None and fold is True and per_write is True and block_v == 64)
+        if defaults and dqk_sum not in ("add", "add16") and chunk_grads_wg3.supported(K, L, V, x.q.dtype,
+                                                                                        reduction_scratch):
             warpgroups = 3
         elif defaults and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None:
             warpgroups = 2

@@ -29,8 +29,13 @@ against the 16-bit QK_l tiles (dQK_l^raw . QK_l), those of B_l against k0 k_l^T 
 
 SMEM (16-bit): q, k_l (1 + L) C K; v_l, vw_l 2 L C BV; dO, E, dR 3 C BV; S, dS' 2 K BV; X, QK0, QK_l,
 B_l (2 + 2L) C^2; two [C, 64] output slots (WG0's dq, WG2's dk; float32 where shares are summed), the
-vectors and the reduction scratch. K = 128: L = 2 at BV = 64 ~205 KiB (float32 slots), L = 3 at BV = 32
-~214 KiB; the default BV is the widest that fits (`block_v_for`).
+vectors and the reduction scratch (`smem_bytes`, float32 slots). K = 128: L = 2 at BV = 64 227.5 KiB (just
+over the 227 KiB limit), at BV = 32 183.5; L = 3 at BV = 32 224.5; K = 64, L = 4 at BV = 32 217.5. The
+default BV is the widest that fits (`block_v_for`): 32 at K = 128 for every L >= 2.
+
+Measured (H100, B * T = 32K, H = 16, K = V = 128, whole op fwd+bwd, session 22; docs/benchmarks.md): slower
+than the two-warpgroup work split it would replace, L = 2 11.30 against 7.83 ms, L = 3 17.35 against
+13.56 (16-bit dq / dk sums: 10.24 and 15.48), so it is not the default; `warpgroups=3` asks for it.
 """
 
 from __future__ import annotations

@@ -161,14 +161,14 @@ def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset,
 
 
 @pytest.mark.parametrize("L,K,V,init,reset,block_v", [
-    (2, 128, 128, True, True, 64),  # two value blocks: the dq / dk shares summed in XLA
-    (3, 128, 128, True, True, 32),  # the default block at L = 3, K = 128: 32 value columns
+    (2, 128, 128, True, True, 32),  # K = 128: 32 value columns fit (64 do not with float32 output slots)
+    (3, 128, 128, True, True, 32),  # four value blocks: the dq / dk shares summed in XLA
     (2, 64, 64, False, False, 64),  # one value block: 16-bit dq / dk
-    (4, 64, 64, True, False, 64),
+    (4, 64, 64, True, False, 32),
     (3, 64, 128, False, True, 64)])
 def test_interpret_three_warpgroups_at_several_writes_matches_float64_reference(L, K, V, init, reset, block_v):
     """warpgroups=3 at L >= 2 (`chunk_grads_wg3w`): each write's tiles kept apart, one CTA per value block
-    (the widest that fits: block_v=64 stands for that default); ainv=None: solved in XLA."""
+    (block_v: the widest that fits, its default); ainv=None: solved in XLA."""
     x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=V, init=init, reset=reset, seed=L + K + V + init)
     got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3)
     assert got[0].dtype == (jnp.bfloat16 if V == block_v else jnp.float32)
@@ -184,7 +184,7 @@ def test_three_warpgroups_at_several_writes_lower_for_cuda(L, K, V, kw):
     text = jax.jit(fn).trace(x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "prism_chunk_grads_mgpu_wg3w" in text
-    assert chunk_grads_wg3w.block_v_for(K, L, V, x.q.dtype) == (32 if (L, K) == (3, 128) else 64)
+    assert chunk_grads_wg3w.block_v_for(K, L, V, x.q.dtype) == 32  # SMEM: 64 value columns do not fit here
 
 
 @pytest.mark.parametrize("kw,L,match", [({"vw_by": "keys"}, 2, "L >= 2 takes no"), ({"out_slots": 1}, 2, "L >= 2"),
@@ -333,6 +333,16 @@ def test_defaults_write_dq_dk_in_16_bits_only_where_nothing_is_summed(L, V, kw, 
     assert (dv.dtype, dbeta.dtype, dg.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
 
 
+def test_defaults_add_16_bit_shares_from_four_value_blocks():
+    """L = 3 at K = V = 128 (four blocks of 32 value columns): dq / dk come back in 16 bits, added by TMA
+    into a 16-bit output; two blocks keep float32 sums."""
+    for L, K, dtype in ((3, 128, jnp.bfloat16), (2, 128, jnp.float32)):
+        x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=128, T=64)
+        fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
+        dq, dk, *_ = jax.eval_shape(fn, x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
+        assert (dq.dtype, dk.dtype) == (dtype, dtype), L
+
+
 def test_bad_order_and_sum_options_raise():
     x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=128)
     tv = mc.token_vectors(x)
@@ -346,6 +356,8 @@ def test_bad_order_and_sum_options_raise():
 
 
 @pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg3"), (1, 64, {}, "wg3"), (2, 128, {}, "wg2_work"),
+                                           (2, 128, {"dqk_sum": "add16"}, "wg2_work"), (2, 128, {"dqk_sum": "add"}, "wg2_work"),
+                                           (1, 128, {"dqk_sum": "add"}, "wg2"),
                                            (1, 128, {"warpgroups": 2}, "wg2"), (1, 64, {"warpgroups": 2}, "wg2_work"),
                                            (1, 128, {"fold": False}, None), (1, 128, {"warpgroups": 1}, None)])
 def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
