@@ -120,7 +120,16 @@ def sharding_context(mesh, rules):
     return stack
 
 
+# Parameter shapes do not depend on the sequence length, so `model.init` traces its forward on at most this
+# many tokens: the init program is compiled once per run, and on a GPU its compile (forward included, the
+# autotuner on every matmul shape) took 91 s for the 130m model at 2,048 tokens, longer than the training
+# step's 49 s (session 22, XLA's compile log of benchmarks/train_step.py).
+INIT_TOKENS = 64
+
+
 def _init_fn(model, optimizer, seq_len: int):
+    seq_len = min(seq_len, INIT_TOKENS)
+
     def init_boxed(rng):
         dummy = jnp.zeros((1, seq_len), jnp.int32)
         variables = model.init(rng, dummy, segment_ids=jnp.ones_like(dummy), positions=dummy)

@@ -234,3 +234,20 @@ def test_distributed_init_only_when_asked_or_detected(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     assert loop.maybe_initialize_distributed("auto")
     assert calls[-1] == {"num_processes": 2, "process_id": 1}
+
+
+@pytest.mark.parametrize("mixer", ["prism", "gdn", "gla", "attention", "ttt"])
+def test_init_on_a_short_dummy_gives_the_params_of_the_full_length(mixer, monkeypatch):
+    """`loop._init_fn` traces the model on at most INIT_TOKENS tokens (a smaller init program to compile):
+    the parameters and optimizer state equal those of an init on the full training length."""
+    from prism_jax.models import PrismLM, get_preset  # noqa: PLC0415
+
+    config = get_preset("tiny", mixer=mixer, num_layers=2, d_model=32, num_heads=2, head_k_dim=16,
+                        mlp_hidden_dim=64, vocab_size=64, max_seq_len=256)
+    model, optimizer = PrismLM(config), optax.adamw(1e-3)
+    short = jax.jit(lambda r: nn.unbox(loop._init_fn(model, optimizer, 200)(r)))(jax.random.key(3))
+    monkeypatch.setattr(loop, "INIT_TOKENS", 10 ** 6)
+    full = jax.jit(lambda r: nn.unbox(loop._init_fn(model, optimizer, 200)(r)))(jax.random.key(3))
+    assert loop.INIT_TOKENS > 200 and jax.tree.structure(short) == jax.tree.structure(full)
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
