@@ -399,7 +399,8 @@ def test_defaults_take_narrow_value_blocks_only_where_nothing_else_fits(L, K, bl
 @pytest.mark.parametrize("L,kw", [(1, {}), (1, {"warpgroups": 1}), (2, {}), (2, {"out_slots": 2, "fold": False, "approx_math": False}),
                                   (2, {"per_write": False}), (1, {"per_write": False}), (2, {"per_write": "split"}),
                                   (2, {"dqk_sum": "xla"}), (2, {"order": "values"}), (2, {"warpgroups": 1, "dqk_sum": "add"}),
-                                  (2, {"dqk_sum": "add16"}), (3, {"dqk_sum": "add16"})])
+                                  (2, {"dqk_sum": "add16"}), (3, {"dqk_sum": "add16"})],
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
 def test_gpu_matches_float64_reference(L, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, seed=11)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=128 ** -0.5, interpret=False, **kw)
