@@ -74,6 +74,47 @@ DEFAULT_REGISTERS = (152, 208, 144)
 VW_BY = ("backward", "keys", "forward")  # the warpgroup that forms vw = beta v
 
 
+# Hand-over helpers shared with `chunk_grads_wg3w` (the same dataflow at L > 1).
+def put(buf, value):
+    buf[...] = value.astype(buf.dtype)
+
+
+def ready(bar):
+    """Makes this warpgroup's SMEM writes visible, then arrives at the single-use barrier `bar`."""
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(bar)
+
+
+def wait(*bars):
+    for bar in bars:
+        plgpu.barrier_wait(bar)
+
+
+def colsum(cs_s, i, w):
+    """Column sums of w [C, C] in the ROWS layout (reduced as COLS, read back through SMEM row cs_s[i])."""
+    cs_s[i] = jnp.sum(w, axis=0)
+    plgpu.commit_smem()
+    return plgpu.load(cs_s.at[i], layout=mc.ROWS)
+
+
+def set_registers(registers, w):
+    """Warpgroup w moves its register budget to registers[w] by setmaxnreg (None: the launch share)."""
+    if registers is not None and registers[w] != LAUNCH_REGISTERS:
+        grow = registers[w] > LAUNCH_REGISTERS
+        plgpu.set_max_registers(registers[w], action="increase" if grow else "decrease")
+
+
+def check_registers(registers):
+    """ValueError unless `registers` is three setmaxnreg budgets within the launch share (None passes)."""
+    if registers is None:
+        return
+    if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
+            or sum(registers) > 3 * LAUNCH_REGISTERS):
+        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
+                         f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS} "
+                         f"(3 x {LAUNCH_REGISTERS}, the launch share of 384 threads)")
+
+
 def smem_bytes(K, V, dtype, reduction_scratch=2048):
     """SMEM bytes of the kernel at key width K and V value columns (for the check before compiling)."""
     it = jnp.dtype(dtype).itemsize
@@ -115,22 +156,6 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     zero = lambda: 0.0 * vx.start  # a ROWS-layout zero (Mosaic GPU stores no splat of C elements)
     total = lambda xs: functools.reduce(operator.add, xs)
 
-    def put(buf, value):
-        buf[...] = value.astype(buf.dtype)
-
-    def ready(bar):
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(bar)
-
-    def wait(*bars):
-        for bar in bars:
-            plgpu.barrier_wait(bar)
-
-    def colsum(i, w):
-        """Column sums of w [C, C] in the ROWS layout (reduced as COLS, read back through SMEM)."""
-        cs_s[i] = jnp.sum(w, axis=0)
-        plgpu.commit_smem()
-        return plgpu.load(cs_s.at[i], layout=mc.ROWS)
 
     def rowsum_k(accs):
         """sum over the key slices of rowsum(acc . k): a [C, K] product's row sums against the key."""
@@ -147,14 +172,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         for blk in vblocks:
             put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
 
-    def set_registers(w):
-        if registers is not None and registers[w] != LAUNCH_REGISTERS:
-            grow = registers[w] > LAUNCH_REGISTERS
-            plgpu.set_max_registers(registers[w], action="increase" if grow else "decrease")
-
     @pl.when(wg == 0)
     def _forward():
-        set_registers(0)
+        set_registers(registers, 0)
         for src, dst in [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
                          (v_ref.at[b, rows, h, 0], v_s), (ainv_ref.at[b, h, n], xinv_s)]:
             plgpu.copy_gmem_to_smem(src, dst, in_a)
@@ -203,8 +223,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         ready(w_ready)
         phase("w0.sums")
         w_tm1, w_t0 = dqk0 * qk_raw, dqk * qk_raw
-        dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(0, w_t0)
-        dGm1 = -colsum(1, w_tm1)
+        dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(cs_s, 0, w_t0)
+        dGm1 = -colsum(cs_s, 1, w_tm1)
         plgpu.barrier_arrive(cs_turn)  # the reduction scratch is WG1's now
         phase("w0.wait_x")
         wait(x_free)  # dS' read for the last time: its bytes take dq
@@ -223,7 +243,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 1)
     def _backward():
-        set_registers(1)
+        set_registers(registers, 1)
         phase = _Phases()
         phase("w1.wait_loads")
         wait(in_a)
@@ -273,15 +293,15 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.wait_cs")
         wait(cs_turn)
         phase("w1.sums")
-        dG = -colsum(2, w_m10)
-        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(3, w_m1m1)
+        dG = -colsum(cs_s, 2, w_m10)
+        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(cs_s, 3, w_m1m1)
         out_vectors(1, total(dbeta) + dbeta0, dG, dGm1, zero())
         plgpu.wait_smem_to_gmem(0)
         phase()
 
     @pl.when(wg == 2)
     def _keys():
-        set_registers(2)
+        set_registers(registers, 2)
         phase = _Phases()
         phase("w2.wait_loads")
         if vw_by == "keys":
@@ -359,11 +379,7 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     if registers is None:  # the budgets were measured at K = V = 128 only
         registers = DEFAULT_REGISTERS if K == V == 128 else (LAUNCH_REGISTERS,) * 3
     registers = tuple(registers)
-    if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
-            or sum(registers) > 3 * LAUNCH_REGISTERS):
-        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
-                         f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS} "
-                         f"(3 x {LAUNCH_REGISTERS}, the launch share of 384 threads)")
+    check_registers(registers)
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)

@@ -53,7 +53,8 @@ from pallas_kernels.gpu.mosaic import common as mc
 from pallas_kernels.gpu.mosaic.chunk_grads import (_ChunkVectors, _N_OUT_VECS, _N_ROW_VECS, _Phases, _check, _coords,
                                                    _issue, _launch, _store_share, _sum_mode, _token_grads,
                                                    _token_operands, chunk_inverses, SMEM_LIMIT)
-from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import LAUNCH_REGISTERS, SIZES
+from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import (LAUNCH_REGISTERS, SIZES, check_registers, colsum, put, ready,
+                                                       set_registers, wait)
 
 f32 = jnp.float32
 C = mc.CHUNK
@@ -110,23 +111,6 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     total = lambda xs: functools.reduce(operator.add, xs)
     part = _PARTS * vb
 
-    def put(buf, value):
-        buf[...] = value.astype(buf.dtype)
-
-    def ready(bar):
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(bar)
-
-    def wait(*bars):
-        for bar in bars:
-            plgpu.barrier_wait(bar)
-
-    def colsum(i, w):
-        """Column sums of w [C, C] in the ROWS layout (reduced as COLS, read back through SMEM)."""
-        cs_s[i] = jnp.sum(w, axis=0)
-        plgpu.commit_smem()
-        return plgpu.load(cs_s.at[i], layout=mc.ROWS)
-
     def out_vectors(w, vecs):
         """The warpgroup's per-token partials: dbeta_0 .. dbeta_{L-1}, dG, dGm1, the dG_C share."""
         for i, vec in enumerate(vecs):
@@ -141,14 +125,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         plgpu.commit_smem()
         _store_share(out_s.at[slot], ref, add, vb, *idx)
 
-    def set_registers(w):
-        if registers is not None and registers[w] != LAUNCH_REGISTERS:
-            grow = registers[w] > LAUNCH_REGISTERS
-            plgpu.set_max_registers(registers[w], action="increase" if grow else "decrease")
-
     @pl.when(wg == 0)
     def _forward():
-        set_registers(0)
+        set_registers(registers, 0)
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, in_a)
         for l in range(L):
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, l], k_s.at[l], in_a)
@@ -201,8 +180,8 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
                 put(qk_s.at[l], scale * dqk_raw * vx.t_0())  # W_l
         ready(w_ready)
         phase("w0.sums")
-        dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(0, w_t0)
-        dGm1 = -colsum(1, w_tm1)
+        dG = jnp.sum(w_tm1 + w_t0, axis=1) - colsum(cs_s, 0, w_t0)
+        dGm1 = -colsum(cs_s, 1, w_tm1)
         plgpu.barrier_arrive(cs_turn)  # the reduction scratch is WG1's now
         phase("w0.dq")
         dG_state = []
@@ -220,7 +199,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 1)
     def _backward():
-        set_registers(1)
+        set_registers(registers, 1)
         phase = _Phases()
         phase("w1.wait_loads")
         wait(in_a)
@@ -282,15 +261,15 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.wait_cs")
         wait(cs_turn)
         phase("w1.sums")
-        dG = -colsum(2, w_m10) - rend * vx.end
-        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(3, w_m1m1)
+        dG = -colsum(cs_s, 2, w_m10) - rend * vx.end
+        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(cs_s, 3, w_m1m1)
         out_vectors(1, [dbeta[0] + dbeta0] + dbeta[1:] + [dG, dGm1, rend * vx.end])
         plgpu.wait_smem_to_gmem(0)
         phase()
 
     @pl.when(wg == 2)
     def _keys():
-        set_registers(2)
+        set_registers(registers, 2)
         phase = _Phases()
         phase("w2.wait_loads")
         wait(in_a, in_b, in_c)
@@ -355,10 +334,7 @@ def chunk_grads_wg3w(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, s
                          f"fit in {SMEM_LIMIT // 1024} KiB of SMEM at K = {K}, L = {L}")
     _check(x, starts, cot_end, ainv, block_v, 1, reduction_scratch, one_warpgroup=False)
     registers = (LAUNCH_REGISTERS,) * 3 if registers is None else tuple(registers)
-    if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
-            or sum(registers) > 3 * LAUNCH_REGISTERS):
-        raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
-                         f"8 in [24, 256] (WG0, WG1, WG2) summing to at most {3 * LAUNCH_REGISTERS}")
+    check_registers(registers)
     if ainv is None:
         ainv = chunk_inverses(x)
     rvec, cvec, rint = _token_operands(tv)
