@@ -356,8 +356,7 @@ def test_bad_order_and_sum_options_raise():
 
 
 @pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg3"), (1, 64, {}, "wg3"), (2, 128, {}, "wg2_work"),
-                                           (2, 128, {"dqk_sum": "add16"}, "wg2_work"), (2, 128, {"dqk_sum": "add"}, "wg2_work"),
-                                           (1, 128, {"dqk_sum": "add"}, "wg2"),
+                                           (2, 128, {"dqk_sum": "add16"}, "wg2_work"),  # an explicit sum keeps the split
                                            (1, 128, {"warpgroups": 2}, "wg2"), (1, 64, {"warpgroups": 2}, "wg2_work"),
                                            (1, 128, {"fold": False}, None), (1, 128, {"warpgroups": 1}, None)])
 def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
