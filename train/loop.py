@@ -121,9 +121,9 @@ def sharding_context(mesh, rules):
 
 
 # Parameter shapes do not depend on the sequence length, so `model.init` traces its forward on at most this
-# many tokens: the init program is compiled once per run, and on a GPU its compile (forward included, the
-# autotuner on every matmul shape) took 91 s for the 130m model at 2,048 tokens, longer than the training
-# step's 49 s (session 22, XLA's compile log of benchmarks/train_step.py).
+# many tokens: a smaller init program to compile once per run. At 2,048 tokens the 130m model's init took 91 s
+# of XLA compile on an H100, longer than the training step's 49 s (session 22, XLA's compile log of
+# benchmarks/train_step.py); the 64-token init is not yet timed there.
 INIT_TOKENS = 64
 
 

@@ -139,6 +139,7 @@ _N_OUT_VECS = 3
 # CTA orders of the grid (`_grid`) and the ways the value blocks' dq / dk shares are summed.
 ORDERS = ("values", "chunks")
 DQK_SUMS = ("add", "add16", "xla")
+TMA_SUMS = ("add", "add16")  # the sums the kernel makes itself (TMA reduce-add into a zeroed output)
 # dqk_sum=None takes "add16" from this many value blocks per chunk on: L = 3 at K = V = 128 (four blocks of 32,
 # the work split), H100, whole op fwd+bwd in one run: 12.45 against 13.31 ms with float32 sums, 2.76 against
 # 3.44 GiB, gradients 4.0e-3 against 2.9e-3 off the float32 chunk form (session 22). Two blocks (L = 2) keep
@@ -166,13 +167,13 @@ def _coords(nvb, order):
 
 def _sum_mode(nvb, dqk_sum, interpret, dtype):
     """(add, dq / dk dtype): `dqk_sum` None -> TMA reduce-add where there are several value blocks and
-    the kernel runs on the GPU ("add16" from ADD16_MIN_BLOCKS blocks on, else "add"), else "xla"; with one value block the kernel's dq / dk are the whole
-    values and leave in the inputs' 16-bit dtype (the rounding the caller's cast makes anyway: no
-    float32 copy written and cast in XLA), else float32 shares; "add16" adds 16-bit shares into a
-    16-bit output (each share and each sum rounded to 16 bits)."""
+    the kernel runs on the GPU ("add16" from ADD16_MIN_BLOCKS blocks on, else "add"), else "xla"; with
+    one value block the kernel's dq / dk are the whole values and leave in the inputs' 16-bit dtype (the
+    rounding the caller's cast makes anyway: no float32 copy written and cast in XLA), else float32
+    shares; "add16" adds 16-bit shares into a 16-bit output (each share and each sum rounded to 16 bits)."""
     if dqk_sum is None:
         dqk_sum = ("add16" if nvb >= ADD16_MIN_BLOCKS else "add") if nvb > 1 and not interpret else "xla"
-    add = dqk_sum in ("add", "add16")
+    add = dqk_sum in TMA_SUMS
     return add, (dtype if (nvb == 1 and not add) or dqk_sum == "add16" else f32)
 
 
@@ -1118,10 +1119,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     summed (`DQK_SUMS`): "add" (TMA reduce-add of each [C, 64] float32 share into a zeroed output
     passed as a `jax.new_ref`: no partials in HBM; float32 additions in a run-dependent order),
     "add16" (the same in the inputs' 16-bit dtype: half the zeroing and TMA traffic and no float32
-    dq / dk cast in XLA, for one 16-bit rounding per share and per addition; GPU only, not the default),
-    "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: "add" where there are several
-    value blocks and the kernel runs on the GPU (the Mosaic GPU interpreter has no TMA reduction),
-    else "xla". H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
+    dq / dk cast in XLA, for one 16-bit rounding per share and per addition; GPU only),
+    "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: on the GPU where there are several
+    value blocks "add16" from `ADD16_MIN_BLOCKS` (4) blocks on and "add" below (the Mosaic GPU interpreter
+    has no TMA reduction), else "xla". warpgroups=3 at L >= 2 (`chunk_grads_wg3w`) takes block_v 64 as
+    "the widest value block that fits" (32 at K = 128). H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
     registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg
     (`chunk_grads_wg3`; (168, 168, 168): the launch share, no setmaxnreg), None: the three-warpgroup
     kernel's `DEFAULT_REGISTERS` at K = V = 128, else the launch share.
@@ -1145,8 +1147,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         # An explicit TMA sum rules out only the three-warpgroup kernel at L = 1 (one CTA over every value
         # column: nothing to sum); session 22's first "add16" rows at L = 2 fell through to one warpgroup.
         defaults = (not interpret and out_slots is None and fold is True and per_write is True and block_v == 64)
-        if defaults and dqk_sum not in ("add", "add16") and chunk_grads_wg3.supported(K, L, V, x.q.dtype,
-                                                                                        reduction_scratch):
+        if defaults and dqk_sum not in TMA_SUMS and chunk_grads_wg3.supported(K, L, V, x.q.dtype, reduction_scratch):
             warpgroups = 3
         elif defaults and _pick_split(K, L, V, x.q.dtype, block_v, reduction_scratch) is not None:
             warpgroups = 2
@@ -1161,7 +1162,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         raise ValueError(f"chunk_grads_backward: `order` = {order!r} must be one of {ORDERS}")
     if dqk_sum not in (None, *DQK_SUMS):
         raise ValueError(f"chunk_grads_backward: `dqk_sum` = {dqk_sum!r} must be None or one of {DQK_SUMS}")
-    if dqk_sum in ("add", "add16") and interpret:
+    if dqk_sum in TMA_SUMS and interpret:
         raise ValueError(f"chunk_grads_backward: `dqk_sum`={dqk_sum!r} needs interpret=False (the Mosaic GPU "
                          "interpreter has no TMA reduce-add); use 'xla' or None")
     sums = dict(order=order, dqk_sum=dqk_sum)
@@ -1176,7 +1177,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                                 interpret=interpret, **sums)
     if warpgroups == 3:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import chunk_grads_wg3
-        if dqk_sum in ("add", "add16") or block_v != 64 or out_slots is not None:
+        if dqk_sum in TMA_SUMS or block_v != 64 or out_slots is not None:
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 (one CTA over all value columns) takes no "
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,

@@ -105,9 +105,7 @@ def set_registers(registers, w):
 
 
 def check_registers(registers):
-    """ValueError unless `registers` is three setmaxnreg budgets within the launch share (None passes)."""
-    if registers is None:
-        return
+    """ValueError unless `registers` is three setmaxnreg budgets within the launch share."""
     if (len(registers) != 3 or any(not isinstance(r, int) or r % 8 or not 24 <= r <= 256 for r in registers)
             or sum(registers) > 3 * LAUNCH_REGISTERS):
         raise ValueError(f"chunk_grads_backward: `registers` = {registers} must be None or three multiples of "
@@ -155,7 +153,6 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     load = lambda ref: plgpu.load(ref, layout=mc.WGMMA).astype(f32)
     zero = lambda: 0.0 * vx.start  # a ROWS-layout zero (Mosaic GPU stores no splat of C elements)
     total = lambda xs: functools.reduce(operator.add, xs)
-
 
     def rowsum_k(accs):
         """sum over the key slices of rowsum(acc . k): a [C, K] product's row sums against the key."""
