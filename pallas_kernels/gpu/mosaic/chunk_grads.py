@@ -140,11 +140,12 @@ _N_OUT_VECS = 3
 ORDERS = ("values", "chunks")
 DQK_SUMS = ("add", "add16", "xla")
 TMA_SUMS = ("add", "add16")  # the sums the kernel makes itself (TMA reduce-add into a zeroed output)
-# dqk_sum=None takes "add16" from this many value blocks per chunk on: L = 3 at K = V = 128 (four blocks of 32,
-# the work split), H100, whole op fwd+bwd in one run: 12.45 against 13.31 ms with float32 sums, 2.76 against
-# 3.44 GiB, gradients 4.0e-3 against 2.9e-3 off the float32 chunk form (session 22). Two blocks (L = 2) keep
-# float32 sums: not yet timed there on the work split.
-ADD16_MIN_BLOCKS = 4
+# dqk_sum=None takes "add16" from this many value blocks per chunk on, that is wherever the blocks' shares are
+# summed. H100, whole op fwd+bwd, each pair in one run: L = 3 at K = V = 128 (four blocks of 32, the work split)
+# 12.45 against 13.31 ms with float32 sums, 2.76 against 3.44 GiB (session 22); L = 2 (two blocks of 64, the
+# work split) 6.89 against 8.15 ms, 2.38 against 2.63 GiB (session 23). Gradients 3.5e-3 / 4.0e-3 against
+# 2.9e-3 off the float32 chunk form (the target is 1e-2 against float64).
+ADD16_MIN_BLOCKS = 2
 
 
 def _grid(N, H, B, nvb, order):
@@ -1121,7 +1122,7 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     "add16" (the same in the inputs' 16-bit dtype: half the zeroing and TMA traffic and no float32
     dq / dk cast in XLA, for one 16-bit rounding per share and per addition; GPU only),
     "xla" (a [V / 64, ...] partial per block, summed in XLA) or None: on the GPU where there are several
-    value blocks "add16" from `ADD16_MIN_BLOCKS` (4) blocks on and "add" below (the Mosaic GPU interpreter
+    value blocks "add16" (from `ADD16_MIN_BLOCKS` blocks on, else "add"; the Mosaic GPU interpreter
     has no TMA reduction), else "xla". warpgroups=3 at L >= 2 (`chunk_grads_wg3w`) takes block_v 64 as
     "the widest value block that fits" (32 at K = 128). H100, L = 2, work split: "add" 5.61 ms against 7.32 for "xla" (order "chunks").
     registers: `warpgroups` = 3 only: (WG0, WG1, WG2) registers per thread by setmaxnreg

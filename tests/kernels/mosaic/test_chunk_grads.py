@@ -319,13 +319,14 @@ def test_value_block_shares_are_added_by_tma_when_compiled(V, kw, summed_in_kern
 
 @pytest.mark.parametrize("L,V,kw,dtype", [
     (1, 64, {}, jnp.bfloat16), (2, 64, {"warpgroups": 2}, jnp.bfloat16), (1, 128, {}, jnp.bfloat16),
-    (2, 128, {"dqk_sum": "xla"}, jnp.float32), (2, 128, {}, jnp.float32), (1, 128, {"warpgroups": 1}, jnp.float32),
+    (2, 128, {"dqk_sum": "xla"}, jnp.float32), (2, 128, {}, jnp.bfloat16), (2, 128, {"dqk_sum": "add"}, jnp.float32),
+    (1, 128, {"warpgroups": 1}, jnp.bfloat16),
     (1, 64, {"dqk_sum": "add"}, jnp.float32), (2, 128, {"dqk_sum": "add16"}, jnp.bfloat16),
     (3, 128, {"dqk_sum": "add16", "warpgroups": 2, "split": "work", "block_v": 32}, jnp.bfloat16)])
 def test_defaults_write_dq_dk_in_16_bits_only_where_nothing_is_summed(L, V, kw, dtype):
     """One CTA over all value columns (V = 64, or the value split at L = 1, V = 128) writes dq / dk in
-    q's dtype; shares that are summed (two value blocks of 64, in XLA or by the TMA add) stay float32
-    unless dqk_sum="add16" asks for 16-bit shares added into a 16-bit output."""
+    q's dtype; shares that are summed (two value blocks of 64) are added by TMA into a 16-bit output by
+    default ("add16"), and stay float32 where "add" or "xla" asks for float32 sums."""
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=V)
     fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False, **kw)
     dq, dk, dv, dbeta, dg = jax.eval_shape(fn, x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
@@ -333,12 +334,17 @@ def test_defaults_write_dq_dk_in_16_bits_only_where_nothing_is_summed(L, V, kw, 
     assert (dv.dtype, dbeta.dtype, dg.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
 
 
-def test_defaults_add_16_bit_shares_from_four_value_blocks():
-    """L = 3 at K = V = 128 (four blocks of 32 value columns): dq / dk come back in 16 bits, added by TMA
-    into a 16-bit output; two blocks keep float32 sums."""
-    for L, K, dtype in ((3, 128, jnp.bfloat16), (2, 128, jnp.float32)):
+def test_defaults_add_16_bit_shares_wherever_blocks_are_summed(monkeypatch):
+    """L = 3 at K = V = 128 (four blocks of 32 value columns) and L = 2 (two blocks of 64): dq / dk come back
+    in 16 bits, added by TMA into a 16-bit output (`ADD16_MIN_BLOCKS`); below that threshold float32 sums."""
+    for L, K, min_blocks, dtype in ((3, 128, None, jnp.bfloat16), (2, 128, None, jnp.bfloat16),
+                                    (2, 128, 3, jnp.float32)):
         x, starts, do, cot_end, ainv = _inputs(L=L, K=K, V=128, T=64)
         fn = functools.partial(chunk_grads_backward, scale=0.1, interpret=False)
+        if min_blocks is not None:
+            from pallas_kernels.gpu.mosaic import chunk_grads as cg
+
+            monkeypatch.setattr(cg, "ADD16_MIN_BLOCKS", min_blocks)
         dq, dk, *_ = jax.eval_shape(fn, x, mc.token_vectors(x), starts, do, cot_end, ainv=ainv)
         assert (dq.dtype, dk.dtype) == (dtype, dtype), L
 
