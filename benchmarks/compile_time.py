@@ -77,6 +77,7 @@ def train_config(args, mixer, op_impl, num_layers, scan_layers):
     config.data.seq_len = args.seq_len
     config.batch_size = args.batch
     config.mesh_shape = (1, 1, 1, 1)
+    config.init_on = getattr(args, "init_on", "auto")
     return config
 
 
@@ -116,7 +117,12 @@ def measure(args, mixer, op_impl, num_layers, scan_layers, progress=None):
     result = {"lower_s": t1 - t0, "compile_s": t2 - t1, "hlo_kb": len(lowered.as_text()) / 1024,
               "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params)))}
     if args.step_time:
-        state, _ = loop.create_train_state(model, optimizer, mesh, rules, jax.random.key(0), args.seq_len)
+        t0 = time.perf_counter()
+        state, _ = loop.create_train_state(model, optimizer, mesh, rules, jax.random.key(0), args.seq_len,
+                                           config.init_on)
+        jax.block_until_ready(state)
+        result["init_s"] = time.perf_counter() - t0
+        progress(f"state initialised on the {loop.init_placement(config.init_on)} in {result['init_s']:.1f} s")
         tokens = jax.random.randint(jax.random.key(1), batch_shape, 0, config.model.vocab_size)
         batch = {"tokens": tokens, "segment_ids": jnp.ones(batch_shape, jnp.int32),
                  "positions": jnp.broadcast_to(jnp.arange(args.seq_len, dtype=jnp.int32), batch_shape)}

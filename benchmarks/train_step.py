@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="default: 128 (tiny) / 2048")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default: 4 (tiny) / 8)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 (tiny) / bfloat16)")
+    p.add_argument("--init-on", default="auto", choices=("auto", "host", "device"),
+                   help="where the fresh train state is made (config.init_on)")
     p.add_argument("--scan-layers", action="store_true", help="one block scanned over the layers (default: unrolled)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no variant after this many seconds")
@@ -84,7 +86,7 @@ def main(argv=None):
         [("chunk", "chunk", ""), ("reference", "reference", "")] if backend == "cpu" else
         [("pallas", "pallas", ""), ("chunk", "chunk", "")])
     ct = argparse.Namespace(preset=args.preset, layers=None, mixers="prism", op_impls=None, seq_len=args.seq_len,
-                            batch=args.batch, dtype=args.dtype, remat_policy="none", repeats=1, step_time=True,
+                            batch=args.batch, dtype=args.dtype, remat_policy="none", repeats=1, step_time=True, init_on=args.init_on,
                             steps=args.steps, budget_s=args.budget_s, out=None, out_dir=None)
     compile_time.resolve_defaults(ct, backend)
     layers = args.layers or get_preset(ct.preset).num_layers

@@ -52,6 +52,15 @@ def main(kind, out_path):
             for batch in batches:
                 state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
                 losses.append(float(metrics["loss"]))
+        if name == "mesh":  # the fresh state made on the host and placed shard by shard: same values and shardings
+            fresh, _ = loop.create_train_state(model, optimizer, mesh, rules, jax.random.key(0), 32, "device")
+            hosted, _ = loop.create_train_state(model, optimizer, mesh, rules, jax.random.key(0), 32, "host")
+            pairs = list(zip(jax.tree.leaves(fresh), jax.tree.leaves(hosted)))
+            result["host_init"] = {
+                "leaves": len(pairs),
+                "same_values": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+                "same_shardings": all(a.sharding == b.sharding for a, b in pairs),
+                "sharded_leaves": sum(not b.sharding.is_fully_replicated for _, b in pairs)}
         sharded = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
         result[name] = {"losses": losses, "specs": sharded,
                         "param_norm": float(optax_norm(state.params))}

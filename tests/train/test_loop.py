@@ -159,6 +159,7 @@ def test_gradient_accumulation_matches_one_batch(small_corpus):
         (dict(batch_size=6, grad_accum_steps=4), "grad_accum_steps"),
         (dict(warmup_steps=50), "warmup_steps"),
         (dict(distributed="maybe"), "distributed"),
+        (dict(init_on="gpu"), "init_on"),
     ],
 )
 def test_bad_configs_fail_before_compiling(overrides, message, small_corpus):
@@ -251,3 +252,10 @@ def test_init_on_a_short_dummy_gives_the_params_of_the_full_length(mixer, monkey
     assert loop.INIT_TOKENS > 200 and jax.tree.structure(short) == jax.tree.structure(full)
     for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(full)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_placement_resolves_auto_and_rejects_unknown_places():
+    assert loop.init_placement("auto") == ("host" if jax.default_backend() == "gpu" else "device")
+    assert loop.init_placement("host") == "host" and loop.init_placement("device") == "device"
+    with pytest.raises(ValueError, match="init_on"):
+        loop.init_placement("cpu")

@@ -30,6 +30,8 @@ def check(result):
     np.testing.assert_allclose(result["mesh"]["param_norm"], result["one"]["param_norm"], rtol=2e-5)
     assert result["one"]["losses"][-1] < result["one"]["losses"][0]
     assert any("fsdp" in s or "tensor" in s for s in result["mesh"]["specs"])  # really sharded
+    host = result["host_init"]  # config.init_on="host" against "device" on the 2x2x2 mesh
+    assert host["same_values"] and host["same_shardings"] and host["sharded_leaves"] > 0, host
 
 
 def test_2x2x2_mesh_matches_one_device_standin(tmp_path):
