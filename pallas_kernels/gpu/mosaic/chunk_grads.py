@@ -1068,7 +1068,7 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         registers=None, paired_decays=None, vw_by=None, profile=None,
+                         registers=None, paired_decays=None, vw_by=None, loads_by=None, profile=None,
                          interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
@@ -1130,7 +1130,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     kernel's `DEFAULT_REGISTERS` at K = V = 128, else the launch share.
     paired_decays, vw_by: `warpgroups` = 3 only (`chunk_grads_wg3`; None: its defaults): each pair of
     decay matrices one column step apart from one exp (True / False); the warpgroup that forms
-    vw = beta v ("backward", "keys", "forward").
+    vw = beta v ("backward", "keys", "forward"). loads_by: `warpgroups` = 3 at L = 1 only: who issues the
+    input copies ("forward": WG0's one thread, the default; "each": every warpgroup its own operands).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1169,9 +1170,9 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     sums = dict(order=order, dqk_sum=dqk_sum)
     if warpgroups == 3 and x.v.shape[-2] > 1:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3w import chunk_grads_wg3w
-        if out_slots is not None or paired_decays is not None or vw_by is not None:
+        if out_slots is not None or paired_decays is not None or vw_by is not None or loads_by is not None:
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 at L >= 2 takes no `out_slots`, "
-                             "`paired_decays` or `vw_by`")
+                             "`paired_decays`, `vw_by` or `loads_by`")
         return chunk_grads_wg3w(x, tv, starts, do, cot_end, scale=scale, ainv=ainv,
                                 block_v=None if block_v == 64 else block_v, approx_math=approx_math,
                                 reduction_scratch=reduction_scratch, registers=registers, profile=profile,
@@ -1184,11 +1185,11 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
                                reduction_scratch=reduction_scratch, registers=registers, order=order,
                                profile=profile, interpret=interpret,
-                               **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by", vw_by))
-                                  if v is not None})
-    if registers is not None or paired_decays is not None or vw_by is not None:
-        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays` and `vw_by` "
-                         "apply to `warpgroups` = 3 only")
+                               **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by", vw_by),
+                                                    ("loads_by", loads_by)) if v is not None})
+    if registers is not None or paired_decays is not None or vw_by is not None or loads_by is not None:
+        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays`, `vw_by` and "
+                         "`loads_by` apply to `warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

@@ -72,6 +72,10 @@ LAUNCH_REGISTERS = 168
 # (144, 216, 144) 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
 DEFAULT_REGISTERS = (152, 208, 144)
 VW_BY = ("backward", "keys", "forward")  # the warpgroup that forms vw = beta v
+# Who issues the input copies: "forward" (WG0's one thread, all eleven) or "each" (every warpgroup those of
+# its own operands, before it moves its register budget). Session 23's profile (H100, L = 1): WG1 waited
+# ~9 us for the first group, of which ~4 us passed before WG0 had issued the last copy.
+LOADS_BY = ("forward", "each")
 
 
 # Hand-over helpers shared with `chunk_grads_wg3w` (the same dataflow at L > 1).
@@ -132,7 +136,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, vw_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn,
-          done, *, scale, registers, order, add, paired, vw_by):
+          done, *, scale, registers, order, add, paired, vw_by, loads_by):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -169,21 +173,29 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         for blk in vblocks:
             put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
 
+    # The input copies in the order one thread issues them (loads_by="forward"), each with the warpgroup
+    # that issues it under loads_by="each" (the barriers count copies, whoever issues them).
+    copies = [(0, q_ref.at[b, rows, h], q_s, in_a), (1, k_ref.at[b, rows, h, 0], k_s, in_a),
+              (1, v_ref.at[b, rows, h, 0], v_s, in_a), (1, ainv_ref.at[b, h, n], xinv_s, in_a),
+              # One copy per array of per-token vectors ([n, C] boxes), not one per vector.
+              (0, rvec_ref.at[b, h, :, rows], rv_s, in_a), (0, cvec_ref.at[b, h, :, rows], cv_s, in_a),
+              # r, rm1 as rows; r, rm1 as columns
+              *[(0, ri_ref.at[b, :, rows], ri_s.at[pl.ds(i, 2)], in_a) for i in (0, 2)],
+              (2, s_ref.at[b, h, n], s_s, in_b), (0, do_ref.at[b, rows, h], do_s, in_b),
+              (2, x_ref.at[b, h, n], x_s, in_c)]
+
+    def issue_copies(w):
+        for by, src, dst, bar in copies:
+            if (by if loads_by == "each" else 0) == w:
+                plgpu.copy_gmem_to_smem(src, dst, bar)
+
     @pl.when(wg == 0)
     def _forward():
+        if loads_by == "each":
+            issue_copies(0)
         set_registers(registers, 0)
-        for src, dst in [(q_ref.at[b, rows, h], q_s), (k_ref.at[b, rows, h, 0], k_s),
-                         (v_ref.at[b, rows, h, 0], v_s), (ainv_ref.at[b, h, n], xinv_s)]:
-            plgpu.copy_gmem_to_smem(src, dst, in_a)
-        # One copy per array of per-token vectors ([n, C] boxes), not one per vector: a single thread
-        # issues every copy, and the warpgroups wait on the last.
-        plgpu.copy_gmem_to_smem(rvec_ref.at[b, h, :, rows], rv_s, in_a)
-        plgpu.copy_gmem_to_smem(cvec_ref.at[b, h, :, rows], cv_s, in_a)
-        for i in (0, 2):  # r, rm1 as rows; r, rm1 as columns
-            plgpu.copy_gmem_to_smem(ri_ref.at[b, :, rows], ri_s.at[pl.ds(i, 2)], in_a)
-        plgpu.copy_gmem_to_smem(s_ref.at[b, h, n], s_s, in_b)
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_s, in_b)
-        plgpu.copy_gmem_to_smem(x_ref.at[b, h, n], x_s, in_c)
+        if loads_by != "each":
+            issue_copies(0)
         phase = _Phases()
         phase("w0.wait_loads")
         wait(in_a)
@@ -240,6 +252,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 1)
     def _backward():
+        issue_copies(1)
         set_registers(registers, 1)
         phase = _Phases()
         phase("w1.wait_loads")
@@ -298,6 +311,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
     @pl.when(wg == 2)
     def _keys():
+        issue_copies(2)
         set_registers(registers, 2)
         phase = _Phases()
         phase("w2.wait_loads")
@@ -351,7 +365,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
                     reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, vw_by="backward",
-                    profile=None, interpret=False):
+                    loads_by="forward", profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
     registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
@@ -363,7 +377,9 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     by its own exp. vw_by: the warpgroup that forms vw = beta v: "backward" (WG1, with B), "keys" (WG2,
     which waits for all loads anyway, as soon as v is in) or "forward" (WG0, once QK0 and QK are out,
     while WG1 forms B). WG1 is the critical path (session 11's profile: WG1 ~54 us per CTA against
-    WG2's ~51 and WG0's ~38); off it, WG1 waits for vw before dv takes v's bytes.
+    WG2's ~51 and WG0's ~38); off it, WG1 waits for vw before dv takes v's bytes. loads_by: who issues
+    the input copies (`LOADS_BY`): "forward" (WG0's one thread) or "each" (every warpgroup its own operands
+    as it starts).
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -399,8 +415,10 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         raise ValueError(f"chunk_grads_backward: `paired_decays` = {paired_decays!r} must be True or False")
     if vw_by not in VW_BY:
         raise ValueError(f"chunk_grads_backward: `vw_by` = {vw_by!r} must be one of {VW_BY}")
+    if loads_by not in LOADS_BY:
+        raise ValueError(f"chunk_grads_backward: `loads_by` = {loads_by!r} must be one of {LOADS_BY}")
     body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays,
-                             vw_by=vw_by)
+                             vw_by=vw_by, loads_by=loads_by)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,

@@ -148,12 +148,14 @@ def test_interpret_narrow_work_split_matches_float64_reference(L, K, V, init, re
                                             (64, 128, False, False, {}), (128, 64, True, False, {}),
                                             (64, 64, True, True, {"paired_decays": False}),
                                             (128, 128, True, True, {"vw_by": "keys"}),
-                                            (128, 128, True, True, {"vw_by": "forward"})])
+                                            (128, 128, True, True, {"vw_by": "forward"}),
+                                            (128, 64, True, True, {"loads_by": "each"})])
 def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset, kw):
     """warpgroups=3 (L = 1): the forward / backward / key warpgroups handing tiles over through SMEM
     barriers, one CTA over all value columns; ainv=None: solved in XLA. paired: the decay matrices one
     column step apart from one exp (documents inside the chunk check the zeroed reset columns);
-    vw_by: vw formed by the key-side or forward-side warpgroup."""
+    vw_by: vw formed by the key-side or forward-side warpgroup; loads_by "each": every warpgroup issues the
+    copies of its own operands."""
     x, starts, do, cot_end, ainv = _inputs(L=1, K=K, V=V, init=init, reset=reset, seed=K + V + init)
     got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3, **kw)
     assert got[0].dtype == got[1].dtype == jnp.bfloat16  # one CTA holds every value column: 16-bit dq / dk
@@ -203,7 +205,7 @@ def test_three_warpgroups_at_several_writes_reject(kw, L, match):
                                         ({"registers": (168, 170, 160)}, 1, "multiples of 8"),
                                         ({"registers": (168, 168)}, 1, "registers"),
                                         ({"paired_decays": "yes"}, 1, "paired_decays"),
-                                        ({"vw_by": "wg1"}, 1, "vw_by")])
+                                        ({"vw_by": "wg1"}, 1, "vw_by"), ({"loads_by": "keys"}, 1, "loads_by")])
 def test_three_warpgroups_reject(kw, L, match):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
     with pytest.raises(ValueError, match=match):
@@ -287,6 +289,7 @@ def test_bad_inputs_raise():
     (1, 128, 128, {"warpgroups": 3, "vw_by": "keys"}),  # the three-warpgroup default plus vw on the key side
     (1, 128, 128, {"warpgroups": 3, "vw_by": "forward"}),
     (1, 128, 128, {"warpgroups": 3, "paired_decays": False}),
+    (1, 128, 128, {"warpgroups": 3, "loads_by": "each"}),
     (2, 128, 128, {"warpgroups": 2}),  # L = 2: the work split (the value split does not fit)
     pytest.param(1, 64, 128, {"warpgroups": 2}, marks=pytest.mark.slow),  # an output slot per warpgroup
     (2, 128, 128, {"per_write": "split", "out_slots": 1}),
@@ -437,7 +440,8 @@ def test_gpu_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
 @pytest.mark.parametrize("K,V,registers,kw", [(64, 128, None, {}), (128, 128, None, {}), (128, 64, None, {}),
                                               (128, 128, (152, 208, 144), {}), (128, 128, None, {"paired_decays": False}),
                                               (128, 128, None, {"vw_by": "keys"}),
-                                              (128, 128, None, {"vw_by": "forward"})])
+                                              (128, 128, None, {"vw_by": "forward"}),
+                                              (128, 128, None, {"loads_by": "each"})])
 def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17, reset=True)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers,
