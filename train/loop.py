@@ -121,9 +121,9 @@ def sharding_context(mesh, rules):
 
 
 # Parameter shapes do not depend on the sequence length, so `model.init` traces its forward on at most this
-# many tokens: a smaller init program to compile once per run. At 2,048 tokens the 130m model's init took 91 s
-# of XLA compile on an H100, longer than the training step's 49 s (session 22, XLA's compile log of
-# benchmarks/train_step.py); the 64-token init is not yet timed there.
+# many tokens (shorter tracing). The compile does not shrink with it: JAX drops the forward from the init
+# program (only the parameters are outputs), and the 130m init took ~120 s to compile for an H100 at 64
+# tokens (session 23) against 91 s at 2,048 (session 22). That compile is why `config.init_on` exists.
 INIT_TOKENS = 64
 
 
