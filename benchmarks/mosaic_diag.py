@@ -3,6 +3,8 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
 
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py sass [--writes 1] [--grads JSON ...] [--out DIR]
+    python benchmarks/mosaic_diag.py ptx [--writes 1] [--grads JSON ...] [--out DIR]
+    python benchmarks/mosaic_diag.py cubin --ptx DIR [--out DIR]   (any machine with CUDA's ptxas)
     python benchmarks/mosaic_diag.py mlir [--writes 1] [--grads JSON ...] [--out DIR]   (any machine)
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
@@ -18,6 +20,12 @@ kernels take nearly all of the SM's unified L1 / SMEM, so local memory lives in 
 code that outgrows the SMs' instruction caches is fetched again for every chunk); the raw dump goes to
 DIR/sass_L{L}[_peer]_{i}.txt.gz (i: the dump's place in the run). For `ptxas` and `sass`, `--grads
 '{"peer": "jla_gdn"}'` runs jax-linear-attention's Gated DeltaNet (L = 1) instead of our op.
+`ptx`: the same child with MOSAIC_GPU_DUMP_PTX=1 and MOSAIC_GPU_DUMP_TO=DIR/ptx_L{L}[_peer]_{i}: every
+kernel's PTX (for `cubin` elsewhere: the GPU machine has no nvdisasm, which `sass` needs).
+`cubin` (no GPU needed): every PTX module under `--ptx` (files, or PTX inside dumped logs) assembled by
+ptxas for sm_90a, and each kernel's machine code read from the cubin's `.text.<kernel>` section: bytes and
+instructions (16 bytes each), registers, spills. Straight-line code run once per CTA has to be fetched
+for every CTA, so code size is a cost of its own.
 `mlir` (no GPU needed): the whole op lowered for CUDA, each kernel's Mosaic GPU MLIR parsed and its ops
 counted (total, f32 elementwise, shuffles, exp, inline asm, loads / stores): a code-size proxy.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
@@ -176,6 +184,86 @@ def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dic
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [dict(row, L=L, grads=grads) for row in count_sass(text)]
+
+
+def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict]:
+    """Runs the child with the PTX dump on; rows {file} of what it wrote (and its log, gzipped)."""
+    import gzip
+
+    tag = "_peer" if grads.get("peer") else ""
+    dump = os.path.join(out, f"ptx_L{L}{tag}_{len(glob.glob(os.path.join(out, 'ptx_L*')))}")
+    os.makedirs(dump, exist_ok=True)
+    env_var = "MOSAIC_GPU_DUMP_PTX"
+    os.environ["MOSAIC_GPU_DUMP_TO"] = dump
+    try:
+        proc = _run_child(L, grads, env_var, timeout_s)
+    finally:
+        del os.environ["MOSAIC_GPU_DUMP_TO"]
+    with gzip.open(os.path.join(dump, "child_log.txt.gz"), "wt") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
+    return [{"L": L, "grads": grads, "file": os.path.relpath(f, out)}
+            for f in sorted(glob.glob(os.path.join(dump, "**", "*"), recursive=True)) if os.path.isfile(f)]
+
+
+_PTX_START = re.compile(r"^\.version \d", re.M)
+
+
+def ptx_modules(text: str) -> list[str]:
+    """The PTX modules in `text` (a .ptx file or a log holding several): each from its `.version` line to
+    its last closing brace before the next one."""
+    starts = [m.start() for m in _PTX_START.finditer(text)]
+    modules = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    return [m[:m.rfind("\n}") + 2] + "\n" for m in modules]  # up to the last function's closing brace
+
+
+def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a") -> list[dict]:
+    """Rows {source, kernel, bytes, instructions, registers, spill_stores} for every kernel of every PTX
+    module found under `ptx_dir`: assembled by `ptxas` into a cubin whose `.text.<kernel>` sections give
+    the machine code's size (readelf)."""
+    import gzip
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(ptx_dir, "**", "*"), recursive=True)):
+        if not os.path.isfile(path):
+            continue
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rt", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for i, module in enumerate(ptx_modules(text)):
+            with tempfile.TemporaryDirectory() as tmp:
+                src, cubin = os.path.join(tmp, "m.ptx"), os.path.join(tmp, "m.cubin")
+                with open(src, "w") as f:
+                    f.write(module)
+                proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", cubin, src], capture_output=True, text=True)
+                if proc.returncode:
+                    rows.append({"source": os.path.relpath(path, ptx_dir), "module": i,
+                                 "error": proc.stderr[-500:]})
+                    continue
+                regs = {r["kernel"]: r for r in parse_ptxas(proc.stdout + proc.stderr)}
+                sections = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout
+                for m in re.finditer(r"\]\s+\.text\.(\S+)\s+PROGBITS\s+\S+\s+\S+\s+([0-9a-f]+)", sections):
+                    name, size = m.group(1), int(m.group(2), 16)
+                    reg = regs.get(name.removesuffix(_SUFFIX), {})
+                    rows.append({"source": os.path.relpath(path, ptx_dir), "module": i,
+                                 "kernel": name.removesuffix(_SUFFIX), "bytes": size, "instructions": size // 16,
+                                 "registers": reg.get("registers"), "spill_stores": reg.get("spill_stores")})
+    return rows
+
+
+def _cubin_table(rows):
+    out = ["| source | kernel | instructions | KiB | registers | spill stores |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['source']} | ptxas failed: {r['error'][:120]!r} | | | | |")
+        else:
+            out.append(f"| {r['source']} | {r['kernel']} | {r['instructions']} | {r['bytes'] / 1024:.0f} | "
+                       f"{r['registers']} | {r['spill_stores']} |")
+    return "\n".join(out)
 
 
 def _grads_inputs(L: int, B: int, T: int = 2048, H: int = 16, K: int = 128, V: int = 128):
@@ -384,7 +472,7 @@ def _profile_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["ptxas", "sass", "mlir", "profile", "time"])
+    ap.add_argument("mode", choices=["ptxas", "sass", "ptx", "cubin", "mlir", "profile", "time"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
     ap.add_argument("--kernel", choices=["grads", "intra"], default="grads",
@@ -392,7 +480,18 @@ def main(argv=None):
     ap.add_argument("--grads", "--opts", dest="grads", action="append", default=[], metavar="JSON",
                     help="the kernel's options (for grads: mosaic_options['grads']); repeatable")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--ptx", default=None, help="cubin: the folder `ptx` wrote")
+    ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
     args = ap.parse_args(argv)
+    if args.mode == "cubin":
+        if not args.ptx:
+            ap.error("cubin needs --ptx DIR (the folder the `ptx` mode wrote)")
+        rows = cubin_rows(args.ptx, args.ptxas)
+        print(_cubin_table(rows), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mosaic_diag_cubin.json"), "w") as f:
+            json.dump({"mode": "cubin", "rows": rows}, f, indent=1)
+        return
     grads_list = [json.loads(g) for g in args.grads] or [{}]
     report = {"mode": args.mode, "rows": []}
     os.makedirs(args.out, exist_ok=True)
@@ -407,6 +506,10 @@ def main(argv=None):
                     rows = mlir_rows(L, grads)
                     report["rows"] += rows
                     print(_mlir_table(rows), flush=True)
+                elif args.mode == "ptx":
+                    rows = ptx_rows(L, grads, args.out)
+                    report["rows"] += rows
+                    print("\n".join(f"{r['file']}" for r in rows), flush=True)
                 elif args.mode == "sass":
                     rows = sass_rows(L, grads, args.out)
                     report["rows"] += rows

@@ -110,3 +110,14 @@ def test_mlir_op_counts_names_the_kernel_and_grows_with_its_work():
     import jax
 
     assert diag.mlir_op_counts(jax.jit(lambda x: 2 * x).trace(1.0).lower(lowering_platforms=("cuda",))) == []
+
+
+def test_ptx_modules_splits_a_log_into_modules_and_drops_the_text_between():
+    module = (".version 8.0\n.target sm_90a\n.address_size 64\n\n.visible .entry {name}_mosaic_gpu_kernel()\n"
+              "{{\n  ret;\n}}\n")
+    log = "I1207 compiling\n" + module.format(name="a") + "I1207 ptxas done\n" + module.format(name="b") + "tail\n"
+    got = diag.ptx_modules(log)
+    assert len(got) == 2
+    assert all(m.startswith(".version 8.0") and m.endswith("}\n") for m in got)
+    assert "a_mosaic_gpu_kernel" in got[0] and "b_mosaic_gpu_kernel" in got[1]
+    assert "ptxas done" not in got[0] and "tail" not in got[1]
