@@ -201,6 +201,11 @@ def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict
         del os.environ["MOSAIC_GPU_DUMP_TO"]
     with gzip.open(os.path.join(dump, "child_log.txt.gz"), "wt") as f:
         f.write(proc.stdout + proc.stderr)
+    # MOSAIC_GPU_DUMP_TO also receives the MLIR pass logs and layout-inference dumps (~800 MB for the op
+    # and the peer in session 23): keep the PTX, ptxas' report and the resources only.
+    for f in glob.glob(os.path.join(dump, "**", "*"), recursive=True):
+        if os.path.isfile(f) and not f.endswith((".ptx", ".ptxas", ".resources.txt", ".gz")):
+            os.remove(f)
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [{"L": L, "grads": grads, "file": os.path.relpath(f, out)}
@@ -253,6 +258,61 @@ def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a") -> list
                                  "kernel": name.removesuffix(_SUFFIX), "bytes": size, "instructions": size // 16,
                                  "registers": reg.get("registers"), "spill_stores": reg.get("spill_stores")})
     return rows
+
+
+_SETMAXNREG = re.compile(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+\d+")
+LAUNCH_REGISTERS = 168  # per thread at 384 threads: what setmaxnreg moves from (chunk_grads_wg3)
+
+
+def _assemble(ptx: str, ptxas: str, arch: str) -> dict:
+    """ptxas' verdict on one PTX module: {registers, spill_stores, wgmma_serialized} of its (first) kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "m.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", os.path.join(tmp, "m.cubin"), src],
+                              capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-500:])
+    rows = parse_ptxas(proc.stdout + proc.stderr)
+    return {k: rows[0].get(k) for k in ("registers", "spill_stores", "wgmma_serialized")}
+
+
+def with_budgets(ptx: str, budget) -> str:
+    """`ptx` with its setmaxnreg instructions (in program order) set to `budget`, each an `inc` above the
+    launch share and a `dec` below or at it, as `chunk_grads_wg3.set_registers` emits them."""
+    it = iter(budget)
+
+    def sub(_):
+        r = next(it)
+        return f"setmaxnreg.{'inc' if r > LAUNCH_REGISTERS else 'dec'}.sync.aligned.u32 {r}"
+
+    return _SETMAXNREG.sub(sub, ptx)
+
+
+def register_sweep(ptx: str, ptxas: str = "ptxas", arch: str = "sm_90a", total: int = 504, lo: int = 104,
+                   hi: int = 256, jobs: int = 2) -> list[dict]:
+    """A three-warpgroup kernel's PTX (three `setmaxnreg`, WG0 .. WG2 in order) assembled at every budget
+    (multiples of 8 in [lo, hi]) summing to `total` (the launch share of 384 threads is 3 x 168 = 504):
+    rows {budget: (WG0, WG1, WG2), registers, spill_stores, wgmma_serialized}. ptxas allocates each warpgroup's
+    code within its setmaxnreg budget, so the budget decides where it spills or serializes the wgmmas."""
+    import concurrent.futures
+
+    found = _SETMAXNREG.findall(ptx)
+    if len(found) != 3:
+        raise ValueError(f"register_sweep: expected three setmaxnreg in the PTX, found {len(found)}")
+    budgets = [(a, b, total - a - b) for a in range(lo, hi + 1, 8) for b in range(lo, hi + 1, 8)
+               if lo <= total - a - b <= hi]
+
+    def one(budget):
+        text = with_budgets(ptx, budget)
+        try:
+            return {"budget": budget, **_assemble(text, ptxas, arch)}
+        except RuntimeError as e:
+            return {"budget": budget, "error": str(e)[-300:]}
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, budgets))
 
 
 def _cubin_table(rows):
@@ -482,15 +542,33 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ptx", default=None, help="cubin: the folder `ptx` wrote")
     ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
+    ap.add_argument("--sweep-registers", action="store_true",
+                    help="cubin: also assemble each three-warpgroup kernel at every setmaxnreg budget summing to 504")
     args = ap.parse_args(argv)
     if args.mode == "cubin":
         if not args.ptx:
             ap.error("cubin needs --ptx DIR (the folder the `ptx` mode wrote)")
         rows = cubin_rows(args.ptx, args.ptxas)
         print(_cubin_table(rows), flush=True)
+        report = {"mode": "cubin", "rows": rows, "register_sweeps": {}}
+        for path in sorted(glob.glob(os.path.join(args.ptx, "**", "*.ptx*"), recursive=True)) if args.sweep_registers else []:
+            if not path.endswith((".ptx", ".ptx.gz")):
+                continue
+            import gzip
+
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+                ptx = f.read()
+            if len(_SETMAXNREG.findall(ptx)) != 3:
+                continue
+            sweep = register_sweep(ptx, args.ptxas)
+            report["register_sweeps"][os.path.relpath(path, args.ptx)] = sweep
+            clean = [r["budget"] for r in sweep
+                     if "error" not in r and not r["wgmma_serialized"] and not r["spill_stores"]]
+            print(f"\n{os.path.relpath(path, args.ptx)}: {len(sweep)} budgets summing to 504; without spills or "
+                  f"serialized wgmmas ({len(clean)}): {clean}", flush=True)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "mosaic_diag_cubin.json"), "w") as f:
-            json.dump({"mode": "cubin", "rows": rows}, f, indent=1)
+            json.dump(report, f, indent=1)
         return
     grads_list = [json.loads(g) for g in args.grads] or [{}]
     report = {"mode": args.mode, "rows": []}

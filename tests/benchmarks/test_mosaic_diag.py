@@ -121,3 +121,12 @@ def test_ptx_modules_splits_a_log_into_modules_and_drops_the_text_between():
     assert all(m.startswith(".version 8.0") and m.endswith("}\n") for m in got)
     assert "a_mosaic_gpu_kernel" in got[0] and "b_mosaic_gpu_kernel" in got[1]
     assert "ptxas done" not in got[0] and "tail" not in got[1]
+
+
+def test_with_budgets_sets_each_setmaxnreg_as_the_kernel_would_emit_it():
+    ptx = ("  setmaxnreg.dec.sync.aligned.u32 152;\n  add.f32 %f1, %f2, %f3;\n"
+           "  setmaxnreg.inc.sync.aligned.u32 208;\n  setmaxnreg.dec.sync.aligned.u32 144;\n")
+    got = diag.with_budgets(ptx, (176, 160, 168))
+    assert diag._SETMAXNREG.findall(got) == ["setmaxnreg.inc.sync.aligned.u32 176", "setmaxnreg.dec.sync.aligned.u32 160",
+                                             "setmaxnreg.dec.sync.aligned.u32 168"]
+    assert "add.f32 %f1, %f2, %f3;" in got
