@@ -10,7 +10,8 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
     python benchmarks/mosaic_diag.py {profile,time} --kernel intra [--opts '{"block": 2}' ...]
 
-`ptxas`: for each L and each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`, or
+`ptxas`: (with `--deviceless` on any machine with the CUDA plugin and ptxas: `deviceless.py`) for each L and
+each set of chunk-backward options (`--grads`, `mosaic_options["grads"]`, or
 '{"mosaic_options": {...}}' for every stage's; default one row with the defaults), a child process
 runs the whole op's forward and backward once at a small shape (B = 2, T = 1024, H = 4, K = V = 128, bf16) with MOSAIC_GPU_DUMP_PTXAS=1, and its ptxas output is
 parsed into a row per kernel: registers per thread, spill store / load bytes, and whether ptxas
@@ -114,12 +115,20 @@ def _child_ptxas(L: int, grads: dict):
         from kernels import gdn_fwd
 
         fwd = gdn_fwd(K ** -0.5)
-        loss = lambda q, k, v: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
+        loss = lambda q, k, v, beta, g, do: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
     else:
-        loss = lambda q, k, v: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
-                                                    mosaic_options=grads.get("mosaic_options", {"grads": grads}))[0]
-                                       .astype(jnp.float32) * do)
-    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+        options = grads.get("mosaic_options", {"grads": grads})
+        platform = "gpu" if os.environ.get("PRISM_DEVICELESS") else None  # not the CPU's interpret mode
+        loss = lambda q, k, v, beta, g, do: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
+                                                                 mosaic_options=options, platform=platform)[0]
+                                                    .astype(jnp.float32) * do)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    if os.environ.get("PRISM_DEVICELESS"):  # compiled for an H100 here (`deviceless.py`), never run
+        from deviceless import abstract
+
+        step.lower(*abstract(q, k, v, beta, g, do)).compile()
+    else:
+        jax.block_until_ready(step(q, k, v, beta, g, do))
 
 
 def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float):
@@ -130,8 +139,14 @@ def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float):
                           env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
-def ptxas_rows(L: int, grads: dict, timeout_s: float = 300) -> list[dict]:
-    proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTXAS", timeout_s)
+def ptxas_rows(L: int, grads: dict, timeout_s: float = 300, deviceless: bool = False) -> list[dict]:
+    if deviceless:
+        os.environ["PRISM_DEVICELESS"] = "1"
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTXAS", timeout_s)
+    finally:
+        os.environ.pop("PRISM_DEVICELESS", None)
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
@@ -541,6 +556,8 @@ def main(argv=None):
                     help="the kernel's options (for grads: mosaic_options['grads']); repeatable")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ptx", default=None, help="cubin: the folder `ptx` wrote")
+    ap.add_argument("--deviceless", action="store_true",
+                    help="ptxas: compile for an H100 without one (benchmarks/deviceless.py: the CUDA plugin and ptxas)")
     ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
     ap.add_argument("--sweep-registers", action="store_true",
                     help="cubin: also assemble each three-warpgroup kernel at every setmaxnreg budget summing to 504")
@@ -577,7 +594,7 @@ def main(argv=None):
         for grads in grads_list:
             try:
                 if args.mode == "ptxas":
-                    rows = ptxas_rows(L, grads)
+                    rows = ptxas_rows(L, grads, deviceless=args.deviceless)
                     report["rows"] += rows
                     print(_ptxas_table(rows), flush=True)
                 elif args.mode == "mlir":

@@ -130,3 +130,20 @@ def test_with_budgets_sets_each_setmaxnreg_as_the_kernel_would_emit_it():
     assert diag._SETMAXNREG.findall(got) == ["setmaxnreg.inc.sync.aligned.u32 176", "setmaxnreg.dec.sync.aligned.u32 160",
                                              "setmaxnreg.dec.sync.aligned.u32 168"]
     assert "add.f32 %f1, %f2, %f3;" in got
+
+
+def test_deviceless_h100_is_a_compile_only_device_or_names_what_is_missing():
+    """benchmarks/deviceless.py: with the CUDA plugin a compile-only H100, without it a RuntimeError that says
+    which packages to install."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deviceless
+
+    deviceless.h100.cache_clear()
+    if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda13") is None:
+        with pytest.raises(RuntimeError, match="jax-cuda13-plugin"):
+            deviceless.h100()
+    else:
+        assert deviceless.h100().device_kind == "NVIDIA H100 80GB HBM3"
