@@ -438,7 +438,8 @@ def test_gpu_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,V,registers,kw", [(64, 128, None, {}), (128, 128, None, {}), (128, 64, None, {}),
-                                              (128, 128, (152, 208, 144), {}), (128, 128, None, {"paired_decays": False}),
+                                              (128, 128, (152, 208, 144), {}), (128, 128, (152, 192, 160), {}),
+                                              (128, 128, None, {"paired_decays": False}),
                                               (128, 128, None, {"vw_by": "keys"}),
                                               (128, 128, None, {"vw_by": "forward"}),
                                               (128, 128, None, {"loads_by": "each"})])
