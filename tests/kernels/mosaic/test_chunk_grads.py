@@ -365,8 +365,10 @@ def test_bad_order_and_sum_options_raise():
 
 
 @pytest.mark.parametrize("L,V,kw,kernel", [(1, 128, {}, "wg3"), (1, 64, {}, "wg3"), (2, 128, {}, "wg2_work"),
-                                           (2, 128, {"dqk_sum": "add16"}, "wg2_work"),  # an explicit sum keeps the split
-                                           (1, 128, {"warpgroups": 2}, "wg2"), (1, 64, {"warpgroups": 2}, "wg2_work"),
+                                           # an explicit sum keeps the split
+                                           pytest.param(2, 128, {"dqk_sum": "add16"}, "wg2_work", marks=pytest.mark.slow),
+                                           (1, 128, {"warpgroups": 2}, "wg2"),
+                                           pytest.param(1, 64, {"warpgroups": 2}, "wg2_work", marks=pytest.mark.slow),
                                            (1, 128, {"fold": False}, None), (1, 128, {"warpgroups": 1}, None)])
 def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
     """warpgroups=None compiles the three-warpgroup kernel at L = 1, else a two-warpgroup kernel wherever
@@ -380,7 +382,9 @@ def test_defaults_pick_several_warpgroups_where_they_apply(L, V, kw, kernel):
     assert found == {"_" + kernel if kernel else ""}, found
 
 
-@pytest.mark.parametrize("L,K,block_v", [(3, 128, 32), (2, 128, 64), (4, 64, 32)])
+# CUDA lowerings of ~30 s each on 2 cores: the two narrow cases run with the slow Mosaic tests (.ci/run).
+@pytest.mark.parametrize("L,K,block_v", [pytest.param(3, 128, 32, marks=pytest.mark.slow), (2, 128, 64),
+                                         pytest.param(4, 64, 32, marks=pytest.mark.slow)])
 def test_defaults_take_narrow_value_blocks_only_where_nothing_else_fits(L, K, block_v, monkeypatch):
     """warpgroups=None: the work split at 32 value columns per CTA where neither one warpgroup nor a
     split fits at 64 (L = 3 at K = 128, L = 4 at K = 64), not elsewhere; also interpreted (the
