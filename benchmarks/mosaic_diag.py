@@ -115,6 +115,12 @@ def _child_ptxas(L: int, grads: dict):
         from kernels import gdn_fwd
 
         fwd = gdn_fwd(K ** -0.5)
+        if os.environ.get("PRISM_DEVICELESS"):  # its Hopper checks look at the local device, which is a CPU
+            import jla.ops.mosaic_gpu.gated_delta_rule  # noqa: F401 -- loads the modules patched below
+
+            for module in [m for name, m in sys.modules.items() if name.startswith("jla.")]:
+                if hasattr(module, "is_hopper"):
+                    module.is_hopper = lambda: True
         loss = lambda q, k, v, beta, g, do: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
     else:
         options = grads.get("mosaic_options", {"grads": grads})
@@ -201,9 +207,13 @@ def sass_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dic
     return [dict(row, L=L, grads=grads) for row in count_sass(text)]
 
 
-def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict]:
+def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300, deviceless: bool = False) -> list[dict]:
     """Runs the child with the PTX dump on; rows {file} of what it wrote (and its log, gzipped)."""
     import gzip
+
+    if deviceless:
+        os.environ["PRISM_DEVICELESS"] = "1"
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
     tag = "_peer" if grads.get("peer") else ""
     dump = os.path.join(out, f"ptx_L{L}{tag}_{len(glob.glob(os.path.join(out, 'ptx_L*')))}")
@@ -214,6 +224,7 @@ def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300) -> list[dict
         proc = _run_child(L, grads, env_var, timeout_s)
     finally:
         del os.environ["MOSAIC_GPU_DUMP_TO"]
+        os.environ.pop("PRISM_DEVICELESS", None)
     with gzip.open(os.path.join(dump, "child_log.txt.gz"), "wt") as f:
         f.write(proc.stdout + proc.stderr)
     # MOSAIC_GPU_DUMP_TO also receives the MLIR pass logs and layout-inference dumps (~800 MB for the op
@@ -557,7 +568,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ptx", default=None, help="cubin: the folder `ptx` wrote")
     ap.add_argument("--deviceless", action="store_true",
-                    help="ptxas: compile for an H100 without one (benchmarks/deviceless.py: the CUDA plugin and ptxas)")
+                    help="ptxas, ptx: compile for an H100 without one (benchmarks/deviceless.py: the CUDA plugin, ptxas)")
     ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
     ap.add_argument("--sweep-registers", action="store_true",
                     help="cubin: also assemble each three-warpgroup kernel at every setmaxnreg budget summing to 504")
@@ -602,7 +613,7 @@ def main(argv=None):
                     report["rows"] += rows
                     print(_mlir_table(rows), flush=True)
                 elif args.mode == "ptx":
-                    rows = ptx_rows(L, grads, args.out)
+                    rows = ptx_rows(L, grads, args.out, deviceless=args.deviceless)
                     report["rows"] += rows
                     print("\n".join(f"{r['file']}" for r in rows), flush=True)
                 elif args.mode == "sass":
