@@ -111,11 +111,12 @@ def _child_ptxas(L: int, grads: dict):
 
     K = 128
     (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
+    deviceless = bool(os.environ.get("PRISM_DEVICELESS"))
     if grads.get("peer") == "jla_gdn":  # the peer's kernels, for side-by-side registers / SASS
         from kernels import gdn_fwd
 
         fwd = gdn_fwd(K ** -0.5)
-        if os.environ.get("PRISM_DEVICELESS"):  # its Hopper checks look at the local device, which is a CPU
+        if deviceless:  # its Hopper checks look at the local device, which is a CPU
             import jla.ops.mosaic_gpu.gated_delta_rule  # noqa: F401 -- loads the modules patched below
 
             for module in [m for name, m in sys.modules.items() if name.startswith("jla.")]:
@@ -124,12 +125,12 @@ def _child_ptxas(L: int, grads: dict):
         loss = lambda q, k, v, beta, g, do: jnp.sum(fwd(q, k, v, beta, g).astype(jnp.float32) * do)
     else:
         options = grads.get("mosaic_options", {"grads": grads})
-        platform = "gpu" if os.environ.get("PRISM_DEVICELESS") else None  # not the CPU's interpret mode
+        platform = "gpu" if deviceless else None  # not the CPU's interpret mode
         loss = lambda q, k, v, beta, g, do: jnp.sum(prism_pallas(q, k, v, beta, g, scale=K ** -0.5, kernel="mosaic",
                                                                  mosaic_options=options, platform=platform)[0]
                                                     .astype(jnp.float32) * do)
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    if os.environ.get("PRISM_DEVICELESS"):  # compiled for an H100 here (`deviceless.py`), never run
+    if deviceless:  # compiled for an H100 here (`deviceless.py`), never run
         from deviceless import abstract
 
         step.lower(*abstract(q, k, v, beta, g, do)).compile()
@@ -137,22 +138,20 @@ def _child_ptxas(L: int, grads: dict):
         jax.block_until_ready(step(q, k, v, beta, g, do))
 
 
-def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float):
-    """`_child_ptxas` in a fresh process with the Mosaic GPU dump variable `dump_var` set; its result."""
-    env = dict(os.environ, **{dump_var: "1"}, PYTHONPATH=os.pathsep.join(
+def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float, deviceless: bool = False, **extra_env):
+    """`_child_ptxas` in a fresh process with the Mosaic GPU dump variable `dump_var` set (and `extra_env`;
+    `deviceless`: compiled for an H100 without one, `deviceless.py`); its result."""
+    env = dict(os.environ, **{dump_var: "1"}, **extra_env, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if deviceless:
+        env["PRISM_DEVICELESS"] = "1"
+        env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     return subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
                           env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def ptxas_rows(L: int, grads: dict, timeout_s: float = 300, deviceless: bool = False) -> list[dict]:
-    if deviceless:
-        os.environ["PRISM_DEVICELESS"] = "1"
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    try:
-        proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTXAS", timeout_s)
-    finally:
-        os.environ.pop("PRISM_DEVICELESS", None)
+    proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTXAS", timeout_s, deviceless)
     if proc.returncode:
         raise RuntimeError(f"child failed (L = {L}, grads = {grads}): {proc.stderr[-2000:]}")
     return [dict(row, L=L, grads=grads) for row in parse_ptxas(proc.stdout + proc.stderr)]
@@ -211,20 +210,10 @@ def ptx_rows(L: int, grads: dict, out: str, timeout_s: float = 300, deviceless: 
     """Runs the child with the PTX dump on; rows {file} of what it wrote (and its log, gzipped)."""
     import gzip
 
-    if deviceless:
-        os.environ["PRISM_DEVICELESS"] = "1"
-        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-
     tag = "_peer" if grads.get("peer") else ""
     dump = os.path.join(out, f"ptx_L{L}{tag}_{len(glob.glob(os.path.join(out, 'ptx_L*')))}")
     os.makedirs(dump, exist_ok=True)
-    env_var = "MOSAIC_GPU_DUMP_PTX"
-    os.environ["MOSAIC_GPU_DUMP_TO"] = dump
-    try:
-        proc = _run_child(L, grads, env_var, timeout_s)
-    finally:
-        del os.environ["MOSAIC_GPU_DUMP_TO"]
-        os.environ.pop("PRISM_DEVICELESS", None)
+    proc = _run_child(L, grads, "MOSAIC_GPU_DUMP_PTX", timeout_s, deviceless, MOSAIC_GPU_DUMP_TO=dump)
     with gzip.open(os.path.join(dump, "child_log.txt.gz"), "wt") as f:
         f.write(proc.stdout + proc.stderr)
     # MOSAIC_GPU_DUMP_TO also receives the MLIR pass logs and layout-inference dumps (~800 MB for the op
@@ -249,64 +238,66 @@ def ptx_modules(text: str) -> list[str]:
     return [m[:m.rfind("\n}") + 2] + "\n" for m in modules]  # up to the last function's closing brace
 
 
+def _read_text(path: str) -> str:
+    """A text file, gzipped or not."""
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", errors="replace") as f:
+        return f.read()
+
+
+_TEXT_SECTION = re.compile(r"\]\s+\.text\.(\S+)\s+PROGBITS\s+\S+\s+\S+\s+([0-9a-f]+)")
+
+
+def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False) -> tuple[list[dict], dict]:
+    """One PTX module through `ptxas -v` (RuntimeError with its message if it fails): (`parse_ptxas` rows,
+    {kernel: bytes of its `.text.<kernel>` section in the cubin} if `sizes`, read by readelf, else {})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "m.ptx"), os.path.join(tmp, "m.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", cubin, src], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-500:])
+        sections = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout if sizes else ""
+    return (parse_ptxas(proc.stdout + proc.stderr),
+            {m.group(1).removesuffix(_SUFFIX): int(m.group(2), 16) for m in _TEXT_SECTION.finditer(sections)})
+
+
 def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a") -> list[dict]:
     """Rows {source, kernel, bytes, instructions, registers, spill_stores} for every kernel of every PTX
     module found under `ptx_dir`: assembled by `ptxas` into a cubin whose `.text.<kernel>` sections give
     the machine code's size (readelf)."""
-    import gzip
-
     rows = []
     for path in sorted(glob.glob(os.path.join(ptx_dir, "**", "*"), recursive=True)):
         if not os.path.isfile(path):
             continue
-        opener = gzip.open if path.endswith(".gz") else open
         try:
-            with opener(path, "rt", errors="replace") as f:
-                text = f.read()
+            text = _read_text(path)
         except OSError:
             continue
+        source = os.path.relpath(path, ptx_dir)
         for i, module in enumerate(ptx_modules(text)):
-            with tempfile.TemporaryDirectory() as tmp:
-                src, cubin = os.path.join(tmp, "m.ptx"), os.path.join(tmp, "m.cubin")
-                with open(src, "w") as f:
-                    f.write(module)
-                proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", cubin, src], capture_output=True, text=True)
-                if proc.returncode:
-                    rows.append({"source": os.path.relpath(path, ptx_dir), "module": i,
-                                 "error": proc.stderr[-500:]})
-                    continue
-                regs = {r["kernel"]: r for r in parse_ptxas(proc.stdout + proc.stderr)}
-                sections = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout
-                for m in re.finditer(r"\]\s+\.text\.(\S+)\s+PROGBITS\s+\S+\s+\S+\s+([0-9a-f]+)", sections):
-                    name, size = m.group(1), int(m.group(2), 16)
-                    reg = regs.get(name.removesuffix(_SUFFIX), {})
-                    rows.append({"source": os.path.relpath(path, ptx_dir), "module": i,
-                                 "kernel": name.removesuffix(_SUFFIX), "bytes": size, "instructions": size // 16,
-                                 "registers": reg.get("registers"), "spill_stores": reg.get("spill_stores")})
+            try:
+                report, sizes = _assemble(module, ptxas, arch, sizes=True)
+            except RuntimeError as e:
+                rows.append({"source": source, "module": i, "error": str(e)})
+                continue
+            regs = {r["kernel"]: r for r in report}
+            rows += [{"source": source, "module": i, "kernel": name, "bytes": size, "instructions": size // 16,
+                      "registers": regs.get(name, {}).get("registers"),
+                      "spill_stores": regs.get(name, {}).get("spill_stores")} for name, size in sizes.items()]
     return rows
 
 
 _SETMAXNREG = re.compile(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+\d+")
-LAUNCH_REGISTERS = 168  # per thread at 384 threads: what setmaxnreg moves from (chunk_grads_wg3)
-
-
-def _assemble(ptx: str, ptxas: str, arch: str) -> dict:
-    """ptxas' verdict on one PTX module: {registers, spill_stores, wgmma_serialized} of its (first) kernel."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "m.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", "-o", os.path.join(tmp, "m.cubin"), src],
-                              capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-500:])
-    rows = parse_ptxas(proc.stdout + proc.stderr)
-    return {k: rows[0].get(k) for k in ("registers", "spill_stores", "wgmma_serialized")}
 
 
 def with_budgets(ptx: str, budget) -> str:
     """`ptx` with its setmaxnreg instructions (in program order) set to `budget`, each an `inc` above the
     launch share and a `dec` below or at it, as `chunk_grads_wg3.set_registers` emits them."""
+    from pallas_kernels.gpu.mosaic.chunk_grads_wg3 import LAUNCH_REGISTERS
+
     it = iter(budget)
 
     def sub(_):
@@ -333,7 +324,8 @@ def register_sweep(ptx: str, ptxas: str = "ptxas", arch: str = "sm_90a", total: 
     def one(budget):
         text = with_budgets(ptx, budget)
         try:
-            return {"budget": budget, **_assemble(text, ptxas, arch)}
+            report, _ = _assemble(text, ptxas, arch)
+            return {"budget": budget, **{k: report[0].get(k) for k in ("registers", "spill_stores", "wgmma_serialized")}}
         except RuntimeError as e:
             return {"budget": budget, "error": str(e)[-300:]}
 
@@ -481,6 +473,7 @@ def mlir_rows(L: int, grads: dict) -> list[dict]:
 
     K = 128
     (q, k, v, beta, g), do = inputs(jax.random.PRNGKey(0), 2, 1024, L, 4, K, K)
+    deviceless = bool(os.environ.get("PRISM_DEVICELESS"))
     if grads.get("peer") == "jla_gdn":
         if L != 1:
             return []  # the peer is Gated DeltaNet: one write
@@ -582,10 +575,7 @@ def main(argv=None):
         for path in sorted(glob.glob(os.path.join(args.ptx, "**", "*.ptx*"), recursive=True)) if args.sweep_registers else []:
             if not path.endswith((".ptx", ".ptx.gz")):
                 continue
-            import gzip
-
-            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-                ptx = f.read()
+            ptx = _read_text(path)
             if len(_SETMAXNREG.findall(ptx)) != 3:
                 continue
             sweep = register_sweep(ptx, args.ptxas)

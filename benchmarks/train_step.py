@@ -53,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="default: 128 (tiny) / 2048")
     p.add_argument("--batch", type=int, default=None, help="rows per step (default: 4 (tiny) / 8)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 (tiny) / bfloat16)")
-    p.add_argument("--init-on", default="auto", choices=("auto", "host", "device"),
+    from train.config_lib import INIT_ON
+
+    p.add_argument("--init-on", default="auto", choices=INIT_ON,
                    help="where the fresh train state is made (config.init_on)")
     p.add_argument("--scan-layers", action="store_true", help="one block scanned over the layers (default: unrolled)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
@@ -86,8 +88,8 @@ def main(argv=None):
         [("chunk", "chunk", ""), ("reference", "reference", "")] if backend == "cpu" else
         [("pallas", "pallas", ""), ("chunk", "chunk", "")])
     ct = argparse.Namespace(preset=args.preset, layers=None, mixers="prism", op_impls=None, seq_len=args.seq_len,
-                            batch=args.batch, dtype=args.dtype, remat_policy="none", repeats=1, step_time=True, init_on=args.init_on,
-                            steps=args.steps, budget_s=args.budget_s, out=None, out_dir=None)
+                            batch=args.batch, dtype=args.dtype, remat_policy="none", repeats=1, step_time=True,
+                            init_on=args.init_on, steps=args.steps, budget_s=args.budget_s, out=None, out_dir=None)
     compile_time.resolve_defaults(ct, backend)
     layers = args.layers or get_preset(ct.preset).num_layers
     device = str(jax.devices()[0].device_kind)
