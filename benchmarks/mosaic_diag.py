@@ -5,6 +5,7 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
     python benchmarks/mosaic_diag.py sass [--writes 1] [--grads JSON ...] [--out DIR]
     python benchmarks/mosaic_diag.py ptx [--writes 1] [--grads JSON ...] [--out DIR]
     python benchmarks/mosaic_diag.py cubin --ptx DIR [--out DIR]   (any machine with CUDA's ptxas)
+    python benchmarks/mosaic_diag.py phases --ptx FILE [--profile mosaic_diag.json]   (any machine)
     python benchmarks/mosaic_diag.py mlir [--writes 1] [--grads JSON ...] [--out DIR]   (any machine)
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py time [--writes 1] [--grads '{"warpgroups": 3}' ...] [--reps 20]
@@ -27,6 +28,9 @@ kernel's PTX (for `cubin` elsewhere: the GPU machine has no nvdisasm, which `sas
 ptxas for sm_90a, and each kernel's machine code read from the cubin's `.text.<kernel>` section: bytes and
 instructions (16 bytes each), registers, spills. Straight-line code run once per CTA has to be fetched
 for every CTA, so code size is a cost of its own.
+`phases` (no GPU needed): one three-warpgroup kernel's PTX (`--ptx FILE`) cut into warpgroups and, within
+each, into the stretches between barrier waits; PTX instructions per stretch and, with `--profile` (a
+`profile` run's JSON), the profiled time of the same stretch and the ns it takes per instruction.
 `mlir` (no GPU needed): the whole op lowered for CUDA, each kernel's Mosaic GPU MLIR parsed and its ops
 counted (total, f32 elementwise, shuffles, exp, inline asm, loads / stores): a code-size proxy.
 `profile`: the chunk backward alone at B = 1, T = 2048, H = 16 (1024 CTAs at two value blocks) with
@@ -333,6 +337,89 @@ def register_sweep(ptx: str, ptxas: str = "ptxas", arch: str = "sm_90a", total: 
         return list(pool.map(one, budgets))
 
 
+_WG_SKIP = re.compile(r"^\s*@%p\d+ bra\s+(\$L__BB\d+_\d+);")
+_WAIT = re.compile(r"^\s*bra\.uni\s+LAB_WAIT;")
+
+
+def _is_instruction(line: str) -> bool:
+    s = line.strip()
+    return bool(s) and not s.startswith("//") and not s.endswith(":") and s not in ("{", "}")
+
+
+def ptx_segments(ptx: str, min_instructions: int = 30) -> list[list[int]]:
+    """PTX instructions per warpgroup and per stretch between barrier waits, for a kernel whose warpgroups
+    are `pl.when(wg == w)` regions (each a branch around it, `@%p bra $L__BB..`) and whose waits are Mosaic
+    GPU's mbarrier try-wait loops (`bra.uni LAB_WAIT`): [[n0, n1, ...] per region]. Stretches shorter than
+    `min_instructions` (the code between two waits in a row) are dropped."""
+    lines = ptx.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if line.strip().endswith(":")}
+    regions, i = [], 0
+    while i < len(lines):
+        m = _WG_SKIP.match(lines[i])
+        if m and labels.get(m.group(1), -1) > i:
+            end = labels[m.group(1)]
+            body = lines[i + 1:end]
+            if any(_WAIT.match(line) for line in body):
+                counts, n = [], 0
+                for line in body:
+                    if _WAIT.match(line):
+                        counts.append(n)
+                        n = 0
+                    elif _is_instruction(line):
+                        n += 1
+                counts.append(n)
+                regions.append([c for c in counts if c >= min_instructions])
+                i = end
+                continue
+        i += 1
+    return regions
+
+
+def profile_groups(phases: dict) -> list[list[tuple[str, float]]]:
+    """The three-warpgroup kernel's profiled phases ({"wN.name": (median, mean, max) us}, in program order)
+    as, per warpgroup, the runs of work phases between its wait phases ("wN.wait_*"): [[(names, us), ...]]."""
+    per_wg: dict[int, list] = {}
+    for name, stats in phases.items():
+        m = re.match(r"w(\d+)\.(.+)", name)
+        if not m:
+            continue
+        groups = per_wg.setdefault(int(m.group(1)), [[]])
+        if m.group(2).startswith("wait"):
+            if groups[-1]:
+                groups.append([])
+        else:
+            groups[-1].append((m.group(2), stats[0]))
+    return [[("+".join(n for n, _ in g), sum(t for _, t in g)) for g in per_wg[w] if g] for w in sorted(per_wg)]
+
+
+def phase_rows(ptx: str, phases: dict | None = None) -> list[dict]:
+    """Rows {wg, stretch, instructions[, phases, us, ns_per_instruction]}: `ptx_segments` beside the profiled
+    time of the same stretch (`profile_groups`), where the profile has as many work runs as the PTX stretches
+    or one fewer (a warpgroup that issues copies before its first timed phase: that stretch is untimed)."""
+    segments = ptx_segments(ptx)
+    groups = profile_groups(phases) if phases else []
+    rows = []
+    for w, counts in enumerate(segments):
+        timed = groups[w] if w < len(groups) else []
+        skip = len(counts) - len(timed) if len(counts) - len(timed) in (0, 1) and timed else None
+        for j, n in enumerate(counts):
+            row = {"wg": w, "stretch": j, "instructions": n}
+            if skip is not None and j >= skip:
+                names, us = timed[j - skip]
+                row.update(phases=names, us=us, ns_per_instruction=us * 1e3 / n)
+            rows.append(row)
+    return rows
+
+
+def _phase_rows_table(rows):
+    out = ["| warpgroup | stretch | PTX instructions | profiled phases | us (median) | ns / instruction |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        timed = (f"{r['phases']} | {r['us']:.2f} | {r['ns_per_instruction']:.1f}" if "us" in r else " | | ")
+        out.append(f"| {r['wg']} | {r['stretch']} | {r['instructions']} | {timed} |")
+    return "\n".join(out)
+
+
 def _cubin_table(rows):
     out = ["| source | kernel | instructions | KiB | registers | spill stores |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -551,7 +638,7 @@ def _profile_table(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["ptxas", "sass", "ptx", "cubin", "mlir", "profile", "time"])
+    ap.add_argument("mode", choices=["ptxas", "sass", "ptx", "cubin", "phases", "mlir", "profile", "time"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--writes", default="1,2")
     ap.add_argument("--kernel", choices=["grads", "intra"], default="grads",
@@ -563,9 +650,23 @@ def main(argv=None):
     ap.add_argument("--deviceless", action="store_true",
                     help="ptxas, ptx: compile for an H100 without one (benchmarks/deviceless.py: the CUDA plugin, ptxas)")
     ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
+    ap.add_argument("--profile", default=None, help="phases: a `profile` run's mosaic_diag.json (its first row)")
     ap.add_argument("--sweep-registers", action="store_true",
                     help="cubin: also assemble each three-warpgroup kernel at every setmaxnreg budget summing to 504")
     args = ap.parse_args(argv)
+    if args.mode == "phases":
+        if not args.ptx or not os.path.isfile(args.ptx):
+            ap.error("phases needs --ptx FILE (one kernel's PTX, .ptx or .ptx.gz)")
+        phases = None
+        if args.profile:
+            with open(args.profile) as f:
+                phases = next(r["phases"] for r in json.load(f)["rows"] if "phases" in r)
+        rows = phase_rows(_read_text(args.ptx), phases)
+        print(_phase_rows_table(rows), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mosaic_diag_phases.json"), "w") as f:
+            json.dump({"mode": "phases", "ptx": args.ptx, "profile": args.profile, "rows": rows}, f, indent=1)
+        return
     if args.mode == "cubin":
         if not args.ptx:
             ap.error("cubin needs --ptx DIR (the folder the `ptx` mode wrote)")

@@ -147,3 +147,30 @@ def test_deviceless_h100_is_a_compile_only_device_or_names_what_is_missing():
             deviceless.h100()
     else:
         assert deviceless.h100().device_kind == "NVIDIA H100 80GB HBM3"
+
+
+def _wait():
+    return ["\t{", "\tLAB_WAIT:", "\tmbarrier.try_wait.parity.shared.b64 P1, [%r1], %r2;", "\t@P1 bra DONE;",
+            "\tbra.uni     LAB_WAIT;", "\tDONE:", "\t}"]
+
+
+def _work(n):
+    return [f"\tadd.f32 %f{i}, %f{i}, %f{i};" for i in range(n)] + ["\t// a comment", ""]
+
+
+def test_ptx_segments_cut_warpgroups_at_their_waits():
+    ptx = "\n".join(["\tmov.u32 %r1, %tid.x;", "\t@%p1 bra \t$L__BB0_2;", *_work(40), *_wait(), *_work(50),
+                     *_wait(), *_wait(), *_work(35), "$L__BB0_2:", "\t@%p2 bra \t$L__BB0_4;", *_wait(), *_work(60),
+                     "$L__BB0_4:", "\t@%p3 bra \t$L__BB0_6;", *_work(99), "$L__BB0_6:", "\tret;"])
+    # The third branch has no wait: not a warpgroup of the dataflow. Between two waits in a row: dropped.
+    # Each wait loop counts two instructions (try_wait, the predicated branch) into the stretch before it.
+    assert diag.ptx_segments(ptx) == [[42, 52, 35], [60]]
+    phases = {"Init": (1.0, 1.0, 1.0), "w0.wait_loads": (2.0, 2.0, 2.0), "w0.a": (3.0, 3.0, 3.0),
+              "w0.b": (1.0, 1.0, 1.0), "w0.wait_x": (0.5, 0.5, 0.5), "w0.c": (2.6, 2.6, 2.6),
+              "w1.wait_loads": (1.0, 1.0, 1.0), "w1.d": (6.0, 6.0, 6.0)}
+    assert diag.profile_groups(phases) == [[("a+b", 4.0), ("c", 2.6)], [("d", 6.0)]]
+    rows = diag.phase_rows(ptx, phases)
+    # Warpgroup 0 has one stretch more than work runs: its first (issuing copies) is untimed.
+    assert [r.get("phases") for r in rows] == [None, "a+b", "c", "d"]
+    assert rows[1]["ns_per_instruction"] == pytest.approx(4000 / 52)
+    assert rows[3]["ns_per_instruction"] == pytest.approx(100.0)
