@@ -4,7 +4,7 @@ the chunk backward's time per named phase from Mosaic GPU's in-kernel profiler.
     python benchmarks/mosaic_diag.py ptxas [--writes 1,2] [--grads '{"warpgroups": 1}' ...] [--out DIR]
     python benchmarks/mosaic_diag.py sass [--writes 1] [--grads JSON ...] [--out DIR]
     python benchmarks/mosaic_diag.py ptx [--writes 1] [--grads JSON ...] [--out DIR]
-    python benchmarks/mosaic_diag.py cubin --ptx DIR [--out DIR]   (any machine with CUDA's ptxas)
+    python benchmarks/mosaic_diag.py cubin --ptx DIR [--nvdisasm PATH] [--out DIR]   (any machine with CUDA's ptxas)
     python benchmarks/mosaic_diag.py phases --ptx FILE [--profile mosaic_diag.json]   (any machine)
     python benchmarks/mosaic_diag.py mlir [--writes 1] [--grads JSON ...] [--out DIR]   (any machine)
     python benchmarks/mosaic_diag.py profile [--writes 1,2] [--grads '{}' ...] [--out DIR]
@@ -27,7 +27,9 @@ kernel's PTX (for `cubin` elsewhere: the GPU machine has no nvdisasm, which `sas
 `cubin` (no GPU needed): every PTX module under `--ptx` (files, or PTX inside dumped logs) assembled by
 ptxas for sm_90a, and each kernel's machine code read from the cubin's `.text.<kernel>` section: bytes and
 instructions (16 bytes each), registers, spills. Straight-line code run once per CTA has to be fetched
-for every CTA, so code size is a cost of its own.
+for every CTA, so code size is a cost of its own. With `--nvdisasm` (the `nvidia-cuda-nvdisasm` wheel has
+one; the GPU machine has none), each warpgroup's SASS instructions and spill stores / loads, cut at the
+`setmaxnreg` that starts it.
 `phases` (no GPU needed): one three-warpgroup kernel's PTX (`--ptx FILE`) cut into warpgroups and, within
 each, into the stretches between barrier waits; PTX instructions per stretch and, with `--profile` (a
 `profile` run's JSON), the profiled time of the same stretch and the ns it takes per instruction.
@@ -253,9 +255,10 @@ def _read_text(path: str) -> str:
 _TEXT_SECTION = re.compile(r"\]\s+\.text\.(\S+)\s+PROGBITS\s+\S+\s+\S+\s+([0-9a-f]+)")
 
 
-def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False) -> tuple[list[dict], dict]:
+def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False, nvdisasm: str | None = None):
     """One PTX module through `ptxas -v` (RuntimeError with its message if it fails): (`parse_ptxas` rows,
-    {kernel: bytes of its `.text.<kernel>` section in the cubin} if `sizes`, read by readelf, else {})."""
+    {kernel: bytes of its `.text.<kernel>` section in the cubin} if `sizes`, read by readelf, else {}), and
+    with `nvdisasm` (a path) also the cubin's SASS listing as a third element."""
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "m.ptx"), os.path.join(tmp, "m.cubin")
         with open(src, "w") as f:
@@ -264,14 +267,40 @@ def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False) -> tuple[lis
         if proc.returncode:
             raise RuntimeError(proc.stderr[-500:])
         sections = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout if sizes else ""
-    return (parse_ptxas(proc.stdout + proc.stderr),
-            {m.group(1).removesuffix(_SUFFIX): int(m.group(2), 16) for m in _TEXT_SECTION.finditer(sections)})
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True).stdout if nvdisasm else None
+    out = (parse_ptxas(proc.stdout + proc.stderr),
+           {m.group(1).removesuffix(_SUFFIX): int(m.group(2), 16) for m in _TEXT_SECTION.finditer(sections)})
+    return out if sass is None else (*out, sass)
 
 
-def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a") -> list[dict]:
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_warpgroups(sass: str) -> list[dict]:
+    """Per warpgroup of a kernel that moves each warpgroup's register budget first (`USETMAXREG`, in program
+    order: WG0, WG1, ...): {instructions, spill_stores, spill_loads} (STL / LDL instructions) of the SASS
+    from its budget move to the next one (the last: to the end); [] without USETMAXREG."""
+    regions, current = [], None
+    for line in sass.splitlines():
+        m = _SASS_LINE.search(line)
+        if not m:
+            continue
+        op = m.group(1)
+        if op.startswith("USETMAXREG"):
+            current = {"instructions": 0, "spill_stores": 0, "spill_loads": 0}
+            regions.append(current)
+        if current is not None:
+            current["instructions"] += 1
+            current["spill_stores"] += op.startswith("STL")
+            current["spill_loads"] += op.startswith("LDL")
+    return regions
+
+
+def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a", nvdisasm: str | None = None) -> list[dict]:
     """Rows {source, kernel, bytes, instructions, registers, spill_stores} for every kernel of every PTX
     module found under `ptx_dir`: assembled by `ptxas` into a cubin whose `.text.<kernel>` sections give
-    the machine code's size (readelf)."""
+    the machine code's size (readelf); with `nvdisasm`, also {warpgroups: `sass_warpgroups`} of a module that
+    holds one kernel."""
     rows = []
     for path in sorted(glob.glob(os.path.join(ptx_dir, "**", "*"), recursive=True)):
         if not os.path.isfile(path):
@@ -283,14 +312,16 @@ def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a") -> list
         source = os.path.relpath(path, ptx_dir)
         for i, module in enumerate(ptx_modules(text)):
             try:
-                report, sizes = _assemble(module, ptxas, arch, sizes=True)
+                report, sizes, *sass = _assemble(module, ptxas, arch, sizes=True, nvdisasm=nvdisasm)
             except RuntimeError as e:
                 rows.append({"source": source, "module": i, "error": str(e)})
                 continue
             regs = {r["kernel"]: r for r in report}
             rows += [{"source": source, "module": i, "kernel": name, "bytes": size, "instructions": size // 16,
                       "registers": regs.get(name, {}).get("registers"),
-                      "spill_stores": regs.get(name, {}).get("spill_stores")} for name, size in sizes.items()]
+                      "spill_stores": regs.get(name, {}).get("spill_stores"),
+                      **({"warpgroups": sass_warpgroups(sass[0])} if sass and len(sizes) == 1 else {})}
+                     for name, size in sizes.items()]
     return rows
 
 
@@ -421,13 +452,16 @@ def _phase_rows_table(rows):
 
 
 def _cubin_table(rows):
-    out = ["| source | kernel | instructions | KiB | registers | spill stores |", "|---|---|---|---|---|---|"]
+    """Markdown: a row per kernel (with warpgroups: their SASS instructions and spill stores / loads)."""
+    out = ["| source | kernel | instructions | KiB | registers | spill stores | per warpgroup: SASS (STL / LDL) |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['source']} | ptxas failed: {r['error'][:120]!r} | | | | |")
+            out.append(f"| {r['source']} | ptxas failed: {r['error'][:120]!r} | | | | | |")
         else:
+            wgs = ", ".join(f"{w['instructions']} ({w['spill_stores']} / {w['spill_loads']})" for w in r.get("warpgroups", []))
             out.append(f"| {r['source']} | {r['kernel']} | {r['instructions']} | {r['bytes'] / 1024:.0f} | "
-                       f"{r['registers']} | {r['spill_stores']} |")
+                       f"{r['registers']} | {r['spill_stores']} | {wgs} |")
     return "\n".join(out)
 
 
@@ -650,6 +684,8 @@ def main(argv=None):
     ap.add_argument("--deviceless", action="store_true",
                     help="ptxas, ptx: compile for an H100 without one (benchmarks/deviceless.py: the CUDA plugin, ptxas)")
     ap.add_argument("--ptxas", default="ptxas", help="cubin: the ptxas binary")
+    ap.add_argument("--nvdisasm", default=None,
+                    help="cubin: an nvdisasm binary (pip wheel nvidia-cuda-nvdisasm): SASS and spills per warpgroup")
     ap.add_argument("--profile", default=None, help="phases: a `profile` run's mosaic_diag.json (its first row)")
     ap.add_argument("--sweep-registers", action="store_true",
                     help="cubin: also assemble each three-warpgroup kernel at every setmaxnreg budget summing to 504")
@@ -670,7 +706,7 @@ def main(argv=None):
     if args.mode == "cubin":
         if not args.ptx:
             ap.error("cubin needs --ptx DIR (the folder the `ptx` mode wrote)")
-        rows = cubin_rows(args.ptx, args.ptxas)
+        rows = cubin_rows(args.ptx, args.ptxas, nvdisasm=args.nvdisasm)
         print(_cubin_table(rows), flush=True)
         report = {"mode": "cubin", "rows": rows, "register_sweeps": {}}
         for path in sorted(glob.glob(os.path.join(args.ptx, "**", "*.ptx*"), recursive=True)) if args.sweep_registers else []:

@@ -174,3 +174,23 @@ def test_ptx_segments_cut_warpgroups_at_their_waits():
     assert [r.get("phases") for r in rows] == [None, "a+b", "c", "d"]
     assert rows[1]["ns_per_instruction"] == pytest.approx(4000 / 52)
     assert rows[3]["ns_per_instruction"] == pytest.approx(100.0)
+
+
+def test_sass_warpgroups_cut_at_each_register_budget_move():
+    sass = "\n".join([
+        "        /*0000*/                   LDC R1, c[0x0][0x28] ;",
+        "        /*0010*/              @P2 BRA `(.L_x_0) ;",
+        "        /*0020*/                   USETMAXREG.DEALLOC.CTAPOOL 0x98 ;",
+        "        /*0030*/                   FFMA R2, R3, R4, R2 ;",
+        "        /*0040*/                   STL [R1+0xec], R103                     (*\"SpillRefill\"*);",
+        "        /*0050*/                   LDL.LU R103, [R1+0xec]                  (*\"SpillRefill\"*);",
+        ".L_x_0:",
+        "        /*0060*/                   USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xd0 ;",
+        "        /*0070*/              @!P1 BRA `(.L_x_1) ;",
+        "        /*0080*/                   STL.64 [R1+0x58], R10                   (*\"SpillRefill\"*);"])
+    assert diag.sass_warpgroups(sass) == [{"instructions": 4, "spill_stores": 1, "spill_loads": 1},
+                                          {"instructions": 3, "spill_stores": 1, "spill_loads": 0}]
+    assert diag.sass_warpgroups("        /*0000*/    FFMA R2, R3, R4, R2 ;") == []
+    table = diag._cubin_table([{"source": "a.ptx", "kernel": "k", "instructions": 7, "bytes": 112, "registers": 168,
+                                "spill_stores": 12, "warpgroups": diag.sass_warpgroups(sass)}])
+    assert table.splitlines()[-1] == "| a.ptx | k | 7 | 0 | 168 | 12 | 4 (1 / 1), 3 (1 / 0) |"

@@ -296,19 +296,19 @@ class _ChunkVectors:
     def beta(self, l):
         return self.row(_N_ROW_VECS + l)
 
-    def _decay(self, prev_rows, prev_cols, strict):
+    def _decay(self, prev_rows, prev_cols, strict, row_log2=None):
         """exp(G(m1 if prev_rows)[i] - G(m1 if prev_cols)[j]) on the kept (causal, same document)
-        entries: m1m1, m1_0, t_m1, t_0 of `grads`."""
+        entries: m1m1, m1_0, t_m1, t_0 of `grads`; times 2**row_log2[i] where given (`mc.decay_matrix`)."""
         g_rows = self.row(_GM1 if prev_rows else _G)
         r_rows = self._get("i", 1 if prev_rows else 0)
         g_cols = self._get("c", 1 if prev_cols else 0)
         r_cols = self._get("i", 3 if prev_cols else 2)
-        return mc.decay_matrix(g_rows, r_rows, g_cols, r_cols, (C, C), strict=strict)
+        return mc.decay_matrix(g_rows, r_rows, g_cols, r_cols, (C, C), strict=strict, row_log2=row_log2)
 
-    m1m1 = lambda self: self._decay(True, True, True)
-    m1_0 = lambda self: self._decay(True, False, True)
-    t_m1 = lambda self: self._decay(False, True, False)
-    t_0 = lambda self: self._decay(False, False, False)
+    m1m1 = lambda self, row_log2=None: self._decay(True, True, True, row_log2)
+    m1_0 = lambda self, row_log2=None: self._decay(True, False, True, row_log2)
+    t_m1 = lambda self, row_log2=None: self._decay(False, True, False, row_log2)
+    t_0 = lambda self, row_log2=None: self._decay(False, False, False, row_log2)
 
     def alpha_cols(self):
         """exp(g_j) = exp(G_j - Gm1_j) in the COLS layout, zero where token j starts a document."""
@@ -322,8 +322,8 @@ class _ChunkVectors:
         column is zero (r_i >= r_j > rm1_j for i >= j)."""
         return base * mc.cols_of(self.alpha_cols(), base.shape), base
 
-    t_pair = lambda self: self._paired(self.t_0())  # (t_m1, t_0)
-    m_pair = lambda self: self._paired(self.m1_0())  # (m1m1, m1_0)
+    t_pair = lambda self, row_log2=None: self._paired(self.t_0(row_log2))  # (t_m1, t_0)
+    m_pair = lambda self, row_log2=None: self._paired(self.m1_0(row_log2))  # (m1m1, m1_0)
 
 
 def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_ref, ri_ref,
@@ -1068,8 +1068,8 @@ def chunk_inverses(x: Prepared):
 def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv,
                          block_v=64, out_slots=None, fold=True, per_write=True, approx_math=True,
                          reduction_scratch=2048, warpgroups=None, split=None, order="chunks", dqk_sum=None,
-                         registers=None, paired_decays=None, vw_by=None, loads_by=None, profile=None,
-                         interpret=False):
+                         registers=None, paired_decays=None, vw_by=None, loads_by=None, block_loops=None,
+                         profile=None, interpret=False):
     """Input cotangents of every chunk (chunk 64), the contract of
     `gpu.chunk_grads.chunk_grads_backward` at chunk_size = 64.
 
@@ -1132,6 +1132,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     decay matrices one column step apart from one exp (True / False); the warpgroup that forms
     vw = beta v ("backward", "keys", "forward"). loads_by: `warpgroups` = 3 at L = 1 only: who issues the
     input copies ("forward": WG0's one thread, the default; "each": every warpgroup its own operands).
+    block_loops: `warpgroups` = 3 at L = 1 only: the per-64-column stretches as loops (True) or unrolled
+    (False, the default; `chunk_grads_wg3`).
     profile: None, or Mosaic GPU's in-kernel profiler settings ({"profile_space": 16, "profile_dir":
     DIR}): a trace per call in DIR with each CTA's time in every named phase of the one-warpgroup
     body (`benchmarks/mosaic_diag.py profile`).
@@ -1170,9 +1172,10 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
     sums = dict(order=order, dqk_sum=dqk_sum)
     if warpgroups == 3 and x.v.shape[-2] > 1:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3w import chunk_grads_wg3w
-        if out_slots is not None or paired_decays is not None or vw_by is not None or loads_by is not None:
+        if (out_slots is not None or paired_decays is not None or vw_by is not None or loads_by is not None
+                or block_loops is not None):
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 at L >= 2 takes no `out_slots`, "
-                             "`paired_decays`, `vw_by` or `loads_by`")
+                             "`paired_decays`, `vw_by`, `loads_by` or `block_loops`")
         return chunk_grads_wg3w(x, tv, starts, do, cot_end, scale=scale, ainv=ainv,
                                 block_v=None if block_v == 64 else block_v, approx_math=approx_math,
                                 reduction_scratch=reduction_scratch, registers=registers, profile=profile,
@@ -1186,10 +1189,12 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                                reduction_scratch=reduction_scratch, registers=registers, order=order,
                                profile=profile, interpret=interpret,
                                **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by", vw_by),
-                                                    ("loads_by", loads_by)) if v is not None})
-    if registers is not None or paired_decays is not None or vw_by is not None or loads_by is not None:
-        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays`, `vw_by` and "
-                         "`loads_by` apply to `warpgroups` = 3 only")
+                                                    ("loads_by", loads_by), ("block_loops", block_loops))
+                                  if v is not None})
+    if (registers is not None or paired_decays is not None or vw_by is not None or loads_by is not None
+            or block_loops is not None):
+        raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays`, `vw_by`, "
+                         "`loads_by` and `block_loops` apply to `warpgroups` = 3 only")
     if warpgroups == 2:
         return _two_warpgroups(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, block_v=block_v,
                                approx_math=approx_math, reduction_scratch=reduction_scratch,

@@ -40,11 +40,20 @@ arrive in four TMA copies (one [n, C] box per array), issued with the tiles by W
 
 SMEM at K = V = 128, bf16: q, k 32 KiB, v, vw, dO, E, dR 80, S, dS' 64, X, QK0, QK, B 32, vectors
 ~8, reduction scratch 2: ~218 KiB (one CTA per SM).
+
+Code size: the kernel is straight-line code run once per CTA, and its phases take about the same time per
+instruction whatever the instructions (`benchmarks/mosaic_diag.py phases`), so instructions are a cost of
+their own. Row factors of the decay matrices (the query scale, beta0 in B) ride in their exponent
+(`mc.decay_matrix(row_log2=...)`), beta0 leaves WG1's row sums as a factor, and with `block_loops` the
+stretches that repeat per 64-column block and keep nothing per block in registers run as loops (WG1 then
+forms k dS' again for dv rather than holding it): at K = V = 128 ptxas makes 8,880 instructions (139 KiB)
+of b5ad8e0's kernel, 8,664 of this one and 7,584 (118 KiB) with `block_loops`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import jax.numpy as jnp
@@ -137,7 +146,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
           q_s, k_s, v_s, vw_s, do_s, s_s, x_out, xinv_s, qk0_s, qk_s, b_s, e_s, dr_s,
           rv_s, cv_s, ri_s, cs_s, ovec_s,
           in_a, in_b, in_c, qk_ready, b_ready, vw_ready, e_ready, dr_ready, w_ready, d_ready, x_free, cs_turn,
-          done, *, scale, registers, order, add, paired, vw_by, loads_by):
+          done, *, scale, registers, order, add, paired, vw_by, loads_by, block_loops):
     """SMEM reuse: xinv_s holds X, then W (after dr_ready: X's last reader is WG1's dR); qk0_s -scale
     QK0, then D (written by WG1 after its own last read); x_out dS', then the dq / dk staging tiles
     (after x_free); v_s v, then dv (WG1 only)."""
@@ -148,12 +157,27 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     rows = pl.ds(n * C, C)
     vblocks = [pl.ds(i * 64, 64) for i in range(V // 64)]
     kblocks = [pl.ds(i * 64, 64) for i in range(K // 64)]
+
+    def each(blocks, step, carry=None):
+        """carry = step(block, carry) over 64-column `blocks`: unrolled, or with `block_loops` as a loop
+        (one copy of the code for every block: straight-line code is fetched afresh for every CTA)."""
+        if not block_loops or len(blocks) == 1:
+            for blk in blocks:
+                carry = step(blk, carry)
+            return carry
+        return lax.fori_loop(0, len(blocks), lambda i, c: step(pl.ds(pl.multiple_of(i * 64, 64), 64), c), carry)
     sq, s64 = (C, C), (C, 64)
     vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
+    # Row factors of a decay matrix ride in its exponent (`mc.decay_matrix(row_log2=...)`): the query scale
+    # (when positive) in the t decays, beta0 in B's.
     if paired:  # one exp per pair of decay matrices (`_ChunkVectors.t_pair`, `m_pair`)
-        decays = lambda kind: vx.t_pair() if kind == "t" else vx.m_pair()
+        decays = lambda kind, f=None: vx.t_pair(f) if kind == "t" else vx.m_pair(f)
     else:
-        decays = lambda kind: (vx.t_m1(), vx.t_0()) if kind == "t" else (vx.m1m1(), vx.m1_0())
+        decays = lambda kind, f=None: (vx.t_m1(f), vx.t_0(f)) if kind == "t" else (vx.m1m1(f), vx.m1_0(f))
+    if scale > 0:
+        scaled_t, tscale = (lambda: decays("t", math.log2(scale))), 1.0
+    else:
+        scaled_t, tscale = (lambda: decays("t")), scale
     R = lambda vec, shape=s64: mc.rows_of(vec, shape)
     load = lambda ref: plgpu.load(ref, layout=mc.WGMMA).astype(f32)
     zero = lambda: 0.0 * vx.start  # a ROWS-layout zero (Mosaic GPU stores no splat of C elements)
@@ -171,8 +195,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             plgpu.copy_smem_to_gmem(ovec_s.at[w, i], dvec_ref.at[w, b, h, i, rows])
 
     def form_vw():
-        for blk in vblocks:
-            put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk]))
+        each(vblocks, lambda blk, _: put(vw_s.at[:, blk], R(vx.beta0) * load(v_s.at[:, blk])))
 
     # The input copies in the order one thread issues them (loads_by="forward"), each with the warpgroup
     # that issues it under loads_by="each" (the barriers count copies, whoever issues them).
@@ -202,9 +225,9 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         wait(in_a)
         phase("w0.qk")
         (qk_raw,) = _issue((sq, [(q_s, k_s.T)]))
-        t_m1, t_0 = decays("t")
-        put(qk0_s, -scale * qk_raw * t_m1)
-        put(qk_s, scale * qk_raw * t_0)
+        t_m1, t_0 = scaled_t()
+        put(qk0_s, -tscale * (qk_raw * t_m1))
+        put(qk_s, tscale * (qk_raw * t_0))
         ready(qk_ready)
         if vw_by == "forward":
             phase("w0.vw")
@@ -213,20 +236,24 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w0.wait_b")
         wait(in_b, b_ready, *([vw_ready] if vw_by == "keys" else []))
         phase("w0.rhs_e")
-        coef = R(vx.beta0 * vx.start_m1)
-        for blk in vblocks:
+        def rhs(blk, _):
             ks, bvw = _issue((s64, [(k_s, s_s.at[:, blk])]), (s64, [(b_s, vw_s.at[:, blk])]))
-            put(e_s.at[:, blk], coef * ks + bvw)  # rhs
+            put(e_s.at[:, blk], R(vx.beta0 * vx.start_m1) * ks + bvw)
+
+        each(vblocks, rhs)
         plgpu.commit_smem()
-        es = _issue(*[(s64, [(xinv_s, e_s.at[:, blk])]) for blk in vblocks])
-        for blk, e in zip(vblocks, es):
-            put(e_s.at[:, blk], e)
+        if block_loops:
+            each(vblocks, lambda blk, _: put(e_s.at[:, blk], _issue((s64, [(xinv_s, e_s.at[:, blk])]))[0]))
+        else:
+            es = _issue(*[(s64, [(xinv_s, e_s.at[:, blk])]) for blk in vblocks])
+            for blk, e in zip(vblocks, es):
+                put(e_s.at[:, blk], e)
         ready(e_ready)
         phase("w0.dqk")
         dqk0_raw, dqk_raw = _issue((sq, [(do_s, e_s.T)]), (sq, [(do_s, vw_s.T)]))
-        t_m1, t_0 = decays("t")
-        dqk0 = -scale * dqk0_raw * t_m1
-        dqk = scale * dqk_raw * t_0
+        t_m1, t_0 = scaled_t()
+        dqk0 = -tscale * (dqk0_raw * t_m1)
+        dqk = tscale * (dqk_raw * t_0)
         phase("w0.wait_dr")
         wait(dr_ready)  # X's last reader (WG1's dR) is done
         put(xinv_s, dqk0 + dqk)  # W
@@ -239,15 +266,16 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w0.wait_x")
         wait(x_free)  # dS' read for the last time: its bytes take dq
         phase("w0.dq")
-        dG_state = []
-        for kc in kblocks:
+        def dq(kc, dG_state):
             ds, wk = _issue((s64, [(do_s, s_s.at[kc].T)]), (s64, [(xinv_s, k_s.at[:, kc])]))
-            dG_state.append(jnp.sum(ds * load(q_s.at[:, kc]), axis=1))
             put(dq_s.at[:, kc], R(vx.start * scale) * ds + wk)
+            return dG_state + jnp.sum(ds * load(q_s.at[:, kc]), axis=1)
+
+        dG_state = each(kblocks, dq, zero())
         plgpu.commit_smem()
         _store_share(dq_s, dq_ref, add, 0, b, rows, h)
         phase("w0.out")
-        out_vectors(0, zero(), dG + scale * vx.start * total(dG_state), dGm1, zero())
+        out_vectors(0, zero(), dG + scale * vx.start * dG_state, dGm1, zero())
         plgpu.wait_smem_to_gmem(0)
         phase()
 
@@ -260,32 +288,48 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         wait(in_a)
         phase("w1.kk")
         (kk_raw,) = _issue((sq, [(k_s, k_s.T)]))
-        put(b_s, R(vx.beta0, sq) * kk_raw * vx.m1_0())  # diag(beta) B
+        put(b_s, kk_raw * vx.m1_0(jnp.log2(vx.beta0)))  # diag(beta) B
         if vw_by == "backward":
             form_vw()
         ready(b_ready)
         phase("w1.wait_qk")
         wait(in_b, in_c, qk_ready)
         phase("w1.de_dr")
-        kxs = []
-        for blk in vblocks:
+        keep_kx = not block_loops or len(vblocks) == 1  # in loops k dS' is formed again for dv
+
+        def d_e(blk, kxs):
             kx, qdo = _issue((s64, [(k_s, x_s.at[:, blk])]), (s64, [(qk0_s.T, do_s.at[:, blk])]))
             put(dr_s.at[:, blk], qdo - R(vx.end_m1) * kx)  # dE
-            kxs.append(kx)
-        plgpu.commit_smem()
-        drs = _issue(*[(s64, [(xinv_s.T, dr_s.at[:, blk])]) for blk in vblocks])
-        for blk, dr in zip(vblocks, drs):
-            put(dr_s.at[:, blk], dr)
+            return kxs + [kx] if keep_kx else None
+
+        kxs = each(vblocks, d_e, [] if keep_kx else None)
+        if block_loops:
+            each(vblocks, lambda blk, _: put(dr_s.at[:, blk], _issue((s64, [(xinv_s.T, dr_s.at[:, blk])]))[0]))
+        else:
+            drs = _issue(*[(s64, [(xinv_s.T, dr_s.at[:, blk])]) for blk in vblocks])
+            for blk, dr in zip(vblocks, drs):
+                put(dr_s.at[:, blk], dr)
         ready(dr_ready)
         phase("w1.dvw")
         if vw_by != "backward":
             wait(vw_ready)  # v has been read: its bytes take dv
-        dbeta = []
-        for blk, kx in zip(vblocks, kxs):
-            (dvw,) = _issue((s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
+        def dv(blk, kx, dbeta):
+            if kx is None:
+                kx, dvw = _issue((s64, [(k_s, x_s.at[:, blk])]),
+                                 (s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
+            else:
+                (dvw,) = _issue((s64, [(b_s.T, dr_s.at[:, blk]), (qk_s.T, do_s.at[:, blk])]))
             dvw = dvw + R(vx.end) * kx
-            dbeta.append(jnp.sum(dvw * load(v_s.at[:, blk]), axis=1))
+            dbeta = dbeta + jnp.sum(dvw * load(v_s.at[:, blk]), axis=1)
             put(v_s.at[:, blk], R(vx.beta0) * dvw)  # dv
+            return dbeta
+
+        if not keep_kx:
+            dbeta = each(vblocks, lambda blk, c: dv(blk, None, c), zero())
+        else:
+            dbeta = zero()
+            for blk, kx in zip(vblocks, kxs):
+                dbeta = dv(blk, kx, dbeta)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(v_s, dv_ref.at[b, rows, h, 0])
         phase("w1.wait_e")
@@ -293,20 +337,22 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.dm")
         dm_raw, drv = _issue((sq, [(dr_s, e_s.T)]), (sq, [(dr_s, vw_s.T)]))
         d_m1m1, m1_0 = decays("m")
-        dm = -dm_raw
-        dkk = R(vx.beta0, sq) * dm * d_m1m1
+        # dkk = diag(beta0) a and dA = diag(beta0) v with a = -dm_raw . m1m1, v = dR vw^T . m1_0; beta0 is
+        # a row factor, so it leaves the row sums: dbeta0 = rowsum((a + v) . kk) and the row-sum share of
+        # dGm1, rowsum((dkk + dA) . kk), is beta0 dbeta0.
         drv_m = drv * m1_0
-        da = R(vx.beta0, sq) * drv_m
-        put(qk0_s, dkk + da)  # D (both strictly lower: disjoint from D^T)
+        dkv = drv_m - dm_raw * d_m1m1  # a + v
+        put(qk0_s, R(vx.beta0, sq) * dkv)  # D = dkk + dA (both strictly lower: disjoint from D^T)
         ready(d_ready)
-        w_m1m1, w_m10 = dkk * kk_raw, da * kk_raw
-        dbeta0 = jnp.sum((dm * d_m1m1 + drv_m) * kk_raw, axis=1)
+        bkk = R(vx.beta0, sq) * kk_raw
+        w_m1m1, w_m10 = -(dm_raw * d_m1m1) * bkk, drv_m * bkk
+        dbeta0 = jnp.sum(dkv * kk_raw, axis=1)
         phase("w1.wait_cs")
         wait(cs_turn)
         phase("w1.sums")
         dG = -colsum(cs_s, 2, w_m10)
-        dGm1 = jnp.sum(w_m1m1 + w_m10, axis=1) - colsum(cs_s, 3, w_m1m1)
-        out_vectors(1, total(dbeta) + dbeta0, dG, dGm1, zero())
+        dGm1 = vx.beta0 * dbeta0 - colsum(cs_s, 3, w_m1m1)
+        out_vectors(1, dbeta + dbeta0, dG, dGm1, zero())
         plgpu.wait_smem_to_gmem(0)
         phase()
 
@@ -324,7 +370,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             phase("w2.wait_loads_bc")
         wait(*([] if vw_by == "keys" else [in_a]), in_b, in_c)  # a barrier is waited on once per phase
         phase("w2.sx")
-        sx = total([jnp.sum(load(s_s.at[kc]) * load(x_s.at[kc]), axis=1) for kc in kblocks])  # <S, dS'> by rows
+        sx = each(kblocks, lambda kc, sx: sx + jnp.sum(load(s_s.at[kc]) * load(x_s.at[kc]), axis=1), zero())  # <S, dS'> by rows
         if vw_by != "keys":
             phase("w2.wait_vw")
             wait(vw_ready if vw_by == "forward" else b_ready)
@@ -366,7 +412,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
 def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, scale, ainv, approx_math=True,
                     reduction_scratch=2048, registers=None, order="chunks", paired_decays=True, vw_by="backward",
-                    loads_by="forward", profile=None, interpret=False):
+                    loads_by="forward", block_loops=False, profile=None, interpret=False):
     """`chunk_grads_backward(warpgroups=3)` (module docstring): L = 1, K and V in {64, 128}.
 
     registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
@@ -380,7 +426,10 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
     while WG1 forms B). WG1 is the critical path (session 11's profile: WG1 ~54 us per CTA against
     WG2's ~51 and WG0's ~38); off it, WG1 waits for vw before dv takes v's bytes. loads_by: who issues
     the input copies (`LOADS_BY`): "forward" (WG0's one thread) or "each" (every warpgroup its own operands
-    as it starts).
+    as it starts). block_loops: the stretches that repeat per 64-column block of the values or keys and keep
+    nothing per block in registers (vw, the right-hand side and E, dR, dq, <S, dS'>) run as loops over the
+    blocks, one copy of their code, not one per block; each block's products are then waited on before the
+    next block's are issued.
 
     Shapes and returns as `chunk_grads_backward`; dq / dk in q's 16-bit dtype."""
     B, Tp, H, K = x.q.shape
@@ -416,10 +465,12 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
         raise ValueError(f"chunk_grads_backward: `paired_decays` = {paired_decays!r} must be True or False")
     if vw_by not in VW_BY:
         raise ValueError(f"chunk_grads_backward: `vw_by` = {vw_by!r} must be one of {VW_BY}")
+    if not isinstance(block_loops, bool):
+        raise ValueError(f"chunk_grads_backward: `block_loops` = {block_loops!r} must be True or False")
     if loads_by not in LOADS_BY:
         raise ValueError(f"chunk_grads_backward: `loads_by` = {loads_by!r} must be one of {LOADS_BY}")
     body = functools.partial(_body, scale=scale, registers=None if interpret else registers, paired=paired_decays,
-                             vw_by=vw_by, loads_by=loads_by)
+                             vw_by=vw_by, loads_by=loads_by, block_loops=block_loops)
     dq, dk, dv, dvec = _launch(body, x, (do, starts, cot_end, ainv, rvec, cvec, rint), nvb=1, n_vec_parts=_PARTS,
                                order=order, add=add, dqk_dtype=out_dt, kernel_name="prism_chunk_grads_mgpu_wg3",
                                scratch_types=scratch, num_threads=3, thread_name="wg", approx_math=approx_math,

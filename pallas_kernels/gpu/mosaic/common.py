@@ -127,14 +127,21 @@ def cols_of(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def decay_matrix(g_rows, r_rows, g_cols, r_cols, shape, *, strict):
-    """exp(g_rows[i] - g_cols[j]) where j < i (strict) or j <= i and the reset counts agree, else 0.
+LOG2E = 1.4426950408889634
 
-    The exponent is masked before exp, so entries above the diagonal never overflow."""
+
+def decay_matrix(g_rows, r_rows, g_cols, r_cols, shape, *, strict, row_log2=None):
+    """exp(g_rows[i] - g_cols[j]) where j < i (strict) or j <= i and the reset counts agree, else 0;
+    times 2**row_log2[i] (a ROWS vector, -inf for a zero factor) where given.
+
+    Formed as exp2 of the masked difference of the vectors in base-2 units, -inf where masked: one select
+    and one ex2 per element (exp would multiply every element by log2(e) and select twice), and a row
+    factor folded into the exponent costs two adds per thread, not a multiply per element. The exponent
+    of a kept entry is <= 0 (decays <= 1, factors <= 1 where folded), so nothing overflows."""
     rows, cols = iota(shape, 0), iota(shape, 1)
     keep = (rows > cols if strict else rows >= cols) & (rows_of(r_rows, shape) == cols_of(r_cols, shape))
-    return jnp.where(keep, jnp.exp(jnp.where(keep, rows_of(g_rows, shape) - cols_of(g_cols, shape), 0.0)),
-                     0.0)
+    g_rows = g_rows * LOG2E if row_log2 is None else g_rows * LOG2E + row_log2
+    return jnp.exp2(jnp.where(keep, rows_of(g_rows, shape) - cols_of(g_cols * LOG2E, shape), -jnp.inf))
 
 
 def matmul(a, b, shape, init=None):

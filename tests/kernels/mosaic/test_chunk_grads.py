@@ -149,17 +149,28 @@ def test_interpret_narrow_work_split_matches_float64_reference(L, K, V, init, re
                                             (64, 64, True, True, {"paired_decays": False}),
                                             (128, 128, True, True, {"vw_by": "keys"}),
                                             (128, 128, True, True, {"vw_by": "forward"}),
-                                            (128, 64, True, True, {"loads_by": "each"})])
+                                            (128, 64, True, True, {"loads_by": "each"}),
+                                            (128, 128, True, True, {"block_loops": True}),
+                                            (128, 64, False, True, {"block_loops": True})])
 def test_interpret_three_warpgroups_matches_float64_reference(K, V, init, reset, kw):
     """warpgroups=3 (L = 1): the forward / backward / key warpgroups handing tiles over through SMEM
     barriers, one CTA over all value columns; ainv=None: solved in XLA. paired: the decay matrices one
     column step apart from one exp (documents inside the chunk check the zeroed reset columns);
     vw_by: vw formed by the key-side or forward-side warpgroup; loads_by "each": every warpgroup issues the
-    copies of its own operands."""
+    copies of its own operands; block_loops: the per-block stretches as loops (two value and two key
+    blocks; one value block and two key blocks)."""
     x, starts, do, cot_end, ainv = _inputs(L=1, K=K, V=V, init=init, reset=reset, seed=K + V + init)
     got = _mosaic(x, starts, do, cot_end, ainv if init else None, scale=0.125, interpret=True, warpgroups=3, **kw)
     assert got[0].dtype == got[1].dtype == jnp.bfloat16  # one CTA holds every value column: 16-bit dq / dk
     _assert_close(got, _reference(x, starts, do, cot_end, scale=0.125))
+
+
+@pytest.mark.parametrize("scale", [-0.125, 0.0])
+def test_interpret_three_warpgroups_without_a_positive_scale_matches_float64_reference(scale):
+    """The query scale rides in the decays' exponent only when positive; otherwise it multiplies."""
+    x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64, init=True, reset=True, seed=5)
+    got = _mosaic(x, starts, do, cot_end, ainv, scale=scale, interpret=True, warpgroups=3)
+    _assert_close(got, _reference(x, starts, do, cot_end, scale=scale))
 
 
 @pytest.mark.parametrize("L,K,V,init,reset,block_v", [
@@ -205,7 +216,8 @@ def test_three_warpgroups_at_several_writes_reject(kw, L, match):
                                         ({"registers": (168, 170, 160)}, 1, "multiples of 8"),
                                         ({"registers": (168, 168)}, 1, "registers"),
                                         ({"paired_decays": "yes"}, 1, "paired_decays"),
-                                        ({"vw_by": "wg1"}, 1, "vw_by"), ({"loads_by": "keys"}, 1, "loads_by")])
+                                        ({"vw_by": "wg1"}, 1, "vw_by"), ({"loads_by": "keys"}, 1, "loads_by"),
+                                        ({"block_loops": 1}, 1, "block_loops")])
 def test_three_warpgroups_reject(kw, L, match):
     x, starts, do, cot_end, ainv = _inputs(L=L, K=64, V=64)
     with pytest.raises(ValueError, match=match):
@@ -446,7 +458,9 @@ def test_gpu_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
                                               (128, 128, None, {"paired_decays": False}),
                                               (128, 128, None, {"vw_by": "keys"}),
                                               (128, 128, None, {"vw_by": "forward"}),
-                                              (128, 128, None, {"loads_by": "each"})])
+                                              (128, 128, None, {"loads_by": "each"}),
+                                              (128, 128, None, {"block_loops": True}),
+                                              (128, 128, (152, 192, 160), {"block_loops": True})])
 def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17, reset=True)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers,
@@ -474,7 +488,8 @@ def test_gpu_matches_triton_kernel():
     _assert_close(got, [np.asarray(jnp.asarray(t, jnp.float32)) for t in want])
 
 
-@pytest.mark.parametrize("kw", [{"registers": (168, 168, 168)}, {"paired_decays": False}, {"vw_by": "keys"}])
+@pytest.mark.parametrize("kw", [{"registers": (168, 168, 168)}, {"paired_decays": False}, {"vw_by": "keys"},
+                                {"block_loops": True}])
 def test_registers_reject_without_three_warpgroups(kw):
     x, starts, do, cot_end, ainv = _inputs(L=1, K=64, V=64)
     with pytest.raises(ValueError, match="warpgroups` = 3 only"):
