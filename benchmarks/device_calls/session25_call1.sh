@@ -1,40 +1,46 @@
 #!/usr/bin/env bash
-# Session 25, device call 1 (one GPU, <= 9 min; carry .whl and .before, which holds b5ad8e0's pallas_kernels,
+# Session 25, device call 1 (one GPU, <= 9.5 min; carry .whl and .before, which holds b5ad8e0's pallas_kernels,
 # prism_jax and benchmarks: `rm -rf .before && mkdir .before && git archive b5ad8e0 pallas_kernels prism_jax
 # benchmarks | tar -x -C .before`). Written in session 24, which had no GPU; it tests what that session found
-# on the CPU machine:
+# on the CPU machine (docs/benchmarks.md, session 24):
 # 1. `icache.py time`: ns per FMA instruction of straight-line code against code size, beside the same FMAs
-#    in a loop. Our chunk backward's phases take 7-15 ns per PTX instruction whatever the instructions
-#    (`mosaic_diag.py phases`), and its code (139 KiB) is the only one of ours larger than the peer's
-#    chunk backward (101 KiB) and our intra kernel (80 KiB), which run at about half that per instruction.
-# 2. The L = 1 chunk backward alone: b5ad8e0's (139 KiB of code), today's default (decay row factors in the
-#    exponent: 135 KiB), `block_loops` (118 KiB), each also at the register budget (152, 192, 160), which
-#    ptxas compiles without serializing the wgmmas; twice each, in one process per code version.
-# 3. The GPU tests of `block_loops` against float64.
-# 4. The whole op at L = 1, 2 before / after, with block_loops, beside the peer.
+#    in a loop. Our chunk backward's phases take 7-15 ns per PTX instruction whatever the instructions, and
+#    its code (139 KiB) is larger than the peer's chunk backward (101 KiB) and our intra kernel (80 KiB),
+#    which run at about half that per instruction.
+# 2. GPU tests against float64: `block_loops` (chunk backward) and `acc_state` (state pass, which then
+#    spills nothing where it spilled 332 / 196 / 480 bytes at L = 1 / 2 / 3, inside every chunk step).
+# 3. The L = 1 chunk backward alone: b5ad8e0's (139 KiB of code), today's default (135 KiB), `block_loops`
+#    (118 KiB), each also at the register budget (152, 192, 160), which does not serialize the wgmmas.
+# 4. The whole op at L = 1, 2 before / after / block_loops / acc_state / both beside the peer (gradient
+#    errors against the float32 chunk form in every row).
 set -o pipefail
 source benchmarks/device_calls/setup.sh .whl
 R='"registers": [152, 192, 160]'
-timeout 120 python3 benchmarks/icache.py time --ctas-per-sm 8 --reps 20 --out "$OUT/icache" 2>&1 | grep '^|\|rror'
+timeout 100 python3 benchmarks/icache.py time --kib 48,96,112,128,144,176,240 --ctas-per-sm 8 --reps 20 \
+    --out "$OUT/icache" 2>&1 | grep '^|\|rror'
 echo "icache at ${SECONDS}s"
-(cd .before && PYTHONPATH=/tmp/site:. timeout 90 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 \
-    --grads '{}' --grads "{$R}" --grads '{}' --out "$OUT/time_before" 2>&1 | grep '^|\|FAIL' | sed 's/^/before /')
+timeout 90 python3 -m pytest -q -m gpu tests/kernels/mosaic/test_chunk_grads.py tests/kernels/mosaic/test_state.py \
+    -k "(test_gpu_three_warpgroups_matches_float64_reference and (kw9 or kw10 or kw0)) or (test_gpu_matches_float64_reference and True])" \
+    -p no:cacheprovider 2>&1 | tail -3
+echo "tests at ${SECONDS}s"
+(cd .before && PYTHONPATH=/tmp/site:. timeout 70 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 \
+    --grads '{}' --grads "{$R}" --out "$OUT/time_before" 2>&1 | grep '^|\|FAIL' | sed 's/^/before /')
 echo "before at ${SECONDS}s"
-timeout 150 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 --grads '{}' --grads '{"block_loops": true}' \
+timeout 120 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 --grads '{}' --grads '{"block_loops": true}' \
     --grads "{$R}" --grads "{\"block_loops\": true, $R}" --grads '{}' --grads '{"block_loops": true}' \
     --out "$OUT/time_after" 2>&1 | grep '^|\|FAIL'
 echo "after at ${SECONDS}s"
-timeout 70 python3 -m pytest -q -m gpu tests/kernels/mosaic/test_chunk_grads.py \
-    -k "test_gpu_three_warpgroups_matches_float64_reference and (kw9 or kw10 or kw0)" -p no:cacheprovider 2>&1 | tail -2
-echo "tests at ${SECONDS}s"
 mkdir -p "$OUT/rows" "$OUT/rows_before"
 M='"kernel": "mosaic", "chunk_size": 64'
-left=$((${END_S:-530} - SECONDS))
-(cd .before && PYTHONPATH=/tmp/site:. timeout $((left / 3)) python3 benchmarks/kernels.py --out "$OUT/rows_before" \
-    --reps 20 --budget_s $((left / 3 - 20)) --keep_output --plan mosaic:1:2048,mosaic:2:2048 2>&1 \
+left=$((${END_S:-560} - SECONDS))
+(cd .before && PYTHONPATH=/tmp/site:. timeout $((left / 4)) python3 benchmarks/kernels.py --out "$OUT/rows_before" \
+    --reps 20 --budget_s $((left / 4 - 15)) --keep_output --plan mosaic:1:2048,mosaic:2:2048 2>&1 \
     | grep '^| pallas' | sed 's/^/before /')
-left=$((${END_S:-530} - SECONDS))
-timeout $left python3 benchmarks/kernels.py --out "$OUT/rows" --reps 20 --budget_s $((left - 30)) --keep_output \
+left=$((${END_S:-560} - SECONDS))
+timeout $left python3 benchmarks/kernels.py --out "$OUT/rows" --reps 20 --budget_s $((left - 20)) --keep_output \
     --variant "loops={$M, \"mosaic_options\": {\"grads\": {\"block_loops\": true}}}" \
-    --plan loops:1:2048,mosaic:1:2048,jla_gdn:2048,mosaic:2:2048 > "$OUT/rows/kernels.log" 2>&1
+    --variant "accs={$M, \"mosaic_options\": {\"state\": {\"acc_state\": true}}}" \
+    --variant "both={$M, \"mosaic_options\": {\"grads\": {\"block_loops\": true}, \"state\": {\"acc_state\": true}}}" \
+    --plan both:1:2048,mosaic:1:2048,jla_gdn:2048,loops:1:2048,accs:1:2048,accs:2:2048,mosaic:2:2048 \
+    > "$OUT/rows/kernels.log" 2>&1
 echo "kernels rc=$? at ${SECONDS}s"; grep '^|\|rror' "$OUT/rows/kernels.log" | cut -c1-300

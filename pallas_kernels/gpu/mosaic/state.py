@@ -171,7 +171,7 @@ def _smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32):
 
 
 def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_starts=True, slots=None,
-               registers=None, starts_dtype=None, factors=None, interpret=False):
+               registers=None, starts_dtype=None, factors=None, acc_state=False, interpret=False):
     """(starts [B, H, N, K, V] float32 (or `starts_dtype`) or None unless `with_starts`, final [B, H, K, V]
     float32), and with `factors` also o [B, Tp, H, V] in v's dtype.
 
@@ -192,6 +192,11 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     (`output_factors.output_factors`, scale folded in): the pass then also writes the chunk outputs
     o = Qf S + Of, one more product per chunk (`_register_pass`, block_v = 64 only), in place of the
     outputs kernel.
+    acc_state: the register kernel's update accumulator starts from the decayed state (`plgpu.ACC.init`),
+    so S^T is not held beside it through the step: ptxas (sm_90a, K = V = 128) then spills nothing, where
+    the default form spills 332 / 196 / 480 bytes at L = 1 / 2 / 3, 42-44 stores and 84-107 loads in every
+    chunk step. GPU only (the interpreter has no rule for the wgmma an initialised accumulator becomes: it
+    runs the default form); off until its GPU tests pass.
     """
     B, Tp, H, K = x.q.shape
     L, V = x.v.shape[-2:]
@@ -230,9 +235,12 @@ def state_pass(x: Prepared, tv: mc.TokenVectors, p, qe, *, block_v=64, with_star
     scal = jnp.stack([tv.end_m1] + [tv.end * tv.beta[:, :, l] for l in range(L)], axis=2)
     scal = jnp.swapaxes(scal.reshape(B, H, L + 1, N, C), 2, 3)
     all_rows = jnp.broadcast_to(tv.all[..., None], (B, H, N, K))
+    if not isinstance(acc_state, bool) or (acc_state and not registers):
+        raise ValueError(f"state_pass: `acc_state` = {acc_state!r} must be True or False, and True needs the "
+                         f"register kernel (block_v=64, registers=None or True)")
     if registers:
         return _register_pass(x, p, qe, scal, all_rows, slots=slots, with_starts=with_starts, starts_dtype=sdt,
-                              factors=factors, interpret=interpret)
+                              factors=factors, acc_state=acc_state, interpret=interpret)
     low_starts = with_starts and sdt != jnp.dtype(f32)  # the start states leave from s_b, the 16-bit operand
 
     def body(p_ref, qe_ref, k_ref, v_ref, scal_ref, all_ref, s0_ref, *outs, p_s, qe_s, k_s, v_s, scal_s,
@@ -354,7 +362,8 @@ def _register_smem_bytes(slots, L, K, bv, itemsize, starts_dtype=f32, *, fused=F
     return tiles + staging + (K * bv * 4 if jnp.dtype(starts_dtype) != f32 else 0)  # + s0 / final in float32
 
 
-def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype, factors=None, interpret=False):
+def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype, factors=None, acc_state=False,
+                   interpret=False):
     """The state pass at block_v = 64 with the state transposed in registers (see the module docstring):
 
         E^T = S^T P^T + Qe^T                        [bv, C]  (A = S^T from registers, B = P^T in SMEM)
@@ -420,7 +429,7 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
             st_lo = a_operand(st.astype(dt), st_b, interpret)
             out = lax.rem(n, 2) if slots > 1 else 0  # the start-state staging buffer of this step
 
-            def scoped(acc_e, acc_s, *acc_o):
+            def scoped(acc_e, *acc_o, acc_s=None):
                 plgpu.wgmma(acc_e, st_lo, p_s.at[slot].T)  # E^T - Qe^T: the dependent product, first
                 if fused:  # o^T - Of^T: the same A operand, off the chain
                     plgpu.wgmma(acc_o[0], st_lo, qf_s.at[slot].T)
@@ -436,29 +445,42 @@ def _register_pass(x, p, qe, scal, all_rows, *, slots, with_starts, starts_dtype
                     store_transposed(stage.at[out], st)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(stage.at[out], starts_ref.at[b, h, n, :, vs])
-                for l in range(1, L):
-                    u = a_operand((cols(l + 1, C) * v_t(l)).astype(dt), None if u_b is None else u_b.at[l],
-                                  interpret)
-                    plgpu.wgmma(acc_s, u, k_s.at[slot, l])
-                qe_t = plgpu.load(qe_s.at[slot].T, layout=mc.WGMMA).astype(f32)
-                end_m1 = cols(0, C)  # loaded before the wait: only an FMA and a cast follow E^T
-                w0 = cols(1, C) * v_t(0) - end_m1 * qe_t
-                e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1 + int(fused)))
-                u0 = a_operand((w0 - end_m1 * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
-                plgpu.wgmma(acc_s, u0, k_s.at[slot, 0])
-                if fused:  # while S's update computes: o^T = (S^T Qf^T) + Of^T out through SMEM
-                    o_t = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_o[0], wait_n=1))
-                    o_t = o_t + plgpu.load(of_s.at[slot].T, layout=mc.WGMMA).astype(f32)
-                    ob = lax.rem(n, 2) if o_buffers == 2 else 0
-                    plgpu.wait_smem_to_gmem(o_pending, wait_read_only=True)  # o_s[ob] has left
-                    store_transposed(o_s.at[ob], o_t)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_s.at[ob], o_ref.at[b, pl.ds(n * C, C), h, vs])
-                decayed = mc.cols_of(plgpu.load(all_s.at[slot], layout=mc.COLS), (bv, K)) * st
-                return decayed + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_s, wait_n=0))
+                decay = lambda: mc.cols_of(plgpu.load(all_s.at[slot], layout=mc.COLS), (bv, K))
 
-            accs = [plgpu.ACC((bv, C), f32), plgpu.ACC((bv, K), f32)] + ([plgpu.ACC((bv, C), f32)] if fused else [])
-            st = pl.run_scoped(scoped, *accs)
+                def update(acc_s):
+                    for l in range(1, L):
+                        u = a_operand((cols(l + 1, C) * v_t(l)).astype(dt), None if u_b is None else u_b.at[l],
+                                      interpret)
+                        plgpu.wgmma(acc_s, u, k_s.at[slot, l])
+                    qe_t = plgpu.load(qe_s.at[slot].T, layout=mc.WGMMA).astype(f32)
+                    end_m1 = cols(0, C)  # loaded before the wait: only an FMA and a cast follow E^T
+                    w0 = cols(1, C) * v_t(0) - end_m1 * qe_t
+                    e = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_e, wait_n=L - 1 + int(fused)))
+                    u0 = a_operand((w0 - end_m1 * e).astype(dt), None if u_b is None else u_b.at[0], interpret)
+                    plgpu.wgmma(acc_s, u0, k_s.at[slot, 0])
+                    if fused:  # while S's update computes: o^T = (S^T Qf^T) + Of^T out through SMEM
+                        o_t = lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_o[0], wait_n=1))
+                        o_t = o_t + plgpu.load(of_s.at[slot].T, layout=mc.WGMMA).astype(f32)
+                        ob = lax.rem(n, 2) if o_buffers == 2 else 0
+                        plgpu.wait_smem_to_gmem(o_pending, wait_read_only=True)  # o_s[ob] has left
+                        store_transposed(o_s.at[ob], o_t)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_s.at[ob], o_ref.at[b, pl.ds(n * C, C), h, vs])
+
+                if acc_s is None:
+                    # The update's accumulator starts from the decayed state: S^T is dead once it has gone
+                    # out, not held beside the accumulator through the step (GPU only: the interpreter
+                    # does not continue an accumulator).
+                    return lax.optimization_barrier(pl.run_state(update)(plgpu.ACC.init(decay() * st)))
+                update(acc_s)
+                return decay() * st + lax.optimization_barrier(plgpu.wgmma_accumulator_load(acc_s, wait_n=0))
+
+            accs = [plgpu.ACC((bv, C), f32)] + ([plgpu.ACC((bv, C), f32)] if fused else [])
+            if acc_state and not interpret:
+                st = pl.run_scoped(scoped, *accs)
+            else:
+                st = pl.run_scoped(lambda acc_e, acc_s, *acc_o: scoped(acc_e, *acc_o, acc_s=acc_s),
+                                   accs[0], plgpu.ACC((bv, K), f32), *accs[1:])
             if slots == 1:
                 @pl.when(n + 1 < N)
                 def _fetch():

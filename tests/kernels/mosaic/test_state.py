@@ -173,19 +173,40 @@ def test_rejects_unsupported_inputs():
     x96 = _inputs(K=96)
     with pytest.raises(ValueError, match="key size K"):
         state_pass(x96, mc.token_vectors(x96), jnp.zeros(x96.q.shape, x96.q.dtype), qe)
+    with pytest.raises(ValueError, match="`acc_state` = 1 must be True or False"):
+        state_pass(x, tv, p, qe, acc_state=1)
+    with pytest.raises(ValueError, match="needs the register kernel"):
+        state_pass(x, tv, p, qe, block_v=32, acc_state=True)
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_acc_state_lowers_for_cuda(L):
+    """acc_state (the update accumulator initialised from the decayed state) lowers for a GPU, with the
+    outputs in the pass at L = 1; the interpreter cannot run it (its GPU test is below)."""
+    x = _inputs(K=128, V=128, L=L, reset_at=50)
+    p = jnp.zeros(x.q.shape, x.q.dtype)
+    qe = jnp.zeros(x.q.shape[:3] + (128,), x.q.dtype)
+    factors = (p, qe) if L == 1 else None
+    fn = jax.jit(lambda x, tv, p, qe: state_pass(x, tv, p, qe, starts_dtype="bfloat16", factors=factors,
+                                                 acc_state=True))
+    assert "mosaic_gpu" in fn.trace(x, mc.token_vectors(x), p, qe).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L, block_v, slots, registers, starts_dtype", [
-    (2, 64, None, None, None), (1, 64, None, None, None), (2, 64, 1, None, None), (3, 64, None, None, None),
-    (2, 64, None, False, None), (2, 32, None, None, None),  # slots None: 2 at L = 2, 3 at L = 1, 1 at L = 3
-    (2, 64, None, None, "bfloat16"), (1, 64, None, None, "bfloat16"), (3, 64, None, None, "bfloat16"),
-    (2, 64, None, False, "bfloat16"), (2, 32, None, None, "bfloat16")])
-def test_gpu_matches_float64_reference(L, block_v, slots, registers, starts_dtype):
+@pytest.mark.parametrize("L, block_v, slots, registers, starts_dtype, acc_state", [
+    (2, 64, None, None, None, False), (1, 64, None, None, None, False), (2, 64, 1, None, None, False),
+    (3, 64, None, None, None, False), (2, 64, None, False, None, False),
+    (2, 32, None, None, None, False),  # slots None: 2 at L = 2, 3 at L = 1, 1 at L = 3
+    (2, 64, None, None, "bfloat16", False), (1, 64, None, None, "bfloat16", False),
+    (3, 64, None, None, "bfloat16", False), (2, 64, None, False, "bfloat16", False),
+    (2, 32, None, None, "bfloat16", False),
+    (1, 64, None, None, "bfloat16", True), (2, 64, None, None, "bfloat16", True), (3, 64, None, None, None, True),
+    (2, 64, 1, None, None, True)])
+def test_gpu_matches_float64_reference(L, block_v, slots, registers, starts_dtype, acc_state):
     x = _inputs(B=2, T=500, H=4, K=128, V=128, L=L, reset_at=300, seed=11)
     p, qe, _ = split.intra(x, chunk_size=C, inverse="rows", save_inverse=False)
     starts, final = state_pass(x, mc.token_vectors(x), p, qe, block_v=block_v, slots=slots, registers=registers,
-                               starts_dtype=starts_dtype)
+                               starts_dtype=starts_dtype, acc_state=acc_state)
     assert starts.dtype == (jnp.float32 if starts_dtype is None else jnp.dtype(starts_dtype))
     ref_starts, ref_final = _reference(x, p, qe)
     assert _rel(starts, ref_starts) < 1e-2
