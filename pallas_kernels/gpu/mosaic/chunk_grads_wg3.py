@@ -80,6 +80,9 @@ LAUNCH_REGISTERS = 168
 # session 12, two runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share;
 # (144, 216, 144) 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
 DEFAULT_REGISTERS = (152, 208, 144)
+# With `block_loops` the launch share (no setmaxnreg): of the 280 budgets summing to 504, ptxas (deviceless,
+# session 24) serializes the wgmmas at 241, the default above among them (260 bytes of spills); the launch
+# share does not, with the fewest spills (116 bytes).
 VW_BY = ("backward", "keys", "forward")  # the warpgroup that forms vw = beta v
 # Who issues the input copies: "forward" (WG0's one thread, all eleven) or "each" (every warpgroup those of
 # its own operands, before it moves its register budget). Session 23's profile (H100, L = 1): WG1 waited
@@ -417,8 +420,8 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
 
     registers: (WG0, WG1, WG2) registers per thread that each warpgroup sets by `setmaxnreg` as it
     starts: multiples of 8 in [24, 256] summing to at most 3 * LAUNCH_REGISTERS (504; 168 each: no
-    setmaxnreg), or None: DEFAULT_REGISTERS at K = V = 128 (where they were measured), else the
-    launch share; ignored in the interpreter. paired_decays: each pair of decay matrices that differ by one
+    setmaxnreg), or None: DEFAULT_REGISTERS at K = V = 128 (where they were measured) without
+    `block_loops`, else the launch share; ignored in the interpreter. paired_decays: each pair of decay matrices that differ by one
     step in their columns ((t_m1, t_0) and (m1m1, m1_0)) from one exp, the other by a column scaling
     (`_ChunkVectors.t_pair`): two exps of [C, C] fewer on WG0's path and one on WG1's; False forms each
     by its own exp. vw_by: the warpgroup that forms vw = beta v: "backward" (WG1, with B), "keys" (WG2,
@@ -440,7 +443,7 @@ def chunk_grads_wg3(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, *, sc
                          f"inputs within {SMEM_LIMIT // 1024} KiB of SMEM; got L = {L}, K = {K}, V = {V}, {dt}")
     _check(x, starts, cot_end, ainv, 64, 1, reduction_scratch)
     if registers is None:  # the budgets were measured at K = V = 128 only
-        registers = DEFAULT_REGISTERS if K == V == 128 else (LAUNCH_REGISTERS,) * 3
+        registers = DEFAULT_REGISTERS if K == V == 128 and not block_loops else (LAUNCH_REGISTERS,) * 3
     registers = tuple(registers)
     check_registers(registers)
     if ainv is None:

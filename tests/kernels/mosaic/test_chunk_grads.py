@@ -460,7 +460,7 @@ def test_gpu_narrow_work_split_matches_float64_reference(L, K, V, init, reset):
                                               (128, 128, None, {"vw_by": "forward"}),
                                               (128, 128, None, {"loads_by": "each"}),
                                               (128, 128, None, {"block_loops": True}),
-                                              (128, 128, (152, 192, 160), {"block_loops": True})])
+                                              (128, 128, (152, 208, 144), {"block_loops": True})])
 def test_gpu_three_warpgroups_matches_float64_reference(K, V, registers, kw):
     x, starts, do, cot_end, ainv = _inputs(B=2, T=500, H=4, K=K, V=V, L=1, seed=17, reset=True)
     got = _mosaic(x, starts, do, cot_end, ainv, scale=K ** -0.5, interpret=False, warpgroups=3, registers=registers,
