@@ -43,11 +43,11 @@ SMEM at K = V = 128, bf16: q, k 32 KiB, v, vw, dO, E, dR 80, S, dS' 64, X, QK0, 
 
 Code size: the kernel is straight-line code run once per CTA, and its phases take about the same time per
 instruction whatever the instructions (`benchmarks/mosaic_diag.py phases`), so instructions are a cost of
-their own. Row factors of the decay matrices (the query scale, beta0 in B) ride in their exponent
-(`mc.decay_matrix(row_log2=...)`), beta0 leaves WG1's row sums as a factor, and with `block_loops` the
-stretches that repeat per 64-column block and keep nothing per block in registers run as loops (WG1 then
-forms k dS' again for dv rather than holding it): at K = V = 128 ptxas makes 8,880 instructions (139 KiB)
-of b5ad8e0's kernel, 8,664 of this one and 7,584 (118 KiB) with `block_loops`.
+their own. A positive query scale rides in the t decays' exponent (`mc.decay_matrix(row_log2=...)`),
+beta0 leaves WG1's row sums as a factor, and with `block_loops` the stretches that repeat per 64-column
+block and keep nothing per block in registers run as loops (WG1 then forms k dS' again for dv rather than
+holding it): at K = V = 128 ptxas makes 8,880 instructions (139 KiB) of b5ad8e0's kernel, 8,688 of this
+one and 7,240 (113 KiB) with `block_loops` at its default budget, the launch share.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ LAUNCH_REGISTERS = 168
 # session 12, two runs on one machine): 2.23 / 2.15 ms against 2.40 / 2.43-2.51 at the launch share;
 # (144, 216, 144) 2.21, (136, 232, 136) 2.32, (160, 200, 144) 2.32.
 DEFAULT_REGISTERS = (152, 208, 144)
-# With `block_loops` the launch share (no setmaxnreg): of the 280 budgets summing to 504, ptxas (deviceless,
-# session 24) serializes the wgmmas at 241, the default above among them (260 bytes of spills); the launch
-# share does not, with the fewest spills (116 bytes).
+# With `block_loops` the launch share (no setmaxnreg): of the 280 budgets summing to 504, ptxas (deviceless, a
+# sweep of an earlier form of session 24's kernel) serializes the wgmmas at 241, the default above among them
+# (260 bytes of spills); the launch share does not, with the fewest spills (116 bytes).
 VW_BY = ("backward", "keys", "forward")  # the warpgroup that forms vw = beta v
 # Who issues the input copies: "forward" (WG0's one thread, all eleven) or "each" (every warpgroup those of
 # its own operands, before it moves its register budget). Session 23's profile (H100, L = 1): WG1 waited
@@ -171,8 +171,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         return lax.fori_loop(0, len(blocks), lambda i, c: step(pl.ds(pl.multiple_of(i * 64, 64), 64), c), carry)
     sq, s64 = (C, C), (C, 64)
     vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
-    # Row factors of a decay matrix ride in its exponent (`mc.decay_matrix(row_log2=...)`): the query scale
-    # (when positive) in the t decays, beta0 in B's.
+    # A positive query scale rides in the t decays' exponent (`mc.decay_matrix(row_log2=...)`).
     if paired:  # one exp per pair of decay matrices (`_ChunkVectors.t_pair`, `m_pair`)
         decays = lambda kind, f=None: vx.t_pair(f) if kind == "t" else vx.m_pair(f)
     else:
@@ -291,7 +290,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         wait(in_a)
         phase("w1.kk")
         (kk_raw,) = _issue((sq, [(k_s, k_s.T)]))
-        put(b_s, kk_raw * vx.m1_0(jnp.log2(vx.beta0)))  # diag(beta) B
+        put(b_s, R(vx.beta0, sq) * kk_raw * vx.m1_0())  # diag(beta) B (beta0 as a factor: any sign)
         if vw_by == "backward":
             form_vw()
         ready(b_ready)
