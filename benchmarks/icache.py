@@ -11,9 +11,11 @@ straight-line row, the same FMAs run as a loop over `unroll` steps (a few KiB of
     python benchmarks/icache.py time [--kib 24,48,...] [--ctas-per-sm 16] [--reps 20] [--out DIR]  (a GPU)
     python benchmarks/icache.py sizes --out DIR   (deviceless.py's environment: PTX, then code size by ptxas)
 
-`time` prints, per total code size, ns per FMA instruction of one warp, straight-line and looped; a cliff in
-the straight-line column at some size (and none in the looped one) is the instruction cache's capacity and
-the cost of missing it. `sizes` compiles each variant for an H100 without one and reports its machine code
+`time` prints, per total code size, ns per FMA instruction of one warp, straight-line and looped, and with the
+three warpgroups running one shared copy of the straight-line code (the same instructions per warp, a third
+of the footprint); a cliff in the straight-line column at some size (and none in the looped one) is the
+instruction cache's capacity and the cost of missing it, and the shared column says whether the footprint
+(three copies) or each warp's own stream sets it. `sizes` compiles each variant for an H100 without one and reports its machine code
 (instructions, KiB) from the cubin, which calibrates `steps_for` (`BASE_INSTRUCTIONS`, `STEP_INSTRUCTIONS`).
 """
 
@@ -64,8 +66,9 @@ def chain(x, w: int, steps: int, start: int = 0):
     return x
 
 
-def reference(ctas: int, steps: int, loop: int | None):
-    """[ctas, 3, 64] float32: each warpgroup's row sums of its chain over i / 64 + j / 4096 + cta (plain JAX)."""
+def reference(ctas: int, steps: int, loop: int | None, shared: bool = False):
+    """[ctas, 3, 64] float32: each warpgroup's row sums of its chain over i / 64 + j / 4096 + cta (plain JAX);
+    shared: every warpgroup runs warpgroup 0's chain."""
     rows = jnp.arange(TILE[0], dtype=f32)[:, None] / 64 + jnp.arange(TILE[1], dtype=f32)[None, :] / 4096
     out = []
     for c in range(ctas):
@@ -74,17 +77,19 @@ def reference(ctas: int, steps: int, loop: int | None):
             x = rows + c
             if loop:
                 for _ in range(steps // loop):
-                    x = chain(x, w, loop)
+                    x = chain(x, 0 if shared else w, loop)
             else:
-                x = chain(x, w, steps)
+                x = chain(x, 0 if shared else w, steps)
             per_wg.append(x.sum(axis=1))
         out.append(jnp.stack(per_wg))
     return jnp.stack(out)
 
 
-def make(ctas: int, steps: int, loop: int | None = None, pad_kib: int = PAD_KIB, interpret: bool = False):
+def make(ctas: int, steps: int, loop: int | None = None, pad_kib: int = PAD_KIB, shared: bool = False,
+         interpret: bool = False):
     """f() -> [ctas, 3, 64] float32: `steps` FMA steps per warpgroup, straight-line (loop None) or as a loop
-    of steps // loop iterations over `loop` unrolled steps."""
+    of steps // loop iterations over `loop` unrolled steps. shared: the three warpgroups run one copy of the
+    code (warpgroup 0's chain, outside any branch): the same instructions per warp, a third of the code."""
     if loop is not None and (loop < 1 or steps % loop):
         raise ValueError(f"icache: `loop` = {loop} must divide `steps` = {steps}")
 
@@ -94,22 +99,27 @@ def make(ctas: int, steps: int, loop: int | None = None, pad_kib: int = PAD_KIB,
         c = lax.axis_index("c")
         del pad  # reserved, never touched: it only keeps a second CTA off the SM
 
+        def run_chain(w):
+            # Distinct in every element (a tile constant along rows would let LLVM merge its registers).
+            x = mc.iota(TILE, 0).astype(f32) / 64 + mc.iota(TILE, 1).astype(f32) / 4096 + c.astype(f32)
+            if loop:
+                return lax.fori_loop(0, steps // loop, lambda _, x: chain(x, w, loop), x)
+            return chain(x, w, steps)
+
+        def send(w, x):
+            ovec[w] = jnp.sum(x, axis=1)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ovec.at[w], o_ref.at[c, w])
+            plgpu.wait_smem_to_gmem(0)
+
+        x_shared = run_chain(0) if shared else None
         for w in range(WARPGROUPS):
             @pl.when(wg == w)
             def _run(w=w):
-                # Distinct in every element (a tile constant along rows would let LLVM merge its registers).
-                x = mc.iota(TILE, 0).astype(f32) / 64 + mc.iota(TILE, 1).astype(f32) / 4096 + c.astype(f32)
-                if loop:
-                    x = lax.fori_loop(0, steps // loop, lambda _, x: chain(x, w, loop), x)
-                else:
-                    x = chain(x, w, steps)
-                ovec[w] = jnp.sum(x, axis=1)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ovec.at[w], o_ref.at[c, w])
-                plgpu.wait_smem_to_gmem(0)
+                send(w, x_shared if shared else run_chain(w))
 
     scratch = dict(ovec=plgpu.SMEM((WARPGROUPS, TILE[0]), f32), pad=plgpu.SMEM((pad_kib * 256,), f32))
-    name = f"icache_{'loop' if loop else 'line'}_{steps}"
+    name = f"icache_{'loop' if loop else 'line'}{'_shared' if shared else ''}_{steps}"
     run = mc.kernel(body, name=name,
                     out_type=jax.ShapeDtypeStruct((ctas, WARPGROUPS, TILE[0]), f32), scratch=scratch,
                     grid=(ctas,), grid_names=("c",), interpret=interpret, num_threads=WARPGROUPS, thread_name="wg")
@@ -134,8 +144,8 @@ def time_rows(kibs, ctas_per_sm: int, reps: int, loop: int = 4) -> list[dict]:
         steps = steps_for(kib)
         steps = max(loop, steps - steps % loop)
         row = {"kib": round(code_kib(steps), 1), "steps": steps, "ctas": ctas}
-        for mode, lp in (("line", None), ("loop", loop)):
-            f = make(ctas, steps, lp)
+        for mode, lp, shared in (("line", None, False), ("loop", loop, False), ("shared", None, True)):
+            f = make(ctas, steps, lp, shared=shared)
             t0 = time.perf_counter()
             dummy = jnp.zeros((), f32)
             f(dummy).block_until_ready()
@@ -156,10 +166,12 @@ def time_rows(kibs, ctas_per_sm: int, reps: int, loop: int = 4) -> list[dict]:
 
 def _table(rows):
     out = ["| straight-line code KiB (3 warpgroups) | steps per warpgroup | straight-line ms | ns / FMA instr | looped ms | "
-           "ns / FMA instr | straight / looped |", "|---|---|---|---|---|---|---|"]
+           "ns / FMA instr | straight / looped | one shared copy (a third of the code) ms | ns / FMA instr |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['kib']} | {r['steps']} | {r['line_ms']:.3f} | {r['line_ns_per_fma']:.2f} | {r['loop_ms']:.3f} "
-                   f"| {r['loop_ns_per_fma']:.2f} | {r['line_ms'] / r['loop_ms']:.2f} |")
+                   f"| {r['loop_ns_per_fma']:.2f} | {r['line_ms'] / r['loop_ms']:.2f} | {r['shared_ms']:.3f} "
+                   f"| {r['shared_ns_per_fma']:.2f} |")
     return "\n".join(out)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 25, device call 1 (one GPU, <= 9.5 min; carry .whl and .before, which holds b5ad8e0's pallas_kernels,
+# Session 25, device call 1 (one GPU, <= 9.6 min; carry .whl and .before, which holds b5ad8e0's pallas_kernels,
 # prism_jax and benchmarks: `rm -rf .before && mkdir .before && git archive b5ad8e0 pallas_kernels prism_jax
 # benchmarks | tar -x -C .before`). Written in session 24, which had no GPU; it tests what that session found
 # on the CPU machine (docs/benchmarks.md, session 24):
@@ -17,7 +17,7 @@
 set -o pipefail
 source benchmarks/device_calls/setup.sh .whl
 R='"registers": [152, 192, 160]'
-timeout 100 python3 benchmarks/icache.py time --kib 48,96,112,128,144,176,240 --ctas-per-sm 8 --reps 20 \
+timeout 120 python3 benchmarks/icache.py time --kib 48,96,128,160,240 --ctas-per-sm 8 --reps 20 \
     --out "$OUT/icache" 2>&1 | grep '^|\|rror'
 echo "icache at ${SECONDS}s"
 timeout 90 python3 -m pytest -q -m gpu tests/kernels/mosaic/test_chunk_grads.py tests/kernels/mosaic/test_state.py \
@@ -34,11 +34,11 @@ timeout 120 python3 benchmarks/mosaic_diag.py time --writes 1 --reps 30 --grads 
 echo "after at ${SECONDS}s"
 mkdir -p "$OUT/rows" "$OUT/rows_before"
 M='"kernel": "mosaic", "chunk_size": 64'
-left=$((${END_S:-560} - SECONDS))
+left=$((${END_S:-570} - SECONDS))
 (cd .before && PYTHONPATH=/tmp/site:. timeout $((left / 4)) python3 benchmarks/kernels.py --out "$OUT/rows_before" \
     --reps 20 --budget_s $((left / 4 - 15)) --keep_output --plan mosaic:1:2048,mosaic:2:2048 2>&1 \
     | grep '^| pallas' | sed 's/^/before /')
-left=$((${END_S:-560} - SECONDS))
+left=$((${END_S:-570} - SECONDS))
 timeout $left python3 benchmarks/kernels.py --out "$OUT/rows" --reps 20 --budget_s $((left - 20)) --keep_output \
     --variant "loops={$M, \"mosaic_options\": {\"grads\": {\"block_loops\": true}}}" \
     --variant "accs={$M, \"mosaic_options\": {\"state\": {\"acc_state\": true}}}" \

@@ -24,6 +24,13 @@ def test_chains_match_plain_jax(loop):
     assert not np.allclose(out[:, 0], out[:, 1])
 
 
+def test_shared_code_runs_warpgroup_zeros_chain_everywhere():
+    f = icache.make(2, 5, None, pad_kib=1, shared=True, interpret=True)
+    out = np.asarray(f(jnp.zeros((), jnp.float32)))
+    np.testing.assert_allclose(out, np.asarray(icache.reference(2, 5, None, shared=True)), rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 0], out[:, 2])
+
+
 def test_loop_must_divide_steps():
     with pytest.raises(ValueError, match="`loop` = 4 must divide `steps` = 6"):
         icache.make(1, 6, 4, interpret=True)
