@@ -18,6 +18,7 @@ import functools
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 TARGET = os.path.join(HERE, "h100_target.txtpb")
 
 
@@ -43,3 +44,15 @@ def abstract(*arrays):
 
     sharding = SingleDeviceSharding(h100())
     return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in arrays)
+
+
+def child_env(deviceless: bool = True, **extra) -> dict:
+    """The environment of a benchmark's child process: this one's, with `extra`, the repository first on
+    PYTHONPATH and, where `deviceless`, PRISM_DEVICELESS=1 (the child compiles for `h100()`) and the CUDA
+    plugin's cuDNN check off."""
+    env = dict(os.environ, **extra, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    if deviceless:
+        env["PRISM_DEVICELESS"] = "1"
+        env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    return env

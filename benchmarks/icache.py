@@ -136,13 +136,17 @@ def code_kib(steps: int) -> float:
     return (BASE_INSTRUCTIONS + WARPGROUPS * STEP_INSTRUCTIONS * steps) * 16 / 1024
 
 
+def looped_steps(steps: int, loop: int) -> int:
+    """`steps` rounded down to whole iterations of `loop` steps (at least one)."""
+    return max(loop, steps - steps % loop)
+
+
 def time_rows(kibs, ctas_per_sm: int, reps: int, loop: int = 4) -> list[dict]:
     sms = getattr(jax.devices()[0], "core_count", 132)
     ctas = sms * ctas_per_sm
     rows = []
     for kib in kibs:
-        steps = steps_for(kib)
-        steps = max(loop, steps - steps % loop)
+        steps = looped_steps(steps_for(kib), loop)
         row = {"kib": round(code_kib(steps), 1), "steps": steps, "ctas": ctas}
         for mode, lp, shared in (("line", None, False), ("loop", loop, False), ("shared", None, True)):
             f = make(ctas, steps, lp, shared=shared)
@@ -181,7 +185,7 @@ def size_rows(kibs, out: str, loop: int = 4) -> list[dict]:
     import shutil
     import subprocess
 
-    from benchmarks import mosaic_diag
+    from benchmarks import deviceless, mosaic_diag
 
     rows = []
     for kib in kibs:
@@ -189,11 +193,9 @@ def size_rows(kibs, out: str, loop: int = 4) -> list[dict]:
         dump = os.path.join(out, f"ptx_{kib}")
         shutil.rmtree(dump, ignore_errors=True)
         os.makedirs(dump)
-        env = dict(os.environ, MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump, PRISM_DEVICELESS="1",
-                   PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-        for loop in ("0", str(loop)):
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_compile", str(steps), "--loop", loop],
+        env = deviceless.child_env(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
+        for lp in (0, loop):  # straight-line, looped
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_compile", str(steps), "--loop", str(lp)],
                                   env=env, capture_output=True, text=True, timeout=600)
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-2000:])
@@ -210,7 +212,7 @@ def _compile(steps: int, loop: int):
     """Lowers and compiles one variant for a compile-only H100 (the PTX dump is the point)."""
     from benchmarks import deviceless
 
-    make(4, max(loop, steps - steps % loop) if loop else steps, loop or None).lower(*deviceless.abstract(jnp.zeros((), f32))).compile()
+    make(4, looped_steps(steps, loop) if loop else steps, loop or None).lower(*deviceless.abstract(jnp.zeros((), f32))).compile()
 
 
 def main(argv=None):

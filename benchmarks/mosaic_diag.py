@@ -147,11 +147,11 @@ def _child_ptxas(L: int, grads: dict):
 def _run_child(L: int, grads: dict, dump_var: str, timeout_s: float, deviceless: bool = False, **extra_env):
     """`_child_ptxas` in a fresh process with the Mosaic GPU dump variable `dump_var` set (and `extra_env`;
     `deviceless`: compiled for an H100 without one, `deviceless.py`); its result."""
-    env = dict(os.environ, **{dump_var: "1"}, **extra_env, PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    if deviceless:
-        env["PRISM_DEVICELESS"] = "1"
-        env.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from deviceless import child_env
+
+    env = child_env(deviceless, **{dump_var: "1"}, **extra_env)
     return subprocess.run([sys.executable, os.path.abspath(__file__), "_child", str(L), json.dumps(grads)],
                           env=env, capture_output=True, text=True, timeout=timeout_s)
 
@@ -257,8 +257,8 @@ _TEXT_SECTION = re.compile(r"\]\s+\.text\.(\S+)\s+PROGBITS\s+\S+\s+\S+\s+([0-9a-
 
 def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False, nvdisasm: str | None = None):
     """One PTX module through `ptxas -v` (RuntimeError with its message if it fails): (`parse_ptxas` rows,
-    {kernel: bytes of its `.text.<kernel>` section in the cubin} if `sizes`, read by readelf, else {}), and
-    with `nvdisasm` (a path) also the cubin's SASS listing as a third element."""
+    {kernel: bytes of its `.text.<kernel>` section in the cubin} if `sizes`, read by readelf, else {},
+    the cubin's SASS listing by `nvdisasm` (a path) or None)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "m.ptx"), os.path.join(tmp, "m.cubin")
         with open(src, "w") as f:
@@ -268,12 +268,8 @@ def _assemble(ptx: str, ptxas: str, arch: str, sizes: bool = False, nvdisasm: st
             raise RuntimeError(proc.stderr[-500:])
         sections = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout if sizes else ""
         sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True).stdout if nvdisasm else None
-    out = (parse_ptxas(proc.stdout + proc.stderr),
-           {m.group(1).removesuffix(_SUFFIX): int(m.group(2), 16) for m in _TEXT_SECTION.finditer(sections)})
-    return out if sass is None else (*out, sass)
-
-
-_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+    return (parse_ptxas(proc.stdout + proc.stderr),
+            {m.group(1).removesuffix(_SUFFIX): int(m.group(2), 16) for m in _TEXT_SECTION.finditer(sections)}, sass)
 
 
 def sass_warpgroups(sass: str) -> list[dict]:
@@ -282,7 +278,7 @@ def sass_warpgroups(sass: str) -> list[dict]:
     from its budget move to the next one (the last: to the end); [] without USETMAXREG."""
     regions, current = [], None
     for line in sass.splitlines():
-        m = _SASS_LINE.search(line)
+        m = _SASS_INSTR.search(line)
         if not m:
             continue
         op = m.group(1)
@@ -312,7 +308,7 @@ def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a", nvdisas
         source = os.path.relpath(path, ptx_dir)
         for i, module in enumerate(ptx_modules(text)):
             try:
-                report, sizes, *sass = _assemble(module, ptxas, arch, sizes=True, nvdisasm=nvdisasm)
+                report, sizes, sass = _assemble(module, ptxas, arch, sizes=True, nvdisasm=nvdisasm)
             except RuntimeError as e:
                 rows.append({"source": source, "module": i, "error": str(e)})
                 continue
@@ -320,7 +316,7 @@ def cubin_rows(ptx_dir: str, ptxas: str = "ptxas", arch: str = "sm_90a", nvdisas
             rows += [{"source": source, "module": i, "kernel": name, "bytes": size, "instructions": size // 16,
                       "registers": regs.get(name, {}).get("registers"),
                       "spill_stores": regs.get(name, {}).get("spill_stores"),
-                      **({"warpgroups": sass_warpgroups(sass[0])} if sass and len(sizes) == 1 else {})}
+                      **({"warpgroups": sass_warpgroups(sass)} if sass and len(sizes) == 1 else {})}
                      for name, size in sizes.items()]
     return rows
 
@@ -359,7 +355,7 @@ def register_sweep(ptx: str, ptxas: str = "ptxas", arch: str = "sm_90a", total: 
     def one(budget):
         text = with_budgets(ptx, budget)
         try:
-            report, _ = _assemble(text, ptxas, arch)
+            report, _, _ = _assemble(text, ptxas, arch)
             return {"budget": budget, **{k: report[0].get(k) for k in ("registers", "spill_stores", "wgmma_serialized")}}
         except RuntimeError as e:
             return {"budget": budget, "error": str(e)[-300:]}
@@ -432,10 +428,10 @@ def phase_rows(ptx: str, phases: dict | None = None) -> list[dict]:
     rows = []
     for w, counts in enumerate(segments):
         timed = groups[w] if w < len(groups) else []
-        skip = len(counts) - len(timed) if len(counts) - len(timed) in (0, 1) and timed else None
+        skip = len(counts) - len(timed)  # the untimed leading stretches: 0 or 1, else the two do not match
         for j, n in enumerate(counts):
             row = {"wg": w, "stretch": j, "instructions": n}
-            if skip is not None and j >= skip:
+            if timed and skip in (0, 1) and j >= skip:
                 names, us = timed[j - skip]
                 row.update(phases=names, us=us, ns_per_instruction=us * 1e3 / n)
             rows.append(row)

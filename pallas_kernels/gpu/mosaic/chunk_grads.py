@@ -1170,10 +1170,12 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
         raise ValueError(f"chunk_grads_backward: `dqk_sum`={dqk_sum!r} needs interpret=False (the Mosaic GPU "
                          "interpreter has no TMA reduce-add); use 'xla' or None")
     sums = dict(order=order, dqk_sum=dqk_sum)
+    # The three-warpgroup kernel's own options at L = 1 (None: its defaults), given only where they apply.
+    wg3_options = {k: v for k, v in dict(paired_decays=paired_decays, vw_by=vw_by, loads_by=loads_by,
+                                          block_loops=block_loops).items() if v is not None}
     if warpgroups == 3 and x.v.shape[-2] > 1:
         from pallas_kernels.gpu.mosaic.chunk_grads_wg3w import chunk_grads_wg3w
-        if (out_slots is not None or paired_decays is not None or vw_by is not None or loads_by is not None
-                or block_loops is not None):
+        if out_slots is not None or wg3_options:
             raise ValueError("chunk_grads_backward: `warpgroups` = 3 at L >= 2 takes no `out_slots`, "
                              "`paired_decays`, `vw_by`, `loads_by` or `block_loops`")
         return chunk_grads_wg3w(x, tv, starts, do, cot_end, scale=scale, ainv=ainv,
@@ -1187,12 +1189,8 @@ def chunk_grads_backward(x: Prepared, tv: mc.TokenVectors, starts, do, cot_end, 
                              "`dqk_sum`='add', `block_v` or `out_slots`")
         return chunk_grads_wg3(x, tv, starts, do, cot_end, scale=scale, ainv=ainv, approx_math=approx_math,
                                reduction_scratch=reduction_scratch, registers=registers, order=order,
-                               profile=profile, interpret=interpret,
-                               **{k: v for k, v in (("paired_decays", paired_decays), ("vw_by", vw_by),
-                                                    ("loads_by", loads_by), ("block_loops", block_loops))
-                                  if v is not None})
-    if (registers is not None or paired_decays is not None or vw_by is not None or loads_by is not None
-            or block_loops is not None):
+                               profile=profile, interpret=interpret, **wg3_options)
+    if registers is not None or wg3_options:
         raise ValueError("chunk_grads_backward: `registers` (setmaxnreg budgets), `paired_decays`, `vw_by`, "
                          "`loads_by` and `block_loops` apply to `warpgroups` = 3 only")
     if warpgroups == 2:

@@ -161,14 +161,24 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
     vblocks = [pl.ds(i * 64, 64) for i in range(V // 64)]
     kblocks = [pl.ds(i * 64, 64) for i in range(K // 64)]
 
+    unrolled = lambda blocks: not block_loops or len(blocks) == 1
+
     def each(blocks, step, carry=None):
         """carry = step(block, carry) over 64-column `blocks`: unrolled, or with `block_loops` as a loop
         (one copy of the code for every block: straight-line code is fetched afresh for every CTA)."""
-        if not block_loops or len(blocks) == 1:
+        if unrolled(blocks):
             for blk in blocks:
                 carry = step(blk, carry)
             return carry
         return lax.fori_loop(0, len(blocks), lambda i, c: step(pl.ds(pl.multiple_of(i * 64, 64), 64), c), carry)
+
+    def left_multiply(a, buf):
+        """buf[:, blk] <- a @ buf[:, blk] for every value block: unrolled, all products issued together."""
+        if unrolled(vblocks):
+            for blk, prod in zip(vblocks, _issue(*[(s64, [(a, buf.at[:, blk])]) for blk in vblocks])):
+                put(buf.at[:, blk], prod)
+        else:
+            each(vblocks, lambda blk, _: put(buf.at[:, blk], _issue((s64, [(a, buf.at[:, blk])]))[0]))
     sq, s64 = (C, C), (C, 64)
     vx = _ChunkVectors(rv_s, cv_s, ri_s, hold=False)
     # A positive query scale rides in the t decays' exponent (`mc.decay_matrix(row_log2=...)`).
@@ -244,12 +254,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
 
         each(vblocks, rhs)
         plgpu.commit_smem()
-        if block_loops:
-            each(vblocks, lambda blk, _: put(e_s.at[:, blk], _issue((s64, [(xinv_s, e_s.at[:, blk])]))[0]))
-        else:
-            es = _issue(*[(s64, [(xinv_s, e_s.at[:, blk])]) for blk in vblocks])
-            for blk, e in zip(vblocks, es):
-                put(e_s.at[:, blk], e)
+        left_multiply(xinv_s, e_s)  # E = X rhs
         ready(e_ready)
         phase("w0.dqk")
         dqk0_raw, dqk_raw = _issue((sq, [(do_s, e_s.T)]), (sq, [(do_s, vw_s.T)]))
@@ -297,7 +302,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
         phase("w1.wait_qk")
         wait(in_b, in_c, qk_ready)
         phase("w1.de_dr")
-        keep_kx = not block_loops or len(vblocks) == 1  # in loops k dS' is formed again for dv
+        keep_kx = unrolled(vblocks)  # in loops k dS' is formed again for dv
 
         def d_e(blk, kxs):
             kx, qdo = _issue((s64, [(k_s, x_s.at[:, blk])]), (s64, [(qk0_s.T, do_s.at[:, blk])]))
@@ -305,12 +310,7 @@ def _body(q_ref, k_ref, v_ref, do_ref, s_ref, x_ref, ainv_ref, rvec_ref, cvec_re
             return kxs + [kx] if keep_kx else None
 
         kxs = each(vblocks, d_e, [] if keep_kx else None)
-        if block_loops:
-            each(vblocks, lambda blk, _: put(dr_s.at[:, blk], _issue((s64, [(xinv_s.T, dr_s.at[:, blk])]))[0]))
-        else:
-            drs = _issue(*[(s64, [(xinv_s.T, dr_s.at[:, blk])]) for blk in vblocks])
-            for blk, dr in zip(vblocks, drs):
-                put(dr_s.at[:, blk], dr)
+        left_multiply(xinv_s.T, dr_s)  # dR = X^T dE
         ready(dr_ready)
         phase("w1.dvw")
         if vw_by != "backward":
